@@ -1,0 +1,263 @@
+"""The ``lmforge`` command line: one verb per stage, one function per verb.
+
+Heavy imports happen inside the verbs so that ``lmforge --help`` is instant. Bad input raises
+:class:`~lmforge.errors.UserError`, printed as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmforge.errors import UserError
+
+VERBS = ["prepare", "train", "eval", "generate", "quickstart"]
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+# ---------------------------------------------------------------------------------------- prepare
+def cmd_prepare(args) -> int:
+    """Clean a corpus, train a BPE tokenizer and write token files."""
+    from lmforge.data.prepare import prepare
+
+    meta = prepare(args.input, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                   seed=args.seed, text_field=args.text_field, text_column=args.text_column)
+    if args.json:
+        _print_json({**meta, "data_dir": str(args.out)})
+    else:
+        s = meta["splits"]
+        print(f"prepared {args.out}: {meta['documents']:,} documents, {meta['bytes']:,} bytes -> "
+              f"{meta['tokens']:,} tokens ({meta['bytes_per_token']} bytes/token); "
+              f"train {s['train']['tokens']:,} / val {s['val']['tokens']:,} tokens; "
+              f"{len(meta['skipped'])} skipped; vocabulary {meta['vocab_size']:,}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ train
+def _train_config(args):
+    from lmforge import config as cfgmod
+
+    overrides = list(args.set or [])
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.max_seconds is not None:
+        overrides.append(f"train.max_seconds={args.max_seconds}")
+        if args.max_steps is None and not args.resume:
+            overrides.append("train.max_steps=null")  # plan the schedule to fit the budget
+    if args.resume:
+        saved = Path(args.out) / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"--resume: no checkpoint in {args.out}")
+        if args.preset or args.config:
+            raise UserError("--resume continues the saved config; --preset/--config cannot change it")
+        data = cfgmod.load_yaml(saved)
+        cfg = cfgmod.from_dict(data, str(saved))
+        if overrides:
+            patch = cfgmod.parse_overrides(overrides)
+            if "model" in patch:
+                raise UserError("--resume cannot change model.* settings")
+            cfgmod.apply_dict(cfg, patch, "--set")
+            cfgmod.validate(cfg)
+        return cfg
+    return cfgmod.build_config(args.preset, args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    """Train (or --resume) a GPT on a prepared data directory."""
+    from lmforge.train.trainer import train
+
+    cfg = _train_config(args)
+    data_dir = args.data
+    if data_dir is None:
+        if not args.resume:
+            raise UserError("--data is required (a directory made by `lmforge prepare`)")
+        data_dir = json.loads((Path(args.out) / "trainer_state.json").read_text())["data_dir"]
+    summary = train(cfg, data_dir, args.out, resume=args.resume, stop_at=args.stop_at)
+    if args.json:
+        _print_json(summary)
+    else:
+        val = f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "n/a"
+        print(f"trained {summary['run_dir']}: step {summary['step']}/{summary['max_steps']} "
+              f"({summary['stopped_by']}), val_loss {val}, {summary['tokens_seen']:,} tokens, "
+              f"{summary['tokens_per_second']:,.0f} tokens/s, {summary['params']:,} params")
+    if summary["stopped_by"] == "interrupted":
+        print(f"interrupted at step {summary['step']}: checkpoint saved; continue with "
+              f"`lmforge train --out {args.out} --resume`", file=sys.stderr)
+        return 130
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- eval
+def evaluate_run(run_dir, data_dir=None, batch_size: int = 8, max_tokens: int | None = None,
+                 samples: int = 3, sample_tokens: int = 80) -> dict:
+    """Score a run on validation text, sample from it, write ``eval.json`` and ``report.md``."""
+    from lmforge import config as cfgmod
+    from lmforge.data.tokenizer import eot_id
+    from lmforge.data.tokens import TokenFile, load_meta
+    from lmforge.evaluate.lm import evaluate_lm
+    from lmforge.evaluate.report import plot_loss, write_report
+    from lmforge.fsutil import write_json
+    from lmforge.generate import stream_text
+    from lmforge.runs import load_run
+    from lmforge.train.trainer import autocast_for
+
+    run = load_run(run_dir)
+    state_path = Path(run_dir) / "trainer_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"step": 0, "tokens_seen": 0}
+    data_dir = data_dir or state.get("data_dir")
+    if data_dir is None:
+        raise UserError("--data is required: this run does not record its data directory")
+    meta = load_meta(data_dir)
+    val = TokenFile(Path(data_dir) / "val.bin", meta["dtype"])
+    metrics = evaluate_lm(run.model, run.tokenizer, val, batch_size=batch_size, max_tokens=max_tokens,
+                          autocast=autocast_for(run.device, run.config.train.dtype))
+    metrics["data_dir"] = str(data_dir)
+    texts = []
+    prompts = ["def ", "import os\n", "The "][:samples]
+    for i, prompt in enumerate(prompts):
+        text = "".join(stream_text(run.model, run.tokenizer, prompt, max_new_tokens=sample_tokens,
+                                   temperature=0.8, top_k=200, seed=1000 + i, eot_id=eot_id(run.tokenizer)))
+        texts.append((prompt, text))
+    write_json(Path(run_dir) / "eval.json", metrics)
+    plot_loss(run_dir)
+    write_report(run_dir, metrics=metrics, params=run.model.num_params(), data_meta=meta, train_state=state,
+                 config=cfgmod.to_dict(run.config), samples=texts)
+    metrics["samples"] = [p + t for p, t in texts]
+    return metrics
+
+
+def cmd_eval(args) -> int:
+    """Validation loss, perplexity, bits per byte and the lzma baseline; writes report.md."""
+    m = evaluate_run(args.run_dir, args.data, args.batch_size, args.max_tokens, samples=args.samples)
+    if args.json:
+        _print_json({k: v for k, v in m.items()})
+    else:
+        verdict = "beats" if m["val_bpb"] < m["lzma_bpb"] else "does not beat"
+        print(f"val_loss {m['val_loss']:.4f}  val_ppl {m['val_ppl']:.2f}  val_bpb {m['val_bpb']:.4f}  "
+              f"lzma_bpb {m['lzma_bpb']:.4f}  ({m['val_tokens']:,} tokens, {m['val_bytes']:,} bytes; "
+              f"the model {verdict} lzma)")
+        print(f"report: {Path(args.run_dir) / 'report.md'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    """Stream a continuation of --prompt to stdout."""
+    from lmforge.data.tokenizer import eot_id
+    from lmforge.generate import stream_text
+    from lmforge.runs import load_run
+
+    if args.max_new_tokens <= 0:
+        raise UserError("--max-new-tokens must be positive")
+    if args.temperature < 0:
+        raise UserError("--temperature must be >= 0 (0 is greedy)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")
+    run = load_run(args.run_dir)
+    sys.stdout.write(args.prompt)
+    for piece in stream_text(run.model, run.tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                             args.top_k, args.top_p, args.seed, args.stop, eot_id(run.tokenizer)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- quickstart
+def cmd_quickstart(args) -> int:
+    """Prepare the embedded corpus, train a GPT within a time budget, evaluate and sample it."""
+    from lmforge.quickstart import quickstart
+
+    summary = quickstart(args.out, max_seconds=args.max_seconds, preset=args.preset,
+                         vocab_size=args.vocab_size)
+    if args.json:
+        _print_json(summary)
+    else:
+        print()
+        print(f"lmforge quickstart: {summary['params']:,}-parameter GPT trained on the Python standard library")
+        print(f"  tokens seen     {summary['tokens_seen']:,} ({summary['tokens_per_second']:,.0f} tokens/s, "
+              f"{summary['train_seconds']:.0f} s)")
+        print(f"  val loss        {summary['val_loss']:.4f} nats/token (perplexity {summary['val_ppl']:.1f})")
+        print(f"  val bits/byte   {summary['val_bpb']:.4f}   lzma -9e on the same text: {summary['lzma_bpb']:.4f}")
+        print(f"  sample          {summary['samples'][0][:200]!r}")
+        print(f"  run directory   {summary['run_dir']} (report.md, plots/loss.png)")
+        print(f"  total time      {summary['total_seconds']:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmforge", description="From raw text to a trained, evaluated and "
+                                "sampled language model.")
+    p.add_argument("--version", action="version", version=f"lmforge {__import__('lmforge').__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    s = sub.add_parser("prepare", help="clean a corpus, train a tokenizer, write token files",
+                       description=cmd_prepare.__doc__)
+    s.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="files, directories, globs (.txt .md .py .jsonl .csv), or 'stdlib' for the embedded corpus")
+    s.add_argument("--out", required=True, help="data directory to write")
+    s.add_argument("--vocab-size", type=int, default=8192)
+    s.add_argument("--val-fraction", type=float, default=0.05)
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    s.add_argument("--text-column", default="text", help="CSV column holding the text")
+    s.add_argument("--json", action="store_true", help="print meta.json as JSON")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="train or resume a GPT", description=cmd_train.__doc__)
+    s.add_argument("--data", help="data directory from `lmforge prepare` (recorded in the run on --resume)")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--preset", help="debug, nano, micro or gpt2-124m")
+    s.add_argument("--config", help="YAML file with model: and train: sections")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4 (repeatable)")
+    s.add_argument("--max-steps", type=int, help="length of the schedule in optimizer steps")
+    s.add_argument("--max-seconds", type=float, help="time budget; without --max-steps the schedule is planned to fit it")
+    s.add_argument("--stop-at", type=int, help="stop this invocation at this step (checkpointed; --resume continues)")
+    s.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="validation loss, perplexity, bits/byte vs lzma; report.md",
+                       description=cmd_eval.__doc__)
+    s.add_argument("run_dir")
+    s.add_argument("--data", help="data directory (default: the one the run was trained on)")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-tokens", type=int, help="score at most this many validation tokens")
+    s.add_argument("--samples", type=int, default=3, help="samples to put in report.md (0-3)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("generate", help="stream a continuation of a prompt", description=cmd_generate.__doc__)
+    s.add_argument("run_dir")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", metavar="STR", help="stop before this string (repeatable)")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("quickstart", help="the whole path on the embedded corpus within a time budget",
+                       description=cmd_quickstart.__doc__)
+    s.add_argument("--out", default="runs/quickstart", help="run directory (replaced if it is an old quickstart run)")
+    s.add_argument("--max-seconds", type=float, default=300.0, help="total time budget (default 300)")
+    s.add_argument("--preset", default="micro")
+    s.add_argument("--vocab-size", type=int, default=8192)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,230 @@
+"""Run configuration: typed dataclasses, named presets, YAML files and ``--set a.b=c`` overrides.
+
+Config flows one way: preset -> YAML file -> ``--set`` overrides -> validate -> saved, fully
+resolved, as ``config.yaml`` in the run directory. Presets are plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import UserError
+from lmforge.models.gpt import GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Step counts are optimizer steps (one step = ``grad_accum`` micro-batches)."""
+
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    # Length of the schedule. None: planned from max_seconds after a few timed steps, so the
+    # cosine decay ends when the time budget does.
+    max_steps: int | None = 500
+    max_seconds: float | None = None  # wall-clock budget for the optimizer loop (hard stop)
+    weight_decay: float = 0.1  # on matrices only; biases, norms and embeddings get none
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    eval_interval: int = 100  # steps between validation evaluations (0: only at the end)
+    eval_batches: int = 8  # validation micro-batches per evaluation during training
+    log_interval: int = 10  # steps between metrics.jsonl lines and progress-bar updates
+    checkpoint_interval: int = 0  # steps between checkpoints (0: only at the end / on stop)
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class RunConfig:
+    """Everything a run directory needs to rebuild the model and continue training."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str | None = None
+
+
+# Presets are data. `micro` and the default vocabulary were chosen by measurement on a 2-core CPU
+# (see bench/RESULTS.md): the model that reaches the lowest validation loss in ~5 minutes.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "debug": {
+        "model": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0),
+        "train": dict(batch_size=4, lr=3e-3, warmup_steps=5, max_steps=40, eval_interval=20,
+                      eval_batches=2, log_interval=1),
+    },
+    "nano": {
+        "model": dict(n_layer=3, n_head=4, n_embd=128, block_size=256, dropout=0.0),
+        "train": dict(batch_size=16, lr=2e-3, warmup_steps=30, max_steps=1000),
+    },
+    "micro": {
+        "model": dict(n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0),
+        "train": dict(batch_size=16, lr=2e-3, warmup_steps=30, max_steps=2000),
+    },
+    "gpt2-124m": {
+        "model": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0),
+        "train": dict(batch_size=12, grad_accum=40, lr=6e-4, warmup_steps=700, max_steps=20000,
+                      eval_interval=500, eval_batches=40),
+    },
+}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check and convert ``value`` to the dataclass field type ``tp`` (int, float, bool, str, optional)."""
+    args = typing.get_args(tp)
+    if args and type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)):
+            return str(value)
+    raise UserError(f"config key {key!r} expects {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    names = {f.name for f in dataclasses.fields(section_obj)}
+    for k, v in values.items():
+        if k not in names:
+            raise UserError(f"unknown config key '{section}.{k}' (known: {', '.join(sorted(names))})")
+        setattr(section_obj, k, _coerce(v, hints[k], f"{section}.{k}"))
+
+
+def apply_dict(cfg: RunConfig, data: dict[str, Any], source: str) -> None:
+    """Apply a nested ``{"model": {...}, "train": {...}}`` mapping onto ``cfg``."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping with 'model' and/or 'train' sections")
+    for section, values in data.items():
+        if section == "preset":
+            continue
+        if section not in ("model", "train"):
+            raise UserError(f"{source}: unknown config section {section!r} (known: model, train)")
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section {section!r} must be a mapping")
+        _apply(getattr(cfg, section), section, values)
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ``["train.lr=3e-4", "model.n_layer=4"]`` into a nested mapping (values parsed as YAML)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise UserError(f"--set expects section.key=value (e.g. train.lr=3e-4), got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def build_config(preset: str | None = None, config_file: str | Path | None = None,
+                 overrides: list[str] | None = None) -> RunConfig:
+    """Resolve preset -> YAML file -> ``--set`` overrides into a validated :class:`RunConfig`."""
+    cfg = RunConfig()
+    file_data: dict[str, Any] = {}
+    if config_file is not None:
+        file_data = load_yaml(config_file)
+        preset = preset or file_data.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        apply_dict(cfg, PRESETS[preset], f"preset {preset}")
+        cfg.preset = preset
+    if file_data:
+        apply_dict(cfg, file_data, str(config_file))
+    if overrides:
+        apply_dict(cfg, parse_overrides(overrides), "--set")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject configurations that cannot train, with a message naming the key."""
+    m, t = cfg.model, cfg.train
+    positive = {"model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
+                "model.block_size": m.block_size, "train.batch_size": t.batch_size,
+                "train.grad_accum": t.grad_accum, "train.lr": t.lr, "train.eval_batches": t.eval_batches,
+                "train.log_interval": t.log_interval}
+    for key, v in positive.items():
+        if v <= 0:
+            raise UserError(f"config key {key!r} must be positive, got {v}")
+    if m.n_embd % m.n_head:
+        raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise UserError(f"train.max_steps must be positive, got {t.max_steps}")
+    if t.max_steps is None and t.max_seconds is None:
+        raise UserError("set train.max_steps or train.max_seconds (or both)")
+    if t.max_seconds is not None and t.max_seconds <= 0:
+        raise UserError(f"train.max_seconds must be positive, got {t.max_seconds}")
+    if t.dtype not in ("auto", "float32", "bfloat16"):
+        raise UserError(f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning a missing or malformed file into a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain-data view for ``config.yaml``."""
+    return {"preset": cfg.preset, "model": dataclasses.asdict(cfg.model),
+            "train": dataclasses.asdict(cfg.train)}
+
+
+def from_dict(data: dict[str, Any], source: str = "config.yaml") -> RunConfig:
+    """Rebuild a saved config (no preset is re-applied: the saved file is fully resolved)."""
+    cfg = RunConfig(preset=data.get("preset"))
+    apply_dict(cfg, data, source)
+    validate(cfg)
+    return cfg
+
+
+def save(cfg: RunConfig, path: str | Path) -> None:
+    """Write the fully resolved config as YAML, atomically."""
+    from lmforge.fsutil import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load(path: str | Path) -> RunConfig:
+    """Load a run directory's ``config.yaml``."""
+    return from_dict(load_yaml(path), str(path))

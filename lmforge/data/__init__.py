@@ -1,0 +1,1 @@
+"""Data: corpus readers and cleaning, tokenizer training, token files and batches."""

@@ -1,0 +1,177 @@
+"""``lmforge prepare``: documents -> cleaned, de-duplicated, split by unit -> BPE tokenizer ->
+``train.bin`` / ``val.bin`` token files (numpy memmaps) + ``tokenizer.json`` + ``meta.json`` +
+``data_report.md``.
+
+The output directory is built beside the target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.data.corpus import Document, ReadReport, clean, python_version, read_documents
+from lmforge.data.tokenizer import eot_id, train_bpe
+from lmforge.errors import UserError
+from lmforge.fsutil import write_json, write_text
+from lmforge.progress import progress, status
+
+ENCODE_CHUNK = 512  # documents per encode_batch call
+
+
+def _dedup_and_clean(docs, stats: dict) -> list[Document]:
+    seen: set[bytes] = set()
+    out = []
+    for d in docs:
+        text = clean(d.text)
+        if not text.strip():
+            stats["empty_skipped"] += 1
+            continue
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        if digest in seen:
+            stats["duplicates_dropped"] += 1
+            continue
+        seen.add(digest)
+        out.append(Document(text, d.source, d.unit))
+    return out
+
+
+def split_by_unit(docs: list[Document], val_fraction: float, seed: int) -> tuple[list[Document], list[Document], str]:
+    """Seeded split in which all documents of one unit land on the same side.
+
+    Units are shuffled with ``seed`` and moved to validation until it holds ``val_fraction`` of the
+    bytes. With a single unit (one text file), its tail is cut off at a line boundary instead.
+    """
+    units: dict[str, list[Document]] = {}
+    for d in docs:
+        units.setdefault(d.unit, []).append(d)
+    if len(units) == 1:
+        text = "\n".join(d.text for d in docs)
+        cut = int(len(text) * (1 - val_fraction))
+        nl = text.rfind("\n", 0, cut)
+        cut = nl + 1 if nl > 0 else cut
+        head, tail = text[:cut], text[cut:]
+        if not head.strip() or not tail.strip():
+            raise UserError("corpus is too small to split into train and validation text")
+        src = docs[0].source
+        return [Document(head, src, "head")], [Document(tail, src, "tail")], "tail of the single document"
+    names = sorted(units)
+    order = np.random.default_rng(seed).permutation(len(names))
+    total = sum(len(d.text.encode("utf-8")) for d in docs)
+    val_names, val_bytes = set(), 0
+    for i in order:
+        if val_bytes >= val_fraction * total and val_names:
+            break
+        if len(val_names) == len(names) - 1:
+            break  # keep at least one unit for training
+        val_names.add(names[i])
+        val_bytes += sum(len(d.text.encode("utf-8")) for d in units[names[i]])
+    train = [d for d in docs if d.unit not in val_names]
+    val = [d for d in docs if d.unit in val_names]
+    return train, val, "by unit (file, record or topic)"
+
+
+def _write_tokens(tok, docs: list[Document], path: Path, dtype, eot: int, desc: str) -> int:
+    """Encode documents in chunks and append ids (each document followed by EOT) to ``path``."""
+    n = 0
+    with open(path, "wb") as f, progress(total=len(docs), desc=desc, unit="doc") as bar:
+        for i in range(0, len(docs), ENCODE_CHUNK):
+            chunk = docs[i:i + ENCODE_CHUNK]
+            ids: list[int] = []
+            for enc in tok.encode_batch([d.text for d in chunk], add_special_tokens=False):
+                ids.extend(enc.ids)
+                ids.append(eot)
+            np.asarray(ids, dtype=dtype).tofile(f)
+            n += len(ids)
+            bar.update(len(chunk))
+    return n
+
+
+def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 8192, val_fraction: float = 0.05,
+            seed: int = 1337, text_field: str = "text", text_column: str = "text") -> dict:
+    """Build a data directory from ``inputs``; returns the contents of ``meta.json``."""
+    if not inputs:
+        raise UserError("no --input given")
+    if not 0.0 < val_fraction < 0.5:
+        raise UserError(f"--val-fraction must be in (0, 0.5), got {val_fraction}")
+    if vocab_size < 257 or vocab_size > 2**20:
+        raise UserError(f"--vocab-size must be between 257 and {2**20}, got {vocab_size}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out exists and is not a directory: {out_dir}")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "meta.json").is_file():
+        raise UserError(f"--out {out_dir} is not empty and is not an lmforge data directory")
+    t0 = time.time()
+
+    report = ReadReport()
+    stats = {"empty_skipped": 0, "duplicates_dropped": 0}
+    status(f"reading {', '.join(inputs)}")
+    raw = list(read_documents(inputs, text_field=text_field, text_column=text_column, report=report))
+    docs = _dedup_and_clean(raw, stats)
+    if not docs:
+        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in report.skipped[:3])
+        raise UserError(f"no usable documents in {', '.join(inputs)}"
+                        + (f" (skipped: {reasons})" if reasons else " (all empty)"))
+    train_docs, val_docs, split_unit = split_by_unit(docs, val_fraction, seed)
+
+    status(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {len(train_docs)} documents")
+    tok = train_bpe((d.text for d in train_docs), vocab_size)
+    eot = eot_id(tok)
+    dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tok.save(str(tmp / "tokenizer.json"))
+        splits = {}
+        for name, part in (("train", train_docs), ("val", val_docs)):
+            n_tokens = _write_tokens(tok, part, tmp / f"{name}.bin", dtype, eot, f"tokenizing {name}")
+            n_bytes = sum(len(d.text.encode("utf-8")) for d in part)
+            splits[name] = {"documents": len(part), "units": len({d.unit for d in part}),
+                            "bytes": n_bytes, "tokens": n_tokens,
+                            "bytes_per_token": round(n_bytes / max(n_tokens, 1), 4)}
+        total_bytes = sum(s["bytes"] for s in splits.values())
+        total_tokens = sum(s["tokens"] for s in splits.values())
+        meta = {
+            "inputs": inputs, "python": python_version(), "seed": seed, "val_fraction": val_fraction, "split_unit": split_unit,
+            "vocab_size": tok.get_vocab_size(), "eot_id": eot, "dtype": np.dtype(dtype).name,
+            "documents": len(docs), "bytes": total_bytes, "tokens": total_tokens,
+            "bytes_per_token": round(total_bytes / total_tokens, 4),
+            "files_read": report.files_read, "empty_skipped": stats["empty_skipped"],
+            "duplicates_dropped": stats["duplicates_dropped"], "skipped": report.skipped,
+            "splits": splits, "seconds": round(time.time() - t0, 2),
+        }
+        write_json(tmp / "meta.json", meta)
+        write_text(tmp / "data_report.md", data_report(meta))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return meta
+
+
+def data_report(meta: dict) -> str:
+    """Markdown summary of a prepared data directory."""
+    lines = [
+        "# Data report", "",
+        f"- inputs: {', '.join(meta['inputs'])}",
+        f"- documents: {meta['documents']:,} from {meta['files_read']:,} files read "
+        f"({meta['duplicates_dropped']} exact duplicates dropped, {meta['empty_skipped']} empty skipped)",
+        f"- bytes: {meta['bytes']:,}; tokens: {meta['tokens']:,}; bytes per token: {meta['bytes_per_token']}",
+        f"- tokenizer: byte-level BPE, vocabulary {meta['vocab_size']:,}, stored as {meta['dtype']}",
+        f"- split: {meta['split_unit']}, seed {meta['seed']}, validation fraction {meta['val_fraction']}",
+        "", "| split | documents | units | bytes | tokens | bytes/token |", "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in meta["splits"].items():
+        lines.append(f"| {name} | {s['documents']:,} | {s['units']:,} | {s['bytes']:,} | {s['tokens']:,} "
+                     f"| {s['bytes_per_token']} |")
+    if meta["skipped"]:
+        lines += ["", "## Skipped", ""] + [f"- `{s['path']}`: {s['reason']}" for s in meta["skipped"]]
+    return "\n".join(lines) + "\n"

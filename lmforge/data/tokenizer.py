@@ -1,0 +1,74 @@
+"""Byte-level BPE tokenizer trained with Hugging Face ``tokenizers``.
+
+Byte-level means every string round-trips exactly: any Unicode text is first mapped to its UTF-8
+bytes, so there is no unknown token. ``<|endoftext|>`` separates documents, as in GPT-2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmforge.errors import UserError
+
+EOT = "<|endoftext|>"
+SPECIAL_TOKENS = [EOT]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on ``texts`` (an iterator is fine; it is streamed)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load ``tokenizer.json``, with a one-line error if it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"tokenizer not found: {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise UserError(f"cannot load tokenizer {path}: {e}") from None
+
+
+def eot_id(tok: Tokenizer) -> int:
+    i = tok.token_to_id(EOT)
+    if i is None:
+        raise UserError(f"tokenizer has no {EOT} token")
+    return i
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of the byte-level alphabet: printable character -> the byte it stands for.
+
+    Bytes that are printable Latin-1 map to themselves; the rest are shifted to 256 + n.
+    """
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes(tok: Tokenizer) -> list[bytes]:
+    """The exact bytes each token id stands for (empty for special tokens), for bits-per-byte."""
+    specials = {tok.token_to_id(s) for s in SPECIAL_TOKENS}
+    table = _byte_decoder()
+    out = [b""] * tok.get_vocab_size()
+    for token, i in tok.get_vocab().items():
+        if i not in specials:
+            out[i] = bytes(table[c] for c in token)
+    return out

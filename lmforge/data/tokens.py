@@ -1,0 +1,74 @@
+"""Token files written by ``prepare`` and the batches cut from them.
+
+Training batches are a pure function of ``(seed, step, micro_step)``: the data position saved in
+a checkpoint is just the step, and resuming reproduces the exact batches of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.errors import UserError
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    data_dir = Path(data_dir)
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        raise UserError(f"not a prepared data directory (no meta.json): {data_dir}; run `lmforge prepare` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class TokenFile:
+    """A read-only memmap of token ids."""
+
+    def __init__(self, path: str | Path, dtype: str):
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"token file not found: {path}")
+        self.path = path
+        self.data = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _check(self, T: int) -> None:
+        if len(self.data) < T + 2:
+            raise UserError(f"{self.path.name} holds {len(self.data)} tokens, too few for a context of "
+                            f"{T}; use more data or a smaller model.block_size")
+
+    def random_batch(self, batch_size: int, T: int, seed: int, step: int, micro: int = 0, stream: int = 0):
+        """``batch_size`` random windows: inputs (B, T) and next-token targets (B, T), int64.
+
+        ``stream`` separates independent uses of the same seed (0: training, 1: validation).
+        """
+        self._check(T)
+        rng = np.random.default_rng([seed, stream, step, micro])
+        starts = rng.integers(0, len(self.data) - T - 1, size=batch_size)
+        window = np.stack([self.data[s:s + T + 1] for s in starts]).astype(np.int64)
+        w = torch.from_numpy(window)
+        return w[:, :-1], w[:, 1:]
+
+    def sequential_batches(self, batch_size: int, T: int, max_tokens: int | None = None):
+        """Consecutive windows covering the file once, each target predicted exactly once.
+
+        Window i holds tokens ``[i*T, i*T + T]``; its targets are ``[i*T+1, i*T+T]``. The last window
+        is shorter. Yields (inputs, targets) with targets padded by -1.
+        """
+        n = len(self.data) - 1  # number of predictable tokens
+        if max_tokens is not None:
+            n = min(n, max_tokens)
+        starts = list(range(0, n, T))
+        for i in range(0, len(starts), batch_size):
+            group = starts[i:i + batch_size]
+            x = np.zeros((len(group), T), dtype=np.int64)
+            y = np.full((len(group), T), -1, dtype=np.int64)
+            for r, s in enumerate(group):
+                L = min(T, n - s)
+                x[r, :L] = self.data[s:s + L]
+                y[r, :L] = self.data[s + 1:s + 1 + L]
+            yield torch.from_numpy(x), torch.from_numpy(y)

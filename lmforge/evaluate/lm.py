@@ -1,0 +1,64 @@
+"""Language-model metrics on held-out tokens: loss, perplexity, bits per byte, and the lzma baseline.
+
+Bits per byte = total loss in bits / UTF-8 bytes of the predicted text. It is comparable across
+tokenizers and with a compressor: ``lzma_bpb`` is what ``lzma`` (preset 9 | extreme) needs for
+exactly the same bytes, an honest non-neural baseline a model should beat.
+"""
+
+from __future__ import annotations
+
+import lzma
+import math
+
+import torch
+import torch.nn.functional as F
+from contextlib import nullcontext
+
+from lmforge.data.tokenizer import token_bytes
+from lmforge.data.tokens import TokenFile
+from lmforge.progress import progress
+
+
+def lzma_bits_per_byte(data: bytes) -> float:
+    """Compressed size in bits per input byte with the strongest lzma setting."""
+    if not data:
+        return float("nan")
+    return 8 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / len(data)
+
+
+@torch.no_grad()
+def evaluate_lm(model, tokenizer, tokens: TokenFile, batch_size: int = 8, max_tokens: int | None = None,
+                autocast=None) -> dict:
+    """Score every token of ``tokens`` once (consecutive windows of the model's context).
+
+    Returns ``val_loss`` (nats/token), ``val_ppl``, ``val_bpb``, ``lzma_bpb``, ``val_tokens`` and
+    ``val_bytes``. Document separators count as tokens (they must be predicted) but have no bytes.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    T = model.config.block_size
+    table = token_bytes(tokenizer)
+    total_nats, n_tokens = 0.0, 0
+    text = bytearray()
+    n_target = min(len(tokens) - 1, max_tokens or len(tokens))
+    with progress(total=n_target, desc="evaluating", unit="tok", unit_scale=True) as bar:
+        for x, y in tokens.sequential_batches(batch_size, T, max_tokens):
+            with autocast or nullcontext():
+                logits, _ = model(x.to(device))
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1),
+                                   ignore_index=-1, reduction="sum")
+            valid = y[y >= 0]
+            total_nats += loss.item()
+            n_tokens += valid.numel()
+            text += b"".join(table[i] for i in valid.tolist())
+            bar.update(valid.numel())
+    val_loss = total_nats / n_tokens
+    n_bytes = len(text)
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        "val_bpb": total_nats / math.log(2) / n_bytes,
+        "lzma_bpb": lzma_bits_per_byte(bytes(text)),
+        "val_tokens": n_tokens,
+        "val_bytes": n_bytes,
+    }

@@ -1,0 +1,1 @@
+"""Model definitions. Each file reads top to bottom: config, blocks, model."""

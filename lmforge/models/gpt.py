@@ -1,0 +1,197 @@
+"""A GPT-2-style decoder: pre-LayerNorm blocks, causal SDPA attention, GELU MLP, learned positions,
+tied input/output embeddings.
+
+Parameter names follow Hugging Face ``GPT2LMHeadModel`` key by key (``transformer.h.0.attn.c_attn``
+...), so importing or exporting GPT-2 checkpoints is a copy (HF stores its Conv1D weights
+transposed relative to our ``nn.Linear``). Decoding uses a preallocated KV cache (:class:`KVCache`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int | None = None  # None: taken from the tokenizer when training starts
+    block_size: int = 256  # maximum context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
+    layer_norm_eps: float = 1e-5
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: ``(n_layer, B, nh, max_len, hs)`` each.
+
+    ``pos`` is the number of positions already filled; :meth:`GPT.forward` advances it.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+
+        mask, is_causal = None, True
+        if cache is not None:
+            p = cache.pos
+            cache.k[layer, :, :, p:p + T] = k
+            cache.v[layer, :, :, p:p + T] = v
+            k = cache.k[layer, :, :, :p + T]  # (B, nh, p+T, hs)
+            v = cache.v[layer, :, :, :p + T]
+            if T == 1:
+                is_causal = False  # one new query sees every cached position
+            elif p > 0:
+                # A chunk after a filled prefix: query i may see keys 0 .. p+i.
+                is_causal = False
+                mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
+
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2's "gelu_new" is the tanh approximation; using it keeps HF checkpoints exact.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("GPTConfig.vocab_size must be set before building the model")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (the tied head counted once); optionally without position embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N for the matmuls plus attention scores (PaLM appendix B)."""
+        c, T = self.config, seq_len or self.config.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False):
+        """``idx`` (B, T) token ids -> (logits, loss).
+
+        ``targets`` (B, T) with -1 for positions to ignore gives the mean cross-entropy. With a
+        ``cache``, ``idx`` continues the cached sequence and the cache advances by T positions.
+        ``last_only`` returns logits for the last position only, (B, 1, V).
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A KV cache for ``batch_size`` sequences of up to ``max_len`` (default block_size) tokens."""
+        p = self.transformer.wte.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
+
+    def state_dict_for_save(self) -> dict[str, torch.Tensor]:
+        """Plain contiguous tensors without the tied ``lm_head.weight`` (as in HF GPT-2 files)."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if k != "lm_head.weight"}
+
+    def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict_for_save`; re-ties the head."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+        self.lm_head.weight = self.transformer.wte.weight

@@ -1,0 +1,99 @@
+"""Checkpoints as plain tensors and JSON: nothing in a run directory needs unpickling.
+
+- ``model.safetensors``: model weights (HF GPT-2 key names, tied head omitted).
+- ``trainer_state.safetensors``: optimizer moments and RNG states as tensors.
+- ``trainer_state.json``: step, tokens seen, optimizer hyper-parameters, data position.
+
+Each file is written to a temporary name and renamed. The step is stored in all three so that a
+checkpoint torn by a crash between renames is detected on resume rather than silently mixed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import UserError
+from lmforge.fsutil import atomic_path, write_json
+
+MODEL_FILE = "model.safetensors"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+
+
+def save_model(model, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``model.state_dict_for_save()`` to safetensors atomically."""
+    with atomic_path(path) as tmp:
+        save_file(model.state_dict_for_save(), str(tmp), metadata=metadata or {})
+
+
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model weights not found: {path}")
+    return load_file(str(path))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for name, value in st.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{pid}.{name}"] = t.detach().cpu().contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def save_checkpoint(run_dir: str | Path, model, optimizer, state: dict) -> None:
+    """Save model, optimizer, RNG and ``state`` (must hold ``step``) into ``run_dir``."""
+    run_dir = Path(run_dir)
+    step = str(state["step"])
+    tensors, groups = _optimizer_tensors(optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    with atomic_path(run_dir / STATE_TENSORS) as tmp:
+        save_file(tensors, str(tmp), metadata={"step": step})
+    save_model(model, run_dir / MODEL_FILE, metadata={"step": step, "format": "lmforge-gpt"})
+    write_json(run_dir / STATE_JSON, {**state, "param_groups": groups})
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    run_dir = Path(run_dir)
+    return all((run_dir / f).is_file() for f in (MODEL_FILE, STATE_TENSORS, STATE_JSON))
+
+
+def _step_of(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("step")
+
+
+def load_checkpoint(run_dir: str | Path, model, optimizer) -> dict:
+    """Restore model, optimizer and RNG from ``run_dir``; returns the JSON state."""
+    run_dir = Path(run_dir)
+    if not has_checkpoint(run_dir):
+        raise UserError(f"no checkpoint to resume in {run_dir} (needs {MODEL_FILE}, {STATE_TENSORS}, {STATE_JSON})")
+    state = json.loads((run_dir / STATE_JSON).read_text(encoding="utf-8"))
+    steps = {str(state["step"]), _step_of(run_dir / MODEL_FILE), _step_of(run_dir / STATE_TENSORS)}
+    if len(steps) != 1:
+        raise UserError(f"checkpoint in {run_dir} is torn (files from different steps: {sorted(map(str, steps))})")
+    model.load_saved_state(load_model_state(run_dir / MODEL_FILE))
+    tensors = load_file(str(run_dir / STATE_TENSORS))
+    opt_state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = t
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
+    return state

@@ -1,0 +1,271 @@
+"""The training loop. One loop for every task; tasks plug in a batch builder and a loss.
+
+Reproducibility contract (CPU): batches are a function of (seed, step), the learning rate is a
+function of step, and checkpoints carry optimizer and RNG state, so N steps + ``--resume`` + M
+steps gives bitwise the losses of N + M uninterrupted steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from lmforge import config as cfgmod
+from lmforge.data.tokens import TokenFile, load_meta
+from lmforge.errors import UserError
+from lmforge.models.gpt import GPT
+from lmforge.progress import progress, status
+from lmforge.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.optim import build_optimizer, lr_at
+
+CALIBRATION_STEPS = 8  # steps timed to plan max_steps from a time budget (after WARM_STEPS)
+WARM_STEPS = 2  # first steps are slow (allocator, kernel selection) and are not timed
+# Dense bf16 peak of known accelerators, for MFU (per device, without sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless asked."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Round the embedding table up to a multiple of 64: faster matmuls, unused rows never targeted."""
+    return int(math.ceil(n / multiple) * multiple)
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to stop at the next step boundary (and checkpoint); a second one
+    interrupts immediately."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+        try:
+            self._old = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _log(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def estimate_val_loss(model, val: TokenFile, cfg: cfgmod.RunConfig, device, ctx) -> float:
+    """Mean loss on ``eval_batches`` fixed random validation batches (the same ones every time)."""
+    model.eval()
+    losses = []
+    for i in range(cfg.train.eval_batches):
+        x, y = val.random_batch(cfg.train.batch_size, cfg.model.block_size, cfg.train.seed, step=0, micro=i, stream=1)
+        with ctx:
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(cfg: cfgmod.RunConfig, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
+          stop_at: int | None = None) -> dict:
+    """Train (or resume) a GPT on a prepared data directory; returns a summary dict.
+
+    ``stop_at`` ends this invocation after that many steps (with a checkpoint) without changing
+    the schedule, so a later ``--resume`` continues the same run.
+    """
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    meta = load_meta(data_dir)
+    train_data = TokenFile(data_dir / "train.bin", meta["dtype"])
+    val_data = TokenFile(data_dir / "val.bin", meta["dtype"])
+    for tf in (train_data, val_data):
+        tf._check(cfg.model.block_size)
+    tokenizer_vocab = meta["vocab_size"]
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = pad_vocab(tokenizer_vocab)
+    elif cfg.model.vocab_size < tokenizer_vocab:
+        raise UserError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+    if resume and not has_checkpoint(run_dir):
+        raise UserError(f"--resume: no checkpoint in {run_dir}")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"run directory {run_dir} is not empty; use --resume to continue it or choose another --out")
+    device = resolve_device(cfg.train.device)
+    t = cfg.train
+
+    torch.manual_seed(t.seed)
+    model = GPT(cfg.model).to(device)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type)
+    state = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "data_dir": str(data_dir.resolve())}
+    created = False
+    if resume:
+        state = load_checkpoint(run_dir, model, optimizer)
+        status(f"resuming {run_dir} at step {state['step']}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        created = True
+        shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
+        (run_dir / "metrics.jsonl").write_text("")
+    try:
+        return _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at)
+    except BaseException:
+        if created and not has_checkpoint(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # no half-written run directory
+        raise
+
+
+def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at) -> dict:
+    t = cfg.train
+    B, T, accum = t.batch_size, cfg.model.block_size, t.grad_accum
+    tokens_per_step = B * T * accum
+    ctx = autocast_for(device, t.dtype)
+    fwd = torch.compile(model) if t.compile else model
+    peak = peak_flops(device)
+    flops_per_step = model.flops_per_token(T) * tokens_per_step
+    params = model.num_params()
+    cfgmod.save(cfg, run_dir / "config.yaml")
+    status(f"model: {params:,} parameters on {device}; {tokens_per_step:,} tokens per step")
+
+    start_step, step = state["step"], state["step"]
+    max_steps = t.max_steps
+    planning = max_steps is None  # schedule length still to be planned from max_seconds
+    if stop_at is not None and max_steps is not None and stop_at > max_steps:
+        raise UserError(f"--stop-at {stop_at} is past train.max_steps {max_steps}")
+    session_t0 = time.perf_counter()
+    seconds_before = state.get("train_seconds", 0.0)
+
+    def checkpoint() -> None:
+        state["step"] = step
+        state["train_seconds"] = round(seconds_before + time.perf_counter() - session_t0, 3)
+        save_checkpoint(run_dir, model, optimizer, state)
+
+    last_val = None
+    bar = progress(total=max_steps, initial=step, desc="training", unit="step")
+    model.train()
+    reason = "max_steps"
+    with _StopFlag() as stop:
+        while True:
+            if max_steps is not None and step >= max_steps:
+                break
+            if stop_at is not None and step >= stop_at:
+                reason = "stop_at"
+                break
+            elapsed = time.perf_counter() - session_t0
+            if t.max_seconds is not None and elapsed >= t.max_seconds:
+                reason = "max_seconds"
+                break
+            if stop.requested:
+                reason = "interrupted"
+                break
+
+            t_step = time.perf_counter()
+            lr = lr_at(step, t.lr, t.warmup_steps, max_steps, t.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = train_data.random_batch(B, T, t.seed, step, micro)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with ctx:
+                    _, loss = fwd(x, y)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                         if t.grad_clip > 0 else None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["tokens_seen"] += tokens_per_step
+
+            # Plan the schedule from a time budget: first from a few timed steps, then once more
+            # at a fifth of the budget from the mean step time so far (evaluations included).
+            if planning:
+                n, now = step - start_step, time.perf_counter()
+                if n == WARM_STEPS:
+                    calib_t0, calib_step = now, step
+                first = max_steps is None and n == WARM_STEPS + CALIBRATION_STEPS
+                again = max_steps is not None and now - session_t0 >= 0.2 * t.max_seconds
+                if first or again:
+                    planning = first
+                    per_step = (now - calib_t0) / (step - calib_step)
+                    if first and t.eval_interval:
+                        per_step *= 1 + t.eval_batches / (3 * accum * t.eval_interval)
+                    remaining = t.max_seconds - (now - session_t0)
+                    max_steps = step + max(1, int(0.98 * remaining / per_step))
+                    t.max_steps = max_steps
+                    cfgmod.save(cfg, run_dir / "config.yaml")
+                    bar.reset(total=max_steps)
+                    bar.update(step)
+                    status(f"planned {max_steps} steps to fit {t.max_seconds:.0f} s ({per_step * 1000:.0f} ms/step)")
+
+            if step % t.log_interval == 0 or step == max_steps:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t_step
+                record = {"step": step, "tokens": state["tokens_seen"], "loss": loss_sum.item() / accum,
+                          "lr": lr, "tokens_per_second": round(tokens_per_step / dt, 1)}
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm.item()
+                postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}",
+                           "tok/s": f"{record['tokens_per_second']:,.0f}"}
+                if peak:
+                    record["mfu"] = round(flops_per_step / dt / peak, 4)
+                    postfix["mfu"] = f"{record['mfu']:.1%}"
+                _log(run_dir, record)
+                bar.set_postfix(postfix, refresh=False)
+            if t.eval_interval and step % t.eval_interval == 0 and step != max_steps:
+                last_val = estimate_val_loss(model, val_data, cfg, device, ctx)
+                _log(run_dir, {"step": step, "tokens": state["tokens_seen"], "val_loss": last_val})
+            if t.checkpoint_interval and step % t.checkpoint_interval == 0:
+                checkpoint()
+            bar.update(1)
+    bar.close()
+
+    if step > start_step:
+        last_val = estimate_val_loss(model, val_data, cfg, device, ctx)
+        _log(run_dir, {"step": step, "tokens": state["tokens_seen"], "val_loss": last_val})
+    checkpoint()
+    from lmforge.evaluate.report import plot_loss
+
+    plot_loss(run_dir)
+    seconds = time.perf_counter() - session_t0
+    tokens_this_session = (step - start_step) * tokens_per_step
+    return {
+        "run_dir": str(run_dir), "step": step, "max_steps": max_steps, "stopped_by": reason,
+        "tokens_seen": state["tokens_seen"], "params": params, "val_loss": last_val,
+        "seconds": round(seconds, 2), "tokens_per_second": round(tokens_this_session / max(seconds, 1e-9), 1),
+        "device": str(device),
+    }
+

@@ -1,0 +1,62 @@
+"""Shared fixtures: a deterministic synthetic corpus, a prepared data directory, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORDS = ("the model reads text and learns which token comes next . a tokenizer splits words into "
+         "pieces ; training lowers the loss while validation checks that it generalises . "
+         "café naïve Straße 東京 数据 λ → ✓").split()
+
+
+def synthetic_text(seed: int, n_lines: int = 60) -> str:
+    """Deterministic text with some structure (repeated phrases, code-like lines, Unicode)."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        if i % 7 == 0:
+            lines.append(f"def step_{rng.randint(0, 30)}(x):\n    return x * {rng.randint(1, 9)}")
+        else:
+            lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))))
+    return "\n".join(lines) + "\n"
+
+
+def make_corpus(root: Path, n_files: int = 24) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        sub = root / ("docs" if i % 2 else "notes")
+        sub.mkdir(exist_ok=True)
+        (sub / f"file_{i:02d}.txt").write_text(synthetic_text(i), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, corpus_dir) -> Path:
+    from lmforge.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare([str(corpus_dir)], out, vocab_size=512, val_fraction=0.2, seed=0)
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m lmforge ARGS`` as a user would; returns the completed process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,23 @@
+"""The verb list is part of the interface: adding or removing one must be deliberate."""
+
+import subprocess
+import sys
+
+from lmforge.cli import VERBS, build_parser
+
+EXPECTED_VERBS = ["prepare", "train", "eval", "generate", "quickstart"]
+
+
+def test_verbs_are_pinned():
+    assert VERBS == EXPECTED_VERBS
+    sub = next(a for a in build_parser()._actions if a.dest == "verb")
+    assert list(sub.choices) == EXPECTED_VERBS
+
+
+def test_help_lists_every_verb_and_each_verb_has_help():
+    out = subprocess.run([sys.executable, "-m", "lmforge", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for verb in EXPECTED_VERBS:
+        assert verb in out.stdout
+        r = subprocess.run([sys.executable, "-m", "lmforge", verb, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: lmforge " + verb in r.stdout

@@ -1,0 +1,75 @@
+"""Bad input: one clear error line on stderr, exit code 2, and no half-written output."""
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def assert_clean_failure(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("[lmforge]")]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("lmforge: error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_input_path(tmp_path):
+    r = run_cli("prepare", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    assert_clean_failure(r, "input not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "empty.txt").write_text("   \n")
+    r = run_cli("prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    assert_clean_failure(r, "no usable documents")
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_non_utf8_files(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "latin1.txt").write_bytes("d\xe9j\xe0 vu".encode("latin-1"))
+    r = run_cli("prepare", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    assert_clean_failure(r, "no usable documents", "not valid UTF-8")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting,needle", [
+    ("train.not_a_key=1", "unknown config key 'train.not_a_key'"),
+    ("model.n_layer=two", "expects int"),
+    ("nosection=1", "section.key=value"),
+])
+def test_bad_set_overrides(tmp_path, data_dir, setting, needle):
+    r = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset", "debug",
+                "--set", setting)
+    assert_clean_failure(r, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_preset_and_missing_data(tmp_path, data_dir):
+    assert_clean_failure(run_cli("train", "--data", str(data_dir), "--out", str(tmp_path / "r"),
+                                 "--preset", "huge"), "unknown preset")
+    assert_clean_failure(run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                                 "--preset", "debug"), "not a prepared data directory")
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_without_checkpoint(tmp_path, data_dir):
+    r = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--resume")
+    assert_clean_failure(r, "no checkpoint")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_and_generate_on_a_non_run(tmp_path):
+    assert_clean_failure(run_cli("eval", str(tmp_path)), "not a run directory")
+    assert_clean_failure(run_cli("generate", str(tmp_path), "--prompt", "x"), "not a run directory")
+
+
+def test_context_too_long_for_the_data(tmp_path, data_dir):
+    r = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset", "debug",
+                "--set", "model.block_size=100000")
+    assert_clean_failure(r, "too few for a context")
+    assert not (tmp_path / "run").exists()

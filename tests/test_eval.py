@@ -1,0 +1,45 @@
+"""Bits per byte and the lzma baseline, checked by recomputing them independently."""
+
+import lzma
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.tokens import TokenFile
+from lmforge.evaluate.lm import evaluate_lm
+from lmforge.models.gpt import GPT, GPTConfig
+
+
+def test_metrics_match_an_independent_computation(data_dir):
+    import json
+
+    meta = json.loads((data_dir / "meta.json").read_text())
+    tok = load_tokenizer(data_dir / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    val = TokenFile(data_dir / "val.bin", meta["dtype"])
+    m = evaluate_lm(model, tok, val, batch_size=3)
+
+    ids = torch.from_numpy(np.fromfile(data_dir / "val.bin", dtype=meta["dtype"]).astype(np.int64))
+    # Reference: score each 16-token window separately, one sequence at a time.
+    nats, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, 16):
+            x = ids[s:s + 16]
+            y = ids[s + 1:s + 17]
+            x = x[:len(y)]
+            logits, _ = model(x[None])
+            nats += F.cross_entropy(logits[0], y, reduction="sum").item()
+            n += len(y)
+    text = tok.decode(ids[1:].tolist(), skip_special_tokens=True).encode("utf-8")
+    assert m["val_tokens"] == n == len(ids) - 1
+    assert m["val_bytes"] == len(text)
+    assert math.isclose(m["val_loss"], nats / n, rel_tol=1e-5)
+    assert math.isclose(m["val_ppl"], math.exp(nats / n), rel_tol=1e-5)
+    assert math.isclose(m["val_bpb"], nats / math.log(2) / len(text), rel_tol=1e-5)
+    assert m["lzma_bpb"] == 8 * len(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)) / len(text)
+    # An untrained model is close to uniform over the vocabulary.
+    assert abs(m["val_loss"] - math.log(512)) < 0.3
