@@ -261,3 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `lmforge ... | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0

@@ -43,6 +43,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile the model
+    # Rows per chunk of the fused head + cross-entropy (0: full logits and F.cross_entropy).
+    loss_chunk: int = 256
 
 
 @dataclass
@@ -63,12 +65,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       eval_batches=2, log_interval=1),
     },
     "nano": {
-        "model": dict(n_layer=3, n_head=4, n_embd=128, block_size=256, dropout=0.0),
-        "train": dict(batch_size=16, lr=2e-3, warmup_steps=30, max_steps=1000),
+        "model": dict(n_layer=3, n_head=3, n_embd=96, block_size=256, dropout=0.0),
+        "train": dict(batch_size=8, lr=3e-3, warmup_steps=30, max_steps=1000),
     },
     "micro": {
-        "model": dict(n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0),
-        "train": dict(batch_size=16, lr=2e-3, warmup_steps=30, max_steps=2000),
+        "model": dict(n_layer=3, n_head=3, n_embd=192, block_size=256, dropout=0.0),
+        "train": dict(batch_size=8, lr=2e-3, warmup_steps=30, max_steps=1000),
     },
     "gpt2-124m": {
         "model": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0),
@@ -96,6 +98,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif tp is str:
@@ -178,6 +185,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.loss_chunk < 0:
+        raise UserError(f"train.loss_chunk must be >= 0, got {t.loss_chunk}")
     if t.max_steps is not None and t.max_steps <= 0:
         raise UserError(f"train.max_steps must be positive, got {t.max_steps}")
     if t.max_steps is None and t.max_seconds is None:

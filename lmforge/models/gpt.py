@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.models.losses import linear_cross_entropy
+
 
 @dataclass
 class GPTConfig:
@@ -152,10 +154,12 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False):
+                cache: KVCache | None = None, last_only: bool = False, loss_chunk: int = 0):
         """``idx`` (B, T) token ids -> (logits, loss).
 
-        ``targets`` (B, T) with -1 for positions to ignore gives the mean cross-entropy. With a
+        ``targets`` (B, T) with -1 for positions to ignore gives the mean cross-entropy. With
+        ``loss_chunk`` > 0 the head and the loss are fused and computed that many rows at a time
+        (:func:`~lmforge.models.losses.linear_cross_entropy`) and no logits are returned. With a
         ``cache``, ``idx`` continues the cached sequence and the cache advances by T positions.
         ``last_only`` returns logits for the last position only, (B, 1, V).
         """
@@ -170,6 +174,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
+        if targets is not None and loss_chunk > 0:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, loss_chunk)
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)  # (B, T, V)

@@ -199,7 +199,7 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                 x, y = train_data.random_batch(B, T, t.seed, step, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with ctx:
-                    _, loss = fwd(x, y)
+                    _, loss = fwd(x, y, loss_chunk=t.loss_chunk)
                 (loss / accum).backward()
                 loss_sum += loss.detach()
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

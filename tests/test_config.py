@@ -1,0 +1,34 @@
+"""Config resolution: preset -> YAML -> --set, with types checked and unknown keys rejected."""
+
+import pytest
+
+from lmforge import config as cfgmod
+from lmforge.errors import UserError
+
+
+def test_overrides_are_typed_and_applied_in_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  n_layer: 3\ntrain:\n  lr: 0.01\n")
+    cfg = cfgmod.build_config("debug", f, ["train.lr=3e-4", "train.max_seconds=none", "model.dropout=0.1",
+                                           "train.compile=true"])
+    assert cfg.model.n_layer == 3 and cfg.model.n_embd == 32  # file over preset
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)  # "3e-4" is a float, not a string
+    assert cfg.train.max_seconds is None and cfg.train.compile is True and cfg.model.dropout == 0.1
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = cfgmod.build_config("micro", overrides=["train.lr=1e-3"])
+    cfgmod.save(cfg, tmp_path / "config.yaml")
+    assert cfgmod.load(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lrr=1", "unknown config key 'train.lrr'"),
+    ("optim.lr=1", "unknown config section"),
+    ("train.batch_size=1.5", "expects int"),
+    ("model.n_head=3", "divisible"),
+    ("train.lr=-1", "must be positive"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(UserError, match=message):
+        cfgmod.build_config("debug", overrides=[override])
