@@ -94,7 +94,7 @@ def cmd_train(args) -> int:
 
 # ------------------------------------------------------------------------------------------- eval
 def evaluate_run(run_dir, data_dir=None, batch_size: int = 8, max_tokens: int | None = None,
-                 samples: int = 3, sample_tokens: int = 80) -> dict:
+                 samples: int = 3, sample_tokens: int = 80, stride: int | None = None) -> dict:
     """Score a run on validation text, sample from it, write ``eval.json`` and ``report.md``."""
     from lmforge import config as cfgmod
     from lmforge.data.tokenizer import eot_id
@@ -113,9 +113,12 @@ def evaluate_run(run_dir, data_dir=None, batch_size: int = 8, max_tokens: int | 
     if data_dir is None:
         raise UserError("--data is required: this run does not record its data directory")
     meta = load_meta(data_dir)
+    if (Path(data_dir) / "tokenizer.json").read_bytes() != (Path(run_dir) / "tokenizer.json").read_bytes():
+        raise UserError(f"{data_dir} was tokenized with a different tokenizer than the run {run_dir}; "
+                        f"prepare the text with the run's tokenizer first")
     val = TokenFile(Path(data_dir) / "val.bin", meta["dtype"])
     metrics = evaluate_lm(run.model, run.tokenizer, val, batch_size=batch_size, max_tokens=max_tokens,
-                          autocast=autocast_for(run.device, run.config.train.dtype))
+                          autocast=autocast_for(run.device, run.config.train.dtype), stride=stride)
     metrics["data_dir"] = str(data_dir)
     texts = []
     prompts = ["def ", "import os\n", "The "][:samples]
@@ -133,7 +136,8 @@ def evaluate_run(run_dir, data_dir=None, batch_size: int = 8, max_tokens: int | 
 
 def cmd_eval(args) -> int:
     """Validation loss, perplexity, bits per byte and the lzma baseline; writes report.md."""
-    m = evaluate_run(args.run_dir, args.data, args.batch_size, args.max_tokens, samples=args.samples)
+    m = evaluate_run(args.run_dir, args.data, args.batch_size, args.max_tokens, samples=args.samples,
+                     stride=args.stride)
     if args.json:
         _print_json({k: v for k, v in m.items()})
     else:
@@ -228,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="data directory (default: the one the run was trained on)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--max-tokens", type=int, help="score at most this many validation tokens")
+    s.add_argument("--stride", type=int, help="tokens between window starts (default: the context length, i.e. "
+                   "consecutive windows; smaller gives each token more context at more cost)")
     s.add_argument("--samples", type=int, default=3, help="samples to put in report.md (0-3)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)

@@ -66,11 +66,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "nano": {
         "model": dict(n_layer=3, n_head=3, n_embd=96, block_size=256, dropout=0.0),
-        "train": dict(batch_size=8, lr=3e-3, warmup_steps=30, max_steps=1000),
+        "train": dict(batch_size=8, lr=2e-3, warmup_steps=30, max_steps=1000, beta2=0.99),
     },
     "micro": {
         "model": dict(n_layer=3, n_head=3, n_embd=192, block_size=256, dropout=0.0),
-        "train": dict(batch_size=8, lr=2e-3, warmup_steps=30, max_steps=1000),
+        # beta2 0.99: with only 2k tokens per step the second-moment estimate needs a longer memory.
+        "train": dict(batch_size=8, lr=2e-3, warmup_steps=30, max_steps=1000, beta2=0.99),
     },
     "gpt2-124m": {
         "model": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0),

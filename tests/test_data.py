@@ -84,6 +84,7 @@ def test_stdlib_corpus_reads_real_sources_and_topics():
     names = [d.source for d in docs]
     assert "stdlib/json/decoder.py" in names
     assert any(n.startswith("pydoc_data.topics:") for n in names)
+    assert "stdlib/pydoc_data/topics.py" not in names  # its text is already in the topics
     assert not any("/test/" in n or "/tests/" in n or "site-packages" in n for n in names)
     assert 5e6 < sum(len(d.text) for d in docs) < 40e6  # about 12 MB on CPython 3.11
 

@@ -21,7 +21,7 @@ def test_metrics_match_an_independent_computation(data_dir):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=512, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
     val = TokenFile(data_dir / "val.bin", meta["dtype"])
-    m = evaluate_lm(model, tok, val, batch_size=3)
+    m = evaluate_lm(model, tok, val, batch_size=3, stride=16)
 
     ids = torch.from_numpy(np.fromfile(data_dir / "val.bin", dtype=meta["dtype"]).astype(np.int64))
     # Reference: score each 16-token window separately, one sequence at a time.
@@ -41,5 +41,35 @@ def test_metrics_match_an_independent_computation(data_dir):
     assert math.isclose(m["val_ppl"], math.exp(nats / n), rel_tol=1e-5)
     assert math.isclose(m["val_bpb"], nats / math.log(2) / len(text), rel_tol=1e-5)
     assert m["lzma_bpb"] == 8 * len(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)) / len(text)
+    docs = tok.decode(ids[1:].tolist(), skip_special_tokens=False).split("<|endoftext|>")
+    doc_bits = sum(8 * len(lzma.compress(d.encode(), preset=9 | lzma.PRESET_EXTREME)) for d in docs if d)
+    assert m["lzma_doc_bpb"] == doc_bits / len(text)
     # An untrained model is close to uniform over the vocabulary.
     assert abs(m["val_loss"] - math.log(512)) < 0.3
+
+
+def test_strided_windows_score_each_token_once_with_more_context(data_dir):
+    import json
+
+    meta = json.loads((data_dir / "meta.json").read_text())
+    tok = load_tokenizer(data_dir / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    val = TokenFile(data_dir / "val.bin", meta["dtype"])
+    m = evaluate_lm(model, tok, val, batch_size=5, stride=4)
+    ids = torch.from_numpy(np.fromfile(data_dir / "val.bin", dtype=meta["dtype"]).astype(np.int64))
+    # Reference: target k (1-based index into ids) is predicted from ids[start:k] where start is the
+    # window start that first reaches it: 0 while k <= 16, else the first multiple of 4 with start+16 >= k.
+    nats = 0.0
+    with torch.no_grad():
+        for k in range(1, len(ids)):
+            start = 0 if k <= 16 else -(-(k - 16) // 4) * 4
+            logits, _ = model(ids[start:k][None])
+            nats -= torch.log_softmax(logits[0, -1], -1)[ids[k]].item()
+            if k > 400:
+                break
+    m_short = evaluate_lm(model, tok, val, batch_size=5, stride=4, max_tokens=401)
+    assert m_short["val_tokens"] == 401
+    assert math.isclose(m_short["val_loss"], nats / 401, rel_tol=1e-5)
+    assert m["val_tokens"] == len(ids) - 1 and m["stride"] == 4
+    assert m["val_bytes"] == evaluate_lm(model, tok, val, stride=16)["val_bytes"]

@@ -103,3 +103,13 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
     assert "checkpoint saved" in err
     state = json.loads((run / "trainer_state.json").read_text())
     assert 5 <= state["step"] < 100000
+
+
+def test_accumulation_and_bf16_autocast_paths_train(tmp_path, data_dir):
+    """The CUDA defaults (bf16 autocast) and gradient accumulation, exercised on the CPU."""
+    s = train(debug_cfg("train.max_steps=12", "train.grad_accum=2", "train.dtype=bfloat16"), data_dir,
+              tmp_path / "run")
+    assert s["tokens_seen"] == 12 * 2 * 4 * 64
+    got = losses(tmp_path / "run")
+    assert all(l == l and l < 10 for _, l in got)  # finite
+    assert got[-1][1] < got[0][1]

@@ -25,6 +25,10 @@ RECORD_SUFFIXES = {".jsonl", ".csv"}
 SUFFIXES = TEXT_SUFFIXES | RECORD_SUFFIXES
 # Test suites are excluded from the embedded corpus: they are large, repetitive and mostly data.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+# pydoc_data/topics.py is the source form of the topics added one by one as documents; reading it
+# too would put the same text on both sides of the split.
+_STDLIB_SKIP_FILES = {"pydoc_data/topics.py"}
+STDLIB_CORPUS_VERSION = 2  # bump when the embedded corpus's contents change
 
 
 @dataclass
@@ -60,7 +64,7 @@ def _stdlib_documents(report: ReadReport) -> Iterator[Document]:
     root = stdlib_root()
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if _STDLIB_SKIP_DIRS.intersection(rel.parts[:-1]):
+        if _STDLIB_SKIP_DIRS.intersection(rel.parts[:-1]) or rel.as_posix() in _STDLIB_SKIP_FILES:
             continue
         yield from _read_text_file(path, report, name=f"stdlib/{rel.as_posix()}")
     import pydoc_data.topics

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.corpus import Document, ReadReport, clean, python_version, read_documents
+from lmforge.data.corpus import (STDLIB_CORPUS_VERSION, Document, ReadReport, clean, python_version,
+                                  read_documents)
 from lmforge.data.tokenizer import eot_id, train_bpe
 from lmforge.errors import UserError
 from lmforge.fsutil import write_json, write_text
@@ -138,7 +139,8 @@ def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 8192, val_
         total_bytes = sum(s["bytes"] for s in splits.values())
         total_tokens = sum(s["tokens"] for s in splits.values())
         meta = {
-            "inputs": inputs, "python": python_version(), "seed": seed, "val_fraction": val_fraction, "split_unit": split_unit,
+            "inputs": inputs, "python": python_version(),
+            "stdlib_corpus_version": STDLIB_CORPUS_VERSION if "stdlib" in inputs else None, "seed": seed, "val_fraction": val_fraction, "split_unit": split_unit,
             "vocab_size": tok.get_vocab_size(), "eot_id": eot, "dtype": np.dtype(dtype).name,
             "documents": len(docs), "bytes": total_bytes, "tokens": total_tokens,
             "bytes_per_token": round(total_bytes / total_tokens, 4),

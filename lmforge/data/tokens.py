@@ -53,16 +53,25 @@ class TokenFile:
         w = torch.from_numpy(window)
         return w[:, :-1], w[:, 1:]
 
-    def sequential_batches(self, batch_size: int, T: int, max_tokens: int | None = None):
-        """Consecutive windows covering the file once, each target predicted exactly once.
+    def sequential_batches(self, batch_size: int, T: int, max_tokens: int | None = None,
+                           stride: int | None = None):
+        """Windows covering the file once, every target token scored exactly once.
 
-        Window i holds tokens ``[i*T, i*T + T]``; its targets are ``[i*T+1, i*T+T]``. The last window
-        is shorter. Yields (inputs, targets) with targets padded by -1.
+        Windows start every ``stride`` tokens (default ``T``: no overlap). Window i holds inputs
+        ``[s, s+T)`` and targets ``[s+1, s+T]`` with ``s = i*stride``; in every window but the first,
+        only the last ``stride`` targets are scored (the rest are -1), so each scored token has at
+        least ``T - stride`` tokens of context. Yields (inputs, targets), int64, shorter windows
+        padded (targets with -1).
         """
+        stride = stride or T
+        if not 0 < stride <= T:
+            raise UserError(f"stride must be in 1..{T}, got {stride}")
         n = len(self.data) - 1  # number of predictable tokens
         if max_tokens is not None:
             n = min(n, max_tokens)
-        starts = list(range(0, n, T))
+        starts = [0]
+        while starts[-1] + T < n:
+            starts.append(starts[-1] + stride)
         for i in range(0, len(starts), batch_size):
             group = starts[i:i + batch_size]
             x = np.zeros((len(group), T), dtype=np.int64)
@@ -71,4 +80,6 @@ class TokenFile:
                 L = min(T, n - s)
                 x[r, :L] = self.data[s:s + L]
                 y[r, :L] = self.data[s + 1:s + 1 + L]
+                if s > 0:
+                    y[r, :T - stride] = -1  # scored by the previous window
             yield torch.from_numpy(x), torch.from_numpy(y)

@@ -23,26 +23,40 @@ def lzma_bits_per_byte(data: bytes) -> float:
     """Compressed size in bits per input byte with the strongest lzma setting."""
     if not data:
         return float("nan")
-    return 8 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / len(data)
+    return 8 * len(_xz(data)) / len(data)
+
+
+def _xz(data: bytes) -> bytes:
+    return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
 
 
 @torch.no_grad()
 def evaluate_lm(model, tokenizer, tokens: TokenFile, batch_size: int = 8, max_tokens: int | None = None,
-                autocast=None) -> dict:
-    """Score every token of ``tokens`` once (consecutive windows of the model's context).
+                autocast=None, stride: int | None = None) -> dict:
+    """Score every token of ``tokens`` once, in windows of the model's context that start every
+    ``stride`` tokens (default: the context length, i.e. consecutive windows; a smaller stride
+    gives every token at least ``block_size - stride`` tokens of context, at more cost).
 
     Returns ``val_loss`` (nats/token), ``val_ppl``, ``val_bpb``, ``lzma_bpb``, ``val_tokens`` and
     ``val_bytes``. Document separators count as tokens (they must be predicted) but have no bytes.
+
+    ``lzma_bpb`` compresses the whole scored text as one stream, so lzma may copy from any earlier
+    document; ``lzma_doc_bpb`` compresses each document on its own, which is closer to what a model
+    with a context window of ``block_size`` tokens can use. Both are reported; ``lzma_bpb`` is
+    the bar.
     """
     model.eval()
     device = next(model.parameters()).device
     T = model.config.block_size
+    stride = stride or T
     table = token_bytes(tokenizer)
     total_nats, n_tokens = 0.0, 0
     text = bytearray()
+    doc_ends: list[int] = []  # offsets in ``text`` where a document ends
+    eot = tokenizer.token_to_id("<|endoftext|>")
     n_target = min(len(tokens) - 1, max_tokens or len(tokens))
     with progress(total=n_target, desc="evaluating", unit="tok", unit_scale=True) as bar:
-        for x, y in tokens.sequential_batches(batch_size, T, max_tokens):
+        for x, y in tokens.sequential_batches(batch_size, T, max_tokens, stride):
             with autocast or nullcontext():
                 logits, _ = model(x.to(device))
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1),
@@ -50,15 +64,24 @@ def evaluate_lm(model, tokenizer, tokens: TokenFile, batch_size: int = 8, max_to
             valid = y[y >= 0]
             total_nats += loss.item()
             n_tokens += valid.numel()
-            text += b"".join(table[i] for i in valid.tolist())
+            for i in valid.tolist():
+                if i == eot:
+                    doc_ends.append(len(text))
+                else:
+                    text += table[i]
             bar.update(valid.numel())
     val_loss = total_nats / n_tokens
     n_bytes = len(text)
+    bounds = [0] + doc_ends + ([n_bytes] if not doc_ends or doc_ends[-1] != n_bytes else [])
+    doc_bits = sum(8 * len(_xz(bytes(text[a:b]))) for a, b in zip(bounds, bounds[1:]) if b > a)
     return {
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss),
         "val_bpb": total_nats / math.log(2) / n_bytes,
         "lzma_bpb": lzma_bits_per_byte(bytes(text)),
+        "lzma_doc_bpb": doc_bits / n_bytes,
         "val_tokens": n_tokens,
         "val_bytes": n_bytes,
+        "context": T,
+        "stride": stride,
     }

@@ -27,6 +27,7 @@ from lmforge.train.optim import build_optimizer, lr_at
 
 CALIBRATION_STEPS = 8  # steps timed to plan max_steps from a time budget (after WARM_STEPS)
 WARM_STEPS = 2  # first steps are slow (allocator, kernel selection) and are not timed
+REPLAN_AT = (0.2, 0.4, 0.6, 0.8)  # fractions of the time budget at which the plan is revised
 # Dense bf16 peak of known accelerators, for MFU (per device, without sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -161,6 +162,7 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
     start_step, step = state["step"], state["step"]
     max_steps = t.max_steps
     planning = max_steps is None  # schedule length still to be planned from max_seconds
+    replan_at = list(REPLAN_AT)
     if stop_at is not None and max_steps is not None and stop_at > max_steps:
         raise UserError(f"--stop-at {stop_at} is past train.max_steps {max_steps}")
     session_t0 = time.perf_counter()
@@ -209,23 +211,26 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
             step += 1
             state["tokens_seen"] += tokens_per_step
 
-            # Plan the schedule from a time budget: first from a few timed steps, then once more
-            # at a fifth of the budget from the mean step time so far (evaluations included).
+            # Plan the schedule from a time budget: first from a few timed steps, then again at
+            # each REPLAN_AT fraction of the budget from the speed over the last stretch
+            # (evaluations included), so that the cosine ends with the budget even if the
+            # machine's speed changes. Each plan is saved: --resume replays the same schedule.
             if planning:
                 n, now = step - start_step, time.perf_counter()
                 if n == WARM_STEPS:
-                    calib_t0, calib_step = now, step
+                    mark_t, mark_step = now, step
                 first = max_steps is None and n == WARM_STEPS + CALIBRATION_STEPS
-                again = max_steps is not None and now - session_t0 >= 0.2 * t.max_seconds
-                if first or again:
-                    planning = first
-                    per_step = (now - calib_t0) / (step - calib_step)
+                if first or (max_steps is not None and now - session_t0 >= replan_at[0] * t.max_seconds):
+                    per_step = (now - mark_t) / (step - mark_step)
                     if first and t.eval_interval:
                         per_step *= 1 + t.eval_batches / (3 * accum * t.eval_interval)
                     remaining = t.max_seconds - (now - session_t0)
-                    max_steps = step + max(1, int(0.98 * remaining / per_step))
-                    t.max_steps = max_steps
+                    max_steps = t.max_steps = step + max(1, int(0.98 * remaining / per_step))
                     cfgmod.save(cfg, run_dir / "config.yaml")
+                    mark_t, mark_step = now, step
+                    while replan_at and now - session_t0 >= replan_at[0] * t.max_seconds:
+                        replan_at.pop(0)
+                    planning = bool(replan_at)
                     bar.reset(total=max_steps)
                     bar.update(step)
                     status(f"planned {max_steps} steps to fit {t.max_seconds:.0f} s ({per_step * 1000:.0f} ms/step)")
