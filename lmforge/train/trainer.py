@@ -174,6 +174,8 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
         save_checkpoint(run_dir, model, optimizer, state)
 
     last_val = None
+    interval_loss, interval_steps = torch.zeros((), device=device), 0
+    interval_t0 = time.perf_counter()
     bar = progress(total=max_steps, initial=step, desc="training", unit="step")
     model.train()
     reason = "max_steps"
@@ -192,7 +194,6 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                 reason = "interrupted"
                 break
 
-            t_step = time.perf_counter()
             lr = lr_at(step, t.lr, t.warmup_steps, max_steps, t.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -235,11 +236,15 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                     bar.update(step)
                     status(f"planned {max_steps} steps to fit {t.max_seconds:.0f} s ({per_step * 1000:.0f} ms/step)")
 
+            interval_steps += 1
             if step % t.log_interval == 0 or step == max_steps:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                dt = time.perf_counter() - t_step
-                record = {"step": step, "tokens": state["tokens_seen"], "loss": loss_sum.item() / accum,
+                dt = (time.perf_counter() - interval_t0) / interval_steps  # seconds per step
+                # Mean training loss over the steps since the last line, not one noisy batch.
+                interval_loss += loss_sum
+                record = {"step": step, "tokens": state["tokens_seen"],
+                          "loss": interval_loss.item() / (accum * interval_steps),
                           "lr": lr, "tokens_per_second": round(tokens_per_step / dt, 1)}
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm.item()
@@ -250,11 +255,16 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                     postfix["mfu"] = f"{record['mfu']:.1%}"
                 _log(run_dir, record)
                 bar.set_postfix(postfix, refresh=False)
+                interval_loss, interval_steps = torch.zeros((), device=device), 0
+            else:
+                interval_loss += loss_sum
             if t.eval_interval and step % t.eval_interval == 0 and step != max_steps:
                 last_val = estimate_val_loss(model, val_data, cfg, device, ctx)
                 _log(run_dir, {"step": step, "tokens": state["tokens_seen"], "val_loss": last_val})
             if t.checkpoint_interval and step % t.checkpoint_interval == 0:
                 checkpoint()
+            if step % t.log_interval == 0:
+                interval_t0 = time.perf_counter()  # throughput excludes evaluation and checkpoints
             bar.update(1)
     bar.close()
 
