@@ -139,7 +139,7 @@ def cmd_eval(args) -> int:
     m = evaluate_run(args.run_dir, args.data, args.batch_size, args.max_tokens, samples=args.samples,
                      stride=args.stride)
     if args.json:
-        _print_json({k: v for k, v in m.items()})
+        _print_json(m)
     else:
         verdict = "beats" if m["val_bpb"] < m["lzma_bpb"] else "does not beat"
         print(f"val_loss {m['val_loss']:.4f}  val_ppl {m['val_ppl']:.2f}  val_bpb {m['val_bpb']:.4f}  "

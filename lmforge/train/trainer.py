@@ -261,6 +261,9 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
             if t.eval_interval and step % t.eval_interval == 0 and step != max_steps:
                 last_val = estimate_val_loss(model, val_data, cfg, device, ctx)
                 _log(run_dir, {"step": step, "tokens": state["tokens_seen"], "val_loss": last_val})
+                if bar.disable:  # no bar (stderr is not a terminal): leave a line in the log instead
+                    status(f"step {step}/{max_steps or '?'}: val_loss {last_val:.4f}, "
+                           f"{state['tokens_seen']:,} tokens, {time.perf_counter() - session_t0:.0f} s")
             if t.checkpoint_interval and step % t.checkpoint_interval == 0:
                 checkpoint()
             if step % t.log_interval == 0:
