@@ -43,7 +43,7 @@ def _data_dir(out: Path, vocab_size: int) -> Path:
 def quickstart(out: str | Path = "runs/quickstart", max_seconds: float = 300.0, preset: str = "micro",
                vocab_size: int = 8192) -> dict:
     """Run the whole path; returns the summary printed by the CLI."""
-    from lmforge.cli import evaluate_run
+    from lmforge.evaluate.run import evaluate_run
     from lmforge.train.trainer import train
 
     t0 = time.perf_counter()

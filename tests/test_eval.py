@@ -1,9 +1,11 @@
 """Bits per byte and the lzma baseline, checked by recomputing them independently."""
 
+import json
 import lzma
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,17 +15,20 @@ from lmforge.evaluate.lm import evaluate_lm
 from lmforge.models.gpt import GPT, GPTConfig
 
 
-def test_metrics_match_an_independent_computation(data_dir):
-    import json
-
+@pytest.fixture
+def setup(data_dir):
+    """An untrained 16-token-context model, the tokenizer, the validation file and its ids."""
     meta = json.loads((data_dir / "meta.json").read_text())
-    tok = load_tokenizer(data_dir / "tokenizer.json")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=512, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
-    val = TokenFile(data_dir / "val.bin", meta["dtype"])
+    ids = torch.from_numpy(np.fromfile(data_dir / "val.bin", dtype=meta["dtype"]).astype(np.int64))
+    return model, load_tokenizer(data_dir / "tokenizer.json"), TokenFile(data_dir / "val.bin", meta["dtype"]), ids
+
+
+def test_metrics_match_an_independent_computation(setup):
+    model, tok, val, ids = setup
     m = evaluate_lm(model, tok, val, batch_size=3, stride=16)
 
-    ids = torch.from_numpy(np.fromfile(data_dir / "val.bin", dtype=meta["dtype"]).astype(np.int64))
     # Reference: score each 16-token window separately, one sequence at a time.
     nats, n = 0.0, 0
     with torch.no_grad():
@@ -48,16 +53,9 @@ def test_metrics_match_an_independent_computation(data_dir):
     assert abs(m["val_loss"] - math.log(512)) < 0.3
 
 
-def test_strided_windows_score_each_token_once_with_more_context(data_dir):
-    import json
-
-    meta = json.loads((data_dir / "meta.json").read_text())
-    tok = load_tokenizer(data_dir / "tokenizer.json")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=512, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
-    val = TokenFile(data_dir / "val.bin", meta["dtype"])
+def test_strided_windows_score_each_token_once_with_more_context(setup):
+    model, tok, val, ids = setup
     m = evaluate_lm(model, tok, val, batch_size=5, stride=4)
-    ids = torch.from_numpy(np.fromfile(data_dir / "val.bin", dtype=meta["dtype"]).astype(np.int64))
     # Reference: target k (1-based index into ids) is predicted from ids[start:k] where start is the
     # window start that first reaches it: 0 while k <= 16, else the first multiple of 4 with start+16 >= k.
     nats = 0.0

@@ -36,7 +36,8 @@ class TokenFile:
     def __len__(self) -> int:
         return len(self.data)
 
-    def _check(self, T: int) -> None:
+    def check_context(self, T: int) -> None:
+        """Raise a clear error if the file cannot hold one window of ``T`` tokens plus a target."""
         if len(self.data) < T + 2:
             raise UserError(f"{self.path.name} holds {len(self.data)} tokens, too few for a context of "
                             f"{T}; use more data or a smaller model.block_size")
@@ -46,7 +47,7 @@ class TokenFile:
 
         ``stream`` separates independent uses of the same seed (0: training, 1: validation).
         """
-        self._check(T)
+        self.check_context(T)
         rng = np.random.default_rng([seed, stream, step, micro])
         starts = rng.integers(0, len(self.data) - T - 1, size=batch_size)
         window = np.stack([self.data[s:s + T + 1] for s in starts]).astype(np.int64)

@@ -113,7 +113,7 @@ def train(cfg: cfgmod.RunConfig, data_dir: str | Path, run_dir: str | Path, resu
     train_data = TokenFile(data_dir / "train.bin", meta["dtype"])
     val_data = TokenFile(data_dir / "val.bin", meta["dtype"])
     for tf in (train_data, val_data):
-        tf._check(cfg.model.block_size)
+        tf.check_context(cfg.model.block_size)
     tokenizer_vocab = meta["vocab_size"]
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = pad_vocab(tokenizer_vocab)

@@ -1,0 +1,51 @@
+"""Evaluating a run directory: metrics on validation text, samples, ``eval.json`` and ``report.md``.
+
+Shared by ``lmforge eval`` and ``lmforge quickstart``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge import config as cfgmod
+from lmforge.data.tokenizer import eot_id
+from lmforge.data.tokens import TokenFile, load_meta
+from lmforge.errors import UserError
+from lmforge.evaluate.lm import evaluate_lm
+from lmforge.evaluate.report import plot_loss, write_report
+from lmforge.fsutil import write_json
+from lmforge.generate import stream_text
+from lmforge.runs import load_run
+from lmforge.train.trainer import autocast_for
+
+
+def evaluate_run(run_dir, data_dir=None, batch_size: int = 8, max_tokens: int | None = None,
+                 samples: int = 3, sample_tokens: int = 80, stride: int | None = None) -> dict:
+    """Score a run on validation text, sample from it, write ``eval.json`` and ``report.md``."""
+    run = load_run(run_dir)
+    state_path = Path(run_dir) / "trainer_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"step": 0, "tokens_seen": 0}
+    data_dir = data_dir or state.get("data_dir")
+    if data_dir is None:
+        raise UserError("--data is required: this run does not record its data directory")
+    meta = load_meta(data_dir)
+    if (Path(data_dir) / "tokenizer.json").read_bytes() != (Path(run_dir) / "tokenizer.json").read_bytes():
+        raise UserError(f"{data_dir} was tokenized with a different tokenizer than the run {run_dir}; "
+                        f"prepare the text with the run's tokenizer first")
+    val = TokenFile(Path(data_dir) / "val.bin", meta["dtype"])
+    metrics = evaluate_lm(run.model, run.tokenizer, val, batch_size=batch_size, max_tokens=max_tokens,
+                          autocast=autocast_for(run.device, run.config.train.dtype), stride=stride)
+    metrics["data_dir"] = str(data_dir)
+    texts = []
+    prompts = ["def ", "import os\n", "The "][:samples]
+    for i, prompt in enumerate(prompts):
+        text = "".join(stream_text(run.model, run.tokenizer, prompt, max_new_tokens=sample_tokens,
+                                   temperature=0.8, top_k=200, seed=1000 + i, eot_id=eot_id(run.tokenizer)))
+        texts.append((prompt, text))
+    write_json(Path(run_dir) / "eval.json", metrics)
+    plot_loss(run_dir)
+    write_report(run_dir, metrics=metrics, params=run.model.num_params(), data_meta=meta, train_state=state,
+                 config=cfgmod.to_dict(run.config), samples=texts)
+    metrics["samples"] = [p + t for p, t in texts]
+    return metrics
