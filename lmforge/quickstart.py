@@ -65,7 +65,8 @@ def quickstart(out: str | Path = "runs/quickstart", max_seconds: float = 300.0, 
     metrics = evaluate_run(out, data_dir)
     return {
         "val_loss": metrics["val_loss"], "val_ppl": metrics["val_ppl"], "val_bpb": metrics["val_bpb"],
-        "lzma_bpb": metrics["lzma_bpb"], "lzma_doc_bpb": metrics["lzma_doc_bpb"], "val_tokens": metrics["val_tokens"], "val_bytes": metrics["val_bytes"],
+        "lzma_bpb": metrics["lzma_bpb"], "lzma_doc_bpb": metrics["lzma_doc_bpb"],
+        "val_tokens": metrics["val_tokens"], "val_bytes": metrics["val_bytes"],
         "tokens_seen": summary["tokens_seen"], "tokens_per_second": summary["tokens_per_second"],
         "params": summary["params"], "steps": summary["step"], "train_seconds": summary["seconds"],
         "total_seconds": round(time.perf_counter() - t0, 1), "run_dir": str(out), "data_dir": str(data_dir),

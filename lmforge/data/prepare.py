@@ -140,7 +140,8 @@ def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 8192, val_
         total_tokens = sum(s["tokens"] for s in splits.values())
         meta = {
             "inputs": inputs, "python": python_version(),
-            "stdlib_corpus_version": STDLIB_CORPUS_VERSION if "stdlib" in inputs else None, "seed": seed, "val_fraction": val_fraction, "split_unit": split_unit,
+            "stdlib_corpus_version": STDLIB_CORPUS_VERSION if "stdlib" in inputs else None,
+            "seed": seed, "val_fraction": val_fraction, "split_unit": split_unit,
             "vocab_size": tok.get_vocab_size(), "eot_id": eot, "dtype": np.dtype(dtype).name,
             "documents": len(docs), "bytes": total_bytes, "tokens": total_tokens,
             "bytes_per_token": round(total_bytes / total_tokens, 4),

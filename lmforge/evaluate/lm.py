@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import lzma
 import math
-
-import torch
-import torch.nn.functional as F
 from contextlib import nullcontext
 
-from lmforge.data.tokenizer import token_bytes
+import torch
+
+from lmforge.data.tokenizer import eot_id, token_bytes
 from lmforge.data.tokens import TokenFile
 from lmforge.progress import progress
 
@@ -53,16 +52,15 @@ def evaluate_lm(model, tokenizer, tokens: TokenFile, batch_size: int = 8, max_to
     total_nats, n_tokens = 0.0, 0
     text = bytearray()
     doc_ends: list[int] = []  # offsets in ``text`` where a document ends
-    eot = tokenizer.token_to_id("<|endoftext|>")
+    eot = eot_id(tokenizer)
     n_target = min(len(tokens) - 1, max_tokens or len(tokens))
     with progress(total=n_target, desc="evaluating", unit="tok", unit_scale=True) as bar:
         for x, y in tokens.sequential_batches(batch_size, T, max_tokens, stride):
-            with autocast or nullcontext():
-                logits, _ = model(x.to(device))
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1),
-                                   ignore_index=-1, reduction="sum")
             valid = y[y >= 0]
-            total_nats += loss.item()
+            with autocast or nullcontext():
+                # The chunked loss path: logits are made 256 rows at a time, never all at once.
+                _, loss = model(x.to(device), y.to(device), loss_chunk=256)
+            total_nats += loss.item() * valid.numel()  # mean over scored targets -> sum
             n_tokens += valid.numel()
             for i in valid.tolist():
                 if i == eot:

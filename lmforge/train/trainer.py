@@ -95,7 +95,7 @@ def estimate_val_loss(model, val: TokenFile, cfg: cfgmod.RunConfig, device, ctx)
     for i in range(cfg.train.eval_batches):
         x, y = val.random_batch(cfg.train.batch_size, cfg.model.block_size, cfg.train.seed, step=0, micro=i, stream=1)
         with ctx:
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(x.to(device), y.to(device), loss_chunk=cfg.train.loss_chunk)
         losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)
@@ -236,13 +236,13 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                     bar.update(step)
                     status(f"planned {max_steps} steps to fit {t.max_seconds:.0f} s ({per_step * 1000:.0f} ms/step)")
 
+            interval_loss += loss_sum
             interval_steps += 1
             if step % t.log_interval == 0 or step == max_steps:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = (time.perf_counter() - interval_t0) / interval_steps  # seconds per step
                 # Mean training loss over the steps since the last line, not one noisy batch.
-                interval_loss += loss_sum
                 record = {"step": step, "tokens": state["tokens_seen"],
                           "loss": interval_loss.item() / (accum * interval_steps),
                           "lr": lr, "tokens_per_second": round(tokens_per_step / dt, 1)}
@@ -256,8 +256,6 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                 _log(run_dir, record)
                 bar.set_postfix(postfix, refresh=False)
                 interval_loss, interval_steps = torch.zeros((), device=device), 0
-            else:
-                interval_loss += loss_sum
             if t.eval_interval and step % t.eval_interval == 0 and step != max_steps:
                 last_val = estimate_val_loss(model, val_data, cfg, device, ctx)
                 _log(run_dir, {"step": step, "tokens": state["tokens_seen"], "val_loss": last_val})
