@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 
-VERBS = ["prepare", "train", "eval", "generate", "quickstart"]
+VERBS = ["prepare", "train", "eval", "generate", "quickstart", "bench"]
 
 
 def _print_json(obj) -> None:
@@ -155,6 +155,49 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ bench
+def cmd_bench(args) -> int:
+    """Benchmark lmforge's GPT against Hugging Face transformers GPT-2 in the same run."""
+    from lmforge import bench
+    from lmforge import config as cfgmod
+    from lmforge.train.trainer import resolve_device
+
+    cfg = cfgmod.build_config(args.preset, None, args.set or [])
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = 50304 if args.preset == "gpt2-124m" else 8192
+    device = str(resolve_device(args.device))
+    loss_chunk = cfgmod.loss_chunk_for(cfg.train.loss_chunk, device.split(":")[0])
+    batch = args.batch_size
+    if batch is None:
+        batch = 1 if args.what == "generate" else cfg.train.batch_size if args.preset else 8
+    for name, v in (("--batch-size", batch), ("--steps", args.steps), ("--rounds", args.rounds)):
+        if v is not None and v <= 0:
+            raise UserError(f"{name} must be positive, got {v}")
+    if not bench.reference_available():
+        print("transformers is not installed: benchmarking lmforge alone", file=sys.stderr)
+    if args.what == "train":
+        result = bench.bench_train(cfg.model, batch, steps=args.steps, rounds=args.rounds, device=device,
+                                   compile=args.compile, dtype=cfg.train.dtype, loss_chunk=loss_chunk,
+                                   activation_checkpointing=cfg.train.activation_checkpointing,
+                                   reference=not args.no_reference)
+    else:
+        if args.new_tokens is None:
+            args.new_tokens = min(256, cfg.model.block_size - args.prompt_tokens)
+        if args.new_tokens <= 0 or args.prompt_tokens <= 0:
+            raise UserError("--new-tokens and --prompt-tokens must be positive")
+        if args.prompt_tokens + args.new_tokens > cfg.model.block_size:
+            raise UserError(f"--prompt-tokens + --new-tokens ({args.prompt_tokens + args.new_tokens}) exceed "
+                            f"the context ({cfg.model.block_size})")
+        result = bench.bench_generate(cfg.model, batch, args.prompt_tokens, args.new_tokens, rounds=args.rounds,
+                                      device=device, dtype=cfg.train.dtype, compile=args.compile,
+                                      reference=not args.no_reference, reference_cache=args.reference_cache)
+    if args.json:
+        _print_json(result)
+    else:
+        print(bench.format_result(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmforge", description="From raw text to a trained, evaluated and "
                                 "sampled language model.")
@@ -218,6 +261,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab-size", type=int, default=8192)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_quickstart)
+
+    s = sub.add_parser("bench", help="lmforge vs Hugging Face transformers: training and decoding speed",
+                       description=cmd_bench.__doc__)
+    what = s.add_subparsers(dest="what", metavar="WHAT", required=True)
+    for name, help_ in (("train", "training steps per second (forward, backward, AdamW) on random tokens"),
+                        ("generate", "greedy decoding tokens per second, same weights in both")):
+        b = what.add_parser(name, help=help_, description=help_)
+        b.add_argument("--preset", help="model shape (default: 4 layers x 4 heads x 256, context 256, vocab 8192)")
+        b.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override, e.g. model.n_layer=6 or train.loss_chunk=0 (repeatable)")
+        b.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        b.add_argument("--batch-size", type=int, help="sequences per step (default: generate 1; train the preset's batch, else 8)")
+        b.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (the median is reported)")
+        b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile (default: on for CUDA, off for CPU); the reference is "
+                       "compiled alike for training")
+        b.add_argument("--no-reference", action="store_true", help="benchmark lmforge alone")
+        b.add_argument("--json", action="store_true")
+        b.set_defaults(func=cmd_bench, steps=None)
+        if name == "train":
+            b.add_argument("--steps", type=int, default=10, help="timed steps per round")
+        else:
+            b.add_argument("--prompt-tokens", type=int, default=32)
+            b.add_argument("--new-tokens", type=int, help="default: 256, or what the context leaves after the prompt")
+            b.add_argument("--reference-cache", default="static", choices=["static", "dynamic"],
+                           help="KV cache of the HF reference (default static, its fastest)")
     return p
 
 

@@ -42,9 +42,14 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    compile: bool = False  # torch.compile the model
+    compile: bool | None = None  # torch.compile the model (None: on CUDA only, where it pays)
+    # Recompute each block's activations in the backward pass instead of keeping them: less
+    # memory for more compute (see bench/RESULTS.md for the measured trade).
+    activation_checkpointing: bool = False
     # Rows per chunk of the fused head + cross-entropy (0: full logits and F.cross_entropy).
-    loss_chunk: int = 256
+    # None: by device, as measured (bench/RESULTS.md): 256 on CPU, where it is 13% faster; full
+    # logits on CUDA, where torch.compile fuses the loss and chunks of 256 are 1.6x slower.
+    loss_chunk: int | None = None
 
 
 @dataclass
@@ -186,7 +191,7 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if t.loss_chunk < 0:
+    if t.loss_chunk is not None and t.loss_chunk < 0:
         raise UserError(f"train.loss_chunk must be >= 0, got {t.loss_chunk}")
     if t.max_steps is not None and t.max_steps <= 0:
         raise UserError(f"train.max_steps must be positive, got {t.max_steps}")
@@ -198,6 +203,13 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+
+
+def loss_chunk_for(value: int | None, device_type: str) -> int:
+    """Resolve ``train.loss_chunk`` (None: chosen by device) to a number of rows (0: no chunking)."""
+    if value is not None:
+        return value
+    return 0 if device_type == "cuda" else 256
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -32,3 +32,13 @@ def test_saved_config_round_trips(tmp_path):
 def test_bad_overrides(override, message):
     with pytest.raises(UserError, match=message):
         cfgmod.build_config("debug", overrides=[override])
+
+
+def test_loss_chunk_defaults_by_device():
+    from lmforge.config import build_config, loss_chunk_for
+
+    cfg = build_config("micro")
+    assert cfg.train.loss_chunk is None and cfg.train.compile is None
+    assert loss_chunk_for(None, "cpu") == 256  # measured faster on CPU
+    assert loss_chunk_for(None, "cuda") == 0  # full logits: torch.compile fuses the loss
+    assert loss_chunk_for(1024, "cuda") == 1024

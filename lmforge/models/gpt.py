@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.models.losses import linear_cross_entropy
 
@@ -31,19 +32,29 @@ class GPTConfig:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: ``(n_layer, B, nh, max_len, hs)`` each.
+    """Preallocated keys and values: per layer, ``(B, nh, max_len, hs)`` each.
 
+    Shapes never change while decoding: a step writes its keys and values at its positions and
+    attends over the whole buffer with a mask of the positions filled so far, so one decode step
+    is the same computation every time (what CUDA graphs and ``torch.compile`` need).
     ``pos`` is the number of positions already filled; :meth:`GPT.forward` advances it.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype):
         hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_len, hs)
+        # One tensor per layer, not one (n_layer, ...) tensor: an in-place write into a view of a
+        # shared buffer makes torch.compile copy the whole buffer on every step.
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.key_pos = torch.arange(max_len, device=device)
         self.max_len = max_len
         self.pos = 0
+
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """(T, max_len) bool: the query at position p sees the keys at positions 0..p."""
+        return input_pos[:, None] >= self.key_pos[None, :]
 
 
 class CausalSelfAttention(nn.Module):
@@ -56,30 +67,21 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-
-        mask, is_causal = None, True
         if cache is not None:
-            p = cache.pos
-            cache.k[layer, :, :, p:p + T] = k
-            cache.v[layer, :, :, p:p + T] = v
-            k = cache.k[layer, :, :, :p + T]  # (B, nh, p+T, hs)
-            v = cache.v[layer, :, :, :p + T]
-            if T == 1:
-                is_causal = False  # one new query sees every cached position
-            elif p > 0:
-                # A chunk after a filled prefix: query i may see keys 0 .. p+i.
-                is_causal = False
-                mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
-
+            cache.k[layer].index_copy_(2, input_pos, k.to(cache.k[layer].dtype))
+            cache.v[layer].index_copy_(2, input_pos, v.to(cache.v[layer].dtype))
+            if mask is not None:  # attend over the whole buffer; the mask hides unfilled positions
+                k, v = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)  # (B, nh, max_len, hs)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
+            q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -105,8 +107,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, input_pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -125,6 +128,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
+        self.activation_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's
         # variance does not grow with depth.
@@ -154,25 +158,42 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False, loss_chunk: int = 0):
+                cache: KVCache | None = None, last_only: bool = False, loss_chunk: int = 0,
+                input_pos: torch.Tensor | None = None):
         """``idx`` (B, T) token ids -> (logits, loss).
 
         ``targets`` (B, T) with -1 for positions to ignore gives the mean cross-entropy. With
         ``loss_chunk`` > 0 the head and the loss are fused and computed that many rows at a time
         (:func:`~lmforge.models.losses.linear_cross_entropy`) and no logits are returned. With a
-        ``cache``, ``idx`` continues the cached sequence and the cache advances by T positions.
+        ``cache``, ``idx`` continues the cached sequence and the cache advances by T positions;
+        ``input_pos`` (T,), a device tensor of those positions, makes the call independent of
+        ``cache.pos`` (a captured decode step passes it and leaves ``cache.pos`` alone).
         ``last_only`` returns logits for the last position only, (B, 1, V).
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        mask = None
+        if cache is not None:
+            if input_pos is None:
+                if cache.pos + T > cache.max_len:
+                    raise ValueError(f"sequence of {cache.pos + T} tokens exceeds the cache ({cache.max_len})")
+                input_pos = torch.arange(cache.pos, cache.pos + T, device=idx.device)
+                fresh = cache.pos == 0  # a prefill from empty attends causally to itself alone
+                cache.pos += T
+            else:
+                fresh = False
+            mask = None if fresh else cache.mask(input_pos)
+            pos = input_pos
+        else:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
-        if cache is not None:
-            cache.pos += T
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each block's input; recompute its activations in the backward pass.
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache, i, pos, mask)
         x = self.transformer.ln_f(x)
         if targets is not None and loss_chunk > 0:
             return None, linear_cross_entropy(x, self.lm_head.weight, targets, loss_chunk)
@@ -188,7 +209,8 @@ class GPT(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """A KV cache for ``batch_size`` sequences of up to ``max_len`` (default block_size) tokens."""
         p = self.transformer.wte.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
+        max_len = min(max_len or self.config.block_size, self.config.block_size)
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
 
     def state_dict_for_save(self) -> dict[str, torch.Tensor]:
         """Plain contiguous tensors without the tied ``lm_head.weight`` (as in HF GPT-2 files)."""

@@ -95,7 +95,8 @@ def estimate_val_loss(model, val: TokenFile, cfg: cfgmod.RunConfig, device, ctx)
     for i in range(cfg.train.eval_batches):
         x, y = val.random_batch(cfg.train.batch_size, cfg.model.block_size, cfg.train.seed, step=0, micro=i, stream=1)
         with ctx:
-            _, loss = model(x.to(device), y.to(device), loss_chunk=cfg.train.loss_chunk)
+            _, loss = model(x.to(device), y.to(device),
+                            loss_chunk=cfgmod.loss_chunk_for(cfg.train.loss_chunk, device.type))
         losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)
@@ -125,6 +126,9 @@ def train(cfg: cfgmod.RunConfig, data_dir: str | Path, run_dir: str | Path, resu
         raise UserError(f"run directory {run_dir} is not empty; use --resume to continue it or choose another --out")
     device = resolve_device(cfg.train.device)
     t = cfg.train
+    if device.type == "cuda":  # TF32 for the float32 matmuls that autocast leaves (Ampere and later)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(t.seed)
     model = GPT(cfg.model).to(device)
@@ -152,7 +156,10 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
     B, T, accum = t.batch_size, cfg.model.block_size, t.grad_accum
     tokens_per_step = B * T * accum
     ctx = autocast_for(device, t.dtype)
-    fwd = torch.compile(model) if t.compile else model
+    model.activation_checkpointing = t.activation_checkpointing
+    use_compile = t.compile if t.compile is not None else device.type == "cuda"
+    loss_chunk = cfgmod.loss_chunk_for(t.loss_chunk, device.type)
+    fwd = torch.compile(model) if use_compile else model
     peak = peak_flops(device)
     flops_per_step = model.flops_per_token(T) * tokens_per_step
     params = model.num_params()
@@ -200,9 +207,11 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 x, y = train_data.random_batch(B, T, t.seed, step, micro)
+                if device.type == "cuda":  # pinned pages: the copy runs asynchronously
+                    x, y = x.pin_memory(), y.pin_memory()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with ctx:
-                    _, loss = fwd(x, y, loss_chunk=t.loss_chunk)
+                    _, loss = fwd(x, y, loss_chunk=loss_chunk)
                 (loss / accum).backward()
                 loss_sum += loss.detach()
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

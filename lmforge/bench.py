@@ -1,0 +1,295 @@
+"""``lmforge bench``: lmforge's GPT against Hugging Face ``transformers`` GPT-2 of the same shape.
+
+Both implementations run in the same process, on the same device and random tokens, after
+warm-up, alternating in rounds so that a change in the machine's speed (clocks, another process)
+hits both alike. Figures are medians over rounds. The reference is HF in its fastest documented
+configuration: ``torch.compile`` for training, a static KV cache for decoding. Generation uses
+the same weights in both and checks that greedy decoding gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.train.optim import build_optimizer
+from lmforge.train.trainer import autocast_for, peak_flops
+
+LMFORGE, REFERENCE = "lmforge", "hf-transformers"
+
+
+def reference_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _environment(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    env = {"device": str(device), "device_name": name, "torch": torch.__version__,
+           "date": date.today().isoformat(), "cpu_threads": torch.get_num_threads()}
+    if reference_available():
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    return env
+
+
+class _Impl:
+    """One implementation under test: a step function and what is needed to report on it."""
+
+    def __init__(self, name: str, run_step, static_bytes: int):
+        self.name, self.run_step, self.static_bytes = name, run_step, static_bytes
+        self.times: list[float] = []  # seconds per step (or per call), one entry per round
+        self.peak_bytes = 0
+        self.outputs = None
+
+
+def _rounds(impls: list[_Impl], device: torch.device, warmup: int, rounds: int, steps: int,
+            desc: str) -> None:
+    """Warm each up, then alternate ``rounds`` times, timing ``steps`` calls of each per round."""
+    from lmforge.progress import progress
+
+    for impl in impls:
+        for _ in range(warmup):
+            impl.outputs = impl.run_step()
+    _sync(device)
+    bar = progress(total=rounds * len(impls), desc=desc, unit="round")
+    for r in range(rounds):
+        order = impls if r % 2 == 0 else impls[::-1]
+        for impl in order:
+            if device.type == "cuda":
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                impl.outputs = impl.run_step()
+            _sync(device)
+            impl.times.append((time.perf_counter() - t0) / steps)
+            if device.type == "cuda":
+                # Own weights and optimizer state + what its steps allocated on top of what was there.
+                peak = torch.cuda.max_memory_allocated(device) - base + impl.static_bytes
+                impl.peak_bytes = max(impl.peak_bytes, peak)
+            bar.update(1)
+    bar.close()
+
+
+def _summary(impl: _Impl, tokens_per_call: int, flops_per_token: float | None, peak: float | None) -> dict:
+    t = statistics.median(impl.times)
+    out = {"median_step_ms": round(t * 1000, 3), "tokens_per_second": round(tokens_per_call / t, 1),
+           "step_ms_min": round(min(impl.times) * 1000, 3), "step_ms_max": round(max(impl.times) * 1000, 3),
+           "rounds": len(impl.times)}
+    if flops_per_token and peak:
+        out["mfu"] = round(flops_per_token * tokens_per_call / t / peak, 4)
+    out["peak_memory_gb"] = round(impl.peak_bytes / 1e9, 3) if impl.peak_bytes else None
+    return out
+
+
+def _finish(result: dict) -> dict:
+    if REFERENCE in result["results"]:
+        result["ratio"] = round(result["results"][LMFORGE]["tokens_per_second"]
+                                / result["results"][REFERENCE]["tokens_per_second"], 3)
+    else:
+        result["ratio"] = None
+    return result
+
+
+def bench_train(config: GPTConfig, batch_size: int, steps: int = 10, rounds: int = 5, warmup: int = 3,
+                device: str = "cpu", compile: bool | None = None, dtype: str = "auto", loss_chunk: int = 0,
+                activation_checkpointing: bool = False, reference: bool = True, seed: int = 0) -> dict:
+    """Training steps (forward, backward, AdamW) per second on random tokens."""
+    dev = torch.device(device)
+    compile = dev.type == "cuda" if compile is None else compile
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    reference = reference and reference_available()
+    torch.manual_seed(seed)
+    T, V = config.block_size, config.vocab_size
+    batches = [torch.randint(0, V, (batch_size, T + 1), device=dev) for _ in range(4)]
+    ctx = autocast_for(dev, dtype)
+    impls = []
+
+    def make(name: str, model: torch.nn.Module, loss_of) -> _Impl:
+        opt = build_optimizer(model, 3e-4, 0.1, (0.9, 0.95), dev.type)
+        fwd = torch.compile(model) if compile else model
+        state = {"i": 0}
+
+        def run_step():
+            b = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            with ctx:
+                loss = loss_of(fwd, b[:, :-1], b[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        impl = _Impl(name, run_step, _bytes(model.parameters()))
+        impl.opt = opt
+        return impl
+
+    ours = GPT(config).to(dev)
+    ours.activation_checkpointing = activation_checkpointing
+    impls.append(make(LMFORGE, ours, lambda f, x, y: f(x, y, loss_chunk=loss_chunk)[1]))
+    if reference:
+        from lmforge.models.hf import to_hf_gpt2
+
+        hf = to_hf_gpt2(ours).train()
+        if activation_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # HF shifts labels itself: inputs b[:, :-1] with labels = inputs scores T-1 positions.
+        impls.append(make(REFERENCE, hf, lambda f, x, y: f(input_ids=x, labels=x).loss))
+    _rounds(impls, dev, warmup, 1, 1, "warm-up")  # first steps also create the optimizer state
+    for impl in impls:
+        impl.static_bytes += _bytes(t for s in impl.opt.state.values() for t in s.values()
+                                    if isinstance(t, torch.Tensor))
+        impl.times.clear()
+        impl.peak_bytes = 0
+    _rounds(impls, dev, 0, rounds, steps, "bench train")
+    peak = peak_flops(dev)
+    fpt = ours.flops_per_token(T)
+    result = {"benchmark": "train", **_environment(dev),
+              "settings": {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+                           "block_size": T, "vocab_size": V, "batch_size": batch_size, "steps_per_round": steps,
+                           "rounds": rounds, "warmup": warmup, "compile": compile, "dtype": dtype,
+                           "autocast_bf16": dtype == "bfloat16" or (dtype == "auto" and dev.type == "cuda"),
+                           "loss_chunk": loss_chunk, "activation_checkpointing": activation_checkpointing,
+                           "params": ours.num_params(), "flops_per_token": fpt,
+                           "peak_flops": peak},
+              "reference": REFERENCE if reference else None,
+              "results": {impl.name: _summary(impl, batch_size * T, fpt, peak) for impl in impls}}
+    if not reference:
+        result["note"] = _no_reference_note()
+    return _finish(result)
+
+
+@torch.no_grad()
+def bench_generate(config: GPTConfig, batch_size: int = 1, prompt_tokens: int = 32, new_tokens: int = 256,
+                   rounds: int = 5, warmup: int = 2, device: str = "cpu", dtype: str = "auto",
+                   compile: bool | None = None, reference: bool = True, reference_cache: str = "static",
+                   seed: int = 0) -> dict:
+    """Greedy decoding tokens per second (prefill included) with the same weights in both."""
+    from lmforge.generate import generate_ids
+
+    dev = torch.device(device)
+    compile = dev.type == "cuda" if compile is None else compile
+    wdtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32,
+              "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if prompt_tokens + new_tokens > config.block_size:
+        raise ValueError(f"prompt + new tokens ({prompt_tokens + new_tokens}) exceed block_size {config.block_size}")
+    reference = reference and reference_available()
+    torch.manual_seed(seed)
+    ours = GPT(config)
+    # Random weights give near-uniform next-token distributions whose top two logits differ by
+    # less than bf16 rounding, so greedy choices would flip between two correct implementations.
+    # Sharpening the final norm (the residual stream is untouched) makes the comparison meaningful.
+    ours.transformer.ln_f.weight.data.mul_(8.0)
+    ours = ours.to(device=dev, dtype=wdtype).eval()
+    prompt = torch.randint(0, config.vocab_size, (batch_size, prompt_tokens), device=dev)
+
+    def run_ours():
+        return torch.stack(list(generate_ids(ours, prompt, new_tokens, temperature=0, compile=compile)), dim=1)
+
+    impls = [_Impl(LMFORGE, run_ours, _bytes(ours.parameters()))]
+    if reference:
+        from lmforge.models.hf import to_hf_gpt2
+
+        hf = to_hf_gpt2(ours)
+        mask = torch.ones_like(prompt)
+
+        def run_hf():
+            out = hf.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                              cache_implementation=reference_cache)
+            return out[:, prompt_tokens:]
+
+        impls.append(_Impl(REFERENCE, run_hf, _bytes(hf.parameters())))
+    _rounds(impls, dev, warmup, rounds, 1, "bench generate")
+    result = {"benchmark": "generate", **_environment(dev),
+              "settings": {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+                           "block_size": config.block_size, "vocab_size": config.vocab_size,
+                           "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                           "rounds": rounds, "warmup": warmup, "dtype": str(wdtype).replace("torch.", ""),
+                           "compile": compile, "cuda_graph": dev.type == "cuda",
+                           "reference_cache": reference_cache if reference else None,
+                           "params": ours.num_params()},
+              "reference": REFERENCE if reference else None,
+              "results": {impl.name: _summary(impl, batch_size * new_tokens, None, None) for impl in impls}}
+    if reference:
+        # Same weights, same tokens: checked in float32 (without TF32), where two correct
+        # implementations agree exactly; in bf16 rounding can flip a close greedy choice, so the
+        # timed runs' agreement is reported as information only.
+        a, b = impls[0].outputs, impls[1].outputs
+        result["timed_sequences_identical"] = round((a == b).all(dim=1).float().mean().item(), 4)
+        result.update(_greedy_check(ours, prompt, min(new_tokens, 64)))
+    else:
+        result["note"] = _no_reference_note()
+    return _finish(result)
+
+
+def _no_reference_note() -> str:
+    return ("reference disabled (--no-reference): lmforge alone" if reference_available()
+            else "transformers is not installed: lmforge alone")
+
+
+def _greedy_check(model: GPT, prompt: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy tokens of lmforge and of HF GPT-2 with the same weights, in float32."""
+    import copy
+
+    from lmforge.generate import generate_ids
+    from lmforge.models.hf import to_hf_gpt2
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ours = copy.deepcopy(model).float()
+        hf = to_hf_gpt2(ours)
+        a = torch.stack(list(generate_ids(ours, prompt, new_tokens, temperature=0, cuda_graph=False)), dim=1)
+        b = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[:, prompt.size(1):]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    same = (a == b).all(dim=0)  # per position, over the batch
+    return {"greedy_match": bool(same.all()), "greedy_check_tokens": new_tokens,
+            "greedy_first_mismatch": None if same.all() else int((~same).nonzero()[0])}
+
+
+def format_result(result: dict) -> str:
+    """A small table: one line per implementation and the ratio."""
+    s = result["settings"]
+    lines = [f"bench {result['benchmark']} on {result['device_name']} ({result['device']}), torch {result['torch']}"
+             + (f", transformers {result['transformers']}" if "transformers" in result else ""),
+             "  " + ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("flops_per_token", "peak_flops"))]
+    lines.append(f"  {'implementation':<16} {'median ms':>10} {'tokens/s':>12} {'MFU':>7} {'peak GB':>8}")
+    for name, r in result["results"].items():
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+        mem = f"{r['peak_memory_gb']:.2f}" if r.get("peak_memory_gb") is not None else "n/a"
+        lines.append(f"  {name:<16} {r['median_step_ms']:>10.2f} {r['tokens_per_second']:>12,.0f} {mfu:>7} {mem:>8}")
+    if result.get("ratio") is not None:
+        lines.append(f"  ratio lmforge / {result['reference']}: {result['ratio']:.2f}x tokens/s")
+    if "greedy_match" in result:
+        lines.append(f"  greedy tokens (float32, {result['greedy_check_tokens']} per sequence): "
+                     + ("identical" if result["greedy_match"] else
+                        f"DIFFER from position {result['greedy_first_mismatch']}")
+                     + f"; timed {result['settings']['dtype']} runs: "
+                       f"{result['timed_sequences_identical']:.0%} of sequences identical")
+    if result.get("note"):
+        lines.append(f"  note: {result['note']}")
+    return "\n".join(lines)
