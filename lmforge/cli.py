@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 
-VERBS = ["prepare", "train", "eval", "generate", "quickstart", "bench"]
+VERBS = ["prepare", "train", "eval", "generate", "quickstart", "import-hf", "export-hf", "bench"]
 
 
 def _print_json(obj) -> None:
@@ -198,6 +198,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------- import-hf / export-hf
+def cmd_import_hf(args) -> int:
+    """Turn a Hugging Face GPT-2 directory (config.json, weights, tokenizer) into a run directory."""
+    from lmforge.models.hf import import_hf
+
+    info = import_hf(args.hf_dir, args.out)
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"imported {args.hf_dir} -> {info['run_dir']}: {info['model_type']}, {info['params']:,} params, "
+              f"{info['n_layer']} layers x {info['n_embd']}, context {info['block_size']}, "
+              f"vocabulary {info['vocab_size']:,}")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    """Write a run directory as a Hugging Face directory that transformers loads with from_pretrained."""
+    from lmforge.models.hf import export_hf
+
+    info = export_hf(args.run_dir, args.out)
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"exported {args.run_dir} -> {info['hf_dir']} ({info['architecture']}, {info['params']:,} params)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmforge", description="From raw text to a trained, evaluated and "
                                 "sampled language model.")
@@ -261,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab-size", type=int, default=8192)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_quickstart)
+
+    s = sub.add_parser("import-hf", help="Hugging Face GPT-2 directory -> run directory",
+                       description=cmd_import_hf.__doc__)
+    s.add_argument("hf_dir", help="config.json + model.safetensors (or pytorch_model.bin) + tokenizer.json "
+                   "(or vocab.json + merges.txt)")
+    s.add_argument("--out", required=True, help="run directory to write")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_import_hf)
+
+    s = sub.add_parser("export-hf", help="run directory -> Hugging Face directory (from_pretrained)",
+                       description=cmd_export_hf.__doc__)
+    s.add_argument("run_dir")
+    s.add_argument("--out", required=True, help="directory to write")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_export_hf)
 
     s = sub.add_parser("bench", help="lmforge vs Hugging Face transformers: training and decoding speed",
                        description=cmd_bench.__doc__)

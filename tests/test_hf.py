@@ -1,5 +1,6 @@
 """Hugging Face GPT-2 interoperability: our converter against ``transformers`` itself (fp32, CPU)."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,3 +61,93 @@ def test_state_conversion_round_trips_and_transposes_projections():
     assert back.keys() == state.keys()
     for k in state:
         assert torch.equal(back[k], state[k]), k
+
+
+# ------------------------------------------------------------------ import-hf / export-hf (CLI)
+from tests.conftest import run_cli, synthetic_text  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A Hugging Face GPT-2 directory as `save_pretrained` writes it, with a real tokenizer."""
+    from lmforge.data.tokenizer import train_bpe
+
+    tok = train_bpe([synthetic_text(i) for i in range(10)], vocab_size=320)
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2,
+                                  n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("hf") / "gpt2-tiny"
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    return path, model, tok
+
+
+def test_import_hf_then_generate_and_export_hf_round_trip(hf_dir, tmp_path):
+    from lmforge.runs import load_run
+
+    path, hf, tok = hf_dir
+    run = tmp_path / "run"
+    r = run_cli("import-hf", str(path), "--out", str(run), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json_of(r)["params"] == sum(p.numel() for p in hf.parameters())
+    loaded = load_run(run, device="cpu")
+    x = torch.tensor([tok.encode("the model reads text").ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x)[0], hf(x).logits, rtol=1e-5, atol=1e-5)
+    g = run_cli("generate", str(run), "--prompt", "the model", "--max-new-tokens", "8", "--temperature", "0")
+    assert g.returncode == 0 and g.stdout.startswith("the model"), g.stderr
+
+    out = tmp_path / "exported"
+    r = run_cli("export-hf", str(run), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    again = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
+    fast = transformers.AutoTokenizer.from_pretrained(out)
+    assert fast("the model reads text")["input_ids"] == tok.encode("the model reads text").ids
+
+
+def test_import_hf_reads_pytorch_model_bin_without_unpickling_code(hf_dir, tmp_path):
+    path, hf, _ = hf_dir
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        (legacy / f).write_bytes((path / f).read_bytes())
+    torch.save(hf.state_dict(), legacy / "pytorch_model.bin")
+    r = run_cli("import-hf", str(legacy), "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (legacy / "pytorch_model.bin").unlink()
+    torch.save({"x": Evil()}, legacy / "pytorch_model.bin")
+    r = run_cli("import-hf", str(legacy), "--out", str(tmp_path / "run2"))
+    assert r.returncode == 2 and "pwned" not in r.stdout
+    assert not (tmp_path / "run2").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "bert", "no-tokenizer"])
+def test_import_hf_bad_input_is_one_line_exit_2_and_no_output(hf_dir, tmp_path, case):
+    path, _, _ = hf_dir
+    src = tmp_path / "src"
+    if case != "missing":
+        src.mkdir()
+        config = json.loads((path / "config.json").read_text())
+        if case == "bert":
+            config["model_type"] = "bert"
+        (src / "config.json").write_text(json.dumps(config))
+        (src / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    r = run_cli("import-hf", str(src), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("lmforge: error:") and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def json_of(r):
+    return json.loads(r.stdout)

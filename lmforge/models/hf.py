@@ -7,8 +7,11 @@ keeps its projections in ``Conv1D`` modules whose weight is the transpose of ``n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from lmforge.errors import UserError
 from lmforge.models.gpt import GPT, GPTConfig
 
 # Weights stored as Conv1D (in, out) by HF and as nn.Linear (out, in) by us.
@@ -79,3 +82,112 @@ def from_hf_gpt2(hf_model) -> GPT:
     model.load_saved_state(hf_state_to_gpt(hf_model.state_dict()))
     p = next(hf_model.parameters())
     return model.to(device=p.device, dtype=p.dtype).eval()
+
+
+# ------------------------------------------------------------------- run directories <-> HF dirs
+def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors``, else ``pytorch_model.bin`` loaded with ``weights_only=True`` (no code runs)."""
+    from safetensors.torch import load_file
+
+    if (hf_dir / "model.safetensors").is_file():
+        return load_file(str(hf_dir / "model.safetensors"))
+    if (hf_dir / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle with anything but tensors is refused, not executed
+            raise UserError(f"cannot load {hf_dir / 'pytorch_model.bin'} safely: {str(e).splitlines()[0]}") from None
+    raise UserError(f"{hf_dir}: no model.safetensors or pytorch_model.bin")
+
+
+def _read_hf_tokenizer(hf_dir: Path):
+    """``tokenizer.json``, else GPT-2's ``vocab.json`` + ``merges.txt`` as a byte-level BPE."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if (hf_dir / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    if (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():
+        tok = Tokenizer(models.BPE.from_file(str(hf_dir / "vocab.json"), str(hf_dir / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok
+    raise UserError(f"{hf_dir}: no tokenizer.json (or vocab.json + merges.txt)")
+
+
+def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
+    """Turn a Hugging Face GPT-2 directory into an lmforge run directory (written atomically)."""
+    import json
+    import shutil
+    import tempfile
+
+    from lmforge import config as cfgmod
+    from lmforge.train.checkpoint import MODEL_FILE, save_model
+
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"not a Hugging Face model directory (no config.json): {hf_dir}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"output directory {run_dir} is not empty")
+    try:
+        hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot parse {hf_dir / 'config.json'}: {e}") from None
+    kind = hf_config.get("model_type")
+    if kind != "gpt2":
+        raise UserError(f"{hf_dir}: model_type {kind!r} is not supported by import-hf yet (supported: gpt2)")
+    try:
+        model = GPT(gpt_config_from_hf(hf_config))
+        model.load_saved_state(hf_state_to_gpt(_read_hf_weights(hf_dir)))
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{hf_dir}: {str(e).splitlines()[0]}") from None
+    tokenizer = _read_hf_tokenizer(hf_dir)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise UserError(f"{hf_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
+                        f"{model.config.vocab_size} embeddings")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    try:
+        cfg = cfgmod.RunConfig(model=model.config)
+        cfgmod.save(cfg, tmp / "config.yaml")
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        save_model(model, tmp / MODEL_FILE, metadata={"format": "lmforge-gpt", "imported_from": str(hf_dir)})
+        if run_dir.exists():
+            run_dir.rmdir()
+        tmp.rename(run_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"run_dir": str(run_dir), "model_type": kind, "params": model.num_params(),
+            "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
+            "vocab_size": model.config.vocab_size, "block_size": model.config.block_size}
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
+    """Write a run's model as a directory that ``transformers`` loads with ``from_pretrained``."""
+    import json
+    import shutil
+    import tempfile
+
+    from lmforge.data.tokenizer import EOT
+    from lmforge.runs import load_run
+
+    run, out_dir = load_run(run_dir, device="cpu"), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"output directory {out_dir} is not empty")
+    try:
+        hf = to_hf_gpt2(run.model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        shutil.copyfile(run.path / "tokenizer.json", tmp / "tokenizer.json")
+        special = {"eos_token": EOT, "bos_token": EOT} if run.tokenizer.token_to_id(EOT) is not None else {}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": run.model.config.block_size,
+             **special}, indent=2) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"hf_dir": str(out_dir), "architecture": "GPT2LMHeadModel", "params": run.model.num_params()}
