@@ -9,7 +9,6 @@ the same weights in both and checks that greedy decoding gives the same tokens.
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from datetime import date
@@ -41,7 +40,9 @@ def _bytes(tensors) -> int:
 
 
 def _environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    from lmforge.evaluate.report import cpu_name
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     env = {"device": str(device), "device_name": name, "torch": torch.__version__,
            "date": date.today().isoformat(), "cpu_threads": torch.get_num_threads()}
     if reference_available():
