@@ -185,14 +185,16 @@ def bench_train(config: GPTConfig, batch_size: int, steps: int = 10, rounds: int
 def bench_generate(config: GPTConfig, batch_size: int = 1, prompt_tokens: int = 32, new_tokens: int = 256,
                    rounds: int = 5, warmup: int = 2, device: str = "cpu", dtype: str = "auto",
                    compile: bool | None = None, reference: bool = True, reference_cache: str = "static",
-                   seed: int = 0) -> dict:
+                   reference_dtype: str | None = None, seed: int = 0) -> dict:
     """Greedy decoding tokens per second (prefill included) with the same weights in both."""
     from lmforge.generate import generate_ids
 
     dev = torch.device(device)
     compile = dev.type == "cuda" if compile is None else compile
-    wdtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32,
-              "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    dtypes = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32,
+              "float32": torch.float32, "bfloat16": torch.bfloat16}
+    wdtype = dtypes[dtype]
+    ref_dtype = dtypes[reference_dtype or dtype]  # each may run in the dtype that is fastest for it
     if prompt_tokens + new_tokens > config.block_size:
         raise ValueError(f"prompt + new tokens ({prompt_tokens + new_tokens}) exceed block_size {config.block_size}")
     reference = reference and reference_available()
@@ -212,7 +214,7 @@ def bench_generate(config: GPTConfig, batch_size: int = 1, prompt_tokens: int = 
     if reference:
         from lmforge.models.hf import to_hf_gpt2
 
-        hf = to_hf_gpt2(ours)
+        hf = to_hf_gpt2(ours).to(ref_dtype)
         mask = torch.ones_like(prompt)
 
         def run_hf():
@@ -230,6 +232,7 @@ def bench_generate(config: GPTConfig, batch_size: int = 1, prompt_tokens: int = 
                            "rounds": rounds, "warmup": warmup, "dtype": str(wdtype).replace("torch.", ""),
                            "compile": compile, "cuda_graph": dev.type == "cuda",
                            "reference_cache": reference_cache if reference else None,
+                           "reference_dtype": str(ref_dtype).replace("torch.", "") if reference else None,
                            "params": ours.num_params()},
               "reference": REFERENCE if reference else None,
               "results": {impl.name: _summary(impl, batch_size * new_tokens, None, None) for impl in impls}}

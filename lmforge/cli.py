@@ -190,7 +190,8 @@ def cmd_bench(args) -> int:
                             f"the context ({cfg.model.block_size})")
         result = bench.bench_generate(cfg.model, batch, args.prompt_tokens, args.new_tokens, rounds=args.rounds,
                                       device=device, dtype=cfg.train.dtype, compile=args.compile,
-                                      reference=not args.no_reference, reference_cache=args.reference_cache)
+                                      reference=not args.no_reference, reference_cache=args.reference_cache,
+                                      reference_dtype=args.reference_dtype)
     if args.json:
         _print_json(result)
     else:
@@ -329,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--new-tokens", type=int, help="default: 256, or what the context leaves after the prompt")
             b.add_argument("--reference-cache", default="static", choices=["static", "dynamic"],
                            help="KV cache of the HF reference (default static, its fastest)")
+            b.add_argument("--reference-dtype", choices=["float32", "bfloat16"],
+                           help="weights dtype of the reference (default: the same as lmforge's, "
+                           "train.dtype; on CPU lmforge is fastest in bfloat16 and HF in float32)")
     return p
 
 
