@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 
-VERBS = ["prepare", "train", "eval", "generate", "quickstart", "import-hf", "export-hf", "bench"]
+VERBS = ["prepare", "train", "eval", "generate", "embed", "quickstart", "import-hf", "export-hf", "bench"]
 
 
 def _print_json(obj) -> None:
@@ -130,6 +130,41 @@ def cmd_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ embed
+def cmd_embed(args) -> int:
+    """Sentence embeddings from an encoder run: mean of the last hidden states, L2-normalised."""
+    import torch
+
+    from lmforge.data.tokenizer import encode_batch
+    from lmforge.runs import load_run
+
+    texts = list(args.text or [])
+    if args.input:
+        path = Path(args.input)
+        if not path.is_file():
+            raise UserError(f"input file not found: {path}")
+        try:
+            texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text") from None
+    if not texts:
+        raise UserError("give at least one --text (or --input FILE, one text per line)")
+    run = load_run(args.run_dir)
+    if run.config.arch != "bert":
+        raise UserError(f"embed needs an encoder run (arch bert); {args.run_dir} is a {run.config.arch} run")
+    vectors = []
+    for i in range(0, len(texts), args.batch_size):
+        ids, mask = encode_batch(run.tokenizer, texts[i:i + args.batch_size], run.model.config.block_size)
+        vectors += run.model.embed(ids.to(run.device), mask.to(run.device)).float().cpu().tolist()
+    if args.json:
+        print(json.dumps({"model": str(args.run_dir), "dim": len(vectors[0]), "embeddings": vectors}))
+    else:
+        for text, v in zip(texts, vectors):
+            head = ", ".join(f"{x:+.4f}" for x in v[:6])
+            print(f"{text[:40]!r:<44} [{head}, ...] ({len(v)} dims)")
     return 0
 
 
@@ -280,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", metavar="STR", help="stop before this string (repeatable)")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("embed", help="sentence embeddings from an encoder run", description=cmd_embed.__doc__)
+    s.add_argument("run_dir")
+    s.add_argument("--text", action="append", help="a text to embed (repeatable)")
+    s.add_argument("--input", help="a UTF-8 file, one text per line")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--json", action="store_true", help='print {"embeddings": [[...], ...]}')
+    s.set_defaults(func=cmd_embed)
 
     s = sub.add_parser("quickstart", help="the whole path on the embedded corpus within a time budget",
                        description=cmd_quickstart.__doc__)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from lmforge.errors import UserError
+from lmforge.models.bert import BertConfig
 from lmforge.models.gpt import GPTConfig
 
 
@@ -56,9 +57,13 @@ class TrainConfig:
 class RunConfig:
     """Everything a run directory needs to rebuild the model and continue training."""
 
-    model: GPTConfig = field(default_factory=GPTConfig)
+    model: GPTConfig | BertConfig = field(default_factory=GPTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str | None = None
+    arch: str = "gpt"  # gpt (decoder, GPTConfig) | bert (encoder, BertConfig)
+
+
+ARCHS = {"gpt": GPTConfig, "bert": BertConfig}
 
 
 # Presets are data. `micro` and the default vocabulary were chosen by measurement on a 2-core CPU
@@ -131,7 +136,7 @@ def apply_dict(cfg: RunConfig, data: dict[str, Any], source: str) -> None:
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a mapping with 'model' and/or 'train' sections")
     for section, values in data.items():
-        if section == "preset":
+        if section in ("preset", "arch"):
             continue
         if section not in ("model", "train"):
             raise UserError(f"{source}: unknown config section {section!r} (known: model, train)")
@@ -228,13 +233,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     """Plain-data view for ``config.yaml``."""
-    return {"preset": cfg.preset, "model": dataclasses.asdict(cfg.model),
+    return {"preset": cfg.preset, "arch": cfg.arch, "model": dataclasses.asdict(cfg.model),
             "train": dataclasses.asdict(cfg.train)}
 
 
 def from_dict(data: dict[str, Any], source: str = "config.yaml") -> RunConfig:
     """Rebuild a saved config (no preset is re-applied: the saved file is fully resolved)."""
-    cfg = RunConfig(preset=data.get("preset"))
+    arch = data.get("arch", "gpt")
+    if arch not in ARCHS:
+        raise UserError(f"{source}: unknown arch {arch!r} (known: {', '.join(ARCHS)})")
+    cfg = RunConfig(preset=data.get("preset"), arch=arch, model=ARCHS[arch]())
     apply_dict(cfg, data, source)
     validate(cfg)
     return cfg

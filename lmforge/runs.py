@@ -10,6 +10,7 @@ import torch
 from lmforge import config as cfgmod
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import UserError
+from lmforge.models.bert import Bert
 from lmforge.models.gpt import GPT
 from lmforge.train.checkpoint import MODEL_FILE, load_model_state
 
@@ -18,7 +19,7 @@ from lmforge.train.checkpoint import MODEL_FILE, load_model_state
 class Run:
     path: Path
     config: cfgmod.RunConfig
-    model: GPT
+    model: GPT | Bert
     tokenizer: object
     device: torch.device
 
@@ -34,7 +35,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
         raise UserError(f"run directory has no trained weights ({MODEL_FILE}): {run_dir}")
     cfg = cfgmod.load(run_dir / "config.yaml")
     dev = resolve_device(device)
-    model = GPT(cfg.model)
+    model = Bert(cfg.model) if cfg.arch == "bert" else GPT(cfg.model)
     model.load_saved_state(load_model_state(run_dir / MODEL_FILE))
     model.to(dev).eval()
     return Run(run_dir, cfg, model, load_tokenizer(run_dir / "tokenizer.json"), dev)

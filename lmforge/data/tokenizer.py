@@ -40,6 +40,24 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise UserError(f"cannot load tokenizer {path}: {e}") from None
 
 
+def encode_batch(tok: Tokenizer, texts: list[str], max_len: int):
+    """Token ids and attention masks, (B, T) int64 each: special tokens added, each text truncated
+    to ``max_len``, padded on the right with the tokenizer's [PAD] (else id 0)."""
+    import torch
+
+    pad = "[PAD]" if tok.token_to_id("[PAD]") is not None else None
+    tok.enable_truncation(max_length=max_len)
+    tok.enable_padding(pad_id=tok.token_to_id(pad) if pad else 0, pad_token=pad or "[PAD]")
+    try:
+        encs = tok.encode_batch(texts)
+    finally:
+        tok.no_padding()
+        tok.no_truncation()
+    ids = torch.tensor([e.ids for e in encs], dtype=torch.long)
+    mask = torch.tensor([e.attention_mask for e in encs], dtype=torch.long)
+    return ids, mask
+
+
 def eot_id(tok: Tokenizer) -> int:
     i = tok.token_to_id(EOT)
     if i is None:
