@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 
-VERBS = ["prepare", "train", "eval", "generate", "embed", "quickstart", "import-hf", "export-hf", "bench"]
+VERBS = ["prepare", "train", "eval", "predict", "generate", "embed", "quickstart", "import-hf", "export-hf", "bench"]
 
 
 def _print_json(obj) -> None:
@@ -67,9 +67,37 @@ def _train_config(args):
     return cfgmod.build_config(args.preset, args.config, overrides)
 
 
+def cmd_train_classify(args) -> int:
+    from lmforge.train.classify import train_classifier
+
+    if not args.init or not args.data:
+        raise UserError("--task classify needs --init RUN_OR_HF_DIR and --data FILE (.csv or .jsonl)")
+    if args.resume or args.preset or args.config or args.stop_at:
+        raise UserError("--task classify does not take --resume, --preset, --config or --stop-at")
+    overrides = list(args.set or []) + ([f"train.max_steps={args.max_steps}"] if args.max_steps else [])
+    s = train_classifier(args.init, args.data, args.out, val=args.val, test=args.test, text_column=args.text_column,
+                         label_column=args.label_column, class_weights=args.class_weights,
+                         oversample=args.oversample, early_stop=args.early_stop, patience=args.patience,
+                         epochs=args.epochs, max_length=args.max_length, overrides=overrides,
+                         max_seconds=args.max_seconds)
+    if args.json:
+        _print_json(s)
+    else:
+        v = s["validation"]
+        print(f"fine-tuned {s['run_dir']}: {s['arch']} classifier, {len(s['labels'])} classes, best step "
+              f"{s['best_step']}/{s['steps']} ({s['stopped_by']}); validation accuracy {v['accuracy']:.4f}, "
+              f"macro F1 {v['macro_f1']:.4f}" + (f"; test macro F1 {s['test']['macro_f1']:.4f}" if "test" in s else ""))
+        print(f"report: {Path(s['run_dir']) / 'report.md'}")
+    return 0
+
+
 def cmd_train(args) -> int:
-    """Train (or --resume) a GPT on a prepared data directory."""
+    """Train (or --resume) a GPT on a prepared data directory; or, with --task classify,
+    fine-tune a classifier from --init on a labelled CSV/JSONL file."""
     from lmforge.train.trainer import train
+
+    if args.task == "classify":
+        return cmd_train_classify(args)
 
     cfg = _train_config(args)
     data_dir = args.data
@@ -93,9 +121,82 @@ def cmd_train(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------- eval
+def _load_classifier(run_dir):
+    import json as _json
+
+    from lmforge.runs import load_run
+
+    run = load_run(run_dir)
+    if not getattr(run.model.config, "num_labels", 0):
+        return run, None
+    return run, _json.loads((run.path / "labels.json").read_text(encoding="utf-8"))
+
+
+def cmd_eval_classify(args, run, names) -> int:
+    from lmforge.data.labeled import read_examples
+    from lmforge.train.classify import write_classification_report
+
+    if not args.data:
+        raise UserError("a classifier is evaluated on a labelled file: --data FILE (.csv or .jsonl)")
+    ex = read_examples(args.data, args.text_column, args.label_column)
+    m = write_classification_report(run.path, run.model, run.tokenizer, ex, names, args.max_length, run.device,
+                                    "eval", source=str(args.data))
+    if args.json:
+        _print_json(m)
+    else:
+        print(f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  weighted F1 {m['weighted_f1']:.4f}  "
+              f"ROC-AUC {m['roc_auc']:.4f}  ({m['n']} examples; majority baseline {m['majority_baseline_accuracy']:.4f})"
+              if m["roc_auc"] is not None else f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}")
+        print(f"report: {run.path / 'report.md'} (plots/confusion.png, plots/roc.png, plots/pr.png)")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    """Label and class probabilities for each --text (or each line of --input) from a classifier run."""
+    from lmforge.train.classify import predict_probs
+
+    texts = list(args.text or [])
+    if args.input:
+        from lmforge.data.labeled import read_examples
+
+        path = Path(args.input)
+        if path.suffix.lower() in (".csv", ".jsonl"):
+            texts += read_examples(path, args.text_column, None).texts
+        elif path.is_file():
+            try:
+                texts += [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            except UnicodeDecodeError:
+                raise UserError(f"{path} is not UTF-8 text") from None
+        else:
+            raise UserError(f"input file not found: {path}")
+    if not texts:
+        raise UserError("give at least one --text (or --input FILE)")
+    run, names = _load_classifier(args.run_dir)
+    if names is None:
+        raise UserError(f"{args.run_dir} is not a classifier run (train one with --task classify)")
+    probs = predict_probs(run.model, run.tokenizer, texts, min(args.max_length, run.model.config.block_size),
+                          run.device)
+    rows = [{"text": t, "label": names[int(p.argmax())],
+             "probabilities": {n: float(x) for n, x in zip(names, p)}} for t, p in zip(texts, probs)]
+    if args.json:
+        _print_json({"predictions": rows})
+    else:
+        for r in rows:
+            top = ", ".join(f"{n} {x:.3f}" for n, x in sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[:3])
+            print(f"{r['label']}\t{top}\t{r['text'][:60]!r}")
+    return 0
+
+
 def cmd_eval(args) -> int:
-    """Validation loss, perplexity, bits per byte and the lzma baseline; writes report.md."""
+    """Validation loss, perplexity, bits per byte and the lzma baseline; writes report.md. For a
+    classifier run: accuracy, precision/recall/F1, ROC-AUC, confusion matrix and plots on --data."""
     from lmforge.evaluate.run import evaluate_run
+
+    run_dir = Path(args.run_dir)
+    if (run_dir / "labels.json").is_file():
+        run, names = _load_classifier(run_dir)
+        if names is not None:
+            return cmd_eval_classify(args, run, names)
 
     m = evaluate_run(args.run_dir, args.data, args.batch_size, args.max_tokens, samples=args.samples,
                      stride=args.stride)
@@ -291,6 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-at", type=int, help="stop this invocation at this step (checkpointed; --resume continues)")
     s.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     s.add_argument("--json", action="store_true")
+    c = s.add_argument_group("classification (--task classify)")
+    c.add_argument("--task", choices=["lm", "classify"], default="lm")
+    c.add_argument("--init", help="run directory or Hugging Face directory to fine-tune")
+    c.add_argument("--val", help="validation file (default: a stratified 15%% of --data)")
+    c.add_argument("--test", help="test file, evaluated once with the best checkpoint")
+    c.add_argument("--text-column", default="text")
+    c.add_argument("--label-column", default="label")
+    c.add_argument("--class-weights", choices=["auto", "none"], help="auto: inverse class frequency in the loss")
+    c.add_argument("--oversample", action="store_true", help="class-balanced sampling of training examples")
+    c.add_argument("--early-stop", default="macro_f1", help="validation metric that picks the best checkpoint "
+                   "(macro_f1, accuracy, weighted_f1, roc_auc, loss)")
+    c.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping")
+    c.add_argument("--epochs", type=int, default=3)
+    c.add_argument("--max-length", type=int, default=128, help="tokens per text (longer texts are truncated)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="validation loss, perplexity, bits/byte vs lzma; report.md",
@@ -302,8 +417,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stride", type=int, help="tokens between window starts (default: the context length, i.e. "
                    "consecutive windows; smaller gives each token more context at more cost)")
     s.add_argument("--samples", type=int, default=3, help="samples to put in report.md (0-3)")
+    s.add_argument("--text-column", default="text", help="classifier runs: text column of --data")
+    s.add_argument("--label-column", default="label", help="classifier runs: label column of --data")
+    s.add_argument("--max-length", type=int, default=128, help="classifier runs: tokens per text")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("predict", help="labels and probabilities from a classifier run",
+                       description=cmd_predict.__doc__)
+    s.add_argument("run_dir")
+    s.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    s.add_argument("--input", help="a .csv/.jsonl file (--text-column) or a text file, one text per line")
+    s.add_argument("--text-column", default="text")
+    s.add_argument("--max-length", type=int, default=128)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("generate", help="stream a continuation of a prompt", description=cmd_generate.__doc__)
     s.add_argument("run_dir")

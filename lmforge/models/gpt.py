@@ -29,6 +29,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
     layer_norm_eps: float = 1e-5
+    num_labels: int = 0  # > 0: a classification head (``score``) on the last real token's state
 
 
 class KVCache:
@@ -128,6 +129,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
+        if config.num_labels:
+            self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)  # as HF GPT2ForSequenceClassification
         self.activation_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's
@@ -187,14 +190,7 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # Keep only each block's input; recompute its activations in the backward pass.
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x, cache, i, pos, mask)
-        x = self.transformer.ln_f(x)
+        x = self._trunk(idx, pos, cache, mask)
         if targets is not None and loss_chunk > 0:
             return None, linear_cross_entropy(x, self.lm_head.weight, targets, loss_chunk)
         if last_only:
@@ -205,6 +201,25 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
         return logits, loss
+
+    def _trunk(self, idx, pos, cache=None, mask=None) -> torch.Tensor:
+        """Embeddings, blocks and the final norm: hidden states (B, T, C)."""
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each block's input; recompute its activations in the backward pass.
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache, i, pos, mask)
+        return self.transformer.ln_f(x)
+
+    def classify(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, num_labels) logits from the state of each row's last real token (right padding;
+        causal attention means padding never reaches it)."""
+        x = self._trunk(idx, torch.arange(idx.size(1), device=idx.device))
+        last = (attention_mask.sum(1) - 1).clamp(min=0) if attention_mask is not None else \
+            torch.full((idx.size(0),), idx.size(1) - 1, device=idx.device)
+        return self.score(x[torch.arange(idx.size(0), device=idx.device), last])
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """A KV cache for ``batch_size`` sequences of up to ``max_len`` (default block_size) tokens."""

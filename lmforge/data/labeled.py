@@ -1,0 +1,96 @@
+"""Labelled text for classification: CSV or JSONL rows with a text column and a label column.
+
+Labels may be strings or integers; they are kept as strings (their display names) and mapped to
+ids in sorted order, which is saved with the run (``labels.json``). Without a separate
+validation file, a seeded split stratified by label keeps every class's share in both parts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import UserError
+
+
+@dataclass
+class Examples:
+    texts: list[str]
+    labels: list[str]  # display names
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def read_examples(path: str | Path, text_column: str = "text", label_column: str | None = "label") -> Examples:
+    """Rows of a ``.csv`` or ``.jsonl`` file; ``label_column`` None reads texts only."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(raw.splitlines()))
+        columns = list(rows[0].keys()) if rows else []
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}:{n}: expected a JSON object per line")
+                rows.append(row)
+        columns = sorted({k for r in rows for k in r})
+    else:
+        raise UserError(f"{path}: expected a .csv or .jsonl file")
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    for col in (text_column, label_column):
+        if col is not None and col not in columns:
+            raise UserError(f"{path}: no column {col!r} (columns: {', '.join(map(str, columns))})")
+    texts, labels = [], []
+    for n, row in enumerate(rows, 1):
+        text = row.get(text_column)
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{path}: row {n} has an empty or missing {text_column!r}")
+        texts.append(text)
+        if label_column is not None:
+            label = row.get(label_column)
+            if label is None or str(label).strip() == "":
+                raise UserError(f"{path}: row {n} has no {label_column!r}")
+            labels.append(str(label).strip())
+    return Examples(texts, labels)
+
+
+def label_names(labels: list[str]) -> list[str]:
+    """Sorted class names (numerically when every label is an integer)."""
+    names = set(labels)
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def stratified_split(ex: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
+    """(train, held-out): ``fraction`` of each class held out (at least one where it has two or more)."""
+    rng = random.Random(seed)
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(ex.labels):
+        by_class.setdefault(label, []).append(i)
+    held: list[int] = []
+    for label in sorted(by_class):
+        idx = by_class[label]
+        rng.shuffle(idx)
+        k = round(len(idx) * fraction) if len(idx) > 1 else 0
+        held += idx[:max(k, 1) if len(idx) > 1 else 0]
+    held_set = set(held)
+    keep = [i for i in range(len(ex)) if i not in held_set]
+    pick = lambda ids: Examples([ex.texts[i] for i in ids], [ex.labels[i] for i in ids])  # noqa: E731
+    return pick(keep), pick(sorted(held))

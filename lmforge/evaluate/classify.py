@@ -1,0 +1,130 @@
+"""Classification metrics and plots: accuracy; precision, recall and F1 (macro, weighted, per
+class); one-vs-rest ROC-AUC (macro); the confusion matrix; ROC, precision-recall and confusion
+plots. Computed here with numpy; the tests check every figure against scikit-learn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a / b with 0 where b == 0 (scikit-learn's zero_division=0)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return np.divide(a, b, out=np.zeros_like(a), where=b != 0)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts; row = true class, column = predicted class."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct threshold (binary ``y``), from (0, 0)."""
+    order = np.argsort(-score, kind="mergesort")
+    y, score = y[order], score[order]
+    last = np.r_[np.nonzero(np.diff(score))[0], len(y) - 1]  # last index of each distinct score
+    tps = np.cumsum(y)[last]
+    fps = (last + 1) - tps
+    return np.r_[0.0, _div(fps, fps[-1])], np.r_[0.0, _div(tps, tps[-1])]
+
+
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    fpr, tpr = roc_curve(y, score)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def pr_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at every distinct threshold (binary ``y``)."""
+    order = np.argsort(-score, kind="mergesort")
+    y, score = y[order], score[order]
+    last = np.r_[np.nonzero(np.diff(score))[0], len(y) - 1]
+    tps = np.cumsum(y)[last]
+    return _div(tps, last + 1), _div(tps, tps[-1])
+
+
+def classification_metrics(y_true, probs, labels: list[str]) -> dict:
+    """Every figure for predictions ``argmax(probs)`` against integer ``y_true``.
+
+    ``probs`` (N, K) are class probabilities. ROC-AUC is one-vs-rest, averaged over the classes
+    present in ``y_true`` with both outcomes (None if there are none).
+    """
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
+    K = len(labels)
+    y_pred = probs.argmax(axis=1)
+    cm = confusion_matrix(y_true, y_pred, K)
+    tp = np.diag(cm)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    precision, recall = _div(tp, predicted), _div(tp, support)
+    f1 = _div(2 * precision * recall, precision + recall)
+    weights = support / max(support.sum(), 1)
+    aucs = [roc_auc((y_true == k).astype(int), probs[:, k]) for k in range(K) if 0 < support[k] < len(y_true)]
+    per_class = {labels[k]: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+                             "support": int(support[k])} for k in range(K)}
+    return {
+        "n": int(len(y_true)), "accuracy": float(tp.sum() / max(len(y_true), 1)),
+        "macro_precision": float(precision.mean()), "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+        "weighted_precision": float((precision * weights).sum()), "weighted_recall": float((recall * weights).sum()),
+        "weighted_f1": float((f1 * weights).sum()),
+        "roc_auc": float(np.mean(aucs)) if aucs else None,
+        "per_class": per_class, "confusion_matrix": cm.tolist(), "labels": list(labels),
+    }
+
+
+def plot_classification(y_true, probs, labels: list[str], plots_dir: str | Path) -> list[str]:
+    """Write ``confusion.png``, ``roc.png`` and ``pr.png``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmforge.fsutil import atomic_path
+
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    cm = confusion_matrix(y_true, probs.argmax(axis=1), len(labels))
+    written = []
+
+    def save(fig, name):
+        path = plots_dir / name
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(str(path))
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix")
+    save(fig, "confusion.png")
+
+    for name, curve, xlabel, ylabel in (("roc.png", roc_curve, "false positive rate", "true positive rate"),
+                                        ("pr.png", pr_curve, "recall", "precision")):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for k, label in enumerate(labels):
+            y = (y_true == k).astype(int)
+            if 0 < y.sum() < len(y):
+                a, b = curve(y, probs[:, k])
+                xs, ys = (a, b) if name == "roc.png" else (b, a)
+                ax.plot(xs, ys, label=label)
+        if name == "roc.png":
+            ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(("ROC" if name == "roc.png" else "precision-recall") + " (one vs rest)")
+        ax.legend(fontsize=7)
+        save(fig, name)
+    return written

@@ -1,0 +1,155 @@
+"""Classification: metrics against scikit-learn; fine-tuning, eval and predict through the CLI."""
+
+import json
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from lmforge.evaluate.classify import classification_metrics  # noqa: E402
+from tests.conftest import run_cli  # noqa: E402
+
+sk = pytest.importorskip("sklearn.metrics")
+
+
+@pytest.mark.parametrize("K", [2, 3, 5])
+def test_every_figure_matches_scikit_learn(K):
+    rng = np.random.default_rng(K)
+    y = rng.integers(0, K, 300)
+    probs = rng.random((300, K))
+    probs[np.arange(300), y] += rng.random(300)  # informative but imperfect
+    probs[:, K - 1] *= 0.01  # the last class is (almost) never predicted: zero-division paths
+    probs /= probs.sum(1, keepdims=True)
+    names = [f"c{i}" for i in range(K)]
+    m = classification_metrics(y, probs, names)
+    pred = probs.argmax(1)
+    assert m["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = sk.precision_recall_fscore_support(y, pred, average=avg, zero_division=0, labels=range(K))
+        assert (m[f"{avg}_precision"], m[f"{avg}_recall"], m[f"{avg}_f1"]) == pytest.approx((p, r, f))
+    p, r, f, s = sk.precision_recall_fscore_support(y, pred, average=None, zero_division=0, labels=range(K))
+    for k, name in enumerate(names):
+        assert m["per_class"][name] == pytest.approx({"precision": p[k], "recall": r[k], "f1": f[k], "support": s[k]})
+    want_auc = sk.roc_auc_score(y, probs[:, 1]) if K == 2 else sk.roc_auc_score(y, probs, multi_class="ovr")
+    assert m["roc_auc"] == pytest.approx(want_auc)
+    assert m["confusion_matrix"] == sk.confusion_matrix(y, pred, labels=range(K)).tolist()
+    assert m["labels"] == names
+
+
+TOPICS = {"billing": "invoice refund charge payment card price".split(),
+          "shipping": "delivery package parcel courier tracking address".split(),
+          "account": "password login email username reset profile".split()}
+FILLER = "please help me with my the a need about this today thanks".split()
+
+
+def write_examples(path, n, seed, weights=(3, 1, 1)):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            label = rng.choices(list(TOPICS), weights=weights)[0]
+            words = rng.sample(TOPICS[label], 2) + rng.sample(FILLER, 4)
+            rng.shuffle(words)
+            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A randomly initialised tiny BERT run (imported from transformers with a word-level vocab)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted({w for ws in TOPICS.values() for w in ws} | set(FILLER))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, architectures=["BertModel"])
+    root = tmp_path_factory.mktemp("tinybert")
+    transformers.BertModel(cfg).save_pretrained(root / "hf")
+    (root / "hf" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    r = run_cli("import-hf", str(root / "hf"), "--out", str(root / "run"))
+    assert r.returncode == 0, r.stderr
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labelled")
+    return (write_examples(root / "train.jsonl", 240, 0), write_examples(root / "val.jsonl", 60, 1),
+            write_examples(root / "test.jsonl", 60, 2, weights=(1, 1, 1)))
+
+
+def test_fine_tune_then_eval_and_predict_agree_with_scikit_learn(tiny_bert, data, tmp_path):
+    train, val, test = data
+    run = tmp_path / "clf"
+    r = run_cli("train", "--task", "classify", "--init", str(tiny_bert), "--data", str(train), "--val", str(val),
+                "--test", str(test), "--out", str(run), "--epochs", "6", "--set", "train.lr=2e-3",
+                "--class-weights", "auto", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["labels"] == ["account", "billing", "shipping"]
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = max(h["val_macro_f1"] for h in history)
+    assert summary["validation"]["macro_f1"] == pytest.approx(best)  # the best checkpoint was kept
+    for f in ("confusion.png", "roc.png", "pr.png"):
+        assert (run / "plots" / f).stat().st_size > 1000
+
+    r = run_cli("eval", str(run), "--data", str(test), "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["accuracy"] > m["majority_baseline_accuracy"] + 0.3  # it learned the task
+    p = run_cli("predict", str(run), "--input", str(test), "--json")
+    assert p.returncode == 0, p.stderr
+    preds = json.loads(p.stdout)["predictions"]
+    y = [json.loads(line)["label"] for line in test.read_text().splitlines()]
+    pred = [q["label"] for q in preds]
+    assert m["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(sk.f1_score(y, pred, average="macro"))
+    probs = np.array([[q["probabilities"][n] for n in m["labels"]] for q in preds])
+    assert m["roc_auc"] == pytest.approx(sk.roc_auc_score(y, probs, multi_class="ovr", labels=m["labels"]), abs=1e-5)
+
+
+def test_decoder_classifier_with_oversampling_and_early_stopping(data, tmp_path):
+    from lmforge.data.prepare import prepare
+
+    train, val, _ = data
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(train.read_text())
+    prepare([str(corpus)], tmp_path / "d", vocab_size=300, val_fraction=0.2, seed=0)
+    r = run_cli("train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "lm"), "--preset", "debug",
+                "--max-steps", "5")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", "--task", "classify", "--init", str(tmp_path / "lm"), "--data", str(train), "--val", str(val),
+                "--out", str(tmp_path / "clf"), "--oversample", "--early-stop", "accuracy", "--patience", "1",
+                "--epochs", "8", "--set", "train.lr=3e-3", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["arch"] == "gpt" and s["stopped_by"] in ("early_stop", "max_steps")
+    history = [json.loads(line) for line in (tmp_path / "clf" / "metrics.jsonl").read_text().splitlines()]
+    assert s["validation"]["accuracy"] == pytest.approx(max(h["val_accuracy"] for h in history))
+    r = run_cli("predict", str(tmp_path / "clf"), "--text", "refund my invoice please")
+    assert r.returncode == 0 and r.stdout.split("\t")[0] in ("account", "billing", "shipping")
+
+
+@pytest.mark.parametrize("case", ["no-label-column", "single-class", "unseen-label", "empty-text"])
+def test_classification_bad_input(tiny_bert, data, tmp_path, case):
+    train, val, _ = data
+    bad = tmp_path / "bad.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    args = ["--data", str(train), "--val", str(bad)]
+    if case == "no-label-column":
+        args = ["--data", str(train), "--label-column", "category"]
+    elif case == "single-class":
+        bad.write_text("".join(json.dumps({"text": r["text"], "label": "x"}) + "\n" for r in rows))
+        args = ["--data", str(bad)]
+    elif case == "unseen-label":
+        bad.write_text(json.dumps({"text": "hello there", "label": "refunds"}) + "\n")
+    else:
+        bad.write_text(json.dumps({"text": "  ", "label": "billing"}) + "\n")
+    r = run_cli("train", "--task", "classify", "--init", str(tiny_bert), *args, "--out", str(tmp_path / "clf"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().startswith("lmforge: error:") and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "clf").exists()
