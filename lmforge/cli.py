@@ -26,7 +26,8 @@ def cmd_prepare(args) -> int:
     from lmforge.data.prepare import prepare
 
     meta = prepare(args.input, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                   seed=args.seed, text_field=args.text_field, text_column=args.text_column)
+                   seed=args.seed, text_field=args.text_field, text_column=args.text_column,
+                   tokenizer=args.tokenizer)
     if args.json:
         _print_json({**meta, "data_dir": str(args.out)})
     else:
@@ -100,6 +101,10 @@ def cmd_train(args) -> int:
         return cmd_train_classify(args)
 
     cfg = _train_config(args)
+    if args.task == "mlm" and cfg.arch != "bert":
+        raise UserError("--task mlm trains an encoder: use a BERT preset (bert-debug, bert-mini, bert-base)")
+    if args.task == "lm" and cfg.arch == "bert" and not args.resume:
+        raise UserError(f"{cfg.preset or 'this config'} is an encoder: train it with --task mlm")
     data_dir = args.data
     if data_dir is None:
         if not args.resume:
@@ -151,6 +156,32 @@ def cmd_eval_classify(args, run, names) -> int:
     return 0
 
 
+def cmd_eval_mlm(args) -> int:
+    """Masked-token loss and accuracy of an encoder run on its data directory's validation split."""
+    from lmforge.data.tokens import TokenFile, load_meta
+    from lmforge.runs import load_run
+    from lmforge.train.trainer import Objective, autocast_for, estimate_val
+
+    run = load_run(args.run_dir)
+    if args.data is None:
+        state = run.path / "trainer_state.json"
+        if not state.is_file():
+            raise UserError(f"{args.run_dir} was not trained here; give --data DATA_DIR (WordPiece)")
+        args.data = json.loads(state.read_text())["data_dir"]
+    meta = load_meta(args.data)
+    val = TokenFile(Path(args.data) / "val.bin", meta["dtype"])
+    val.check_context(run.model.config.block_size)
+    m = estimate_val(run.model, val, run.config, autocast_for(run.device, "auto"), Objective(run.config, meta, run.device),
+                     batches=50)
+    m.update(run_dir=str(args.run_dir), data=str(args.data))
+    if args.json:
+        _print_json(m)
+    else:
+        print(f"masked-token loss {m['val_loss']:.4f}  accuracy {m['val_mlm_accuracy']:.4f}  "
+              f"(50 validation batches of {args.data})")
+    return 0
+
+
 def cmd_predict(args) -> int:
     """Label and class probabilities for each --text (or each line of --input) from a classifier run."""
     from lmforge.train.classify import predict_probs
@@ -197,6 +228,8 @@ def cmd_eval(args) -> int:
         run, names = _load_classifier(run_dir)
         if names is not None:
             return cmd_eval_classify(args, run, names)
+    if (run_dir / "config.yaml").is_file() and "arch: bert" in (run_dir / "config.yaml").read_text():
+        return cmd_eval_mlm(args)
 
     m = evaluate_run(args.run_dir, args.data, args.batch_size, args.max_tokens, samples=args.samples,
                      stride=args.stride)
@@ -374,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files, directories, globs (.txt .md .py .jsonl .csv), or 'stdlib' for the embedded corpus")
     s.add_argument("--out", required=True, help="data directory to write")
     s.add_argument("--vocab-size", type=int, default=8192)
+    s.add_argument("--tokenizer", choices=["bpe", "wordpiece"], default="bpe",
+                   help="byte-level BPE (decoders) or WordPiece with [CLS] [SEP] [PAD] [MASK] [UNK] (encoders)")
     s.add_argument("--val-fraction", type=float, default=0.05)
     s.add_argument("--seed", type=int, default=1337)
     s.add_argument("--text-field", default="text", help="JSONL field holding the text")
@@ -384,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train or resume a GPT", description=cmd_train.__doc__)
     s.add_argument("--data", help="data directory from `lmforge prepare` (recorded in the run on --resume)")
     s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--preset", help="debug, nano, micro or gpt2-124m")
+    s.add_argument("--preset", help="debug, nano, micro, gpt2-124m; encoders: bert-debug, bert-mini, bert-base")
     s.add_argument("--config", help="YAML file with model: and train: sections")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4 (repeatable)")
     s.add_argument("--max-steps", type=int, help="length of the schedule in optimizer steps")
@@ -393,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     s.add_argument("--json", action="store_true")
     c = s.add_argument_group("classification (--task classify)")
-    c.add_argument("--task", choices=["lm", "classify"], default="lm")
+    c.add_argument("--task", choices=["lm", "mlm", "classify"], default="lm",
+                   help="lm: next-token (GPT); mlm: masked-token (BERT presets); classify: fine-tune a classifier")
     c.add_argument("--init", help="run directory or Hugging Face directory to fine-tune")
     c.add_argument("--val", help="validation file (default: a stratified 15%% of --data)")
     c.add_argument("--test", help="test file, evaluated once with the best checkpoint")
@@ -458,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seconds", type=float, default=300.0, help="total time budget (default 300)")
     s.add_argument("--preset", default="micro")
     s.add_argument("--vocab-size", type=int, default=8192)
+    s.add_argument("--tokenizer", choices=["bpe", "wordpiece"], default="bpe",
+                   help="byte-level BPE (decoders) or WordPiece with [CLS] [SEP] [PAD] [MASK] [UNK] (encoders)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_quickstart)
 

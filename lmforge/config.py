@@ -83,6 +83,24 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # beta2 0.99: with only 2k tokens per step the second-moment estimate needs a longer memory.
         "train": dict(batch_size=8, lr=2e-3, warmup_steps=30, max_steps=1000, beta2=0.99),
     },
+    # Encoders (masked-LM pretraining: `lmforge train --task mlm` on `prepare --tokenizer wordpiece` data).
+    "bert-debug": {
+        "arch": "bert",
+        "model": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0),
+        "train": dict(batch_size=4, lr=3e-3, warmup_steps=5, max_steps=40, eval_interval=20,
+                      eval_batches=2, log_interval=1),
+    },
+    "bert-mini": {
+        "arch": "bert",
+        "model": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, dropout=0.1),
+        "train": dict(batch_size=32, lr=1e-3, warmup_steps=50, max_steps=2000, beta2=0.99),
+    },
+    "bert-base": {
+        "arch": "bert",
+        "model": dict(n_layer=12, n_head=12, n_embd=768, block_size=512, dropout=0.1),
+        "train": dict(batch_size=32, grad_accum=8, lr=1e-4, warmup_steps=1000, max_steps=100000,
+                      weight_decay=0.01, beta2=0.999, eval_interval=500, eval_batches=40),
+    },
     "gpt2-124m": {
         "model": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0),
         "train": dict(batch_size=12, grad_accum=40, lr=6e-4, warmup_steps=700, max_steps=20000,
@@ -164,14 +182,17 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 def build_config(preset: str | None = None, config_file: str | Path | None = None,
                  overrides: list[str] | None = None) -> RunConfig:
     """Resolve preset -> YAML file -> ``--set`` overrides into a validated :class:`RunConfig`."""
-    cfg = RunConfig()
     file_data: dict[str, Any] = {}
     if config_file is not None:
         file_data = load_yaml(config_file)
         preset = preset or file_data.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    arch = file_data.get("arch") or (PRESETS[preset].get("arch") if preset else None) or "gpt"
+    if arch not in ARCHS:
+        raise UserError(f"unknown arch {arch!r} (known: {', '.join(ARCHS)})")
+    cfg = RunConfig(arch=arch, model=ARCHS[arch]())
     if preset is not None:
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
         apply_dict(cfg, PRESETS[preset], f"preset {preset}")
         cfg.preset = preset
     if file_data:

@@ -17,7 +17,7 @@ import numpy as np
 
 from lmforge.data.corpus import (STDLIB_CORPUS_VERSION, Document, ReadReport, clean, python_version,
                                   read_documents)
-from lmforge.data.tokenizer import eot_id, train_bpe
+from lmforge.data.tokenizer import BERT_SPECIALS, separator_id, train_bpe, train_wordpiece
 from lmforge.errors import UserError
 from lmforge.fsutil import write_json, write_text
 from lmforge.progress import progress, status
@@ -94,12 +94,15 @@ def _write_tokens(tok, docs: list[Document], path: Path, dtype, eot: int, desc: 
 
 
 def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 8192, val_fraction: float = 0.05,
-            seed: int = 1337, text_field: str = "text", text_column: str = "text") -> dict:
+            seed: int = 1337, text_field: str = "text", text_column: str = "text",
+            tokenizer: str = "bpe") -> dict:
     """Build a data directory from ``inputs``; returns the contents of ``meta.json``."""
     if not inputs:
         raise UserError("no --input given")
     if not 0.0 < val_fraction < 0.5:
         raise UserError(f"--val-fraction must be in (0, 0.5), got {val_fraction}")
+    if tokenizer not in ("bpe", "wordpiece"):
+        raise UserError(f"--tokenizer must be bpe or wordpiece, got {tokenizer!r}")
     if vocab_size < 257 or vocab_size > 2**20:
         raise UserError(f"--vocab-size must be between 257 and {2**20}, got {vocab_size}")
     out_dir = Path(out_dir)
@@ -120,9 +123,11 @@ def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 8192, val_
                         + (f" (skipped: {reasons})" if reasons else " (all empty)"))
     train_docs, val_docs, split_unit = split_by_unit(docs, val_fraction, seed)
 
-    status(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {len(train_docs)} documents")
-    tok = train_bpe((d.text for d in train_docs), vocab_size)
-    eot = eot_id(tok)
+    kind = "byte-level BPE" if tokenizer == "bpe" else "WordPiece"
+    status(f"training a {kind} tokenizer (vocab {vocab_size}) on {len(train_docs)} documents")
+    train = train_bpe if tokenizer == "bpe" else train_wordpiece
+    tok = train((d.text for d in train_docs), vocab_size)
+    eot = separator_id(tok)
     dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +147,9 @@ def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 8192, val_
             "inputs": inputs, "python": python_version(),
             "stdlib_corpus_version": STDLIB_CORPUS_VERSION if "stdlib" in inputs else None,
             "seed": seed, "val_fraction": val_fraction, "split_unit": split_unit,
-            "vocab_size": tok.get_vocab_size(), "eot_id": eot, "dtype": np.dtype(dtype).name,
+            "tokenizer": tokenizer, "vocab_size": tok.get_vocab_size(), "eot_id": eot,
+            "special_ids": {t: tok.token_to_id(t) for t in BERT_SPECIALS if tok.token_to_id(t) is not None},
+            "dtype": np.dtype(dtype).name,
             "documents": len(docs), "bytes": total_bytes, "tokens": total_tokens,
             "bytes_per_token": round(total_bytes / total_tokens, 4),
             "files_read": report.files_read, "empty_skipped": stats["empty_skipped"],
@@ -168,7 +175,8 @@ def data_report(meta: dict) -> str:
         f"- documents: {meta['documents']:,} from {meta['files_read']:,} files read "
         f"({meta['duplicates_dropped']} exact duplicates dropped, {meta['empty_skipped']} empty skipped)",
         f"- bytes: {meta['bytes']:,}; tokens: {meta['tokens']:,}; bytes per token: {meta['bytes_per_token']}",
-        f"- tokenizer: byte-level BPE, vocabulary {meta['vocab_size']:,}, stored as {meta['dtype']}",
+        f"- tokenizer: {'WordPiece' if meta.get('tokenizer') == 'wordpiece' else 'byte-level BPE'}, "
+        f"vocabulary {meta['vocab_size']:,}, stored as {meta['dtype']}",
         f"- split: {meta['split_unit']}, seed {meta['seed']}, validation fraction {meta['val_fraction']}",
         "", "| split | documents | units | bytes | tokens | bytes/token |", "|---|---:|---:|---:|---:|---:|",
     ]

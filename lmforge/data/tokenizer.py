@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.errors import UserError
 
 EOT = "<|endoftext|>"
 SPECIAL_TOKENS = [EOT]
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 in a trained WordPiece
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -27,6 +28,30 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool = False) -> Tokenizer:
+    """Train a BERT-style WordPiece tokenizer (BERT's normaliser and pre-tokeniser, cased by
+    default); encoding adds ``[CLS] ... [SEP]``."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def separator_id(tok: Tokenizer) -> int:
+    """The token placed between documents: ``<|endoftext|>`` (BPE) or ``[SEP]`` (WordPiece)."""
+    for name in (EOT, "[SEP]"):
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    raise UserError(f"tokenizer has neither {EOT} nor [SEP]")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -134,6 +134,13 @@ class Bert(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N (without embeddings) plus attention scores."""
+        c, T = self.config, seq_len or self.config.block_size
+        n = self.num_params() - sum(e.weight.numel() for e in (self.bert.embeddings["position_embeddings"],
+                                                               self.bert.embeddings["token_type_embeddings"]))
+        return 6 * n + 12 * c.n_layer * c.n_embd * T
+
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         return self.bert(input_ids, attention_mask, token_type_ids)
 

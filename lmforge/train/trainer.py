@@ -87,19 +87,75 @@ def _log(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+class Objective:
+    """What one batch costs: next-token loss for decoders, masked-token loss for encoders.
+
+    Batches are a pure function of (seed, step, micro-batch, stream), so resuming reproduces them.
+    """
+
+    def __init__(self, cfg: cfgmod.RunConfig, meta: dict, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.T = cfg.model.block_size
+        self.mlm = cfg.arch == "bert"
+        self.loss_chunk = cfgmod.loss_chunk_for(cfg.train.loss_chunk, device.type)
+        if self.mlm:
+            self.special = meta.get("special_ids") or {}
+            missing = [t for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]") if t not in self.special]
+            if missing:
+                raise UserError(f"masked-LM training needs a WordPiece data directory (`lmforge prepare "
+                                f"--tokenizer wordpiece`); this tokenizer lacks {', '.join(missing)}")
+            self.vocab = meta["vocab_size"]
+
+    def batch(self, data: TokenFile, step: int, micro: int, stream: int = 0, batch_size: int | None = None):
+        t = self.cfg.train
+        B = batch_size or t.batch_size
+        if self.mlm:
+            from lmforge.train.mlm import mlm_batch
+
+            x, y = mlm_batch(data, B, self.T, t.seed, step, micro, stream, self.special, self.vocab)
+        else:
+            x, y = data.random_batch(B, self.T, t.seed, step, micro, stream)
+        if self.device.type == "cuda":  # pinned pages: the copy runs asynchronously
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def loss(self, model, x, y) -> torch.Tensor:
+        return self.loss_and_accuracy(model, x, y)[0]
+
+    def loss_and_accuracy(self, model, x, y):
+        """(loss, masked-token accuracy or None)."""
+        if self.mlm:
+            from lmforge.train.mlm import mlm_loss
+
+            return mlm_loss(model, x, y)
+        return model(x, y, loss_chunk=self.loss_chunk)[1], None
+
+
 @torch.no_grad()
-def estimate_val_loss(model, val: TokenFile, cfg: cfgmod.RunConfig, device, ctx) -> float:
-    """Mean loss on ``eval_batches`` fixed random validation batches (the same ones every time)."""
+def estimate_val(model, val: TokenFile, cfg: cfgmod.RunConfig, ctx, objective: Objective,
+                 batches: int | None = None) -> dict:
+    """Mean loss (and, for masked-LM, masked-token accuracy) on fixed random validation batches
+    (the same ones every time)."""
     model.eval()
-    losses = []
-    for i in range(cfg.train.eval_batches):
-        x, y = val.random_batch(cfg.train.batch_size, cfg.model.block_size, cfg.train.seed, step=0, micro=i, stream=1)
+    losses, accs = [], []
+    for i in range(batches or cfg.train.eval_batches):
+        x, y = objective.batch(val, step=0, micro=i, stream=1)
         with ctx:
-            _, loss = model(x.to(device), y.to(device),
-                            loss_chunk=cfgmod.loss_chunk_for(cfg.train.loss_chunk, device.type))
+            loss, acc = objective.loss_and_accuracy(model, x, y)
         losses.append(loss.item())
+        if acc is not None:
+            accs.append(acc.item())
     model.train()
-    return sum(losses) / len(losses)
+    out = {"val_loss": sum(losses) / len(losses)}
+    if accs:
+        out["val_mlm_accuracy"] = sum(accs) / len(accs)
+    return out
+
+
+def build_model(cfg: cfgmod.RunConfig):
+    from lmforge.models.bert import Bert
+
+    return Bert(cfg.model) if cfg.arch == "bert" else GPT(cfg.model)
 
 
 def train(cfg: cfgmod.RunConfig, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
@@ -131,7 +187,7 @@ def train(cfg: cfgmod.RunConfig, data_dir: str | Path, run_dir: str | Path, resu
         torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(t.seed)
-    model = GPT(cfg.model).to(device)
+    model = build_model(cfg).to(device)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type)
     state = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "data_dir": str(data_dir.resolve())}
     created = False
@@ -144,21 +200,21 @@ def train(cfg: cfgmod.RunConfig, data_dir: str | Path, run_dir: str | Path, resu
         shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
         (run_dir / "metrics.jsonl").write_text("")
     try:
-        return _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at)
+        return _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at,
+                     Objective(cfg, meta, device))
     except BaseException:
         if created and not has_checkpoint(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # no half-written run directory
         raise
 
 
-def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at) -> dict:
+def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at, objective) -> dict:
     t = cfg.train
     B, T, accum = t.batch_size, cfg.model.block_size, t.grad_accum
     tokens_per_step = B * T * accum
     ctx = autocast_for(device, t.dtype)
     model.activation_checkpointing = t.activation_checkpointing
     use_compile = t.compile if t.compile is not None else device.type == "cuda"
-    loss_chunk = cfgmod.loss_chunk_for(t.loss_chunk, device.type)
     fwd = torch.compile(model) if use_compile else model
     peak = peak_flops(device)
     flops_per_step = model.flops_per_token(T) * tokens_per_step
@@ -180,7 +236,7 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
         state["train_seconds"] = round(seconds_before + time.perf_counter() - session_t0, 3)
         save_checkpoint(run_dir, model, optimizer, state)
 
-    last_val = None
+    last_val, last_extra = None, {}
     interval_loss, interval_steps = torch.zeros((), device=device), 0
     interval_t0 = time.perf_counter()
     bar = progress(total=max_steps, initial=step, desc="training", unit="step")
@@ -206,12 +262,9 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
-                x, y = train_data.random_batch(B, T, t.seed, step, micro)
-                if device.type == "cuda":  # pinned pages: the copy runs asynchronously
-                    x, y = x.pin_memory(), y.pin_memory()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = objective.batch(train_data, step, micro)
                 with ctx:
-                    _, loss = fwd(x, y, loss_chunk=loss_chunk)
+                    loss = objective.loss(fwd, x, y)
                 (loss / accum).backward()
                 loss_sum += loss.detach()
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -266,8 +319,9 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                 bar.set_postfix(postfix, refresh=False)
                 interval_loss, interval_steps = torch.zeros((), device=device), 0
             if t.eval_interval and step % t.eval_interval == 0 and step != max_steps:
-                last_val = estimate_val_loss(model, val_data, cfg, device, ctx)
-                _log(run_dir, {"step": step, "tokens": state["tokens_seen"], "val_loss": last_val})
+                val = estimate_val(model, val_data, cfg, ctx, objective)
+                last_val = val["val_loss"]
+                _log(run_dir, {"step": step, "tokens": state["tokens_seen"], **val})
                 if bar.disable:  # no bar (stderr is not a terminal): leave a line in the log instead
                     status(f"step {step}/{max_steps or '?'}: val_loss {last_val:.4f}, "
                            f"{state['tokens_seen']:,} tokens, {time.perf_counter() - session_t0:.0f} s")
@@ -279,8 +333,10 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
     bar.close()
 
     if step > start_step:
-        last_val = estimate_val_loss(model, val_data, cfg, device, ctx)
-        _log(run_dir, {"step": step, "tokens": state["tokens_seen"], "val_loss": last_val})
+        val = estimate_val(model, val_data, cfg, ctx, objective)
+        last_val = val["val_loss"]
+        _log(run_dir, {"step": step, "tokens": state["tokens_seen"], **val})
+        last_extra = {k: v for k, v in val.items() if k != "val_loss"}
     checkpoint()
     from lmforge.evaluate.report import plot_loss
 
@@ -289,7 +345,7 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
     tokens_this_session = (step - start_step) * tokens_per_step
     return {
         "run_dir": str(run_dir), "step": step, "max_steps": max_steps, "stopped_by": reason,
-        "tokens_seen": state["tokens_seen"], "params": params, "val_loss": last_val,
+        "tokens_seen": state["tokens_seen"], "params": params, "val_loss": last_val, **last_extra,
         "seconds": round(seconds, 2), "tokens_per_second": round(tokens_this_session / max(seconds, 1e-9), 1),
         "device": str(device),
     }
