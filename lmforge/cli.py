@@ -150,7 +150,7 @@ def cmd_eval_classify(args, run, names) -> int:
         _print_json(m)
     else:
         print(f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  weighted F1 {m['weighted_f1']:.4f}  "
-              f"ROC-AUC {m['roc_auc']:.4f}  ({m['n']} examples; majority baseline {m['majority_baseline_accuracy']:.4f})"
+              f"ROC-AUC {m['roc_auc']:.4f}  ({m['n']} examples; largest class {m['majority_baseline_accuracy']:.4f})"
               if m["roc_auc"] is not None else f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}")
         print(f"report: {run.path / 'report.md'} (plots/confusion.png, plots/roc.png, plots/pr.png)")
     return 0
@@ -305,8 +305,25 @@ def cmd_embed(args) -> int:
 # ------------------------------------------------------------------------------------- quickstart
 def cmd_quickstart(args) -> int:
     """Prepare the embedded corpus, train a GPT within a time budget, evaluate and sample it."""
-    from lmforge.quickstart import quickstart
+    from lmforge.quickstart import quickstart, quickstart_classify
 
+    if args.task == "classify":
+        out = args.out if args.out != "runs/quickstart" else "runs/quickstart-classify"
+        r = quickstart_classify(out, max_seconds=args.max_seconds, init=args.init)
+        if args.json:
+            _print_json(r)
+        else:
+            b = r["baselines"]
+            print()
+            print(f"lmforge quickstart --task classify: {r['task']} ({len(r['labels'])} packages; "
+                  f"{r['train_examples']:,} train / {r['test_examples']:,} test docstrings, split by file)")
+            print(f"  {'model':<34} {'accuracy':>9} {'macro F1':>9}")
+            print(f"  {'fine-tuned encoder':<34} {r['test']['accuracy']:>9.4f} {r['test']['macro_f1']:>9.4f}")
+            for name, m in b.items():
+                print(f"  {name.replace('_', ' '):<34} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f}")
+            print(f"  run directory   {r['run_dir']} (report.md, plots/confusion.png, roc.png, pr.png)")
+            print(f"  total time      {r['total_seconds']:.0f} s")
+        return 0
     summary = quickstart(args.out, max_seconds=args.max_seconds, preset=args.preset,
                          vocab_size=args.vocab_size)
     if args.json:
@@ -494,8 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seconds", type=float, default=300.0, help="total time budget (default 300)")
     s.add_argument("--preset", default="micro")
     s.add_argument("--vocab-size", type=int, default=8192)
-    s.add_argument("--tokenizer", choices=["bpe", "wordpiece"], default="bpe",
-                   help="byte-level BPE (decoders) or WordPiece with [CLS] [SEP] [PAD] [MASK] [UNK] (encoders)")
+    s.add_argument("--task", choices=["lm", "classify"], default="lm",
+                   help="classify: fine-tune an encoder to tell a docstring's stdlib package, beside baselines")
+    s.add_argument("--init", help="--task classify: encoder to fine-tune (default: all-MiniLM-L6-v2)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_quickstart)
 

@@ -153,3 +153,28 @@ def test_classification_bad_input(tiny_bert, data, tmp_path, case):
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip().startswith("lmforge: error:") and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "clf").exists()
+
+
+def test_stdlib_docstring_task_is_split_by_file_and_baselines_are_computed(tmp_path):
+    from lmforge.data.labeled import label_names
+    from lmforge.quickstart import CLASSIFY_PACKAGES, baselines, stdlib_docstring_task
+
+    root = tmp_path / "lib"
+    for pkg in CLASSIFY_PACKAGES:  # a miniature "standard library": 4 files per package
+        for i in range(4):
+            f = root / pkg / f"mod{i}.py"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            body = "".join(f'def f{j}():\n    """{pkg} helper number {j} of file {i}: does {pkg} things."""\n'
+                           for j in range(5))
+            f.write_text(body)
+        (root / pkg / "tests").mkdir()
+        (root / pkg / "tests" / "test_x.py").write_text('def t():\n    """a test docstring that must be skipped"""\n')
+    train, test = stdlib_docstring_task(root, seed=0)
+    assert label_names(train.labels) == sorted(CLASSIFY_PACKAGES) == label_names(test.labels)
+    assert len(test) == 8 * 5 and len(train) == 8 * 15  # one of four files per package held out
+    files = lambda ex: {t.split("of file ")[1][0] + lab for t, lab in zip(ex.texts, ex.labels)}  # noqa: E731
+    assert not files(train) & files(test)  # no file on both sides
+    assert not any("must be skipped" in t for t in train.texts + test.texts)
+    b = baselines(train, test, label_names(train.labels))
+    assert b["majority_class"]["accuracy"] == pytest.approx(1 / 8)
+    assert b["char_ngram_naive_bayes"]["accuracy"] > 0.9  # the package name is in every docstring

@@ -239,7 +239,8 @@ def write_classification_report(run_dir: Path, model, tokenizer, ex: Examples, n
     plots = plot_classification(y, probs, names, run_dir / "plots")
     write_json(run_dir / ("eval.json" if split in ("validation", "eval") else f"eval_{split}.json"), m)
     lines = [f"# Classification report ({split}{', ' + source if source else ''})", "",
-             f"{m['n']} examples, {len(names)} classes. Majority-class baseline accuracy: {majority:.4f}.", "",
+             f"{m['n']} examples, {len(names)} classes. The largest class holds {majority:.4f} of them "
+             "(the best accuracy a constant prediction could reach here).", "",
              "| metric | value |", "|---|---:|"]
     for k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "roc_auc", "loss"):
         lines.append(f"| {k} | {m[k]:.4f} |" if m[k] is not None else f"| {k} | n/a |")
