@@ -127,14 +127,12 @@ def cmd_train(args) -> int:
 
 # ------------------------------------------------------------------------------------------- eval
 def _load_classifier(run_dir):
-    import json as _json
-
     from lmforge.runs import load_run
 
     run = load_run(run_dir)
     if not getattr(run.model.config, "num_labels", 0):
         return run, None
-    return run, _json.loads((run.path / "labels.json").read_text(encoding="utf-8"))
+    return run, json.loads((run.path / "labels.json").read_text(encoding="utf-8"))
 
 
 def cmd_eval_classify(args, run, names) -> int:
@@ -186,22 +184,7 @@ def cmd_predict(args) -> int:
     """Label and class probabilities for each --text (or each line of --input) from a classifier run."""
     from lmforge.train.classify import predict_probs
 
-    texts = list(args.text or [])
-    if args.input:
-        from lmforge.data.labeled import read_examples
-
-        path = Path(args.input)
-        if path.suffix.lower() in (".csv", ".jsonl"):
-            texts += read_examples(path, args.text_column, None).texts
-        elif path.is_file():
-            try:
-                texts += [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            except UnicodeDecodeError:
-                raise UserError(f"{path} is not UTF-8 text") from None
-        else:
-            raise UserError(f"input file not found: {path}")
-    if not texts:
-        raise UserError("give at least one --text (or --input FILE)")
+    texts = _input_texts(args)
     run, names = _load_classifier(args.run_dir)
     if names is None:
         raise UserError(f"{args.run_dir} is not a classifier run (train one with --task classify)")
@@ -267,6 +250,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _input_texts(args) -> list[str]:
+    """Texts from repeated --text and from --input: a .csv/.jsonl file (its --text-column) or a
+    plain UTF-8 file with one text per line."""
+    texts = list(args.text or [])
+    if args.input:
+        from lmforge.data.labeled import read_examples
+
+        path = Path(args.input)
+        if not path.is_file():
+            raise UserError(f"input file not found: {path}")
+        if path.suffix.lower() in (".csv", ".jsonl"):
+            texts += read_examples(path, args.text_column, None).texts
+        else:
+            try:
+                texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except UnicodeDecodeError:
+                raise UserError(f"{path} is not UTF-8 text") from None
+    if not texts:
+        raise UserError("give at least one --text (or --input FILE)")
+    return texts
+
+
 # ------------------------------------------------------------------------------------------ embed
 def cmd_embed(args) -> int:
     """Sentence embeddings from an encoder run: mean of the last hidden states, L2-normalised."""
@@ -275,17 +280,7 @@ def cmd_embed(args) -> int:
     from lmforge.data.tokenizer import encode_batch
     from lmforge.runs import load_run
 
-    texts = list(args.text or [])
-    if args.input:
-        path = Path(args.input)
-        if not path.is_file():
-            raise UserError(f"input file not found: {path}")
-        try:
-            texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text") from None
-    if not texts:
-        raise UserError("give at least one --text (or --input FILE, one text per line)")
+    texts = _input_texts(args)
     run = load_run(args.run_dir)
     if run.config.arch != "bert":
         raise UserError(f"embed needs an encoder run (arch bert); {args.run_dir} is a {run.config.arch} run")
@@ -500,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("embed", help="sentence embeddings from an encoder run", description=cmd_embed.__doc__)
     s.add_argument("run_dir")
     s.add_argument("--text", action="append", help="a text to embed (repeatable)")
-    s.add_argument("--input", help="a UTF-8 file, one text per line")
+    s.add_argument("--input", help="a .csv/.jsonl file (--text-column) or a text file, one text per line")
+    s.add_argument("--text-column", default="text")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--json", action="store_true", help='print {"embeddings": [[...], ...]}')
     s.set_defaults(func=cmd_embed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,3 +39,21 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj) -> None:
     """Atomically write pretty-printed JSON."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``path`` (which must be missing
+    or empty), on any error it is removed: no half-written output directory is ever visible."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{path} exists and is not an empty directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -132,7 +132,7 @@ def test_import_hf_reads_pytorch_model_bin_without_unpickling_code(hf_dir, tmp_p
     assert not (tmp_path / "run2").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "t5", "bert-config-gpt2-weights", "no-tokenizer"])
+@pytest.mark.parametrize("case", ["missing", "t5", "bert-config-gpt2-weights", "no-tokenizer", "no-weights"])
 def test_import_hf_bad_input_is_one_line_exit_2_and_no_output(hf_dir, tmp_path, case):
     path, _, _ = hf_dir
     src = tmp_path / "src"
@@ -145,7 +145,10 @@ def test_import_hf_bad_input_is_one_line_exit_2_and_no_output(hf_dir, tmp_path, 
             config.update(model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                           intermediate_size=64, max_position_embeddings=64, architectures=["BertModel"])
         (src / "config.json").write_text(json.dumps(config))
-        (src / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+        if case != "no-weights":
+            (src / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+        else:
+            (src / "tokenizer.json").write_bytes((path / "tokenizer.json").read_bytes())
     r = run_cli("import-hf", str(src), "--out", str(tmp_path / "run"))
     assert r.returncode == 2
     assert r.stderr.strip().startswith("lmforge: error:") and len(r.stderr.strip().splitlines()) == 1

@@ -256,11 +256,9 @@ def _load_hf_model(hf_dir: Path, hf_config: dict):
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
     """Turn a Hugging Face GPT-2 or BERT directory into an lmforge run directory (written atomically)."""
     import json
-    import shutil
-    import tempfile
 
     from lmforge import config as cfgmod
-    from lmforge.fsutil import write_json
+    from lmforge.fsutil import atomic_dir, write_json
     from lmforge.train.checkpoint import MODEL_FILE, save_model
 
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
@@ -277,19 +275,12 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise UserError(f"{hf_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
                         f"{model.config.vocab_size} embeddings")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
-    try:
+    with atomic_dir(run_dir) as tmp:
         cfgmod.save(cfgmod.RunConfig(model=model.config, arch=arch), tmp / "config.yaml")
         tokenizer.save(str(tmp / "tokenizer.json"))
         save_model(model, tmp / MODEL_FILE, metadata={"format": f"lmforge-{arch}", "imported_from": str(hf_dir)})
         if labels is not None:
             write_json(tmp / "labels.json", labels)
-        if run_dir.exists():
-            run_dir.rmdir()
-        tmp.rename(run_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"run_dir": str(run_dir), "model_type": hf_config["model_type"], "arch": arch,
             "params": model.num_params(), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
             "vocab_size": model.config.vocab_size, "block_size": model.config.block_size, "labels": labels}
@@ -305,8 +296,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     """Write a run's model as a directory that ``transformers`` loads with ``from_pretrained``."""
     import json
     import shutil
-    import tempfile
 
+    from lmforge.fsutil import atomic_dir
     from lmforge.runs import load_run
 
     run, out_dir = load_run(run_dir, device="cpu"), Path(out_dir)
@@ -322,18 +313,11 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
         labels = json.loads(labels_file.read_text(encoding="utf-8"))
         hf.config.id2label = dict(enumerate(labels))
         hf.config.label2id = {v: i for i, v in enumerate(labels)}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         shutil.copyfile(run.path / "tokenizer.json", tmp / "tokenizer.json")
         special = {k: v for k, v in _SPECIALS[arch].items() if run.tokenizer.token_to_id(v) is not None}
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": run.model.config.block_size,
              **special}, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"hf_dir": str(out_dir), "architecture": type(hf).__name__, "params": run.model.num_params()}

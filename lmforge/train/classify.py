@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,11 +24,11 @@ from lmforge.data.labeled import Examples, label_names, read_examples, stratifie
 from lmforge.data.tokenizer import encode_batch
 from lmforge.errors import UserError
 from lmforge.evaluate.classify import classification_metrics, plot_classification
-from lmforge.fsutil import write_json, write_text
+from lmforge.fsutil import atomic_dir, write_json, write_text
 from lmforge.models.bert import Bert
 from lmforge.models.gpt import GPT
 from lmforge.progress import progress, status
-from lmforge.train.checkpoint import MODEL_FILE, save_model
+from lmforge.train.checkpoint import MODEL_FILE, load_model_state, save_model
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.train.trainer import autocast_for, resolve_device
 
@@ -71,10 +69,6 @@ def with_head(arch: str, base, num_labels: int, seed: int):
     return model
 
 
-def logits_of(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return model.classify(ids, mask)
-
-
 @torch.no_grad()
 def predict_probs(model, tokenizer, texts: list[str], max_length: int, device, batch_size: int = 64) -> np.ndarray:
     """Class probabilities (N, K) for ``texts``."""
@@ -82,7 +76,7 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, device, b
     out = []
     for i in range(0, len(texts), batch_size):
         ids, mask = encode_batch(tokenizer, texts[i:i + batch_size], max_length)
-        out.append(logits_of(model, ids.to(device), mask.to(device)).float().softmax(-1).cpu().numpy())
+        out.append(model.classify(ids.to(device), mask.to(device)).float().softmax(-1).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -155,9 +149,7 @@ def train_classifier(init, data, out, *, val=None, test=None, text_column="text"
             for s in range(0, len(order) - B + 1, B):
                 yield order[s:s + B]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         status(f"classifier: {arch} from {init}, {model.num_params():,} params, {len(names)} classes, "
                f"{len(train_ex):,} train / {len(val_ex):,} validation examples, {max_steps} steps")
         best, best_step, bad_evals, history = None, 0, 0, []
@@ -175,7 +167,7 @@ def train_classifier(init, data, out, *, val=None, test=None, text_column="text"
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with ctx:
-                logits = logits_of(model, ids[b].to(device), mask[b].to(device))
+                logits = model.classify(ids[b].to(device), mask[b].to(device))
             loss = F.cross_entropy(logits.float(), y_train[b].to(device), weight=loss_weight)
             loss.backward()
             if t.grad_clip > 0:
@@ -204,8 +196,6 @@ def train_classifier(init, data, out, *, val=None, test=None, text_column="text"
         if best is None:  # stopped by the clock before the first evaluation
             save_model(model, tmp / MODEL_FILE, metadata={"format": f"lmforge-{arch}", "step": str(step)})
             best_step = step
-        from lmforge.train.checkpoint import load_model_state
-
         model.load_saved_state(load_model_state(tmp / MODEL_FILE))  # the best checkpoint
         cfgmod.save(cfg, tmp / "config.yaml")
         tokenizer.save(str(tmp / "tokenizer.json"))
@@ -221,11 +211,6 @@ def train_classifier(init, data, out, *, val=None, test=None, text_column="text"
             test_m = write_classification_report(tmp, model, tokenizer, test_ex, names, max_length, device, "test")
             summary["test"] = {k: test_m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc")}
         write_json(tmp / "train_summary.json", summary)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 
