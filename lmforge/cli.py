@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 
-VERBS = ["prepare", "train", "eval", "predict", "generate", "embed", "quickstart", "import-hf", "export-hf", "bench"]
+VERBS = ["prepare", "train", "eval", "predict", "generate", "embed", "serve", "quickstart", "import-hf", "export-hf", "bench"]
 
 
 def _print_json(obj) -> None:
@@ -297,6 +297,26 @@ def cmd_embed(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ serve
+def cmd_serve(args) -> int:
+    """Serve a run directory behind an OpenAI-compatible HTTP API."""
+    import os
+
+    from lmforge.serve.app import serve
+
+    key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_tokens_cap <= 0:
+        raise UserError("--max-tokens-cap must be positive")
+    print(f"lmforge serve: {args.run_dir} on http://{args.host}:{args.port} "
+          f"({'API key required' if key else 'no API key'})", file=sys.stderr, flush=True)
+    if args.max_concurrency <= 0:
+        raise UserError("--max-concurrency must be positive")
+    serve(args.run_dir, args.host, args.port, key, args.max_tokens_cap, args.max_concurrency)
+    return 0
+
+
 # ------------------------------------------------------------------------------------- quickstart
 def cmd_quickstart(args) -> int:
     """Prepare the embedded corpus, train a GPT within a time budget, evaluate and sample it."""
@@ -500,6 +520,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--json", action="store_true", help='print {"embeddings": [[...], ...]}')
     s.set_defaults(func=cmd_embed)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API over a run directory", description=cmd_serve.__doc__)
+    s.add_argument("run_dir")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                   "(default: $LMFORGE_API_KEY)")
+    s.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-concurrency", type=int, default=16,
+                   help="requests in flight at once; more are answered 429 (not queued)")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("quickstart", help="the whole path on the embedded corpus within a time budget",
                        description=cmd_quickstart.__doc__)

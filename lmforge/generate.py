@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Generator, Iterator
 
 import torch
 
@@ -167,24 +167,30 @@ def _decode(model, decoder, idx, max_new_tokens, temperature, top_k, top_p, gene
 
 def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                stop: list[str] | None = None, eot_id: int | None = None) -> Iterator[str]:
-    """Yield text pieces of one continuation of ``prompt``.
+                stop: list[str] | None = None, eot_id: int | None = None,
+                prompt_ids: list[int] | None = None) -> Generator[str, None, dict]:
+    """Yield text pieces of one continuation of ``prompt`` (or of ``prompt_ids``).
 
     Stops at ``eot_id``, at any ``stop`` string (which is not emitted), or after ``max_new_tokens``.
     Text is held back while it might be the start of a stop string or ends inside a UTF-8 character.
+    Returns (as the generator's value) ``{"completion_tokens": n, "finish_reason": "stop"|"length"}``.
     """
     device = next(model.parameters()).device
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or ([eot_id] if eot_id is not None else [0])
+    ids = prompt_ids if prompt_ids is not None else tokenizer.encode(prompt, add_special_tokens=False).ids
+    ids = ids or ([eot_id] if eot_id is not None else [0])
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
     stop = [s for s in (stop or []) if s]
     out_ids: list[int] = []
+    sampled, finish = 0, "length"
     emitted = 0  # characters of the decoded continuation already yielded
     x = torch.tensor([ids], dtype=torch.long, device=device)
     for nxt in generate_ids(model, x, max_new_tokens, temperature, top_k, top_p, gen):
+        sampled += 1
         t = int(nxt[0])
         if eot_id is not None and t == eot_id:
+            finish = "stop"
             break
         out_ids.append(t)
         text = tokenizer.decode(out_ids)
@@ -195,7 +201,7 @@ def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 200, t
             cut = min(hits)
             if cut > emitted:
                 yield text[emitted:cut]
-            return
+            return {"completion_tokens": sampled, "finish_reason": "stop"}
         safe = len(text)
         for s in stop:  # hold back a suffix that could grow into a stop string
             for k in range(min(len(s) - 1, len(text)), 0, -1):
@@ -208,3 +214,4 @@ def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 200, t
     text = tokenizer.decode(out_ids)
     if len(text) > emitted:
         yield text[emitted:]
+    return {"completion_tokens": sampled, "finish_reason": finish}
