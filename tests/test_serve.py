@@ -182,3 +182,26 @@ def test_refused_requests_are_counted(server):
     httpx.get(base + "/v1/models", headers={"Authorization": "Bearer wrong"})
     text = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert 'lmforge_requests_total{endpoint="/v1/models",status="401"}' in text
+
+
+def test_an_encoder_run_answers_400_saying_it_cannot_generate(tmp_path):
+    """In-process (FastAPI's test client): an endpoint the loaded model cannot serve is a 400."""
+    from fastapi.testclient import TestClient
+
+    from lmforge import config as cfgmod
+    from lmforge.data.tokenizer import train_bpe
+    from lmforge.models.bert import Bert, BertConfig
+    from lmforge.serve.app import Engine, create_app
+    from lmforge.train.checkpoint import save_model
+
+    run = tmp_path / "enc"
+    run.mkdir()
+    tok = train_bpe(["some text to learn from"] * 5, 300)
+    cfg = cfgmod.RunConfig(arch="bert", model=BertConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    cfgmod.save(cfg, run / "config.yaml")
+    tok.save(str(run / "tokenizer.json"))
+    save_model(Bert(cfg.model), run / "model.safetensors")
+    app = create_app(Engine(run))
+    r = TestClient(app).post("/v1/completions", json={"model": "enc", "prompt": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_model"
+    assert "encoder" in r.json()["error"]["message"]

@@ -91,6 +91,10 @@ class Engine:
         return "".join(t[m.role].format(content=m.content) for m in messages) + t["generation_prompt"]
 
     def check(self, req: _Sampling, prompt: str) -> list[int]:
+        if self.run.config.arch != "gpt" or getattr(self.run.model.config, "num_labels", 0):
+            kind = "a classifier" if getattr(self.run.model.config, "num_labels", 0) else "an encoder"
+            raise APIError(400, f"{self.name!r} is {kind}, not a text generator: it cannot serve completions",
+                           param="model", code="unsupported_model")
         if req.model not in (self.name, "lmforge"):
             raise APIError(400, f"unknown model {req.model!r}; this server serves {self.name!r}", param="model",
                            code="model_not_found")
