@@ -177,6 +177,15 @@ class Metrics:
         self.in_flight = Gauge("lmforge_requests_in_flight", "Requests being served", registry=self.registry)
 
 
+async def _after(body, done):
+    """Pass a response body through, then call ``done()`` (also when the client goes away)."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        done()
+
+
 def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int = 16) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
     in_flight = {"n": 0}
@@ -221,18 +230,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         except BaseException:
             in_flight["n"] -= 1
             raise
-        if isinstance(response, StreamingResponse) or hasattr(response, "body_iterator"):
-            inner = response.body_iterator
-
-            async def counted():  # a stream holds its slot until it ends or the client leaves
-                try:
-                    async for chunk in inner:
-                        yield chunk
-                finally:
-                    in_flight["n"] -= 1
-            response.body_iterator = counted()
-        else:
-            in_flight["n"] -= 1
+        # A response from call_next always has a body iterator; a request holds its slot until the
+        # last byte is sent (a stream: until it ends or the client leaves).
+        response.body_iterator = _after(response.body_iterator, lambda: in_flight.__setitem__("n", in_flight["n"] - 1))
         return response
 
     # Added last, so outermost: refused requests (401, 413, 429) are counted too.
@@ -253,18 +253,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
             metrics.in_flight.dec()
             metrics.requests.labels(endpoint, str(response.status_code)).inc()
             metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        if hasattr(response, "body_iterator"):
-            inner = response.body_iterator
-
-            async def measured():
-                try:
-                    async for chunk in inner:
-                        yield chunk
-                finally:
-                    finish()
-            response.body_iterator = measured()
-        else:
-            finish()
+        response.body_iterator = _after(response.body_iterator, finish)
         return response
 
     @app.get("/health")
