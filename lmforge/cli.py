@@ -211,8 +211,11 @@ def cmd_eval(args) -> int:
         run, names = _load_classifier(run_dir)
         if names is not None:
             return cmd_eval_classify(args, run, names)
-    if (run_dir / "config.yaml").is_file() and "arch: bert" in (run_dir / "config.yaml").read_text():
-        return cmd_eval_mlm(args)
+    if (run_dir / "config.yaml").is_file():
+        from lmforge import config as cfgmod
+
+        if cfgmod.load(run_dir / "config.yaml").arch == "bert":
+            return cmd_eval_mlm(args)
 
     m = evaluate_run(args.run_dir, args.data, args.batch_size, args.max_tokens, samples=args.samples,
                      stride=args.stride)
