@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # other package can pull a (multi-GB) CUDA build in its place.
 TORCH  := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test install browser clean
 
 install: $(STAMP)
 
@@ -21,8 +21,14 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 quickstart: $(STAMP)
 	$(VENV)/bin/lmforge quickstart
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The chat-page tests drive Debian's chromium with playwright (never `playwright install`).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
+		echo "warning: could not install chromium; the browser tests will be skipped"
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -278,19 +278,14 @@ def _input_texts(args) -> list[str]:
 # ------------------------------------------------------------------------------------------ embed
 def cmd_embed(args) -> int:
     """Sentence embeddings from an encoder run: mean of the last hidden states, L2-normalised."""
-    import torch
-
-    from lmforge.data.tokenizer import encode_batch
+    from lmforge.embed import embed_texts
     from lmforge.runs import load_run
 
     texts = _input_texts(args)
     run = load_run(args.run_dir)
     if run.config.arch != "bert":
         raise UserError(f"embed needs an encoder run (arch bert); {args.run_dir} is a {run.config.arch} run")
-    vectors = []
-    for i in range(0, len(texts), args.batch_size):
-        ids, mask = encode_batch(run.tokenizer, texts[i:i + args.batch_size], run.model.config.block_size)
-        vectors += run.model.embed(ids.to(run.device), mask.to(run.device)).float().cpu().tolist()
+    vectors = embed_texts(run.model, run.tokenizer, texts, batch_size=args.batch_size).tolist()
     if args.json:
         print(json.dumps({"model": str(args.run_dir), "dim": len(vectors[0]), "embeddings": vectors}))
     else:
@@ -312,11 +307,11 @@ def cmd_serve(args) -> int:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if args.max_tokens_cap <= 0:
         raise UserError("--max-tokens-cap must be positive")
-    print(f"lmforge serve: {args.run_dir} on http://{args.host}:{args.port} "
+    if args.max_concurrency <= 0 or args.max_batch <= 0:
+        raise UserError("--max-concurrency and --max-batch must be positive")
+    print(f"lmforge serve: {args.run_dir} on http://{args.host}:{args.port}/ (chat page; API under /v1) "
           f"({'API key required' if key else 'no API key'})", file=sys.stderr, flush=True)
-    if args.max_concurrency <= 0:
-        raise UserError("--max-concurrency must be positive")
-    serve(args.run_dir, args.host, args.port, key, args.max_tokens_cap, args.max_concurrency)
+    serve(args.run_dir, args.host, args.port, key, args.max_tokens_cap, args.max_concurrency, args.max_batch)
     return 0
 
 
@@ -533,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
     s.add_argument("--max-concurrency", type=int, default=16,
                    help="requests in flight at once; more are answered 429 (not queued)")
+    s.add_argument("--max-batch", type=int, default=16,
+                   help="sequences decoded together (continuous batching); more wait for a free slot")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("quickstart", help="the whole path on the embedded corpus within a time budget",

@@ -44,10 +44,13 @@ class DecodeStep:
     Garbage written while warming up lands at positions no query can see until they are rewritten.
     """
 
-    def __init__(self, model: GPT, cache, pos: int, compile: bool = False, cuda_graph: bool | None = None):
+    def __init__(self, model: GPT, cache, pos: int, compile: bool = False, cuda_graph: bool | None = None,
+                 per_row: bool = False):
         device = cache.k[0].device
-        self.ids = torch.zeros(cache.k[0].size(0), 1, dtype=torch.long, device=device)
-        self.pos = torch.full((1,), pos, dtype=torch.long, device=device)
+        batch = cache.k[0].size(0)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        # One position for the whole batch, or (per_row) one per row: rows at different lengths.
+        self.pos = torch.full((batch, 1) if per_row else (1,), pos, dtype=torch.long, device=device)
 
         def step() -> torch.Tensor:
             logits, _ = model(self.ids, cache=cache, input_pos=self.pos, last_only=True)
@@ -73,9 +76,12 @@ class DecodeStep:
             with torch.cuda.graph(self.graph):
                 self.out = self.fn()
 
-    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids[:, None])
-        self.pos.fill_(pos)
+        if isinstance(pos, torch.Tensor):
+            self.pos.copy_(pos.view_as(self.pos))
+        else:
+            self.pos.fill_(pos)
         if self.graph is None:
             return self.fn()
         self.graph.replay()
@@ -169,48 +175,59 @@ def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 200, t
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                 stop: list[str] | None = None, eot_id: int | None = None,
                 prompt_ids: list[int] | None = None) -> Generator[str, None, dict]:
-    """Yield text pieces of one continuation of ``prompt`` (or of ``prompt_ids``).
-
-    Stops at ``eot_id``, at any ``stop`` string (which is not emitted), or after ``max_new_tokens``.
-    Text is held back while it might be the start of a stop string or ends inside a UTF-8 character.
-    Returns (as the generator's value) ``{"completion_tokens": n, "finish_reason": "stop"|"length"}``.
-    """
+    """Yield text pieces of one continuation of ``prompt`` (or of ``prompt_ids``); see :func:`text_pieces`."""
     device = next(model.parameters()).device
     ids = prompt_ids if prompt_ids is not None else tokenizer.encode(prompt, add_special_tokens=False).ids
     ids = ids or ([eot_id] if eot_id is not None else [0])
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    tokens = (int(nxt[0]) for nxt in generate_ids(model, x, max_new_tokens, temperature, top_k, top_p, gen))
+    return (yield from text_pieces(tokens, tokenizer, stop, eot_id))
+
+
+def text_pieces(tokens: Iterator[int], tokenizer, stop: list[str] | None = None,
+                eot_id: int | None = None) -> Generator[str, None, dict]:
+    """Turn a stream of token ids into text pieces as soon as they are safe to show.
+
+    Stops at ``eot_id``, at any ``stop`` string (which is not emitted), or when ``tokens`` ends.
+    Text is held back while it might be the start of a stop string or ends inside a UTF-8 character.
+    Returns (as the generator's value) ``{"completion_tokens": n, "finish_reason": "stop"|"length"}``.
+    Stopping early closes ``tokens`` (a server's batcher then frees the sequence's slot).
+    """
     stop = [s for s in (stop or []) if s]
     out_ids: list[int] = []
     sampled, finish = 0, "length"
     emitted = 0  # characters of the decoded continuation already yielded
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    for nxt in generate_ids(model, x, max_new_tokens, temperature, top_k, top_p, gen):
-        sampled += 1
-        t = int(nxt[0])
-        if eot_id is not None and t == eot_id:
-            finish = "stop"
-            break
-        out_ids.append(t)
-        text = tokenizer.decode(out_ids)
-        if text.endswith("\ufffd"):
-            continue  # a multi-byte character is not complete yet
-        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-        if hits:
-            cut = min(hits)
-            if cut > emitted:
-                yield text[emitted:cut]
-            return {"completion_tokens": sampled, "finish_reason": "stop"}
-        safe = len(text)
-        for s in stop:  # hold back a suffix that could grow into a stop string
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
+    try:
+        for t in tokens:
+            sampled += 1
+            if eot_id is not None and t == eot_id:
+                finish = "stop"
+                break
+            out_ids.append(t)
+            text = tokenizer.decode(out_ids)
+            if text.endswith("\ufffd"):
+                continue  # a multi-byte character is not complete yet
+            hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+            if hits:
+                cut = min(hits)
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return {"completion_tokens": sampled, "finish_reason": "stop"}
+            safe = len(text)
+            for s in stop:  # hold back a suffix that could grow into a stop string
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        safe = min(safe, len(text) - k)
+                        break
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+    finally:
+        if hasattr(tokens, "close"):
+            tokens.close()
     text = tokenizer.decode(out_ids)
     if len(text) > emitted:
         yield text[emitted:]

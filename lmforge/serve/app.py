@@ -4,13 +4,17 @@ Endpoints: ``GET /health`` (no auth), ``GET /v1/models``, ``POST /v1/completions
 ``POST /v1/chat/completions`` (OpenAI request/response schemas; ``stream: true`` gives Server-Sent
 Events ending with ``data: [DONE]``). Errors are OpenAI-style objects, never stack traces.
 
-This first version generates one request at a time (a lock around the model, generation in a
-worker thread so the event loop stays free); continuous batching is the next step.
+Generation runs in a :class:`~lmforge.serve.batching.ContinuousBatcher` thread: concurrent
+requests (and the ``n`` choices of one request) decode together, and a request that arrives
+mid-generation joins at the next step. The event loop only moves text between queues.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
+import html
 import json
 import threading
 import time
@@ -18,16 +22,19 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.data.tokenizer import EOT
-from lmforge.generate import stream_text
+from lmforge.generate import text_pieces
+from lmforge.serve.batching import ContinuousBatcher
 
 MAX_BODY_BYTES = 1_000_000
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 # The chat template used when the run directory has no chat_template.json: each message on its own
 # lines after a role marker, then the assistant marker; generation stops at the next user marker.
 DEFAULT_CHAT_TEMPLATE = {"system": "### System:\n{content}\n\n", "user": "### User:\n{content}\n\n",
@@ -46,6 +53,10 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with no choices and the request's usage
+
+
 class _Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -55,6 +66,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -70,17 +82,38 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
-class Engine:
-    """The loaded run and the lock that serialises generation."""
+MAX_INPUTS = 256  # texts per embeddings / classify request
 
-    def __init__(self, run_dir: str | Path, max_tokens_cap: int = 1024):
+
+class EmbeddingRequest(BaseModel):
+    model: str
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64
+
+
+class ClassifyRequest(BaseModel):
+    model: str
+    input: str | list[str] = Field(min_length=1)
+
+
+class Engine:
+    """The loaded run and, for a decoder, the batcher that generates with it."""
+
+    def __init__(self, run_dir: str | Path, max_tokens_cap: int = 1024, max_batch: int = 16):
         from lmforge.runs import load_run
 
         self.run = load_run(run_dir)
         self.name = Path(run_dir).resolve().name
         self.cap = max_tokens_cap
-        self.lock = threading.Lock()
         self.eot = self.run.tokenizer.token_to_id(EOT)
+        self.kind = ("classifier" if getattr(self.run.model.config, "num_labels", 0)
+                     else "encoder" if self.run.config.arch == "bert" else "generator")
+        if self.run.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            self.run.model.to(torch.bfloat16)  # serving reads every weight per token: half the bytes
+        self.batcher = ContinuousBatcher(self.run.model, max_batch) if self.kind == "generator" else None
+        self.encoder_lock = threading.Lock()  # encoder forwards share the tokenizer's padding state
+        labels = self.run.path / "labels.json"
+        self.labels = json.loads(labels.read_text(encoding="utf-8")) if self.kind == "classifier" else None
         path = Path(run_dir) / "chat_template.json"
         self.chat_template = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else DEFAULT_CHAT_TEMPLATE
         self.created = int(time.time())
@@ -91,13 +124,7 @@ class Engine:
         return "".join(t[m.role].format(content=m.content) for m in messages) + t["generation_prompt"]
 
     def check(self, req: _Sampling, prompt: str) -> list[int]:
-        if self.run.config.arch != "gpt" or getattr(self.run.model.config, "num_labels", 0):
-            kind = "a classifier" if getattr(self.run.model.config, "num_labels", 0) else "an encoder"
-            raise APIError(400, f"{self.name!r} is {kind}, not a text generator: it cannot serve completions",
-                           param="model", code="unsupported_model")
-        if req.model not in (self.name, "lmforge"):
-            raise APIError(400, f"unknown model {req.model!r}; this server serves {self.name!r}", param="model",
-                           code="model_not_found")
+        self.require("generator", req.model, "completions")
         max_tokens = req.max_tokens or 16
         if max_tokens > self.cap:
             raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {self.cap}", param="max_tokens")
@@ -108,12 +135,47 @@ class Engine:
                            param="prompt", code="context_length_exceeded")
         return ids
 
+    def require(self, kind: str, model: str, what: str) -> None:
+        """400 unless this server's model is ``model`` and of ``kind`` (it can serve ``what``)."""
+        if self.kind != kind:
+            article = "an" if self.kind[0] in "aeiou" else "a"
+            raise APIError(400, f"{self.name!r} is {article} {self.kind}, not {'an' if kind[0] in 'aeiou' else 'a'} "
+                                f"{kind}: it cannot serve {what}", param="model", code="unsupported_model")
+        if model not in (self.name, "lmforge"):
+            raise APIError(400, f"unknown model {model!r}; this server serves {self.name!r}", param="model",
+                           code="model_not_found")
+
+    def encode_inputs(self, req: EmbeddingRequest | ClassifyRequest) -> tuple[list[str], int]:
+        """The request's texts and their token count; 400 past the context or the input limit."""
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if len(texts) > MAX_INPUTS:
+            raise APIError(400, f"{len(texts)} inputs; at most {MAX_INPUTS} per request", param="input")
+        context, tokens = self.run.model.config.block_size, 0
+        for k, text in enumerate(texts):
+            n = len(self.run.tokenizer.encode(text).ids)
+            if n > context:
+                raise APIError(400, f"input {k} has {n} tokens; this model's context is {context}",
+                               param="input", code="context_length_exceeded")
+            tokens += n
+        return texts, tokens
+
+    def embed(self, texts: list[str]):
+        from lmforge.embed import embed_texts
+
+        with self.encoder_lock:
+            return embed_texts(self.run.model, self.run.tokenizer, texts)
+
+    def classify(self, texts: list[str]):
+        from lmforge.train.classify import predict_probs
+
+        with self.encoder_lock:
+            return predict_probs(self.run.model, self.run.tokenizer, texts, self.run.model.config.block_size,
+                                 self.run.device)
+
     def generate(self, ids: list[int], req: _Sampling, seed: int | None, stop: list[str]):
         """Generator of text pieces; returns {"completion_tokens", "finish_reason"}."""
-        with self.lock:
-            result = yield from stream_text(self.run.model, self.run.tokenizer, "", req.max_tokens or 16,
-                                            req.temperature, None, req.top_p if req.top_p < 1 else None, seed,
-                                            stop, self.eot, prompt_ids=ids)
+        tokens = self.batcher.submit(ids, req.max_tokens or 16, req.temperature, req.top_p, seed, self.eot)
+        result = yield from text_pieces(tokens, self.run.tokenizer, stop, self.eot)
         self.on_tokens(len(ids), result["completion_tokens"])
         return result
 
@@ -176,6 +238,18 @@ class Metrics:
         self.generated_tokens = Counter("lmforge_generated_tokens_total", "Tokens generated", registry=self.registry)
         self.in_flight = Gauge("lmforge_requests_in_flight", "Requests being served", registry=self.registry)
 
+    def watch_batcher(self, batcher: ContinuousBatcher) -> None:
+        from prometheus_client import Gauge
+
+        Gauge("lmforge_decode_steps", "Batched decode steps run so far",
+              registry=self.registry).set_function(lambda: batcher.steps_run)
+        Gauge("lmforge_decode_batch_rows_max", "The most sequences decoded together in one step",
+              registry=self.registry).set_function(lambda: batcher.max_rows_seen)
+        Gauge("lmforge_sequences_running", "Sequences holding a batch slot",
+              registry=self.registry).set_function(lambda: len(batcher.active))
+        Gauge("lmforge_sequences_waiting", "Sequences waiting for a batch slot",
+              registry=self.registry).set_function(lambda: len(batcher.waiting))
+
 
 async def _after(body, done):
     """Pass a response body through, then call ``done()`` (also when the client goes away)."""
@@ -192,6 +266,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
     metrics = Metrics()
     engine.on_tokens = lambda prompt, generated: (metrics.prompt_tokens.inc(prompt),
                                                   metrics.generated_tokens.inc(generated))
+    if engine.batcher is not None:
+        metrics.watch_batcher(engine.batcher)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -211,7 +287,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         if request.url.path != "/health" and api_key:
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            given = request.headers.get("authorization", "")
+            if request.url.path == "/" and request.method == "GET" and "api_key" in request.query_params:
+                given = "Bearer " + request.query_params["api_key"]  # the chat page: /?api_key=KEY
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return JSONResponse(error_body("invalid or missing API key", "authentication_error",
                                                code="invalid_api_key"), status_code=401)
         length = request.headers.get("content-length")
@@ -276,41 +355,76 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         given = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return given + list(extra)
 
+    def choices_of(prompts_ids, req, stop) -> list:
+        """One text generator per choice, prompt-major (choice index = prompt * n + j), all
+        submitted at once so that they decode together."""
+        return [engine.generate(ids, req, None if req.seed is None else req.seed + j, stop)
+                for ids in prompts_ids for j in range(req.n)]
+
+    async def merged(gens):
+        """(choice index, text piece or ("__result__", value)) from all choices as they come."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def drain(index, gen):
+            items = _iterate_in_thread(gen)
+            try:
+                async for item in items:
+                    await queue.put((index, item))
+            except Exception as e:
+                await queue.put((index, ("__error__", e)))
+            finally:
+                await items.aclose()  # stops the generation if this choice is abandoned
+                queue.put_nowait(done)
+
+        tasks = [asyncio.create_task(drain(k, g)) for k, g in enumerate(gens)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item[1], tuple) and item[1][0] == "__error__":
+                    raise item[1][1]
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+
     async def run_choices(prompts_ids, req, stop):
-        """Non-streaming: every choice's text and the usage."""
-        choices, completion_tokens = [], 0
-        for i, ids in enumerate(prompts_ids):
-            for j in range(req.n):
-                seed = None if req.seed is None else req.seed + j
-                pieces, result = [], None
-                async for item in _iterate_in_thread(engine.generate(ids, req, seed, stop)):
-                    if isinstance(item, tuple) and item[0] == "__result__":
-                        result = item[1]
-                    else:
-                        pieces.append(item)
-                completion_tokens += result["completion_tokens"]
-                choices.append(("".join(pieces), result["finish_reason"]))
-        prompt_tokens = sum(len(ids) for ids in prompts_ids) * req.n
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        return choices, usage
+        """Non-streaming: every choice's text and finish reason, and the usage."""
+        pieces = [[] for _ in range(len(prompts_ids) * req.n)]
+        results = [None] * len(pieces)
+        async for index, item in merged(choices_of(prompts_ids, req, stop)):
+            if isinstance(item, tuple) and item[0] == "__result__":
+                results[index] = item[1]
+            else:
+                pieces[index].append(item)
+        choices = [("".join(p), r["finish_reason"]) for p, r in zip(pieces, results)]
+        return choices, usage_of(prompts_ids, req, sum(r["completion_tokens"] for r in results))
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
+    def usage_of(prompts_ids, req, completion_tokens: int) -> dict:
+        prompt_tokens = sum(len(ids) for ids in prompts_ids) * req.n
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
     async def stream(prompts_ids, req, stop, make_chunk):
         async def events():
-            for i, ids in enumerate(prompts_ids):
-                for j in range(req.n):
-                    index = i * req.n + j
-                    seed = None if req.seed is None else req.seed + j
-                    first = True
-                    async for item in _iterate_in_thread(engine.generate(ids, req, seed, stop)):
-                        if isinstance(item, tuple) and item[0] == "__result__":
-                            yield sse(make_chunk(index, None, item[1]["finish_reason"], first))
-                        else:
-                            yield sse(make_chunk(index, item, None, first))
-                            first = False
+            started, completion_tokens = set(), 0
+            async for index, item in merged(choices_of(prompts_ids, req, stop)):
+                if isinstance(item, tuple) and item[0] == "__result__":
+                    completion_tokens += item[1]["completion_tokens"]
+                    yield sse(make_chunk(index, None, item[1]["finish_reason"], index not in started))
+                else:
+                    yield sse(make_chunk(index, item, None, index not in started))
+                    started.add(index)
+            if req.stream_options and req.stream_options.include_usage:
+                last = make_chunk(0, None, None, False)
+                yield sse({**last, "choices": [], "usage": usage_of(prompts_ids, req, completion_tokens)})
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -349,12 +463,42 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
                 "choices": [{"index": k, "message": {"role": "assistant", "content": t}, "finish_reason": f}
                             for k, (t, f) in enumerate(choices)], "usage": usage}
 
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        engine.require("encoder", req.model, "embeddings")
+        texts, tokens = engine.encode_inputs(req)
+        vectors = await asyncio.to_thread(engine.embed, texts)
+        metrics.prompt_tokens.inc(tokens)
+
+        def encode(v):
+            return base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" \
+                else v.tolist()
+        return {"object": "list", "model": engine.name,
+                "data": [{"object": "embedding", "index": k, "embedding": encode(v)} for k, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.post("/v1/classify")
+    async def classify(req: ClassifyRequest):
+        engine.require("classifier", req.model, "classification")
+        texts, tokens = engine.encode_inputs(req)
+        probs = await asyncio.to_thread(engine.classify, texts)
+        metrics.prompt_tokens.inc(tokens)
+        return {"object": "list", "model": engine.name,
+                "data": [{"index": k, "label": engine.labels[int(p.argmax())],
+                          "probabilities": {name: float(x) for name, x in zip(engine.labels, p)}}
+                         for k, p in enumerate(probs)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return CHAT_PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", html.escape(engine.name))
+
     return app
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_tokens_cap: int = 1024, max_concurrency: int = 16) -> None:
+          max_tokens_cap: int = 1024, max_concurrency: int = 16, max_batch: int = 16) -> None:
     import uvicorn
 
-    engine = Engine(run_dir, max_tokens_cap)
+    engine = Engine(run_dir, max_tokens_cap, max_batch)
     uvicorn.run(create_app(engine, api_key, max_concurrency), host=host, port=port, log_level="warning")

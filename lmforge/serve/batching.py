@@ -1,0 +1,176 @@
+"""Continuous batching: many generations share one decode step, and new ones join between steps.
+
+One thread owns the model. Each sequence holds a row ("slot") of one preallocated KV cache. Every
+iteration the thread (1) drops sequences whose reader went away, (2) admits waiting sequences into
+free slots, prefilling each prompt into its row and sampling its first token, and (3) runs one
+decode step over the occupied rows, each at its own position, and samples every row with that
+request's own settings and random generator. A request that arrives while others are decoding
+therefore starts at the next step instead of waiting for them to finish.
+
+The decode step runs over the first ``n`` rows only, ``n`` the smallest power of two covering the
+highest occupied slot (slots are handed out lowest first), so a lone request does not pay for a
+full batch. Each such ``n`` has its own :class:`~lmforge.generate.DecodeStep` (a CUDA graph on
+CUDA), made when the batcher starts, before any row holds a sequence.
+
+With the same weights, prompt and seed, a sequence samples exactly what
+:func:`~lmforge.generate.stream_text` samples alone: the same prefill, the same per-step
+computation per row, and the request's own generator drawn in the same order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from lmforge.generate import DecodeStep, sample_next
+from lmforge.models.gpt import GPT
+
+
+@dataclass
+class _Sequence:
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float | None
+    generator: torch.Generator | None
+    eos_id: int | None
+    out: queue.Queue = field(default_factory=queue.Queue)  # ids, then None (or an exception)
+    cancelled: bool = False
+    slot: int = -1
+    pos: int = 0  # tokens in the cache = position of the next token fed
+    last: int = 0  # the token to feed at the next step
+    generated: int = 0
+
+
+class ContinuousBatcher:
+    """Schedules generations of one GPT together; :meth:`submit` returns an iterator of new ids."""
+
+    def __init__(self, model: GPT, max_batch: int = 16, compile: bool = False, cuda_graph: bool | None = None):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.model = model
+        self.block = model.config.block_size
+        self.device = next(model.parameters()).device
+        self.max_batch = max_batch
+        self.cache = model.new_cache(max_batch, self.block)
+        self.free = list(range(max_batch))  # a heap: the lowest free slot first
+        self.active: dict[int, _Sequence] = {}
+        self.waiting: list[_Sequence] = []
+        self.cond = threading.Condition()
+        self.steps_run = 0  # decode steps so far (tests and metrics read it)
+        self.max_rows_seen = 0  # the most sequences decoded in one step
+        sizes, n = [], 1
+        while n < max_batch:
+            sizes.append(n)
+            n *= 2
+        sizes.append(max_batch)
+        with torch.no_grad():
+            self.steps = {n: DecodeStep(model, self.cache.rows(0, n), 0, compile, cuda_graph, per_row=True)
+                          for n in sizes}
+        self.thread = threading.Thread(target=self._loop, name="lmforge-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float | None = None,
+               seed: int | None = None, eos_id: int | None = None) -> Iterator[int]:
+        """Queue one generation; iterate the result for its new token ids as they are sampled.
+
+        Generation ends after ``max_new_tokens``, after ``eos_id`` (which is yielded), or when the
+        context is full. Closing the iterator early cancels the sequence and frees its slot.
+        """
+        if not prompt:
+            raise ValueError("the prompt must have at least one token")
+        if len(prompt) >= self.block:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the context is {self.block}")
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        seq = _Sequence(list(prompt), max_new_tokens, temperature, top_p if top_p and top_p < 1 else None, gen, eos_id)
+        with self.cond:
+            self.waiting.append(seq)
+            self.cond.notify()
+        return self._read(seq)
+
+    @staticmethod
+    def _read(seq: _Sequence) -> Iterator[int]:
+        try:
+            while True:
+                item = seq.out.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            seq.cancelled = True  # the reader is done (or gone): the batcher drops it at its next step
+
+    # ------------------------------------------------------------------------------- the thread
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.waiting and not self.active:
+                    self.cond.wait()
+                for slot in [s for s, q in self.active.items() if q.cancelled]:
+                    self._release(slot)
+                admitted = []
+                while self.waiting and self.free:
+                    seq = self.waiting.pop(0)
+                    if seq.cancelled:
+                        continue
+                    seq.slot = heapq.heappop(self.free)
+                    self.active[seq.slot] = seq
+                    admitted.append(seq)
+            try:
+                with torch.no_grad():
+                    for seq in admitted:
+                        self._prefill(seq)
+                    if self.active:
+                        self._step()
+            except BaseException as e:  # fail the requests in flight, keep serving the next ones
+                with self.cond:
+                    for slot, seq in list(self.active.items()):
+                        seq.out.put(e)
+                        self._release(slot)
+
+    def _release(self, slot: int) -> None:
+        del self.active[slot]
+        heapq.heappush(self.free, slot)
+
+    def _emit(self, seq: _Sequence, token: int) -> None:
+        seq.out.put(token)
+        seq.generated += 1
+        seq.last = token
+        done = (seq.generated >= seq.max_new_tokens or token == seq.eos_id or seq.pos >= self.block)
+        if done:
+            seq.out.put(None)
+            with self.cond:
+                self._release(seq.slot)
+
+    def _prefill(self, seq: _Sequence) -> None:
+        x = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
+        logits = self.model(x, cache=self.cache.rows(seq.slot, seq.slot + 1), last_only=True)[0][:, -1, :]
+        seq.pos = len(seq.prompt)
+        self._emit(seq, int(sample_next(logits, seq.temperature, None, seq.top_p, seq.generator)[0]))
+
+    def _step(self) -> None:
+        with self.cond:
+            rows = dict(self.active)
+        top = max(rows) + 1
+        n = next(size for size in self.steps if size >= top)
+        ids = torch.zeros(n, dtype=torch.long)
+        pos = torch.zeros(n, dtype=torch.long)  # idle rows write at 0, which a prefill rewrites
+        for slot, seq in rows.items():
+            ids[slot], pos[slot] = seq.last, seq.pos
+        logits = self.steps[n](ids.to(self.device), pos.to(self.device))
+        greedy = logits.argmax(dim=-1).tolist()
+        self.steps_run += 1
+        self.max_rows_seen = max(self.max_rows_seen, len(rows))
+        for slot, seq in rows.items():
+            seq.pos += 1
+            if seq.temperature <= 0:
+                token = greedy[slot]
+            else:
+                token = int(sample_next(logits[slot:slot + 1], seq.temperature, None, seq.top_p, seq.generator)[0])
+            self._emit(seq, token)
