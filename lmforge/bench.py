@@ -9,10 +9,12 @@ the same weights in both and checks that greedy decoding gives the same tokens.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from datetime import date
 
+import numpy as np
 import torch
 
 from lmforge.models.gpt import GPT, GPTConfig
@@ -296,4 +298,113 @@ def format_result(result: dict) -> str:
                        f"{result['timed_sequences_identical']:.0%} of sequences identical")
     if result.get("note"):
         lines.append(f"  note: {result['note']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ serve
+def bench_serve(run_dir: str, levels: list[int], requests: int = 16, max_tokens: int = 64,
+                device: str = "auto") -> dict:
+    """``lmforge serve`` as a subprocess on a free port, driven with streaming chat requests.
+
+    For each concurrency level, ``requests`` requests (different prompts, greedy, the same at every
+    level) are sent with at most that many in flight. Reports requests/s, generated tokens/s, time
+    to first token and per-token latency (p50/p95), and the throughput of the highest level over
+    level 1 (the same requests one after another).
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from lmforge.train.trainer import resolve_device
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    top = max(levels)
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(run_dir), "--port", str(port),
+                             "--max-concurrency", str(top), "--max-batch", str(top), "--max-tokens-cap",
+                             str(max_tokens)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "LMFORGE_API_KEY": ""})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("lmforge serve did not start: " + proc.stderr.read().decode()[-1000:])
+            time.sleep(0.2)
+        model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+        topics = ["the weather", "a tokenizer", "training loss", "a file", "the library", "an error", "numbers",
+                  "a class", "the network", "strings", "the data", "a test", "memory", "the answer", "time", "code"]
+
+        def one(k: int) -> dict:
+            body = {"model": model, "messages": [{"role": "user", "content": f"Tell me about {topics[k % 16]} ({k})."}],
+                    "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            t0, first, last, tokens = time.perf_counter(), None, None, 0
+            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    if any(c["delta"].get("content") for c in chunk["choices"]):
+                        last = time.perf_counter()
+                        first = first or last
+            first = first or time.perf_counter()
+            return {"ttft": first - t0, "per_token": (last - first) / (tokens - 1) if last and tokens > 1 else None,
+                    "tokens": tokens}
+
+        one(0)  # warm-up (first allocations, page-in)
+        results = {}
+        for c in levels:
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=c) as pool:
+                done = list(pool.map(one, range(requests)))
+            wall = time.perf_counter() - t0
+            ttft = [d["ttft"] * 1e3 for d in done]
+            per_token = [d["per_token"] * 1e3 for d in done if d["per_token"] is not None]
+            tokens = sum(d["tokens"] for d in done)
+            results[str(c)] = {"concurrency": c, "requests": requests, "seconds": wall,
+                               "requests_per_second": requests / wall, "tokens_per_second": tokens / wall,
+                               "generated_tokens": tokens,
+                               "ttft_ms_p50": float(np.percentile(ttft, 50)), "ttft_ms_p95": float(np.percentile(ttft, 95)),
+                               "per_token_ms_p50": float(np.percentile(per_token, 50)) if per_token else None,
+                               "per_token_ms_p95": float(np.percentile(per_token, 95)) if per_token else None}
+            print(f"[lmforge] bench serve: concurrency {c}: {requests / wall:.2f} req/s, {tokens / wall:,.0f} tokens/s",
+                  file=sys.stderr, flush=True)
+        metrics = httpx.get(base + "/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    rows_max = [float(ln.split()[-1]) for ln in metrics.splitlines() if ln.startswith("lmforge_decode_batch_rows_max ")]
+    out = {"benchmark": "serve", **_environment(resolve_device(device)), "run_dir": str(run_dir),
+           "settings": {"levels": levels, "requests": requests, "max_tokens": max_tokens, "temperature": 0},
+           "results": results, "max_rows_decoded_together": rows_max[0] if rows_max else None}
+    if 1 in levels and top > 1:
+        out["speedup"] = results[str(top)]["tokens_per_second"] / results["1"]["tokens_per_second"]
+        out["speedup_of"] = f"{top} concurrent over {requests} sequential requests (generated tokens/s)"
+    return out
+
+
+def format_serve_result(result: dict) -> str:
+    lines = [f"bench serve on {result['device_name']} ({result['device']}), torch {result['torch']}: "
+             f"{result['settings']['requests']} requests of up to {result['settings']['max_tokens']} tokens per level",
+             f"  {'concurrency':>11} {'req/s':>8} {'tokens/s':>10} {'TTFT p50/p95 ms':>18} {'per-token p50/p95 ms':>22}"]
+    for r in result["results"].values():
+        pt = (f"{r['per_token_ms_p50']:.1f} / {r['per_token_ms_p95']:.1f}" if r["per_token_ms_p50"] is not None else "n/a")
+        lines.append(f"  {r['concurrency']:>11} {r['requests_per_second']:>8.2f} {r['tokens_per_second']:>10,.0f} "
+                     f"{r['ttft_ms_p50']:>8.0f} / {r['ttft_ms_p95']:<7.0f} {pt:>22}")
+    if "speedup" in result:
+        lines.append(f"  speed-up, {result['speedup_of']}: {result['speedup']:.2f}x")
     return "\n".join(lines)

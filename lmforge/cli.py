@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 
-VERBS = ["prepare", "train", "eval", "predict", "generate", "embed", "serve", "quickstart", "import-hf", "export-hf", "bench"]
+VERBS = ["prepare", "train", "eval", "predict", "generate", "embed", "serve", "chat", "quickstart", "import-hf", "export-hf", "bench"]
 
 
 def _print_json(obj) -> None:
@@ -315,6 +315,19 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- chat
+def cmd_chat(args) -> int:
+    """Chat with a GPT run in the terminal (the run's chat template, answers streamed as they come).
+    Reads one user turn per line; /reset starts a new conversation, /quit or Ctrl-D ends."""
+    from lmforge.chat import chat_loop
+
+    if not 0 <= args.temperature <= 2:
+        raise UserError(f"--temperature must be in 0..2, got {args.temperature}")
+    if args.max_tokens <= 0:
+        raise UserError("--max-tokens must be positive")
+    return chat_loop(args.run_dir, args.temperature, args.max_tokens, args.system, args.seed, args.top_p)
+
+
 # ------------------------------------------------------------------------------------- quickstart
 def cmd_quickstart(args) -> int:
     """Prepare the embedded corpus, train a GPT within a time budget, evaluate and sample it."""
@@ -361,6 +374,8 @@ def cmd_bench(args) -> int:
     from lmforge import config as cfgmod
     from lmforge.train.trainer import resolve_device
 
+    if args.what == "serve":
+        return cmd_bench_serve(args)
     cfg = cfgmod.build_config(args.preset, None, args.set or [])
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = 50304 if args.preset == "gpt2-124m" else 8192
@@ -395,6 +410,27 @@ def cmd_bench(args) -> int:
         _print_json(result)
     else:
         print(bench.format_result(result))
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    """lmforge serve under load: requests/s, tokens/s, time to first token and per-token latency
+    at each concurrency level, and the speed-up of concurrent over sequential requests."""
+    from lmforge import bench
+
+    try:
+        levels = sorted({int(x) for x in args.concurrency.split(",")})
+    except ValueError:
+        raise UserError(f"--concurrency takes numbers separated by commas, got {args.concurrency!r}") from None
+    if not levels or levels[0] <= 0 or args.requests <= 0 or args.max_tokens <= 0:
+        raise UserError("--concurrency levels, --requests and --max-tokens must be positive")
+    if not (Path(args.run_dir) / "config.yaml").is_file():
+        raise UserError(f"not a run directory (no config.yaml): {args.run_dir}")
+    result = bench.bench_serve(args.run_dir, levels, args.requests, args.max_tokens)
+    if args.json:
+        _print_json(result)
+    else:
+        print(bench.format_serve_result(result))
     return 0
 
 
@@ -532,6 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences decoded together (continuous batching); more wait for a free slot")
     s.set_defaults(func=cmd_serve)
 
+    s = sub.add_parser("chat", help="chat with a GPT run in the terminal", description=cmd_chat.__doc__)
+    s.add_argument("run_dir")
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--max-tokens", type=int, default=200)
+    s.add_argument("--system", help="a system message opening every conversation")
+    s.add_argument("--seed", type=int)
+    s.set_defaults(func=cmd_chat)
+
     s = sub.add_parser("quickstart", help="the whole path on the embedded corpus within a time budget",
                        description=cmd_quickstart.__doc__)
     s.add_argument("--out", default="runs/quickstart", help="run directory (replaced if it is an old quickstart run)")
@@ -587,6 +632,14 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--reference-dtype", choices=["float32", "bfloat16"],
                            help="weights dtype of the reference (default: the same as lmforge's, "
                            "train.dtype; on CPU lmforge is fastest in bfloat16 and HF in float32)")
+    b = what.add_parser("serve", help="lmforge serve under load: throughput and latency by concurrency",
+                        description=cmd_bench_serve.__doc__)
+    b.add_argument("run_dir", help="a GPT run directory to serve")
+    b.add_argument("--concurrency", default="1,4,16", help="levels of requests in flight (default 1,4,16)")
+    b.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

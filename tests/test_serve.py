@@ -382,3 +382,31 @@ def test_chat_page_in_headless_chromium_streams_the_answer_and_keeps_the_convers
             assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         finally:
             browser.close()
+
+
+def test_terminal_chat_answers_like_the_server_and_resets(server, trained_run):
+    base, name = server
+    question = "what does the model read?"
+    ref = client(base).chat.completions.create(model=name, messages=[{"role": "user", "content": question}],
+                                                max_tokens=8, temperature=0).choices[0].message.content
+    r = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(trained_run), "--temperature", "0",
+                        "--max-tokens", "8"], input=f"{question}\n/reset\n{question}\n", capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{ref}\n(new conversation)\n{ref}\n"
+    bad = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(trained_run), "--temperature", "-1"],
+                         input="", capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "temperature" in bad.stderr
+
+
+def test_bench_serve_reports_levels_latencies_and_speedup(trained_run):
+    r = run_cli("bench", "serve", str(trained_run), "--concurrency", "1,4", "--requests", "4", "--max-tokens", "8",
+                "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["results"]) == {"1", "4"}
+    for level in out["results"].values():
+        assert level["requests"] == 4 and 0 < level["generated_tokens"] <= 32
+        assert level["tokens_per_second"] > 0 and level["ttft_ms_p95"] >= level["ttft_ms_p50"] > 0
+    assert out["speedup"] > 0 and out["max_rows_decoded_together"] >= 2
+    assert run_cli("bench", "serve", str(trained_run), "--concurrency", "0").returncode == 2

@@ -29,17 +29,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.chat import load_chat_template, render_chat
 from lmforge.data.tokenizer import EOT
 from lmforge.generate import text_pieces
 from lmforge.serve.batching import ContinuousBatcher
 
 MAX_BODY_BYTES = 1_000_000
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
-# The chat template used when the run directory has no chat_template.json: each message on its own
-# lines after a role marker, then the assistant marker; generation stops at the next user marker.
-DEFAULT_CHAT_TEMPLATE = {"system": "### System:\n{content}\n\n", "user": "### User:\n{content}\n\n",
-                         "assistant": "### Assistant:\n{content}\n\n", "generation_prompt": "### Assistant:\n",
-                         "stop": ["### User:", "### System:"]}
 
 
 class APIError(Exception):
@@ -114,14 +110,12 @@ class Engine:
         self.encoder_lock = threading.Lock()  # encoder forwards share the tokenizer's padding state
         labels = self.run.path / "labels.json"
         self.labels = json.loads(labels.read_text(encoding="utf-8")) if self.kind == "classifier" else None
-        path = Path(run_dir) / "chat_template.json"
-        self.chat_template = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else DEFAULT_CHAT_TEMPLATE
+        self.chat_template = load_chat_template(run_dir)
         self.created = int(time.time())
         self.on_tokens = lambda prompt, generated: None  # set by the app (metrics)
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
-        t = self.chat_template
-        return "".join(t[m.role].format(content=m.content) for m in messages) + t["generation_prompt"]
+        return render_chat(self.chat_template, [m.model_dump() for m in messages])
 
     def check(self, req: _Sampling, prompt: str) -> list[int]:
         self.require("generator", req.model, "completions")

@@ -1,0 +1,100 @@
+"""Chat templates and ``lmforge chat``, the terminal chat.
+
+A chat template turns a conversation into the prompt a decoder continues. It lives in the run
+directory as ``chat_template.json`` (``system``/``user``/``assistant`` formats with ``{content}``,
+the ``generation_prompt`` that opens the answer, and ``stop`` strings that end it); without one,
+:data:`DEFAULT_CHAT_TEMPLATE` is used. ``lmforge serve`` and ``lmforge chat`` render alike.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from lmforge.errors import UserError
+
+# Each message on its own lines after a role marker, then the assistant marker; generation stops
+# at the next role marker.
+DEFAULT_CHAT_TEMPLATE = {"system": "### System:\n{content}\n\n", "user": "### User:\n{content}\n\n",
+                         "assistant": "### Assistant:\n{content}\n\n", "generation_prompt": "### Assistant:\n",
+                         "stop": ["### User:", "### System:"]}
+
+
+def load_chat_template(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "chat_template.json"
+    if not path.is_file():
+        return DEFAULT_CHAT_TEMPLATE
+    try:
+        template = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in ("system", "user", "assistant", "generation_prompt") if not isinstance(template.get(k), str)]
+    if missing:
+        raise UserError(f"{path}: missing string field(s) {', '.join(missing)}")
+    return template
+
+
+def render_chat(template: dict, messages: list[dict]) -> str:
+    """The prompt for ``messages`` (dicts with ``role`` and ``content``), ending with the answer's opening."""
+    return "".join(template[m["role"]].format(content=m["content"]) for m in messages) + template["generation_prompt"]
+
+
+def chat_loop(run_dir: str | Path, temperature: float = 0.8, max_tokens: int = 200, system: str | None = None,
+              seed: int | None = None, top_p: float | None = None, stdin=None, stdout=None) -> int:
+    """Read user turns from ``stdin`` and stream the answers to ``stdout`` until EOF or ``/quit``.
+
+    ``/reset`` starts a new conversation. The oldest turns are dropped when the conversation no
+    longer fits the model's context with room for ``max_tokens``.
+    """
+    from lmforge.data.tokenizer import EOT
+    from lmforge.generate import stream_text
+    from lmforge.runs import load_run
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    run = load_run(run_dir)
+    if run.config.arch != "gpt" or getattr(run.model.config, "num_labels", 0):
+        raise UserError(f"{run_dir} is not a text generator (chat needs a GPT run)")
+    template = load_chat_template(run_dir)
+    eot = run.tokenizer.token_to_id(EOT)
+    context = run.model.config.block_size
+    interactive = stdin.isatty()
+    history: list[dict] = []
+    if interactive:
+        print(f"lmforge chat · {Path(run_dir).name} (context {context} tokens) — /reset starts over, /quit or "
+              f"Ctrl-D ends", file=stdout)
+    turn = 0
+    while True:
+        if interactive:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/quit":
+            return 0
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() == "/reset":
+            history = []
+            print("(new conversation)", file=stdout)
+            continue
+        history.append({"role": "user", "content": text})
+        head = [{"role": "system", "content": system}] if system else []
+        while True:  # drop the oldest turns until the prompt leaves room for the answer
+            ids = run.tokenizer.encode(render_chat(template, head + history), add_special_tokens=False).ids
+            if len(ids) + min(max_tokens, context // 2) <= context or len(history) == 1:
+                break
+            history = history[2:] if len(history) > 2 else history[-1:]
+        ids = ids[-(context - 1):]
+        stdout.write("assistant> " if interactive else "")
+        pieces = []
+        gen = stream_text(run.model, run.tokenizer, "", max_tokens, temperature, None, top_p,
+                          None if seed is None else seed + turn, template.get("stop", []), eot, prompt_ids=ids)
+        for piece in gen:
+            pieces.append(piece)
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+        stdout.flush()
+        history.append({"role": "assistant", "content": "".join(pieces)})
+        turn += 1
