@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import html
 import json
 import threading
@@ -24,29 +23,16 @@ from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.chat import load_chat_template, render_chat
 from lmforge.data.tokenizer import EOT
 from lmforge.generate import text_pieces
 from lmforge.serve.batching import ContinuousBatcher
+from lmforge.serve.common import APIError, Metrics, install_api_basics, key_matches, request_key, unauthorized
 
-MAX_BODY_BYTES = 1_000_000
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 class StreamOptions(BaseModel):
@@ -216,129 +202,32 @@ async def _iterate_in_thread(gen):
         cancelled.set()
 
 
-class Metrics:
-    """Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("lmforge_requests_total", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("lmforge_request_seconds", "Request latency (until the last byte of a stream)",
-                                 ["endpoint"], registry=self.registry,
-                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-        self.prompt_tokens = Counter("lmforge_prompt_tokens_total", "Prompt tokens processed", registry=self.registry)
-        self.generated_tokens = Counter("lmforge_generated_tokens_total", "Tokens generated", registry=self.registry)
-        self.in_flight = Gauge("lmforge_requests_in_flight", "Requests being served", registry=self.registry)
-
-    def watch_batcher(self, batcher: ContinuousBatcher) -> None:
-        from prometheus_client import Gauge
-
-        Gauge("lmforge_decode_steps", "Batched decode steps run so far",
-              registry=self.registry).set_function(lambda: batcher.steps_run)
-        Gauge("lmforge_decode_batch_rows_max", "The most sequences decoded together in one step",
-              registry=self.registry).set_function(lambda: batcher.max_rows_seen)
-        Gauge("lmforge_sequences_running", "Sequences holding a batch slot",
-              registry=self.registry).set_function(lambda: len(batcher.active))
-        Gauge("lmforge_sequences_waiting", "Sequences waiting for a batch slot",
-              registry=self.registry).set_function(lambda: len(batcher.waiting))
-
-
-async def _after(body, done):
-    """Pass a response body through, then call ``done()`` (also when the client goes away)."""
-    try:
-        async for chunk in body:
-            yield chunk
-    finally:
-        done()
-
-
 def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int = 16) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
-    in_flight = {"n": 0}
     metrics = Metrics()
     engine.on_tokens = lambda prompt, generated: (metrics.prompt_tokens.inc(prompt),
                                                   metrics.generated_tokens.inc(generated))
     if engine.batcher is not None:
-        metrics.watch_batcher(engine.batcher)
+        b = engine.batcher
+        metrics.gauge("lmforge_decode_steps", "Batched decode steps run so far", lambda: b.steps_run)
+        metrics.gauge("lmforge_decode_batch_rows_max", "The most sequences decoded together in one step",
+                      lambda: b.max_rows_seen)
+        metrics.gauge("lmforge_sequences_running", "Sequences holding a batch slot", lambda: len(b.active))
+        metrics.gauge("lmforge_sequences_waiting", "Sequences waiting for a batch slot", lambda: len(b.waiting))
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, exc: APIError):
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+    def check_auth(request: Request) -> JSONResponse | None:
+        if not api_key or request.url.path == "/health":
+            return None
+        # The chat page may take the key in its address once: /?api_key=KEY.
+        page = request.url.path == "/" and request.method == "GET"
+        return None if key_matches(request_key(request, "api_key" if page else None), api_key) else \
+            unauthorized("invalid or missing API key")
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse(error_body(f"{where or 'body'}: {first.get('msg', 'invalid request')}",
-                                       "invalid_request_error", where or None), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
-
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if request.url.path != "/health" and api_key:
-            given = request.headers.get("authorization", "")
-            if request.url.path == "/" and request.method == "GET" and "api_key" in request.query_params:
-                given = "Bearer " + request.query_params["api_key"]  # the chat page: /?api_key=KEY
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(error_body("invalid or missing API key", "authentication_error",
-                                               code="invalid_api_key"), status_code=401)
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return JSONResponse(error_body(f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error"),
-                                status_code=413)
-        if request.method != "POST":
-            return await call_next(request)
-        # Past --max-concurrency, requests are refused with 429 rather than queued without bound.
-        if in_flight["n"] >= max_concurrency:
-            return JSONResponse(error_body(f"more than {max_concurrency} requests in flight; retry shortly",
-                                           "rate_limit_error", code="rate_limit_exceeded"), status_code=429)
-        in_flight["n"] += 1
-        try:
-            response = await call_next(request)
-        except BaseException:
-            in_flight["n"] -= 1
-            raise
-        # A response from call_next always has a body iterator; a request holds its slot until the
-        # last byte is sent (a stream: until it ends or the client leaves).
-        response.body_iterator = _after(response.body_iterator, lambda: in_flight.__setitem__("n", in_flight["n"] - 1))
-        return response
-
-    # Added last, so outermost: refused requests (401, 413, 429) are counted too.
-    @app.middleware("http")
-    async def _measure(request: Request, call_next):
-        endpoint, t0 = request.url.path, time.perf_counter()
-        if endpoint not in {r.path for r in app.routes}:
-            endpoint = "other"  # keep label values bounded
-        metrics.in_flight.inc()
-        try:
-            response = await call_next(request)
-        except BaseException:
-            metrics.in_flight.dec()
-            metrics.requests.labels(endpoint, "500").inc()
-            raise
-
-        def finish():
-            metrics.in_flight.dec()
-            metrics.requests.labels(endpoint, str(response.status_code)).inc()
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        response.body_iterator = _after(response.body_iterator, finish)
-        return response
+    install_api_basics(app, metrics, check_auth, max_concurrency)
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": engine.name}
-
-    @app.get("/metrics")
-    async def prometheus():
-        from fastapi.responses import Response
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():

@@ -1,0 +1,164 @@
+"""What every lmforge HTTP app shares (``lmforge serve``, ``lmforge support serve``): OpenAI-style
+error objects, the API-key check, body-size and concurrency limits, and Prometheus metrics.
+
+Errors are ``{"error": {"message", "type", "param", "code"}}`` with the right 4xx, never a stack
+trace. Requests past ``max_concurrency`` in flight are answered 429 (not queued).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+MAX_BODY_BYTES = 1_000_000
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def unauthorized(message: str) -> JSONResponse:
+    return JSONResponse(error_body(message, "authentication_error", code="invalid_api_key"), status_code=401)
+
+
+def request_key(request: Request, query_param: str | None = None) -> str:
+    """The key a request presents: ``Authorization: Bearer KEY``, or (for a page) ``?query_param=KEY``."""
+    if query_param and query_param in request.query_params:
+        return request.query_params[query_param]
+    auth = request.headers.get("authorization", "")
+    return auth[7:] if auth.startswith("Bearer ") else ""
+
+
+def key_matches(given: str, key: str) -> bool:
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
+
+    def __init__(self, prefix: str = "lmforge"):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(f"{prefix}_requests_total", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram(f"{prefix}_request_seconds", "Request latency (until the last byte of a stream)",
+                                 ["endpoint"], registry=self.registry,
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.prompt_tokens = Counter(f"{prefix}_prompt_tokens_total", "Prompt tokens processed", registry=self.registry)
+        self.generated_tokens = Counter(f"{prefix}_generated_tokens_total", "Tokens generated", registry=self.registry)
+        self.in_flight = Gauge(f"{prefix}_requests_in_flight", "Requests being served", registry=self.registry)
+
+    def gauge(self, name: str, help_: str, read: Callable[[], float]) -> None:
+        """A gauge read from ``read()`` whenever /metrics is scraped."""
+        from prometheus_client import Gauge
+
+        Gauge(name, help_, registry=self.registry).set_function(read)
+
+    def response(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _after(body, done):
+    """Pass a response body through, then call ``done()`` (also when the client goes away)."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        done()
+
+
+def install_api_basics(app: FastAPI, metrics: Metrics, check_auth: Callable[[Request], JSONResponse | None],
+                       max_concurrency: int, max_body: int = MAX_BODY_BYTES) -> None:
+    """Error handlers, the auth / size / concurrency guard, and request metrics for ``app``.
+
+    ``check_auth(request)`` returns None to let a request through, or the response refusing it.
+    """
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse(error_body(f"{where or 'body'}: {first.get('msg', 'invalid request')}",
+                                       "invalid_request_error", where or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+
+    in_flight = {"n": 0}
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        refused = check_auth(request)
+        if refused is not None:
+            return refused
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body:
+            return JSONResponse(error_body(f"request body over {max_body} bytes", "invalid_request_error"),
+                                status_code=413)
+        if request.method != "POST":
+            return await call_next(request)
+        if in_flight["n"] >= max_concurrency:
+            return JSONResponse(error_body(f"more than {max_concurrency} requests in flight; retry shortly",
+                                           "rate_limit_error", code="rate_limit_exceeded"), status_code=429)
+        in_flight["n"] += 1
+        try:
+            response = await call_next(request)
+        except BaseException:
+            in_flight["n"] -= 1
+            raise
+        # A request holds its slot until the last byte is sent (a stream: until it ends or the
+        # client leaves).
+        response.body_iterator = _after(response.body_iterator, lambda: in_flight.__setitem__("n", in_flight["n"] - 1))
+        return response
+
+    def endpoint_of(request: Request) -> str:
+        """The route's path template (bounded label values), or "other"."""
+        for route in app.routes:
+            if route.matches(request.scope)[0] == Match.FULL:
+                return route.path
+        return "other"
+
+    # Added last, so outermost: refused requests (401, 413, 429) are counted too.
+    @app.middleware("http")
+    async def _measure(request: Request, call_next):
+        endpoint, t0 = endpoint_of(request), time.perf_counter()
+        metrics.in_flight.inc()
+        try:
+            response = await call_next(request)
+        except BaseException:
+            metrics.in_flight.dec()
+            metrics.requests.labels(endpoint, "500").inc()
+            raise
+
+        def finish():
+            metrics.in_flight.dec()
+            metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        response.body_iterator = _after(response.body_iterator, finish)
+        return response
+
+    @app.get("/metrics")
+    async def _prometheus():
+        return metrics.response()
