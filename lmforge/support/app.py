@@ -1,0 +1,158 @@
+"""``lmforge support serve``: the customer chat page, the agent page and their JSON API.
+
+Customer side (the API key, when one is set, on every endpoint but ``/health``):
+``GET /`` (the page; the key may come once as ``/?api_key=KEY``), ``POST /api/messages``
+``{customer_id, text, conversation_id?}``, ``GET /api/conversations/{id}?customer_id=&after=``
+(new messages since ``after``: how the page sees an agent's reply), ``GET /api/customers/{id}``
+(a returning customer's history).
+
+Agent side (always its own key, ``--agent-key`` or ``LMFORGE_AGENT_KEY``): ``GET /agent`` (the
+page; ``/agent?agent_key=KEY`` once), ``GET /api/agent/queue``, ``GET /api/agent/conversations/{id}``,
+``POST /api/agent/conversations/{id}/reply`` ``{text}``, ``POST /api/agent/conversations/{id}/hand-back``.
+
+Errors, limits and metrics are those of ``lmforge serve`` (:mod:`lmforge.serve.common`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel
+
+from lmforge.serve.common import Metrics, install_api_basics, key_matches, request_key, unauthorized
+from lmforge.support.assistant import Assistant
+from lmforge.support.store import NotFound
+
+STATIC = Path(__file__).parent / "static"
+
+
+class CustomerMessage(BaseModel):
+    customer_id: str
+    text: str
+    conversation_id: str | None = None
+
+
+class AgentMessage(BaseModel):
+    text: str
+
+
+def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None, max_concurrency: int = 32) -> FastAPI:
+    if not agent_key:
+        raise ValueError("the agent pages need a key")
+    app = FastAPI(title="lmforge support", docs_url=None, redoc_url=None)
+    metrics = Metrics("lmforge_support")
+    from prometheus_client import Counter, Histogram
+
+    messages = Counter("lmforge_support_messages_total", "Messages stored, by author", ["role"], registry=metrics.registry)
+    handoffs = Counter("lmforge_support_handoffs_total", "Conversations handed to a human, by reason", ["reason"],
+                       registry=metrics.registry)
+    confidence = Histogram("lmforge_support_answer_confidence", "Confidence of the answers given from the FAQ",
+                           registry=metrics.registry, buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.3))
+    metrics.gauge("lmforge_support_queue_length", "Conversations waiting for or with a human",
+                  lambda: len(assistant.store.queue()))
+
+    def on_event(kind, value=None):
+        if kind == "customer_message":
+            messages.labels("customer").inc()
+        elif kind == "agent_message":
+            messages.labels("agent").inc()
+        elif kind == "answered":
+            messages.labels("assistant").inc()
+            confidence.observe(value)
+        elif kind == "handoff":
+            messages.labels("assistant").inc()
+            handoffs.labels(value).inc()
+    assistant.on_event = on_event
+
+    def check_auth(request: Request) -> JSONResponse | None:
+        path = request.url.path
+        if path == "/health":
+            return None
+        if path == "/agent" or path.startswith("/api/agent/"):
+            page = path == "/agent" and request.method == "GET"
+            return None if key_matches(request_key(request, "agent_key" if page else None), agent_key) else \
+                unauthorized("invalid or missing agent key")
+        if not api_key:
+            return None
+        page = path == "/" and request.method == "GET"
+        return None if key_matches(request_key(request, "api_key" if page else None), api_key) else \
+            unauthorized("invalid or missing API key")
+
+    install_api_basics(app, metrics, check_auth, max_concurrency)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request, exc: NotFound):
+        return JSONResponse({"error": {"message": str(exc), "type": "not_found_error", "param": None, "code": None}},
+                            status_code=404)
+
+    @app.exception_handler(ValueError)
+    async def _bad_value(request, exc: ValueError):
+        return JSONResponse({"error": {"message": str(exc), "type": "invalid_request_error", "param": None,
+                                       "code": None}}, status_code=400)
+
+    async def call(fn, *args):
+        """Blocking work (SQLite, the encoder) off the event loop."""
+        return await asyncio.to_thread(fn, *args)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "faq_entries": len(assistant.retriever.entries), "threshold": assistant.threshold}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def customer_page():
+        return (STATIC / "customer.html").read_text(encoding="utf-8")
+
+    @app.get("/agent", response_class=HTMLResponse)
+    async def agent_page():
+        return (STATIC / "agent.html").read_text(encoding="utf-8")
+
+    @app.post("/api/messages")
+    async def customer_message(msg: CustomerMessage):
+        reply = await call(assistant.handle, msg.customer_id, msg.text, msg.conversation_id)
+        return {"conversation_id": reply.conversation_id, "status": reply.status,
+                "handoff_reason": reply.handoff_reason, "messages": reply.messages}
+
+    @app.get("/api/conversations/{conversation_id}")
+    async def customer_conversation(conversation_id: str, customer_id: str, after: int = 0):
+        return await call(assistant.conversation, conversation_id, customer_id, after)
+
+    @app.get("/api/customers/{customer_id}")
+    async def customer_history(customer_id: str):
+        return await call(assistant.history, customer_id)
+
+    @app.get("/api/agent/queue")
+    async def agent_queue():
+        return {"conversations": await call(assistant.store.queue)}
+
+    @app.get("/api/agent/conversations/{conversation_id}")
+    async def agent_conversation(conversation_id: str, after: int = 0):
+        conv = await call(assistant.conversation, conversation_id, None, after)
+        customer = assistant.store.customer(conv["customer_id"]) or {}
+        return {**conv, "customer_name": customer.get("name")}
+
+    @app.post("/api/agent/conversations/{conversation_id}/reply")
+    async def agent_reply(conversation_id: str, msg: AgentMessage):
+        return await call(assistant.agent_reply, conversation_id, msg.text)
+
+    @app.post("/api/agent/conversations/{conversation_id}/hand-back")
+    async def hand_back(conversation_id: str):
+        return await call(assistant.hand_back, conversation_id)
+
+    return app
+
+
+def serve(app_dir, host: str = "127.0.0.1", port: int = 8100, api_key: str | None = None, agent_key: str | None = None,
+          generate_run=None, max_concurrency: int = 32) -> None:
+    import secrets
+    import sys
+
+    import uvicorn
+
+    if not agent_key:
+        agent_key = secrets.token_urlsafe(16)
+        print(f"lmforge support: no --agent-key given; this run's agent key is {agent_key}", file=sys.stderr, flush=True)
+    assistant = Assistant(app_dir, generate_run)
+    uvicorn.run(create_app(assistant, agent_key, api_key, max_concurrency), host=host, port=port, log_level="warning")

@@ -1,0 +1,297 @@
+"""The assistant: building an app directory from an FAQ, and answering customer messages.
+
+An app directory holds ``support.sqlite`` (everything the app keeps: :mod:`lmforge.support.store`),
+``index.npz`` (the FAQ embedding index the retriever loads) and ``encoder/`` (the lmforge encoder
+run used for embeddings, all-MiniLM-L6-v2 by default) unless another encoder run was named.
+
+How a customer message is handled (:meth:`Assistant.handle`):
+
+1. personal data is masked before the message is stored;
+2. a name the customer gives ("my name is Ana", "I'm Ana") is remembered for the customer;
+3. if a human has the conversation, the message waits for them (no automatic answer);
+4. an explicit request for a person, or a second "that did not help", hands the conversation off;
+5. otherwise the FAQ is searched (hybrid dense + BM25); a short follow-up is also searched together
+   with the customer's previous question, and the better match wins. At or above the threshold
+   the FAQ answer is given (rephrased by a decoder with ``--generate``), recording which entries
+   it used and the confidence; below it the conversation is handed off.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.errors import UserError
+from lmforge.progress import status
+from lmforge.support.faq import FaqEntry, read_faq
+from lmforge.support.privacy import KINDS, mask
+from lmforge.support.retrieval import Hit, Retriever, load_encoder
+from lmforge.support.store import Store
+
+DEFAULT_THRESHOLD = 0.55  # until `lmforge support eval` fits one on labelled questions
+MAX_MESSAGE_CHARS = 2000
+FAILURES_BEFORE_HANDOFF = 2
+
+HUMAN_REQUEST = re.compile(
+    r"\b(?:talk|speak|chat|connect me|put me through|transfer me|hand me over)\b.{0,20}?\b(?:human|person|agent|"
+    r"someone|somebody|representative|operator|staff|team)\b"
+    r"|\b(?:want|need|get|give me|have)\b.{0,12}?\b(?:human|real person|agent|representative|operator)\b"
+    r"|^\W*(?:human|agent|operator|representative|real person)(?: please)?\W*$", re.I)
+NOT_HELPFUL = re.compile(r"\b(did ?n[o']?t help|does ?n[o']?t help|not helpful|not what i (?:asked|meant|need)|"
+                         r"wrong answer|that'?s wrong|that is wrong|useless|does ?n[o']?t answer|you misunderstood)\b", re.I)
+NAME = re.compile(r"\b(?i:my name is|my name's|i am|i'm|call me|this is)\s+([A-Z][a-zA-Z'-]{1,30})\b")
+NOT_NAMES = {"Not", "Looking", "Trying", "Having", "Using", "Getting", "Sorry", "Fine", "Good", "Here", "Just", "So",
+             "Still", "Unable", "New", "Confused", "Stuck", "Happy", "Interested", "The", "A", "An", "On", "In"}
+GREETING = re.compile(r"^\W*(hi|hello|hey|good (?:morning|afternoon|evening)|thanks|thank you)\b", re.I)
+
+HANDOFF_TEXT = {
+    "requested": "Of course — I'm passing you to a member of our team. They will reply here shortly.",
+    "low_confidence": "I'm not sure I can answer that correctly, so I've passed your question to a member of "
+                      "our team. They will reply here shortly.",
+    "repeated_failures": "Sorry that my answers did not help. I've passed the conversation to a member of our "
+                         "team; they will reply here shortly.",
+}
+
+
+def encoder_dir_of(app_dir: Path, store: Store) -> Path:
+    name = store.get("encoder")
+    path = Path(name) if name and Path(name).is_absolute() else Path(app_dir) / (name or "encoder")
+    return path
+
+
+def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | None = None,
+             mask_kinds: list[str] | None = None, columns: dict[str, str] | None = None) -> dict:
+    """Create or update an app directory from ``faq_file``; returns what changed.
+
+    The FAQ is read and validated first, so a bad file changes nothing. Re-running with a changed
+    FAQ inserts, updates and deletes entries (re-embedding only those that changed) and keeps every
+    conversation.
+    """
+    from lmforge.fsutil import atomic_path
+    from lmforge.models.hf import default_encoder_dir, import_hf
+
+    entries = read_faq(faq_file, **(columns or {}))
+    app_dir = Path(app_dir)
+    if app_dir.exists() and not app_dir.is_dir():
+        raise UserError(f"{app_dir} exists and is not a directory")
+    if app_dir.is_dir() and any(app_dir.iterdir()) and not (app_dir / "support.sqlite").is_file():
+        raise UserError(f"{app_dir} exists, is not empty and is not a support app directory")
+    if encoder is not None and not (Path(encoder) / "config.yaml").is_file():
+        raise UserError(f"--encoder must be an lmforge encoder run directory (no config.yaml in {encoder})")
+    store = Store(app_dir, create=True)
+    try:
+        previous = store.get("encoder")
+        wanted = str(Path(encoder).resolve()) if encoder is not None else previous or "encoder"
+        if previous is not None and wanted != previous:
+            store.sync_faq([], {})  # another encoder: every vector must be recomputed
+        if wanted == "encoder" and not (app_dir / "encoder" / "config.yaml").is_file():
+            status("importing the default encoder (all-MiniLM-L6-v2) into the app")
+            import_hf(default_encoder_dir(), app_dir / "encoder")
+        store.set("encoder", wanted)
+        if mask_kinds is not None:
+            store.set("mask", mask_kinds)
+        elif store.get("mask") is None:
+            store.set("mask", list(KINDS))
+        if store.get("threshold") is None:
+            store.set("threshold", DEFAULT_THRESHOLD)
+        old = store.faq_digests()
+        todo = [e for e in entries if old.get(e.id) != e.digest]
+        vectors = {}
+        if todo:
+            status(f"embedding {len(todo)} FAQ entries")
+            embed = load_encoder(encoder_dir_of(app_dir, store))
+            q = embed([e.question for e in todo])
+            qa = embed([f"{e.question}\n{e.answer}" for e in todo])
+            vectors = {e.id: (q[i], qa[i]) for i, e in enumerate(todo)}
+        counts = store.sync_faq(entries, vectors)
+        all_entries, qv, qav = store.faq()
+        with atomic_path(app_dir / "index.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, ids=np.array([e.id for e in all_entries]), q=qv, qa=qav)
+        return {"app_dir": str(app_dir), "entries": len(entries), **counts, "encoder": wanted,
+                "threshold": store.get("threshold"), "mask": store.get("mask")}
+    finally:
+        store.close()
+
+
+@dataclass
+class Reply:
+    conversation_id: str
+    status: str  # "assistant" or "human"
+    messages: list[dict]  # what this call added: the customer's message, then any reply
+    handoff_reason: str | None = None
+
+
+class Assistant:
+    """One app directory, loaded: the store, the retriever and (optionally) a decoder that rephrases."""
+
+    def __init__(self, app_dir: str | Path, generate_run: str | Path | None = None):
+        self.app_dir = Path(app_dir)
+        self.store = Store(app_dir)
+        entries, q, qa = self.store.faq()
+        if not entries:
+            raise UserError(f"{app_dir}: the FAQ is empty — run `lmforge support init`")
+        self.retriever = Retriever(entries, q, qa, load_encoder(encoder_dir_of(self.app_dir, self.store)))
+        self.mask_kinds = tuple(self.store.get("mask", list(KINDS)))
+        self.generator = _Rephraser(generate_run) if generate_run else None
+        self.on_event = lambda kind, value=None: None  # set by the web app (metrics)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.store.get("threshold", DEFAULT_THRESHOLD))
+
+    def mask(self, text: str) -> str:
+        return mask(text, self.mask_kinds)
+
+    # ----------------------------------------------------------------------------- customers
+    def handle(self, customer_id: str, text: str, conversation_id: str | None = None) -> Reply:
+        text = validate_text(text)
+        customer_id = validate_id(customer_id, "customer_id")
+        conv = self.store.open_conversation(customer_id, conversation_id)
+        cid = conv["id"]
+        earlier = self.store.messages(cid)
+        previous = [m for m in earlier if m["role"] == "customer"]
+        answered_before = any(m["role"] == "assistant" and m["faq_ids"] and m["confidence"] is not None
+                              and m["confidence"] >= self.threshold for m in earlier)
+        masked = self.mask(text)
+        added = [self.store.add_message(cid, "customer", masked)]
+        self.on_event("customer_message")
+        name = find_name(text)
+        if name:
+            self.store.set_customer_name(customer_id, name)
+        if conv["status"] == "human":
+            return Reply(cid, "human", added)
+        if HUMAN_REQUEST.search(text):
+            return self._handoff(cid, added, "requested")
+        if NOT_HELPFUL.search(text):
+            failures = conv["failures"] + 1
+            if failures >= FAILURES_BEFORE_HANDOFF:
+                return self._handoff(cid, added, "repeated_failures", failures=failures)
+            added.append(self.store.add_message(cid, "assistant", "Sorry about that. Could you tell me a bit more "
+                                                "about what you need, in other words?", failures=failures))
+            return Reply(cid, "assistant", added)
+        rest = NAME.sub("", GREETING.sub("", text)).strip(" ,.!?-")
+        if (name or GREETING.match(text)) and len(rest.split()) < 3:
+            who = name or (self.store.customer(customer_id) or {}).get("name")
+            added.append(self.store.add_message(cid, "assistant", f"Hello{' ' + who if who else ''}! "
+                                                "What can I help you with?"))
+            return Reply(cid, "assistant", added)
+        hits = self.retriever.search(masked)
+        if previous and hits and hits[0].score < self.threshold and len(masked.split()) <= 8:
+            # A short follow-up ("and on Windows?") read together with the previous question.
+            joined = self.retriever.search(previous[-1]["text"] + " " + masked)
+            if joined and joined[0].score > hits[0].score:
+                hits = joined
+        if not hits or hits[0].score < self.threshold:
+            return self._handoff(cid, added, "low_confidence", hits=hits)
+        answer = self._answer(customer_id, text, hits[0], first=not answered_before)
+        added.append(self.store.add_message(cid, "assistant", answer, [hits[0].entry.id], hits[0].score))
+        self.on_event("answered", hits[0].score)
+        return Reply(cid, "assistant", added)
+
+    def _answer(self, customer_id: str, question: str, hit: Hit, first: bool) -> str:
+        answer = hit.entry.answer
+        if self.generator is not None:
+            answer = self.generator.rephrase(question, answer) or answer
+        name = (self.store.customer(customer_id) or {}).get("name")
+        return f"Thanks, {name}. {answer}" if name and first else answer
+
+    def _handoff(self, cid: str, added: list[dict], reason: str, hits: list[Hit] | None = None, **extra) -> Reply:
+        best = hits[0] if hits else None
+        added.append(self.store.add_message(cid, "assistant", HANDOFF_TEXT[reason],
+                                            [best.entry.id] if best else None, best.score if best else None,
+                                            status="human", handoff_reason=reason, **extra))
+        self.on_event("handoff", reason)
+        return Reply(cid, "human", added, reason)
+
+    def conversation(self, conversation_id: str, customer_id: str | None = None, after: int = 0) -> dict:
+        conv = self.store.conversation(validate_id(conversation_id, "conversation id"))
+        if customer_id is not None and conv["customer_id"] != customer_id:
+            from lmforge.support.store import NotFound
+
+            raise NotFound(f"no conversation {conversation_id!r} for customer {customer_id!r}")
+        return {**conv, "messages": self.store.messages(conv["id"], after)}
+
+    def history(self, customer_id: str) -> dict:
+        customer_id = validate_id(customer_id, "customer_id")
+        customer = self.store.customer(customer_id) or {"id": customer_id, "name": None}
+        return {"customer_id": customer_id, "name": customer.get("name"),
+                "conversations": [{**c, "messages": self.store.messages(c["id"])}
+                                  for c in self.store.conversations_of(customer_id)]}
+
+    # -------------------------------------------------------------------------------- agents
+    def agent_reply(self, conversation_id: str, text: str) -> dict:
+        text = validate_text(text)
+        conv = self.store.conversation(validate_id(conversation_id, "conversation id"))
+        # An agent's reply is stored as written (agents may need to quote details back).
+        msg = self.store.add_message(conv["id"], "agent", text, status="human")
+        self.on_event("agent_message")
+        return msg
+
+    def hand_back(self, conversation_id: str) -> dict:
+        conv = self.store.conversation(validate_id(conversation_id, "conversation id"))
+        return self.store.add_message(conv["id"], "assistant", "You're back with the assistant — ask me anything.",
+                                      status="assistant", failures=0, handoff_reason=None)
+
+    def export(self, conversation_id: str) -> dict:
+        """A conversation with masking applied again (in case the settings became stricter)."""
+        conv = self.conversation(conversation_id)
+        customer = self.store.customer(conv["customer_id"]) or {}
+        return {"conversation_id": conv["id"], "customer_id": conv["customer_id"], "customer_name": customer.get("name"),
+                "status": conv["status"], "handoff_reason": conv["handoff_reason"], "created": conv["created"],
+                "messages": [{**m, "text": self.mask(m["text"])} for m in conv["messages"]]}
+
+
+class _Rephraser:
+    """A decoder run that rewrites the FAQ answer for the question (greedy, bounded)."""
+
+    def __init__(self, run_dir):
+        from lmforge.chat import load_chat_template
+        from lmforge.runs import load_run
+
+        self.run = load_run(run_dir)
+        if self.run.config.arch != "gpt":
+            raise UserError(f"--generate needs a GPT run; {run_dir} is {self.run.config.arch}")
+        self.template = load_chat_template(run_dir)
+        self.lock = threading.Lock()
+
+    def rephrase(self, question: str, answer: str) -> str:
+        from lmforge.chat import render_chat
+        from lmforge.data.tokenizer import EOT
+        from lmforge.generate import stream_text
+
+        prompt = render_chat(self.template, [
+            {"role": "system", "content": f"Answer the customer's question using this FAQ answer: {answer}"},
+            {"role": "user", "content": question}])
+        ids = self.run.tokenizer.encode(prompt, add_special_tokens=False).ids
+        room = self.run.model.config.block_size - len(ids)
+        if room < 16:
+            return ""
+        with self.lock:
+            text = "".join(stream_text(self.run.model, self.run.tokenizer, "", min(160, room), 0.0, None, None, None,
+                                       self.template.get("stop", []), self.run.tokenizer.token_to_id(EOT),
+                                       prompt_ids=ids))
+        return text.strip()
+
+
+def find_name(text: str) -> str | None:
+    m = NAME.search(text)
+    return m.group(1) if m and m.group(1) not in NOT_NAMES else None
+
+
+def validate_text(text) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("the message is empty")
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise ValueError(f"the message has {len(text)} characters; at most {MAX_MESSAGE_CHARS}")
+    return text.strip()
+
+
+def validate_id(value, what: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,128}", value):
+        raise ValueError(f"{what} must be 1-128 letters, digits or _.:@-")
+    return value

