@@ -75,6 +75,8 @@ def test_models_and_completions_with_the_openai_client(server):
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
     again = c.completions.create(model=name, prompt="the model", max_tokens=12, temperature=0)
     assert again.choices[0].text == out.choices[0].text  # greedy is deterministic
+    empty = c.completions.create(model=name, prompt="", max_tokens=3, temperature=0)  # starts a new document
+    assert empty.usage.prompt_tokens == 0 and 0 < empty.usage.completion_tokens <= 3
 
 
 def test_streaming_equals_non_streaming_and_ends_with_done(server):

@@ -387,3 +387,20 @@ def test_customer_and_agent_pages_in_headless_chromium(server, tmp_path):
             again.wait_for_selector(".msg.agent >> text=Hello from a human", timeout=30_000)
         finally:
             browser.close()
+
+
+def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, data_dir, tmp_path):
+    """--generate: a GPT run rewrites the chosen FAQ answer (greedy, so reproducible); the message
+    still records the FAQ entry it came from."""
+    from lmforge.support.assistant import Assistant
+
+    run = tmp_path / "gpt"
+    r = run_cli("train", "--data", str(data_dir), "--out", str(run), "--preset", "debug", "--max-steps", "20",
+                "--set", "model.block_size=256")
+    assert r.returncode == 0, r.stderr
+    assistant = Assistant(app_dir[0], generate_run=run)
+    reply = assistant.handle("gen-1", "How do I install lmforge?")
+    message = reply.messages[-1]
+    entry = next(e for e in assistant.retriever.entries if e.id == "install")
+    expected = assistant.generator.rephrase("How do I install lmforge?", entry.answer) or entry.answer
+    assert message["faq_ids"] == ["install"] and message["text"] == expected

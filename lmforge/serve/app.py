@@ -154,7 +154,9 @@ class Engine:
 
     def generate(self, ids: list[int], req: _Sampling, seed: int | None, stop: list[str]):
         """Generator of text pieces; returns {"completion_tokens", "finish_reason"}."""
-        tokens = self.batcher.submit(ids, req.max_tokens or 16, req.temperature, req.top_p, seed, self.eot)
+        # An empty prompt starts from the end-of-text token, as a new document would.
+        tokens = self.batcher.submit(ids or [self.eot or 0], req.max_tokens or 16, req.temperature, req.top_p, seed,
+                                     self.eot)
         result = yield from text_pieces(tokens, self.run.tokenizer, stop, self.eot)
         self.on_tokens(len(ids), result["completion_tokens"])
         return result

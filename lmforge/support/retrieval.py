@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
@@ -101,4 +102,9 @@ def load_encoder(encoder_dir):
         from lmforge.errors import UserError
 
         raise UserError(f"the support encoder must be an encoder run (arch bert); {encoder_dir} is {run.config.arch}")
-    return lambda texts: embed_texts(run.model, run.tokenizer, texts, max_length=256)
+    lock = threading.Lock()  # encoding sets the tokenizer's padding state: one batch at a time
+
+    def embed(texts: list[str]) -> np.ndarray:
+        with lock:
+            return embed_texts(run.model, run.tokenizer, texts, max_length=256)
+    return embed
