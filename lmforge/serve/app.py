@@ -139,18 +139,22 @@ class Engine:
             tokens += n
         return texts, tokens
 
-    def embed(self, texts: list[str]):
+    def embed(self, req: EmbeddingRequest):
+        """(vectors, prompt tokens); run off the event loop."""
         from lmforge.embed import embed_texts
 
-        with self.encoder_lock:
-            return embed_texts(self.run.model, self.run.tokenizer, texts)
+        with self.encoder_lock:  # encoding sets the tokenizer's padding state: one request at a time
+            texts, tokens = self.encode_inputs(req)
+            return embed_texts(self.run.model, self.run.tokenizer, texts), tokens
 
-    def classify(self, texts: list[str]):
+    def classify(self, req: ClassifyRequest):
+        """(probabilities, prompt tokens); run off the event loop."""
         from lmforge.train.classify import predict_probs
 
         with self.encoder_lock:
+            texts, tokens = self.encode_inputs(req)
             return predict_probs(self.run.model, self.run.tokenizer, texts, self.run.model.config.block_size,
-                                 self.run.device)
+                                 self.run.device), tokens
 
     def generate(self, ids: list[int], req: _Sampling, seed: int | None, stop: list[str]):
         """Generator of text pieces; returns {"completion_tokens", "finish_reason"}."""
@@ -166,7 +170,7 @@ async def _iterate_in_thread(gen):
     """Drive a blocking generator in a worker thread; yields its items, then ("__result__", value).
 
     If the consumer goes away (a client disconnects mid-stream), the worker stops the generator at
-    its next item, which ends the generation and frees the model for the next request.
+    its next item, which cancels the sequence and frees its batch slot.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -351,8 +355,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest):
         engine.require("encoder", req.model, "embeddings")
-        texts, tokens = engine.encode_inputs(req)
-        vectors = await asyncio.to_thread(engine.embed, texts)
+        vectors, tokens = await asyncio.to_thread(engine.embed, req)
         metrics.prompt_tokens.inc(tokens)
 
         def encode(v):
@@ -365,8 +368,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
     @app.post("/v1/classify")
     async def classify(req: ClassifyRequest):
         engine.require("classifier", req.model, "classification")
-        texts, tokens = engine.encode_inputs(req)
-        probs = await asyncio.to_thread(engine.classify, texts)
+        probs, tokens = await asyncio.to_thread(engine.classify, req)
         metrics.prompt_tokens.inc(tokens)
         return {"object": "list", "model": engine.name,
                 "data": [{"index": k, "label": engine.labels[int(p.argmax())],
