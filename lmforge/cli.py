@@ -435,7 +435,7 @@ def cmd_bench_serve(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------- support
-SUPPORT_DATA = Path(__file__).parent / "support" / "data"
+SUPPORT_DATA = Path(__file__).parent / "apps" / "support" / "data"
 
 
 def _support_summary(r: dict) -> str:
@@ -451,10 +451,10 @@ def cmd_support(args) -> int:
     """The customer-service assistant: build it from an FAQ, evaluate it, serve it, export conversations."""
     import os
 
-    from lmforge.support.privacy import parse_kinds
+    from lmforge.apps.support.privacy import parse_kinds
 
     if args.action in ("init", "quickstart"):
-        from lmforge.support.assistant import init_app
+        from lmforge.apps.support.assistant import init_app
 
         faq = SUPPORT_DATA / "faq.jsonl" if args.action == "quickstart" else args.faq
         columns = None if args.action == "quickstart" else {
@@ -462,7 +462,7 @@ def cmd_support(args) -> int:
             "id_column": args.id_column, "category_column": args.category_column}
         r = init_app(faq, args.out, args.encoder, parse_kinds(args.mask) if args.mask else None, columns)
         if args.action == "quickstart":
-            from lmforge.support.evaluate import evaluate_support
+            from lmforge.apps.support.evaluate import evaluate_support
 
             r["eval"] = evaluate_support(args.out, SUPPORT_DATA / "questions.jsonl")
             r["eval"].pop("questions")
@@ -476,7 +476,7 @@ def cmd_support(args) -> int:
             print(f"serve it: lmforge support serve {r['app_dir']} --agent-key KEY   (customer page /, agents /agent)")
         return 0
     if args.action == "eval":
-        from lmforge.support.evaluate import evaluate_support
+        from lmforge.apps.support.evaluate import evaluate_support
 
         r = evaluate_support(args.app_dir, args.questions, save=not args.no_save)
         if args.json:
@@ -490,8 +490,8 @@ def cmd_support(args) -> int:
         return 0
     if args.action == "export":
         from lmforge.fsutil import write_json
-        from lmforge.support.assistant import Assistant
-        from lmforge.support.store import NotFound
+        from lmforge.apps.support.assistant import Assistant
+        from lmforge.apps.support.store import NotFound
 
         assistant = Assistant(args.app_dir)
         try:
@@ -509,7 +509,7 @@ def cmd_support(args) -> int:
             _print_json(out)
         return 0
     # serve
-    from lmforge.support.app import serve
+    from lmforge.apps.support.app import serve
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")

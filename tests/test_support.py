@@ -22,7 +22,7 @@ AGENT_KEY, API_KEY = "agent-secret", "customer-key"
 
 # ------------------------------------------------------------------------------------------ unit
 def test_masking_emails_phones_and_luhn_valid_cards_only():
-    from lmforge.support.privacy import mask
+    from lmforge.apps.support.privacy import mask
 
     text = ("mail ana.b@example.co.uk, call +44 20 7946 0958 or (555) 123-4567; card 4111 1111 1111 1111, "
             "not a card 4111111111111112, order 12345, on 2026-11-23, version 2.13.0")
@@ -33,7 +33,7 @@ def test_masking_emails_phones_and_luhn_valid_cards_only():
 
 
 def test_faq_formats_and_custom_columns(tmp_path):
-    from lmforge.support.faq import read_faq
+    from lmforge.apps.support.faq import read_faq
 
     (tmp_path / "f.csv").write_text("Q,A,Topic\nHow do I pay?,By card.,billing\nWhere is it?,At home.,\n")
     entries = read_faq(tmp_path / "f.csv", question_column="Q", answer_column="A", category_column="Topic")
@@ -53,7 +53,7 @@ def test_faq_formats_and_custom_columns(tmp_path):
     ('{"question": "A?", "answer": "a"\n', "not valid JSON"),
 ])
 def test_bad_faq_files_are_rejected_whole(tmp_path, content, message):
-    from lmforge.support.faq import read_faq
+    from lmforge.apps.support.faq import read_faq
 
     (tmp_path / "f.jsonl").write_text(content)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -63,7 +63,7 @@ def test_bad_faq_files_are_rejected_whole(tmp_path, content, message):
 def test_bm25_matches_the_formula_by_hand():
     import math
 
-    from lmforge.support.retrieval import BM25
+    from lmforge.apps.support.retrieval import BM25
 
     docs = ["refund order refund", "order shipping time", "password reset"]
     bm = BM25(docs)
@@ -79,7 +79,7 @@ def test_bm25_matches_the_formula_by_hand():
 def test_threshold_choice_and_handoff_scores_agree_with_scikit_learn():
     from sklearn.metrics import precision_score, recall_score
 
-    from lmforge.support.evaluate import best_threshold, handoff_scores
+    from lmforge.apps.support.evaluate import best_threshold, handoff_scores
 
     rng = np.random.default_rng(0)
     uncovered = rng.random(80) < 0.3
@@ -93,7 +93,7 @@ def test_threshold_choice_and_handoff_scores_agree_with_scikit_learn():
 
 
 def test_store_orders_messages_and_updates_conversation_in_one_transaction(tmp_path):
-    from lmforge.support.store import NotFound, Store
+    from lmforge.apps.support.store import NotFound, Store
 
     store = Store(tmp_path, create=True)
     conv = store.open_conversation("cust-1", None)
@@ -146,8 +146,8 @@ def test_quickstart_eval_figures_recomputed_from_its_rankings(app_dir, tmp_path)
 def api(app_dir):
     from fastapi.testclient import TestClient
 
-    from lmforge.support.app import create_app
-    from lmforge.support.assistant import Assistant
+    from lmforge.apps.support.app import create_app
+    from lmforge.apps.support.assistant import Assistant
 
     return TestClient(create_app(Assistant(app_dir[0]), AGENT_KEY, API_KEY))
 
@@ -258,7 +258,7 @@ def test_reinit_with_a_changed_faq_keeps_conversations_and_a_bad_faq_changes_not
     import shutil
 
     from lmforge.cli import SUPPORT_DATA
-    from lmforge.support.store import Store
+    from lmforge.apps.support.store import Store
 
     app = tmp_path / "copy"
     shutil.copytree(app_dir[0], app)
@@ -392,7 +392,7 @@ def test_customer_and_agent_pages_in_headless_chromium(server, tmp_path):
 def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, data_dir, tmp_path):
     """--generate: a GPT run rewrites the chosen FAQ answer (greedy, so reproducible); the message
     still records the FAQ entry it came from."""
-    from lmforge.support.assistant import Assistant
+    from lmforge.apps.support.assistant import Assistant
 
     run = tmp_path / "gpt"
     r = run_cli("train", "--data", str(data_dir), "--out", str(run), "--preset", "debug", "--max-steps", "20",

@@ -1,6 +1,6 @@
 """The assistant: building an app directory from an FAQ, and answering customer messages.
 
-An app directory holds ``support.sqlite`` (everything the app keeps: :mod:`lmforge.support.store`),
+An app directory holds ``support.sqlite`` (everything the app keeps: :mod:`lmforge.apps.support.store`),
 ``index.npz`` (the FAQ embedding index the retriever loads) and ``encoder/`` (the lmforge encoder
 run used for embeddings, all-MiniLM-L6-v2 by default) unless another encoder run was named.
 
@@ -27,10 +27,10 @@ import numpy as np
 
 from lmforge.errors import UserError
 from lmforge.progress import status
-from lmforge.support.faq import FaqEntry, read_faq
-from lmforge.support.privacy import KINDS, mask
-from lmforge.support.retrieval import Hit, Retriever, load_encoder
-from lmforge.support.store import Store
+from lmforge.apps.support.faq import FaqEntry, read_faq
+from lmforge.apps.support.privacy import KINDS, mask
+from lmforge.apps.support.retrieval import Hit, Retriever, load_encoder
+from lmforge.apps.support.store import Store
 
 DEFAULT_THRESHOLD = 0.55  # until `lmforge support eval` fits one on labelled questions
 MAX_MESSAGE_CHARS = 2000
@@ -211,7 +211,7 @@ class Assistant:
     def conversation(self, conversation_id: str, customer_id: str | None = None, after: int = 0) -> dict:
         conv = self.store.conversation(validate_id(conversation_id, "conversation id"))
         if customer_id is not None and conv["customer_id"] != customer_id:
-            from lmforge.support.store import NotFound
+            from lmforge.apps.support.store import NotFound
 
             raise NotFound(f"no conversation {conversation_id!r} for customer {customer_id!r}")
         return {**conv, "messages": self.store.messages(conv["id"], after)}

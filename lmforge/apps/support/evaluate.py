@@ -72,7 +72,7 @@ def best_threshold(conf: np.ndarray, uncovered: np.ndarray) -> float:
 
 
 def evaluate_support(app_dir: str | Path, questions_file: str | Path, save: bool = True, folds: int = 5) -> dict:
-    from lmforge.support.assistant import Assistant
+    from lmforge.apps.support.assistant import Assistant
 
     assistant = Assistant(app_dir)
     known = {e.id for e in assistant.retriever.entries}

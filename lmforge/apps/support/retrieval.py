@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmforge.support.faq import FaqEntry
+from lmforge.apps.support.faq import FaqEntry
 
 LEXICAL_WEIGHT = 0.3
 BM25_HALF = 6.0  # the BM25 score that counts as half a lexical match

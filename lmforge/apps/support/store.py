@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import UserError
-from lmforge.support.faq import FaqEntry
+from lmforge.apps.support.faq import FaqEntry
 
 DB_FILE = "support.sqlite"
 SCHEMA = """

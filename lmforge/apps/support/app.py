@@ -23,8 +23,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from lmforge.serve.common import Metrics, install_api_basics, key_matches, request_key, unauthorized
-from lmforge.support.assistant import Assistant
-from lmforge.support.store import NotFound
+from lmforge.apps.support.assistant import Assistant
+from lmforge.apps.support.store import NotFound
 
 STATIC = Path(__file__).parent / "static"
 

@@ -1,0 +1,1 @@
+"""Applications built on lmforge: ``support``, the customer-service assistant."""
