@@ -35,6 +35,13 @@ def load_chat_template(run_dir: str | Path) -> dict:
     return template
 
 
+def save_chat_template(run_dir: str | Path, template: dict | None = None) -> None:
+    """Store the chat template in the run directory (edit the file to change how chats render)."""
+    from lmforge.fsutil import write_json
+
+    write_json(Path(run_dir) / "chat_template.json", template or DEFAULT_CHAT_TEMPLATE)
+
+
 def render_chat(template: dict, messages: list[dict]) -> str:
     """The prompt for ``messages`` (dicts with ``role`` and ``content``), ending with the answer's opening."""
     return "".join(template[m["role"]].format(content=m["content"]) for m in messages) + template["generation_prompt"]

@@ -412,3 +412,18 @@ def test_bench_serve_reports_levels_latencies_and_speedup(trained_run):
         assert level["tokens_per_second"] > 0 and level["ttft_ms_p95"] >= level["ttft_ms_p50"] > 0
     assert out["speedup"] > 0 and out["max_rows_decoded_together"] >= 2
     assert run_cli("bench", "serve", str(trained_run), "--concurrency", "0").returncode == 2
+
+
+def test_the_chat_template_is_stored_in_the_run_and_can_be_edited(trained_run, tmp_path):
+    from lmforge.chat import DEFAULT_CHAT_TEMPLATE, load_chat_template, render_chat
+
+    assert json.loads((trained_run / "chat_template.json").read_text()) == DEFAULT_CHAT_TEMPLATE
+    custom = {"system": "<s>{content}</s>", "user": "<u>{content}</u>", "assistant": "<a>{content}</a>",
+              "generation_prompt": "<a>", "stop": ["</a>"]}
+    (tmp_path / "chat_template.json").write_text(json.dumps(custom))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"}]
+    assert render_chat(load_chat_template(tmp_path), messages) == "<u>hi</u><a>hello</a><u>bye</u><a>"
+    (tmp_path / "chat_template.json").write_text('{"user": "x"}')
+    with pytest.raises(Exception, match="missing string field"):
+        load_chat_template(tmp_path)

@@ -292,6 +292,10 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
         save_model(model, tmp / MODEL_FILE, metadata={"format": f"lmforge-{arch}", "imported_from": str(hf_dir)})
         if labels is not None:
             write_json(tmp / "labels.json", labels)
+        if arch == "gpt" and labels is None:
+            from lmforge.chat import save_chat_template
+
+            save_chat_template(tmp)
     return {"run_dir": str(run_dir), "model_type": hf_config["model_type"], "arch": arch,
             "params": model.num_params(), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
             "vocab_size": model.config.vocab_size, "block_size": model.config.block_size, "labels": labels}

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lmforge import config as cfgmod
+from lmforge.chat import save_chat_template
 from lmforge.data.tokens import TokenFile, load_meta
 from lmforge.errors import UserError
 from lmforge.models.gpt import GPT
@@ -199,6 +200,8 @@ def train(cfg: cfgmod.RunConfig, data_dir: str | Path, run_dir: str | Path, resu
         created = True
         shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
         (run_dir / "metrics.jsonl").write_text("")
+        if cfg.arch == "gpt":
+            save_chat_template(run_dir)
     try:
         return _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at,
                      Objective(cfg, meta, device))
