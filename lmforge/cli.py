@@ -111,6 +111,8 @@ def cmd_train(args) -> int:
             raise UserError("--data is required (a directory made by `lmforge prepare`)")
         data_dir = json.loads((Path(args.out) / "trainer_state.json").read_text())["data_dir"]
     summary = train(cfg, data_dir, args.out, resume=args.resume, stop_at=args.stop_at)
+    if summary.get("rank", 0) != 0:  # under torchrun, process 0 speaks for all
+        return 130 if summary["stopped_by"] == "interrupted" else 0
     if args.json:
         _print_json(summary)
     else:

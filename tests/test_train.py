@@ -58,7 +58,7 @@ def test_checkpoint_holds_no_pickled_objects(tmp_path, data_dir):
     run = tmp_path / "run"
     train(debug_cfg("train.max_steps=3"), data_dir, run)
     names = sorted(p.name for p in run.iterdir())
-    assert names == ["config.yaml", "metrics.jsonl", "model.safetensors", "plots", "tokenizer.json",
+    assert names == ["chat_template.json", "config.yaml", "metrics.jsonl", "model.safetensors", "plots", "tokenizer.json",
                      "trainer_state.json", "trainer_state.safetensors"]
     for f in ("model.safetensors", "trainer_state.safetensors"):
         with safe_open(str(run / f), framework="pt") as st:

@@ -48,7 +48,8 @@ def mlm_loss(model, inputs: torch.Tensor, targets: torch.Tensor):
     """(mean cross-entropy, accuracy) over the masked positions."""
     keep = targets >= 0
     hidden = model(inputs)[keep]  # only the masked positions go through the vocabulary projection
-    logits = model.mlm_logits(hidden).float()
+    head = getattr(model, "module", model)  # under DDP, the wrapped model has the head
+    logits = head.mlm_logits(hidden).float()
     loss = F.cross_entropy(logits, targets[keep])
     accuracy = (logits.argmax(-1) == targets[keep]).float().mean()
     return loss, accuracy.detach()

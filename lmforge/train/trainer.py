@@ -24,6 +24,7 @@ from lmforge.errors import UserError
 from lmforge.models.gpt import GPT
 from lmforge.progress import progress, status
 from lmforge.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.distributed import World, setup, teardown, world_from_env, wrap
 from lmforge.train.optim import build_optimizer, lr_at
 
 CALIBRATION_STEPS = 8  # steps timed to plan max_steps from a time budget (after WARM_STEPS)
@@ -181,7 +182,15 @@ def train(cfg: cfgmod.RunConfig, data_dir: str | Path, run_dir: str | Path, resu
         raise UserError(f"--resume: no checkpoint in {run_dir}")
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run directory {run_dir} is not empty; use --resume to continue it or choose another --out")
-    device = resolve_device(cfg.train.device)
+    world = world_from_env()
+    device = setup(world, resolve_device(cfg.train.device))
+    try:
+        return _train(cfg, meta, train_data, val_data, data_dir, run_dir, resume, stop_at, world, device)
+    finally:
+        teardown(world)
+
+
+def _train(cfg, meta, train_data, val_data, data_dir, run_dir, resume, stop_at, world, device) -> dict:
     t = cfg.train
     if device.type == "cuda":  # TF32 for the float32 matmuls that autocast leaves (Ampere and later)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -192,38 +201,46 @@ def train(cfg: cfgmod.RunConfig, data_dir: str | Path, run_dir: str | Path, resu
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type)
     state = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "data_dir": str(data_dir.resolve())}
     created = False
+    world.barrier()  # every process has checked the run directory before process 0 writes to it
     if resume:
         state = load_checkpoint(run_dir, model, optimizer)
-        status(f"resuming {run_dir} at step {state['step']}")
-    else:
+        if world.main:
+            status(f"resuming {run_dir} at step {state['step']}")
+    elif world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         created = True
         shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
         (run_dir / "metrics.jsonl").write_text("")
         if cfg.arch == "gpt":
             save_chat_template(run_dir)
+    world.barrier()
     try:
         return _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at,
-                     Objective(cfg, meta, device))
+                     Objective(cfg, meta, device), world)
     except BaseException:
         if created and not has_checkpoint(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # no half-written run directory
         raise
 
 
-def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at, objective) -> dict:
+def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at, objective,
+          world: World) -> dict:
     t = cfg.train
     B, T, accum = t.batch_size, cfg.model.block_size, t.grad_accum
-    tokens_per_step = B * T * accum
+    tokens_per_step = B * T * accum * world.size
     ctx = autocast_for(device, t.dtype)
     model.activation_checkpointing = t.activation_checkpointing
     use_compile = t.compile if t.compile is not None else device.type == "cuda"
-    fwd = torch.compile(model) if use_compile else model
+    trained = wrap(model, world, device)  # DDP under torchrun; the model itself otherwise
+    fwd = torch.compile(trained) if use_compile else trained
     peak = peak_flops(device)
-    flops_per_step = model.flops_per_token(T) * tokens_per_step
+    flops_per_step = model.flops_per_token(T) * tokens_per_step / world.size  # per device, for MFU
     params = model.num_params()
-    cfgmod.save(cfg, run_dir / "config.yaml")
-    status(f"model: {params:,} parameters on {device}; {tokens_per_step:,} tokens per step")
+    say = status if world.main else (lambda message: None)
+    if world.main:
+        cfgmod.save(cfg, run_dir / "config.yaml")
+    say(f"model: {params:,} parameters on {device}" + (f" x {world.size} processes" if world.active else "")
+        + f"; {tokens_per_step:,} tokens per step")
 
     start_step, step = state["step"], state["step"]
     max_steps = t.max_steps
@@ -237,12 +254,14 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
     def checkpoint() -> None:
         state["step"] = step
         state["train_seconds"] = round(seconds_before + time.perf_counter() - session_t0, 3)
-        save_checkpoint(run_dir, model, optimizer, state)
+        if world.main:
+            save_checkpoint(run_dir, model, optimizer, state)
+        world.barrier()
 
     last_val, last_extra = None, {}
     interval_loss, interval_steps = torch.zeros((), device=device), 0
     interval_t0 = time.perf_counter()
-    bar = progress(total=max_steps, initial=step, desc="training", unit="step")
+    bar = progress(total=max_steps, initial=step, desc="training", unit="step", disable=None if world.main else True)
     model.train()
     reason = "max_steps"
     with _StopFlag() as stop:
@@ -252,11 +271,11 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
             if stop_at is not None and step >= stop_at:
                 reason = "stop_at"
                 break
-            elapsed = time.perf_counter() - session_t0
+            elapsed, interrupted = world.sync(time.perf_counter() - session_t0, stop.requested, device)
             if t.max_seconds is not None and elapsed >= t.max_seconds:
                 reason = "max_seconds"
                 break
-            if stop.requested:
+            if interrupted:  # Ctrl-C here or in another process: all stop at the same step
                 reason = "interrupted"
                 break
 
@@ -265,10 +284,13 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
-                x, y = objective.batch(train_data, step, micro)
-                with ctx:
+                # Process r takes micro-batches r*A..r*A+A-1: W processes = one with W*A.
+                x, y = objective.batch(train_data, step, world.rank * accum + micro)
+                # Gradients are averaged across processes once per step, after the last micro-batch.
+                sync = trained.no_sync() if world.active and micro < accum - 1 else nullcontext()
+                with sync, ctx:
                     loss = objective.loss(fwd, x, y)
-                (loss / accum).backward()
+                    (loss / accum).backward()
                 loss_sum += loss.detach()
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                          if t.grad_clip > 0 else None)
@@ -282,7 +304,8 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
             # (evaluations included), so that the cosine ends with the budget even if the
             # machine's speed changes. Each plan is saved: --resume replays the same schedule.
             if planning:
-                n, now = step - start_step, time.perf_counter()
+                n = step - start_step
+                now = session_t0 + world.sync(time.perf_counter() - session_t0, False, device)[0]
                 if n == WARM_STEPS:
                     mark_t, mark_step = now, step
                 first = max_steps is None and n == WARM_STEPS + CALIBRATION_STEPS
@@ -292,14 +315,15 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                         per_step *= 1 + t.eval_batches / (3 * accum * t.eval_interval)
                     remaining = t.max_seconds - (now - session_t0)
                     max_steps = t.max_steps = step + max(1, int(0.98 * remaining / per_step))
-                    cfgmod.save(cfg, run_dir / "config.yaml")
+                    if world.main:
+                        cfgmod.save(cfg, run_dir / "config.yaml")
                     mark_t, mark_step = now, step
                     while replan_at and now - session_t0 >= replan_at[0] * t.max_seconds:
                         replan_at.pop(0)
                     planning = bool(replan_at)
                     bar.reset(total=max_steps)
                     bar.update(step)
-                    status(f"planned {max_steps} steps to fit {t.max_seconds:.0f} s ({per_step * 1000:.0f} ms/step)")
+                    say(f"planned {max_steps} steps to fit {t.max_seconds:.0f} s ({per_step * 1000:.0f} ms/step)")
 
             interval_loss += loss_sum
             interval_steps += 1
@@ -309,7 +333,7 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                 dt = (time.perf_counter() - interval_t0) / interval_steps  # seconds per step
                 # Mean training loss over the steps since the last line, not one noisy batch.
                 record = {"step": step, "tokens": state["tokens_seen"],
-                          "loss": interval_loss.item() / (accum * interval_steps),
+                          "loss": world.mean(interval_loss).item() / (accum * interval_steps),
                           "lr": lr, "tokens_per_second": round(tokens_per_step / dt, 1)}
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm.item()
@@ -318,15 +342,17 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                 if peak:
                     record["mfu"] = round(flops_per_step / dt / peak, 4)
                     postfix["mfu"] = f"{record['mfu']:.1%}"
-                _log(run_dir, record)
+                if world.main:
+                    _log(run_dir, record)
                 bar.set_postfix(postfix, refresh=False)
                 interval_loss, interval_steps = torch.zeros((), device=device), 0
             if t.eval_interval and step % t.eval_interval == 0 and step != max_steps:
-                val = estimate_val(model, val_data, cfg, ctx, objective)
+                val = estimate_val(model, val_data, cfg, ctx, objective)  # the same batches everywhere
                 last_val = val["val_loss"]
-                _log(run_dir, {"step": step, "tokens": state["tokens_seen"], **val})
+                if world.main:
+                    _log(run_dir, {"step": step, "tokens": state["tokens_seen"], **val})
                 if bar.disable:  # no bar (stderr is not a terminal): leave a line in the log instead
-                    status(f"step {step}/{max_steps or '?'}: val_loss {last_val:.4f}, "
+                    say(f"step {step}/{max_steps or '?'}: val_loss {last_val:.4f}, "
                            f"{state['tokens_seen']:,} tokens, {time.perf_counter() - session_t0:.0f} s")
             if t.checkpoint_interval and step % t.checkpoint_interval == 0:
                 checkpoint()
@@ -338,18 +364,20 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
     if step > start_step:
         val = estimate_val(model, val_data, cfg, ctx, objective)
         last_val = val["val_loss"]
-        _log(run_dir, {"step": step, "tokens": state["tokens_seen"], **val})
+        if world.main:
+            _log(run_dir, {"step": step, "tokens": state["tokens_seen"], **val})
         last_extra = {k: v for k, v in val.items() if k != "val_loss"}
     checkpoint()
-    from lmforge.evaluate.report import plot_loss
+    if world.main:
+        from lmforge.evaluate.report import plot_loss
 
-    plot_loss(run_dir)
+        plot_loss(run_dir)
     seconds = time.perf_counter() - session_t0
     tokens_this_session = (step - start_step) * tokens_per_step
     return {
         "run_dir": str(run_dir), "step": step, "max_steps": max_steps, "stopped_by": reason,
         "tokens_seen": state["tokens_seen"], "params": params, "val_loss": last_val, **last_extra,
         "seconds": round(seconds, 2), "tokens_per_second": round(tokens_this_session / max(seconds, 1e-9), 1),
-        "device": str(device),
+        "device": str(device), "processes": world.size, "rank": world.rank,
     }
 
