@@ -157,3 +157,40 @@ def test_import_hf_bad_input_is_one_line_exit_2_and_no_output(hf_dir, tmp_path, 
 
 def json_of(r):
     return json.loads(r.stdout)
+
+
+def test_gpt_classifier_round_trips_through_gpt2_for_sequence_classification(tmp_path):
+    """import-hf of a GPT2ForSequenceClassification (labels included) and export-hf of our GPT
+    classifier: the same class logits as transformers on right-padded batches."""
+    from lmforge.data.tokenizer import encode_batch, train_bpe
+    from lmforge.runs import load_run
+    from tests.conftest import run_cli
+
+    tok = train_bpe(["refund my order", "where is my parcel", "reset the password please"] * 20, 300)
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
+                                  id2label={0: "billing", 1: "shipping", 2: "account"},
+                                  label2id={"billing": 0, "shipping": 1, "account": 2})
+    hf = transformers.GPT2ForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    r = run_cli("import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["labels"] == ["billing", "shipping", "account"]
+    run = load_run(tmp_path / "run", device="cpu")
+    ids, mask = encode_batch(run.tokenizer, ["refund my order", "where is my parcel please now"], 32)
+    assert mask.sum(1).tolist()[0] < ids.size(1)  # the first row is padded
+    with torch.no_grad():
+        ours = run.model.classify(ids, mask)
+        torch.testing.assert_close(ours, hf(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    r = run_cli("export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["architecture"] == "GPT2ForSequenceClassification"
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "back").eval()
+    assert again.config.id2label == {0: "billing", 1: "shipping", 2: "account"}
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, ours, rtol=1e-5, atol=1e-5)

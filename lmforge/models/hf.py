@@ -20,9 +20,11 @@ _GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight
 
 
 def gpt_state_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our GPT state dict -> ``GPT2LMHeadModel`` state dict (tied head included, as HF expects)."""
+    """Our GPT state dict -> ``GPT2LMHeadModel`` state dict (tied head included, as HF expects), or
+    for a classifier (a ``score`` head) ``GPT2ForSequenceClassification``'s."""
     out = {k: (v.t() if k.endswith(_GPT2_TRANSPOSED) else v).contiguous() for k, v in state.items()}
-    out["lm_head.weight"] = out["transformer.wte.weight"]
+    if "score.weight" not in out:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
 
@@ -32,7 +34,7 @@ def hf_state_to_gpt(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for k, v in state.items():
         if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias") or k == "lm_head.weight":
             continue  # causal-mask buffers of old checkpoints; the head is tied to wte
-        if not k.startswith("transformer."):
+        if not k.startswith(("transformer.", "score.")):
             k = "transformer." + k
         out[k] = (v.t() if k.endswith(_GPT2_TRANSPOSED) else v).contiguous()
     return out
@@ -60,17 +62,26 @@ def gpt_config_from_hf(hf_config) -> GPTConfig:
         raise ValueError(f"GPT-2 activation {act!r} is not supported (gelu_new only)")
     if get("n_inner") not in (None, 4 * n_embd):
         raise ValueError(f"GPT-2 n_inner {get('n_inner')} is not 4 * n_embd")
+    classifier = "GPT2ForSequenceClassification" in (get("architectures") or [])
+    num_labels = len(get("id2label") or {}) or get("num_labels", 2) if classifier else 0
     return GPTConfig(vocab_size=get("vocab_size"), block_size=get("n_positions"), n_layer=get("n_layer"),
                      n_head=get("n_head"), n_embd=n_embd, dropout=get("resid_pdrop", 0.0) or 0.0,
-                     layer_norm_eps=get("layer_norm_epsilon", 1e-5))
+                     layer_norm_eps=get("layer_norm_epsilon", 1e-5), num_labels=num_labels)
 
 
-def to_hf_gpt2(model: GPT, attn_implementation: str = "sdpa"):
-    """A ``GPT2LMHeadModel`` holding the same weights as ``model`` (same device and dtype)."""
-    from transformers import GPT2LMHeadModel
+def to_hf_gpt2(model: GPT, attn_implementation: str = "sdpa", pad_token_id: int = 0):
+    """A ``GPT2LMHeadModel`` holding the same weights as ``model`` (same device and dtype); for a
+    classifier, a ``GPT2ForSequenceClassification`` that pools the last token that is not
+    ``pad_token_id`` (our classifiers pad with it, so both read the same token)."""
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
     p = model.transformer.wte.weight
-    hf = GPT2LMHeadModel(gpt_config_to_hf(model.config, attn_implementation=attn_implementation))
+    if model.config.num_labels:
+        hf = GPT2ForSequenceClassification(gpt_config_to_hf(
+            model.config, attn_implementation=attn_implementation, num_labels=model.config.num_labels,
+            pad_token_id=pad_token_id, architectures=["GPT2ForSequenceClassification"]))
+    else:
+        hf = GPT2LMHeadModel(gpt_config_to_hf(model.config, attn_implementation=attn_implementation))
     missing, unexpected = hf.load_state_dict(gpt_state_to_hf(model.state_dict_for_save()), strict=False)
     if unexpected or [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]:
         raise ValueError(f"GPT-2 conversion mismatch: missing {missing}, unexpected {unexpected}")
@@ -239,18 +250,22 @@ def _load_hf_model(hf_dir: Path, hf_config: dict):
         if kind == "gpt2":
             model = GPT(gpt_config_from_hf(hf_config))
             model.load_saved_state(hf_state_to_gpt(_read_hf_weights(hf_dir)))
-            return "gpt", model, None
+            return "gpt", model, _labels(hf_config, model.config.num_labels)
         if kind == "bert":
             model = Bert(bert_config_from_hf(hf_config))
             _load_bert_state(model, hf_state_to_bert(_read_hf_weights(hf_dir)))
-            labels = None
-            if model.config.num_labels:
-                id2label = hf_config.get("id2label") or {}
-                labels = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(model.config.num_labels)]
-            return "bert", model, labels
+            return "bert", model, _labels(hf_config, model.config.num_labels)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{hf_dir}: {str(e).splitlines()[0]}") from None
     raise UserError(f"{hf_dir}: model_type {kind!r} is not supported by import-hf (supported: gpt2, bert)")
+
+
+def _labels(hf_config: dict, num_labels: int) -> list[str] | None:
+    """A classifier's label names from ``id2label`` (None for other models)."""
+    if not num_labels:
+        return None
+    id2label = hf_config.get("id2label") or {}
+    return [str(id2label.get(str(i), id2label.get(i, i))) for i in range(num_labels)]
 
 
 def default_encoder_dir() -> Path:
@@ -320,11 +335,13 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
         raise UserError(f"output directory {out_dir} is not empty")
     arch = run.config.arch
     try:
-        hf = to_hf_bert(run.model) if arch == "bert" else to_hf_gpt2(run.model)
+        # A GPT classifier pads (and so pools) as lmforge.data.tokenizer.encode_batch does.
+        pad = run.tokenizer.token_to_id("[PAD]")
+        hf = to_hf_bert(run.model) if arch == "bert" else to_hf_gpt2(run.model, pad_token_id=pad or 0)
     except ValueError as e:
         raise UserError(str(e)) from None
     labels_file = run.path / "labels.json"
-    if arch == "bert" and run.model.config.num_labels and labels_file.is_file():
+    if run.model.config.num_labels and labels_file.is_file():
         labels = json.loads(labels_file.read_text(encoding="utf-8"))
         hf.config.id2label = dict(enumerate(labels))
         hf.config.label2id = {v: i for i, v in enumerate(labels)}
