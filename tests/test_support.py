@@ -285,6 +285,11 @@ def test_reinit_with_a_changed_faq_keeps_conversations_and_a_bad_faq_changes_not
     store = Store(app)
     assert [m["text"] for m in store.messages(conv["id"])] == ["still here?"]
     assert {e.id for e in store.faq()[0]} >= {"pricing"} and "docs" not in {e.id for e in store.faq()[0]}
+    store.close()
+    # Naming another encoder re-embeds every entry (here: the same weights, so the same vectors).
+    r = run_cli("support", "init", "--faq", str(faq), "--out", str(app), "--encoder", str(app / "encoder"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["changed"], json.loads(r.stdout)["unchanged"]) == (37, 0)
 
 
 # --------------------------------------------------------------------------- a real server process

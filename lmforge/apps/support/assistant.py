@@ -30,7 +30,7 @@ from lmforge.progress import status
 from lmforge.apps.support.faq import FaqEntry, read_faq
 from lmforge.apps.support.privacy import KINDS, mask
 from lmforge.apps.support.retrieval import Hit, Retriever, load_encoder
-from lmforge.apps.support.store import Store
+from lmforge.apps.support.store import NotFound, Store
 
 DEFAULT_THRESHOLD = 0.55  # until `lmforge support eval` fits one on labelled questions
 MAX_MESSAGE_CHARS = 2000
@@ -86,8 +86,7 @@ def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | No
     try:
         previous = store.get("encoder")
         wanted = str(Path(encoder).resolve()) if encoder is not None else previous or "encoder"
-        if previous is not None and wanted != previous:
-            store.sync_faq([], {})  # another encoder: every vector must be recomputed
+        new_encoder = previous is not None and wanted != previous  # every vector must be recomputed
         if wanted == "encoder" and not (app_dir / "encoder" / "config.yaml").is_file():
             status("importing the default encoder (all-MiniLM-L6-v2) into the app")
             import_hf(default_encoder_dir(), app_dir / "encoder")
@@ -98,7 +97,7 @@ def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | No
             store.set("mask", list(KINDS))
         if store.get("threshold") is None:
             store.set("threshold", DEFAULT_THRESHOLD)
-        old = store.faq_digests()
+        old = {} if new_encoder else store.faq_digests()
         todo = [e for e in entries if old.get(e.id) != e.digest]
         vectors = {}
         if todo:
@@ -107,7 +106,7 @@ def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | No
             q = embed([e.question for e in todo])
             qa = embed([f"{e.question}\n{e.answer}" for e in todo])
             vectors = {e.id: (q[i], qa[i]) for i, e in enumerate(todo)}
-        counts = store.sync_faq(entries, vectors)
+        counts = store.sync_faq(entries, vectors, reembedded=new_encoder)
         all_entries, qv, qav = store.faq()
         with atomic_path(app_dir / "index.npz") as tmp:
             with open(tmp, "wb") as f:
@@ -211,8 +210,6 @@ class Assistant:
     def conversation(self, conversation_id: str, customer_id: str | None = None, after: int = 0) -> dict:
         conv = self.store.conversation(validate_id(conversation_id, "conversation id"))
         if customer_id is not None and conv["customer_id"] != customer_id:
-            from lmforge.apps.support.store import NotFound
-
             raise NotFound(f"no conversation {conversation_id!r} for customer {customer_id!r}")
         return {**conv, "messages": self.store.messages(conv["id"], after)}
 

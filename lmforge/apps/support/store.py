@@ -90,16 +90,18 @@ class Store:
         with self.lock:
             return {r["id"]: r["digest"] for r in self.db.execute("SELECT id, digest FROM faq")}
 
-    def sync_faq(self, entries: list[FaqEntry], vectors: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
+    def sync_faq(self, entries: list[FaqEntry], vectors: dict[str, tuple[np.ndarray, np.ndarray]],
+                 reembedded: bool = False) -> dict:
         """Make the FAQ table equal ``entries``: insert new ids, update changed ones (whose vectors
-        are in ``vectors``), delete the rest. Conversations are untouched. Returns the counts."""
+        are in ``vectors``; all of them when ``reembedded`` by another encoder), delete the rest.
+        Conversations are untouched. Returns the counts."""
         old = self.faq_digests()
         new_ids = {e.id for e in entries}
         counts = {"added": 0, "changed": 0, "removed": 0, "unchanged": 0}
         now = time.time()
         with self.transaction() as db:
             for e in entries:
-                if old.get(e.id) == e.digest:
+                if old.get(e.id) == e.digest and not reembedded:
                     counts["unchanged"] += 1
                     continue
                 q, qa = vectors[e.id]
