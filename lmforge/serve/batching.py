@@ -2,7 +2,8 @@
 
 One thread owns the model. Each sequence holds a row ("slot") of one preallocated KV cache. Every
 iteration the thread (1) drops sequences whose reader went away, (2) admits waiting sequences into
-free slots, prefilling each prompt into its row and sampling its first token, and (3) runs one
+free slots, prefilling their prompts together (one forward pass) into their rows and sampling each
+one's first token, and (3) runs one
 decode step over the occupied rows, each at its own position, and samples every row with that
 request's own settings and random generator. A request that arrives while others are decoding
 therefore starts at the next step instead of waiting for them to finish.
@@ -124,8 +125,8 @@ class ContinuousBatcher:
                     admitted.append(seq)
             try:
                 with torch.no_grad():
-                    for seq in admitted:
-                        self._prefill(seq)
+                    if admitted:
+                        self._prefill(admitted)
                     if self.active:
                         self._step()
             except BaseException as e:  # fail the requests in flight, keep serving the next ones
@@ -148,11 +149,22 @@ class ContinuousBatcher:
             with self.cond:
                 self._release(seq.slot)
 
-    def _prefill(self, seq: _Sequence) -> None:
-        x = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
-        logits = self.model(x, cache=self.cache.rows(seq.slot, seq.slot + 1), last_only=True)[0][:, -1, :]
-        seq.pos = len(seq.prompt)
-        self._emit(seq, int(sample_next(logits, seq.temperature, None, seq.top_p, seq.generator)[0]))
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """All newly admitted prompts in one forward pass (right-padded to the longest), their keys
+        and values copied into their slots, and each one's first token sampled."""
+        lengths = [len(s.prompt) for s in seqs]
+        x = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            x[i, :lengths[i]] = torch.tensor(s.prompt)
+        scratch = self.model.new_cache(len(seqs), max(lengths))
+        logits = self.model.prefill(x.to(self.device), torch.tensor(lengths, device=self.device), scratch)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        for big, small in ((self.cache.k, scratch.k), (self.cache.v, scratch.v)):
+            for layer in range(len(big)):
+                big[layer][slots, :, :small[layer].size(2)] = small[layer]
+        for i, seq in enumerate(seqs):
+            seq.pos = lengths[i]
+            self._emit(seq, int(sample_next(logits[i:i + 1], seq.temperature, None, seq.top_p, seq.generator)[0]))
 
     def _step(self) -> None:
         with self.cond:
