@@ -47,6 +47,9 @@ class TrainConfig:
     # Recompute each block's activations in the backward pass instead of keeping them: less
     # memory for more compute (see bench/RESULTS.md for the measured trade).
     activation_checkpointing: bool = False
+    # Under torchrun: shard parameters, gradients and optimizer state across processes (FSDP)
+    # instead of replicating them (DDP). For models that do not fit one device with DDP.
+    fsdp: bool = False
     # Rows per chunk of the fused head + cross-entropy (0: full logits and F.cross_entropy).
     # None: by device, as measured (bench/RESULTS.md): 256 on CPU, where it is 13% faster; full
     # logits on CUDA, where torch.compile fuses the loss and chunks of 256 are 1.6x slower.

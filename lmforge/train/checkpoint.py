@@ -24,10 +24,11 @@ STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 
 
-def save_model(model, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write ``model.state_dict_for_save()`` to safetensors atomically."""
+def save_model(model, path: str | Path, metadata: dict[str, str] | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``model.state_dict_for_save()`` (or ``state``, already in that form) to safetensors atomically."""
     with atomic_path(path) as tmp:
-        save_file(model.state_dict_for_save(), str(tmp), metadata=metadata or {})
+        save_file(state if state is not None else model.state_dict_for_save(), str(tmp), metadata=metadata or {})
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -37,8 +38,8 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """An optimizer state dict (parameters numbered) as flat tensors and JSON-able groups."""
     tensors = {}
     for pid, st in sd["state"].items():
         for name, value in st.items():
@@ -48,18 +49,22 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, groups
 
 
-def save_checkpoint(run_dir: str | Path, model, optimizer, state: dict) -> None:
-    """Save model, optimizer, RNG and ``state`` (must hold ``step``) into ``run_dir``."""
+def save_checkpoint(run_dir: str | Path, model, optimizer, state: dict, model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> None:
+    """Save model, optimizer, RNG and ``state`` (must hold ``step``) into ``run_dir``.
+
+    ``model_state`` / ``optimizer_state`` replace ``model.state_dict_for_save()`` and
+    ``optimizer.state_dict()`` when they were gathered elsewhere (sharded training)."""
     run_dir = Path(run_dir)
     step = str(state["step"])
-    tensors, groups = _optimizer_tensors(optimizer)
+    tensors, groups = _optimizer_tensors(optimizer_state if optimizer_state is not None else optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     with atomic_path(run_dir / STATE_TENSORS) as tmp:
         save_file(tensors, str(tmp), metadata={"step": step})
-    save_model(model, run_dir / MODEL_FILE, metadata={"step": step, "format": "lmforge-gpt"})
+    save_model(model, run_dir / MODEL_FILE, metadata={"step": step, "format": "lmforge-gpt"}, state=model_state)
     write_json(run_dir / STATE_JSON, {**state, "param_groups": groups})
 
 
@@ -76,7 +81,10 @@ def _step_of(path: Path) -> str | None:
 
 
 def load_checkpoint(run_dir: str | Path, model, optimizer) -> dict:
-    """Restore model, optimizer and RNG from ``run_dir``; returns the JSON state."""
+    """Restore model, optimizer and RNG from ``run_dir``; returns the JSON state.
+
+    ``optimizer`` may be None (restored later, e.g. after sharding): the returned state then
+    holds the optimizer state dict under ``"optimizer_state"``."""
     run_dir = Path(run_dir)
     if not has_checkpoint(run_dir):
         raise UserError(f"no checkpoint to resume in {run_dir} (needs {MODEL_FILE}, {STATE_TENSORS}, {STATE_JSON})")
@@ -91,7 +99,11 @@ def load_checkpoint(run_dir: str | Path, model, optimizer) -> dict:
         if key.startswith("optim."):
             _, pid, name = key.split(".", 2)
             opt_state.setdefault(int(pid), {})[name] = t
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    optimizer_state = {"state": opt_state, "param_groups": state.pop("param_groups")}
+    if optimizer is not None:
+        optimizer.load_state_dict(optimizer_state)
+    else:
+        state["optimizer_state"] = optimizer_state
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():

@@ -1,4 +1,5 @@
-"""Data-parallel training under ``torchrun``: one process per device, DDP gradient averaging.
+"""Data-parallel training under ``torchrun``: one process per device, DDP gradient averaging or
+(``train.fsdp``) FSDP sharding.
 
 ``torchrun --nproc_per_node=N -m lmforge train ...`` starts N copies of the same command; each
 reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from the environment. Process ``r`` of ``W``
@@ -86,9 +87,88 @@ def teardown(world: World) -> None:
 
 
 def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
-    """``model`` under DistributedDataParallel when there are several processes."""
-    if not world.active:
+    """``model`` under DistributedDataParallel when there are several processes (a model already
+    sharded by :func:`shard` is returned as it is)."""
+    if not world.active or is_sharded(model):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ------------------------------------------------------------------------------------------ FSDP
+# With ``train.fsdp`` each transformer block, then the whole model, is sharded with FSDP2's
+# ``fully_shard``: every process keeps 1/W of each parameter, gradient and optimizer moment and
+# gathers a block's parameters just for its forward and backward. Checkpoints stay the plain
+# single-file format: the full state is gathered (to process 0's CPU) to save, and loaded into
+# the unsharded model (weights) and through ``set_optimizer_state_dict`` (moments) to resume.
+
+def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    from lmforge.models.bert import Bert
+
+    return model.bert.encoder["layer"] if isinstance(model, Bert) else model.transformer.h
+
+
+def shard(model: torch.nn.Module) -> None:
+    """Shard ``model`` in place (call before building the optimizer)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's parameters by name, in its numbering (groups in order)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The full model state (as ``state_dict_for_save``) and optimizer state dict (parameters
+    numbered, as ``optimizer.state_dict()``) of a sharded model, on process 0 (the others get
+    empty dicts). Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    model_state.pop("lm_head.weight", None)  # a GPT's head is its token embedding (not stored twice)
+    osd = get_optimizer_state_dict(model, optimizer, options=options)
+    if not osd:  # with cpu_offload the full state lands on process 0 only
+        return model_state, osd
+    index = {n: i for i, n in enumerate(_names(model, optimizer))}
+    state = {index[n]: st for n, st in osd["state"].items()}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
+    return {k: v.contiguous() for k, v in model_state.items()}, {"state": state, "param_groups": groups}
+
+
+def accumulating(trained: torch.nn.Module, world: World, last: bool):
+    """The context for one micro-batch's forward and backward: gradients are reduced across
+    processes only on the ``last`` micro-batch of a step."""
+    from contextlib import nullcontext
+
+    if not world.active or last:
+        if is_sharded(trained):
+            trained.set_requires_gradient_sync(True)
+        return nullcontext()
+    if is_sharded(trained):
+        trained.set_requires_gradient_sync(False)
+        return nullcontext()
+    return trained.no_sync()
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a numbered optimizer state dict (a checkpoint's) into the optimizer of a sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _names(model, optimizer)
+    full = {"state": {names[i]: st for i, st in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))

@@ -24,7 +24,8 @@ from lmforge.errors import UserError
 from lmforge.models.gpt import GPT
 from lmforge.progress import progress, status
 from lmforge.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from lmforge.train.distributed import World, setup, teardown, world_from_env, wrap
+from lmforge.train.distributed import (World, accumulating, gather_state, is_sharded, load_optimizer_state, setup,
+                                       shard, teardown, world_from_env, wrap)
 from lmforge.train.optim import build_optimizer, lr_at
 
 CALIBRATION_STEPS = 8  # steps timed to plan max_steps from a time budget (after WARM_STEPS)
@@ -198,7 +199,11 @@ def _train(cfg, meta, train_data, val_data, data_dir, run_dir, resume, stop_at, 
 
     torch.manual_seed(t.seed)
     model = build_model(cfg).to(device)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type)
+    sharded = world.active and t.fsdp  # the optimizer is built on the shards, after sharding
+
+    def make_optimizer():
+        return build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type)
+    optimizer = None if sharded else make_optimizer()
     state = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "data_dir": str(data_dir.resolve())}
     created = False
     world.barrier()  # every process has checked the run directory before process 0 writes to it
@@ -214,6 +219,11 @@ def _train(cfg, meta, train_data, val_data, data_dir, run_dir, resume, stop_at, 
         if cfg.arch == "gpt":
             save_chat_template(run_dir)
     world.barrier()
+    if sharded:
+        shard(model)
+        optimizer = make_optimizer()
+        if resume:
+            load_optimizer_state(model, optimizer, state.pop("optimizer_state"))
     try:
         return _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at,
                      Objective(cfg, meta, device), world)
@@ -254,8 +264,9 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
     def checkpoint() -> None:
         state["step"] = step
         state["train_seconds"] = round(seconds_before + time.perf_counter() - session_t0, 3)
+        gathered = gather_state(model, optimizer) if is_sharded(model) else (None, None)  # all processes
         if world.main:
-            save_checkpoint(run_dir, model, optimizer, state)
+            save_checkpoint(run_dir, model, optimizer, state, *gathered)
         world.barrier()
 
     last_val, last_extra = None, {}
@@ -287,8 +298,7 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                 # Process r takes micro-batches r*A..r*A+A-1: W processes = one with W*A.
                 x, y = objective.batch(train_data, step, world.rank * accum + micro)
                 # Gradients are averaged across processes once per step, after the last micro-batch.
-                sync = trained.no_sync() if world.active and micro < accum - 1 else nullcontext()
-                with sync, ctx:
+                with accumulating(trained, world, last=micro == accum - 1), ctx:
                     loss = objective.loss(fwd, x, y)
                     (loss / accum).backward()
                 loss_sum += loss.detach()
@@ -335,8 +345,9 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                 record = {"step": step, "tokens": state["tokens_seen"],
                           "loss": world.mean(interval_loss).item() / (accum * interval_steps),
                           "lr": lr, "tokens_per_second": round(tokens_per_step / dt, 1)}
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm.item()
+                if grad_norm is not None:  # a DTensor when sharded
+                    record["grad_norm"] = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                           else grad_norm).item()
                 postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}",
                            "tok/s": f"{record['tokens_per_second']:,.0f}"}
                 if peak:
