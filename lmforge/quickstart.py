@@ -177,7 +177,7 @@ def quickstart_classify(out: str | Path = "runs/quickstart-classify", max_second
                     f.write(json.dumps({"text": text, "label": label}) + "\n")
         budget = max_seconds - (time.perf_counter() - t0) - RESERVE_SECONDS
         summary = train_classifier(init, Path(tmp) / "train.jsonl", out, test=Path(tmp) / "test.jsonl",
-                                   epochs=4, max_length=64, max_seconds=budget, class_weights="auto",
+                                   epochs=6, max_length=128, max_seconds=budget, class_weights="auto",
                                    overrides=["train.lr=1.5e-4", "train.batch_size=32"])
     base = baselines(train, test, summary["labels"])
     result = {"task": "stdlib docstring -> package", "labels": summary["labels"],

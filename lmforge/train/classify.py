@@ -141,13 +141,22 @@ def train_classifier(init, data, out, *, val=None, test=None, text_column="text"
     gen = torch.Generator().manual_seed(t.seed)
     sample_w = (1.0 / counts)[y_train] if oversample else None
 
-    def batches():  # epochs of shuffled (or class-balanced) indices; a last partial batch is dropped
+    lengths = mask.sum(1)
+
+    def batches():
+        """Epochs of shuffled (or class-balanced) indices, grouped by length: each run of 50 batches
+        is sorted by length before it is cut, and the batches are then shuffled, so a batch pads
+        to similar lengths (the same examples per epoch, about half the compute of padding every
+        batch to ``max_length`` on short texts). A last partial batch is dropped."""
         B = min(t.batch_size, len(y_train))
         while True:
             order = (torch.multinomial(sample_w, len(y_train), replacement=True, generator=gen) if oversample
                      else torch.randperm(len(y_train), generator=gen))
-            for s in range(0, len(order) - B + 1, B):
-                yield order[s:s + B]
+            order = torch.cat([mega[torch.argsort(lengths[mega], descending=True, stable=True)]
+                               for mega in order.split(50 * B)])
+            cut = [order[s:s + B] for s in range(0, len(order) - B + 1, B)]
+            for k in torch.randperm(len(cut), generator=gen).tolist():
+                yield cut[k]
 
     with atomic_dir(out) as tmp:
         status(f"classifier: {arch} from {init}, {model.num_params():,} params, {len(names)} classes, "
@@ -166,8 +175,9 @@ def train_classifier(init, data, out, *, val=None, test=None, text_column="text"
             lr = lr_at(step, t.lr, t.warmup_steps, max_steps, t.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            width = int(lengths[b].max())  # padding past the longest text in the batch changes nothing
             with ctx:
-                logits = model.classify(ids[b].to(device), mask[b].to(device))
+                logits = model.classify(ids[b, :width].to(device), mask[b, :width].to(device))
             loss = F.cross_entropy(logits.float(), y_train[b].to(device), weight=loss_weight)
             loss.backward()
             if t.grad_clip > 0:
