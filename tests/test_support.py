@@ -5,10 +5,7 @@ conversations against a real server; bad input; and both pages in headless Chrom
 
 import json
 import os
-import subprocess
-import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -257,8 +254,8 @@ def test_bad_requests_get_clear_4xx_and_keys_are_separate(api):
 def test_reinit_with_a_changed_faq_keeps_conversations_and_a_bad_faq_changes_nothing(app_dir, tmp_path):
     import shutil
 
-    from lmforge.cli import SUPPORT_DATA
     from lmforge.apps.support.store import Store
+    from lmforge.cli import SUPPORT_DATA
 
     app = tmp_path / "copy"
     shutil.copytree(app_dir[0], app)
@@ -295,24 +292,10 @@ def test_reinit_with_a_changed_faq_keeps_conversations_and_a_bad_faq_changes_not
 # --------------------------------------------------------------------------- a real server process
 @pytest.fixture(scope="module")
 def server(app_dir):
-    from tests.test_serve import free_port
+    from lmforge.serve.common import start_server
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "support", "serve", str(app_dir[0]), "--port", str(port),
-                             "--agent-key", AGENT_KEY], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "LMFORGE_API_KEY": API_KEY})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("support server did not start: " + proc.stderr.read().decode()[-2000:])
-        time.sleep(0.2)
+    proc, base = start_server(["support", "serve", str(app_dir[0]), "--agent-key", AGENT_KEY],
+                              env={"LMFORGE_API_KEY": API_KEY}, timeout=90)
     yield base
     proc.terminate()
     proc.wait(timeout=10)

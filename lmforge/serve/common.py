@@ -162,3 +162,38 @@ def install_api_basics(app: FastAPI, metrics: Metrics, check_auth: Callable[[Req
     @app.get("/metrics")
     async def _prometheus():
         return metrics.response()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], env: dict | None = None, timeout: float = 120.0):
+    """``python -m lmforge ARGS --port P`` on a free port (a server command: ``serve``, ``support
+    serve``); returns ``(process, base_url)`` once ``/health`` answers 200, polled with a deadline.
+    The caller terminates the process."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args, "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"lmforge {args[0]} did not start: " + proc.stderr.read().decode()[-2000:])
+        time.sleep(0.2)

@@ -134,8 +134,7 @@ def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
     """The full model state (as ``state_dict_for_save``) and optimizer state dict (parameters
     numbered, as ``optimizer.state_dict()``) of a sharded model, on process 0 (the others get
     empty dicts). Every process must call it."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)

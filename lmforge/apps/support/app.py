@@ -22,9 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
-from lmforge.serve.common import Metrics, install_api_basics, key_matches, request_key, unauthorized
 from lmforge.apps.support.assistant import Assistant
 from lmforge.apps.support.store import NotFound
+from lmforge.serve.common import Metrics, install_api_basics, key_matches, request_key, unauthorized
 
 STATIC = Path(__file__).parent / "static"
 

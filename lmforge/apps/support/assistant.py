@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.errors import UserError
-from lmforge.progress import status
-from lmforge.apps.support.faq import FaqEntry, read_faq
+from lmforge.apps.support.faq import read_faq
 from lmforge.apps.support.privacy import KINDS, mask
 from lmforge.apps.support.retrieval import Hit, Retriever, load_encoder
 from lmforge.apps.support.store import NotFound, Store
+from lmforge.errors import UserError
+from lmforge.progress import status
 
 DEFAULT_THRESHOLD = 0.55  # until `lmforge support eval` fits one on labelled questions
 MAX_MESSAGE_CHARS = 2000

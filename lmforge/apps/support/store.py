@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.errors import UserError
 from lmforge.apps.support.faq import FaqEntry
+from lmforge.errors import UserError
 
 DB_FILE = "support.sqlite"
 SCHEMA = """
