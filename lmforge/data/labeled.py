@@ -25,29 +25,40 @@ class Examples:
         return len(self.texts)
 
 
+def read_utf8(path: Path, what: str = "data file") -> str:
+    """The text of ``path`` (a BOM dropped); a missing file or bad encoding is a UserError."""
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def jsonl_objects(path: Path, text: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of JSON-lines ``text`` read from ``path``."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: expected a JSON object per line")
+            rows.append((n, row))
+    return rows
+
+
 def read_examples(path: str | Path, text_column: str = "text", label_column: str | None = "label") -> Examples:
     """Rows of a ``.csv`` or ``.jsonl`` file; ``label_column`` None reads texts only."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    try:
-        raw = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text") from None
+    raw = read_utf8(path)
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(raw.splitlines()))
         columns = list(rows[0].keys()) if rows else []
     elif path.suffix.lower() in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{n}: expected a JSON object per line")
-                rows.append(row)
+        rows = [row for _, row in jsonl_objects(path, raw)]
         columns = sorted({k for r in rows for k in r})
     else:
         raise UserError(f"{path}: expected a .csv or .jsonl file")

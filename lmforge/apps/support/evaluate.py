@@ -11,32 +11,20 @@ an honest estimate for new questions.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from lmforge.data.labeled import jsonl_objects, read_utf8
 from lmforge.errors import UserError
 
 
 def read_questions(path: str | Path, known_ids: set[str]) -> list[tuple[str, set[str] | None]]:
     """(question, acceptable ids or None for uncovered) per line; unknown ids are an error."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"questions file not found: {path}")
     out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or "faq_id" not in obj:
+    for n, obj in jsonl_objects(path, read_utf8(path, "questions file")):
+        if not isinstance(obj.get("question"), str) or "faq_id" not in obj:
             raise UserError(f'{path}:{n}: expected {{"question": "...", "faq_id": ID | [IDS] | "none"}}')
         ids = obj["faq_id"]
         if ids == "none" or ids is None:

@@ -15,6 +15,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.data.labeled import jsonl_objects, read_utf8
 from lmforge.errors import UserError
 
 
@@ -40,15 +41,6 @@ def _normal(question: str) -> str:
     return " ".join(question.casefold().split()).rstrip("?!. ")
 
 
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise UserError(f"FAQ file not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
-
-
 def _rows_markdown(text: str) -> list[dict]:
     rows, category, current = [], "", None
     for line in text.splitlines():
@@ -70,17 +62,7 @@ def _rows_table(path: Path, text: str, columns: dict[str, str]) -> list[dict]:
         header = reader.fieldnames or []
         rows = list(reader)
     else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{n}: each line must be a JSON object")
-            rows.append(obj)
+        rows = [obj for _, obj in jsonl_objects(path, text)]
         header = sorted({k for r in rows for k in r})
     missing = [columns[k] for k in ("question", "answer") if columns[k] not in header]
     if missing:
@@ -101,7 +83,7 @@ def read_faq(path: str | Path, question_column: str = "question", answer_column:
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".jsonl", ".md"):
         raise UserError(f"{path}: an FAQ is a .csv, .jsonl or .md file")
-    text = _read_text(path)
+    text = read_utf8(path, "FAQ file")
     columns = {"question": question_column, "answer": answer_column, "id": id_column, "category": category_column}
     rows = _rows_markdown(text) if path.suffix.lower() == ".md" else _rows_table(path, text, columns)
     if not rows:
