@@ -17,6 +17,7 @@ import yaml
 from lmforge.errors import UserError
 from lmforge.models.bert import BertConfig
 from lmforge.models.gpt import GPTConfig
+from lmforge.train.optim import OPTIMIZERS
 
 
 @dataclass
@@ -33,6 +34,10 @@ class TrainConfig:
     max_steps: int | None = 500
     max_seconds: float | None = None  # wall-clock budget for the optimizer loop (hard stop)
     weight_decay: float = 0.1  # on matrices only; biases, norms and embeddings get none
+    # adamw | muon (torch.optim.Muon on the hidden matrices, AdamW on embeddings, biases, norms)
+    optimizer: str = "adamw"
+    # Muon's peak learning rate (None: train.lr), on the same schedule; RMS-matched to AdamW's.
+    muon_lr: float | None = None
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables
@@ -84,7 +89,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "micro": {
         "model": dict(n_layer=3, n_head=3, n_embd=192, block_size=256, dropout=0.0),
         # beta2 0.99: with only 2k tokens per step the second-moment estimate needs a longer memory.
-        "train": dict(batch_size=8, lr=2e-3, warmup_steps=30, max_steps=1000, beta2=0.99),
+        # Muon on the hidden matrices at 2e-3, AdamW at 1e-2 on embeddings (= the tied head),
+        # biases and norms: 0.21 bits/byte better than AdamW at 2e-3 in the same 5 minutes.
+        "train": dict(batch_size=8, lr=1e-2, warmup_steps=30, max_steps=1000, beta2=0.99, optimizer="muon",
+                      muon_lr=2e-3),
     },
     # Encoders (masked-LM pretraining: `lmforge train --task mlm` on `prepare --tokenizer wordpiece` data).
     "bert-debug": {
@@ -232,6 +240,12 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.optimizer not in OPTIMIZERS:
+        raise UserError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}")
+    if t.optimizer == "muon" and t.fsdp:
+        raise UserError("train.optimizer muon needs whole matrices; it cannot run with train.fsdp")
+    if t.muon_lr is not None and t.muon_lr <= 0:
+        raise UserError(f"train.muon_lr must be positive, got {t.muon_lr}")
 
 
 def loss_chunk_for(value: int | None, device_type: str) -> int:

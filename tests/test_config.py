@@ -28,10 +28,17 @@ def test_saved_config_round_trips(tmp_path):
     ("train.batch_size=1.5", "expects int"),
     ("model.n_head=3", "divisible"),
     ("train.lr=-1", "must be positive"),
+    ("train.optimizer=sgd", "train.optimizer must be one of adamw, muon"),
+    ("train.muon_lr=0", "train.muon_lr must be positive"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(UserError, match=message):
         cfgmod.build_config("debug", overrides=[override])
+
+
+def test_muon_refuses_fsdp():
+    with pytest.raises(UserError, match="cannot run with train.fsdp"):
+        cfgmod.build_config("micro", overrides=["train.fsdp=true"])
 
 
 def test_loss_chunk_defaults_by_device():

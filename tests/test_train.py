@@ -26,10 +26,13 @@ def debug_cfg(*overrides):
     return cfgmod.build_config("debug", overrides=list(overrides))
 
 
-def test_resume_reproduces_uninterrupted_losses_bitwise(tmp_path, data_dir):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_reproduces_uninterrupted_losses_bitwise(tmp_path, data_dir, optimizer):
     # Dropout on, so the restored RNG state matters as well as optimizer state and data position.
-    full = train(debug_cfg("train.max_steps=24", "model.dropout=0.1"), data_dir, tmp_path / "full")
-    train(debug_cfg("train.max_steps=24", "model.dropout=0.1"), data_dir, tmp_path / "part", stop_at=10)
+    # Muon: two optimizers (Muon on the hidden matrices, AdamW on the rest) saved and restored as one.
+    sets = ("train.max_steps=24", "model.dropout=0.1", f"train.optimizer={optimizer}")
+    full = train(debug_cfg(*sets), data_dir, tmp_path / "full")
+    train(debug_cfg(*sets), data_dir, tmp_path / "part", stop_at=10)
     assert losses(tmp_path / "part")[-1][0] == 10
     saved = cfgmod.load(tmp_path / "part" / "config.yaml")
     resumed = train(saved, data_dir, tmp_path / "part", resume=True)

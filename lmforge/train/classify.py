@@ -29,7 +29,7 @@ from lmforge.models.bert import Bert
 from lmforge.models.gpt import GPT
 from lmforge.progress import progress, status
 from lmforge.train.checkpoint import MODEL_FILE, load_model_state, save_model
-from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.optim import build_optimizer, lr_at, set_lr
 from lmforge.train.trainer import autocast_for, resolve_device
 
 EARLY_STOP_METRICS = ("macro_f1", "accuracy", "weighted_f1", "roc_auc", "loss")
@@ -136,7 +136,8 @@ def train_classifier(init, data, out, *, val=None, test=None, text_column="text"
     t.max_steps, t.warmup_steps = max_steps, min(t.warmup_steps, max(1, max_steps // 10))
     eval_every = eval_every or steps_per_epoch
     loss_weight = (counts.sum() / (len(names) * counts.clamp(min=1))).to(device) if class_weights == "auto" else None
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type, t.optimizer,
+                               t.muon_lr)
     ctx = autocast_for(device, t.dtype)
     gen = torch.Generator().manual_seed(t.seed)
     sample_w = (1.0 / counts)[y_train] if oversample else None
@@ -173,8 +174,7 @@ def train_classifier(init, data, out, *, val=None, test=None, text_column="text"
                 break
             b = next(stream)
             lr = lr_at(step, t.lr, t.warmup_steps, max_steps, t.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             width = int(lengths[b].max())  # padding past the longest text in the batch changes nothing
             with ctx:
                 logits = model.classify(ids[b, :width].to(device), mask[b, :width].to(device))

@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only, and a warm-up + cosine learning-rate schedule."""
+"""Optimizers (AdamW, or Muon for the hidden matrices + AdamW for the rest) and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -6,20 +6,146 @@ import math
 
 import torch
 
+OPTIMIZERS = ("adamw", "muon")
+
+
+def _split(model: torch.nn.Module) -> tuple[list, list]:
+    """Trainable parameters as (hidden matrices, the rest), each in ``parameters()`` order.
+
+    Hidden matrices are the 2-D weights of Linear layers; the rest are embeddings (and the output
+    head tied to them), biases and norms. ``parameters()`` yields a tied tensor once."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    matrices, rest = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (matrices if p.dim() >= 2 and id(p) not in embeddings else rest).append(p)
+    return matrices, rest
+
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    device_type: str) -> torch.optim.AdamW:
-    """AdamW; weight decay on 2-D weights of Linear layers only (not biases, norms or embeddings)."""
-    decay, no_decay = [], []
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    for p in model.parameters():  # parameters() yields the tied head/embedding once
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel is one launch per step on CUDA; on CPU the default (foreach) path is used.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+                    device_type: str, kind: str = "adamw", muon_lr: float | None = None):
+    """AdamW with weight decay on hidden matrices only; or (``kind="muon"``) ``torch.optim.Muon``
+    on the hidden matrices and AdamW on embeddings, head, biases and norms.
+
+    Muon's peak learning rate is ``muon_lr`` (default ``lr``), with Moonshot's RMS matching (as
+    ``adjust_lr_fn="match_rms_adamw"``), so AdamW's learning rate and weight decay carry over. Its
+    group carries ``lr_scale = muon_lr / lr``, which :func:`set_lr` applies along the schedule."""
+    matrices, rest = _split(model)
+    fused = device_type == "cuda"  # one kernel launch per step on CUDA; the foreach path on CPU
+    if kind == "adamw":
+        return torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
+                                  {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas, fused=fused)
+    if kind != "muon":
+        raise ValueError(f"unknown optimizer {kind!r} (choose from {', '.join(OPTIMIZERS)})")
+    adamw = torch.optim.AdamW([{"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas, fused=fused)
+    muon_lr = lr if muon_lr is None else muon_lr
+    muon = Muon([{"params": matrices, "lr_scale": muon_lr / lr}], lr=muon_lr, weight_decay=weight_decay,
+                ns_dtype=torch.bfloat16 if device_type == "cuda" else torch.float32)
+    return Optimizers(adamw, muon)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (momentum, then the update orthogonalised by a Newton-Schulz iteration) for 2-D weights.
+
+    The algorithm of ``torch.optim.Muon`` with ``adjust_lr_fn="match_rms_adamw"`` (nesterov
+    momentum, quintic Newton-Schulz with Keller Jordan's coefficients, decoupled weight decay, the
+    learning rate scaled by 0.2 * sqrt(max(rows, cols))), with one difference: the iteration runs
+    in ``ns_dtype``. torch's runs in bfloat16 always, which on CPUs without bfloat16 units is 12x
+    slower than float32 (768 x 192 matrices, 2-core EPYC) and made Muon steps 5x slower than
+    AdamW's. With ``ns_dtype=torch.bfloat16`` this equals ``torch.optim.Muon`` (tested)."""
+
+    COEFFICIENTS = (3.4445, -4.775, 2.0315)
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 ns_steps: int = 5, eps: float = 1e-7, ns_dtype: torch.dtype = torch.float32):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps,
+                                      eps=eps))
+        self.ns_dtype = ns_dtype
+        for group in self.param_groups:
+            if any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon takes 2-D parameters only")
+
+    def _orthogonalise(self, g: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
+        a, b, c = self.COEFFICIENTS
+        tall = g.size(0) > g.size(1)
+        x = g.to(self.ns_dtype)
+        if tall:
+            x = x.T
+        x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x.T if tall else x
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)
+                update = p.grad.lerp(buf, mu)  # nesterov
+                update = self._orthogonalise(update, group["ns_steps"], group["eps"])
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+        return loss
+
+
+class Optimizers:
+    """Several optimizers over disjoint parameters, stepped together and saved as one.
+
+    ``param_groups`` is the concatenation of theirs (the same dicts, so setting a group's ``lr``
+    reaches the optimizer that owns it), and ``state_dict()`` numbers parameters across all of them
+    in that order, the layout ``torch.optim.Optimizer.state_dict()`` has for one optimizer."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for opt in self.optimizers:
+            sd = opt.state_dict()
+            state.update({offset + i: s for i, s in sd["state"].items()})
+            groups += [{**g, "params": [offset + i for i in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in opt.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict) -> None:
+        groups, offset = list(sd["param_groups"]), 0
+        for opt in self.optimizers:
+            mine, groups = groups[:len(opt.param_groups)], groups[len(opt.param_groups):]
+            ids = [i for g in mine for i in g["params"]]
+            opt.load_state_dict({
+                "state": {i - offset: sd["state"][i] for i in ids if i in sd["state"]},
+                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in mine]})
+            offset += len(ids)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set every group's learning rate to ``lr`` times its ``lr_scale`` (1 unless a group has one)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def lr_at(step: int, lr: float, warmup_steps: int, max_steps: int | None, min_lr_ratio: float) -> float:

@@ -26,7 +26,7 @@ from lmforge.progress import progress, status
 from lmforge.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.train.distributed import (World, accumulating, gather_state, is_sharded, load_optimizer_state, setup,
                                        shard, teardown, world_from_env, wrap)
-from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.optim import build_optimizer, lr_at, set_lr
 
 CALIBRATION_STEPS = 8  # steps timed to plan max_steps from a time budget (after WARM_STEPS)
 WARM_STEPS = 2  # first steps are slow (allocator, kernel selection) and are not timed
@@ -202,7 +202,8 @@ def _train(cfg, meta, train_data, val_data, data_dir, run_dir, resume, stop_at, 
     sharded = world.active and t.fsdp  # the optimizer is built on the shards, after sharding
 
     def make_optimizer():
-        return build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type)
+        return build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type, t.optimizer,
+                               t.muon_lr)
     optimizer = None if sharded else make_optimizer()
     state = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "data_dir": str(data_dir.resolve())}
     created = False
@@ -291,8 +292,7 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                 break
 
             lr = lr_at(step, t.lr, t.warmup_steps, max_steps, t.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 # Process r takes micro-batches r*A..r*A+A-1: W processes = one with W*A.
