@@ -43,6 +43,7 @@ def test_split_is_deterministic_and_seeded(tmp_path, corpus_dir):
     assert (tmp_path / "a" / "val.bin").read_bytes() == (tmp_path / "b" / "val.bin").read_bytes()
     assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
     assert a["splits"] == b["splits"]
+    assert a["documents"] == c["documents"]  # another seed moves files between sides, loses none
 
 
 def test_duplicates_empty_and_bad_encoding_are_reported(tmp_path):
