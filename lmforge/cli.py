@@ -76,7 +76,8 @@ def cmd_train_classify(args) -> int:
     if args.resume or args.preset or args.config or args.stop_at:
         raise UserError("--task classify does not take --resume, --preset, --config or --stop-at")
     overrides = list(args.set or []) + ([f"train.max_steps={args.max_steps}"] if args.max_steps else [])
-    s = train_classifier(args.init, args.data, args.out, val=args.val, test=args.test, text_column=args.text_column,
+    s = train_classifier(args.init, args.data, args.out, val=args.val, val_fraction=args.val_fraction, test=args.test,
+                         text_column=args.text_column,
                          label_column=args.label_column, class_weights=args.class_weights,
                          oversample=args.oversample, early_stop=args.early_stop, patience=args.patience,
                          epochs=args.epochs, max_length=args.max_length, overrides=overrides,
@@ -590,7 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--task", choices=["lm", "mlm", "classify"], default="lm",
                    help="lm: next-token (GPT); mlm: masked-token (BERT presets); classify: fine-tune a classifier")
     c.add_argument("--init", help="run directory or Hugging Face directory to fine-tune")
-    c.add_argument("--val", help="validation file (default: a stratified 15%% of --data)")
+    c.add_argument("--val", help="validation file (default: a stratified --val-fraction of --data)")
+    c.add_argument("--val-fraction", type=float, default=0.15,
+                   help="without --val: the share of --data held out, stratified, to pick the best checkpoint")
     c.add_argument("--test", help="test file, evaluated once with the best checkpoint")
     c.add_argument("--text-column", default="text")
     c.add_argument("--label-column", default="label")

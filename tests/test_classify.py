@@ -114,7 +114,7 @@ def test_fine_tune_then_eval_and_predict_agree_with_scikit_learn(tiny_bert, data
 def test_decoder_classifier_with_oversampling_and_early_stopping(data, tmp_path):
     from lmforge.data.prepare import prepare
 
-    train, val, _ = data
+    train, _, _ = data
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text(train.read_text())
@@ -122,19 +122,21 @@ def test_decoder_classifier_with_oversampling_and_early_stopping(data, tmp_path)
     r = run_cli("train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "lm"), "--preset", "debug",
                 "--max-steps", "5")
     assert r.returncode == 0, r.stderr
-    r = run_cli("train", "--task", "classify", "--init", str(tmp_path / "lm"), "--data", str(train), "--val", str(val),
-                "--out", str(tmp_path / "clf"), "--oversample", "--early-stop", "accuracy", "--patience", "1",
-                "--epochs", "8", "--set", "train.lr=3e-3", "--json")
+    r = run_cli("train", "--task", "classify", "--init", str(tmp_path / "lm"), "--data", str(train),
+                "--val-fraction", "0.3", "--out", str(tmp_path / "clf"), "--oversample", "--early-stop", "accuracy",
+                "--patience", "1", "--epochs", "8", "--set", "train.lr=3e-3", "--json")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert s["arch"] == "gpt" and s["stopped_by"] in ("early_stop", "max_steps")
+    n = len(train.read_text().splitlines())
+    assert s["train_examples"] + s["val_examples"] == n and abs(s["val_examples"] - 0.3 * n) <= 3  # 3 classes
     history = [json.loads(line) for line in (tmp_path / "clf" / "metrics.jsonl").read_text().splitlines()]
     assert s["validation"]["accuracy"] == pytest.approx(max(h["val_accuracy"] for h in history))
     r = run_cli("predict", str(tmp_path / "clf"), "--text", "refund my invoice please")
     assert r.returncode == 0 and r.stdout.split("\t")[0] in ("account", "billing", "shipping")
 
 
-@pytest.mark.parametrize("case", ["no-label-column", "single-class", "unseen-label", "empty-text"])
+@pytest.mark.parametrize("case", ["no-label-column", "single-class", "unseen-label", "empty-text", "val-fraction"])
 def test_classification_bad_input(tiny_bert, data, tmp_path, case):
     train, val, _ = data
     bad = tmp_path / "bad.jsonl"
@@ -145,6 +147,8 @@ def test_classification_bad_input(tiny_bert, data, tmp_path, case):
     elif case == "single-class":
         bad.write_text("".join(json.dumps({"text": r["text"], "label": "x"}) + "\n" for r in rows))
         args = ["--data", str(bad)]
+    elif case == "val-fraction":
+        args = ["--data", str(train), "--val-fraction", "0.6"]
     elif case == "unseen-label":
         bad.write_text(json.dumps({"text": "hello there", "label": "refunds"}) + "\n")
     else:

@@ -92,7 +92,7 @@ def evaluate_examples(model, tokenizer, ex: Examples, names: list[str], max_leng
     return m, y, probs
 
 
-def train_classifier(init, data, out, *, val=None, test=None, text_column="text", label_column="label",
+def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None, text_column="text", label_column="label",
                      class_weights=None, oversample=False, early_stop="macro_f1", patience=3, epochs=3,
                      max_length=128, eval_every=0, overrides=None, max_seconds=None) -> dict:
     out = Path(out)
@@ -109,7 +109,9 @@ def train_classifier(init, data, out, *, val=None, test=None, text_column="text"
     if val is not None:
         val_ex = read_examples(val, text_column, label_column)
     else:
-        train_ex, val_ex = stratified_split(train_ex, 0.15, seed=0)
+        if not 0.0 < val_fraction < 0.5:
+            raise UserError(f"--val-fraction must be in (0, 0.5), got {val_fraction}")
+        train_ex, val_ex = stratified_split(train_ex, val_fraction, seed=0)
     test_ex = read_examples(test, text_column, label_column) if test is not None else None
     for part, ex in (("validation", val_ex), ("test", test_ex)):
         unseen = sorted(set(ex.labels) - set(names)) if ex is not None else []
