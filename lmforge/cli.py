@@ -77,8 +77,7 @@ def cmd_train_classify(args) -> int:
         raise UserError("--task classify does not take --resume, --preset, --config or --stop-at")
     overrides = list(args.set or []) + ([f"train.max_steps={args.max_steps}"] if args.max_steps else [])
     s = train_classifier(args.init, args.data, args.out, val=args.val, val_fraction=args.val_fraction, test=args.test,
-                         text_column=args.text_column,
-                         label_column=args.label_column, class_weights=args.class_weights,
+                         text_column=args.text_column, label_column=args.label_column, class_weights=args.class_weights,
                          oversample=args.oversample, early_stop=args.early_stop, patience=args.patience,
                          epochs=args.epochs, max_length=args.max_length, overrides=overrides,
                          max_seconds=args.max_seconds)

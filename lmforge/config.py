@@ -34,7 +34,7 @@ class TrainConfig:
     max_steps: int | None = 500
     max_seconds: float | None = None  # wall-clock budget for the optimizer loop (hard stop)
     weight_decay: float = 0.1  # on matrices only; biases, norms and embeddings get none
-    # adamw | muon (torch.optim.Muon on the hidden matrices, AdamW on embeddings, biases, norms)
+    # adamw | muon (Muon on the hidden matrices, AdamW on embeddings, biases, norms; optim.py)
     optimizer: str = "adamw"
     # Muon's peak learning rate (None: train.lr), on the same schedule; RMS-matched to AdamW's.
     muon_lr: float | None = None

@@ -24,8 +24,8 @@ def _split(model: torch.nn.Module) -> tuple[list, list]:
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     device_type: str, kind: str = "adamw", muon_lr: float | None = None):
-    """AdamW with weight decay on hidden matrices only; or (``kind="muon"``) ``torch.optim.Muon``
-    on the hidden matrices and AdamW on embeddings, head, biases and norms.
+    """AdamW with weight decay on hidden matrices only; or (``kind="muon"``) :class:`Muon` on the
+    hidden matrices and AdamW on embeddings, head, biases and norms.
 
     Muon's peak learning rate is ``muon_lr`` (default ``lr``), with Moonshot's RMS matching (as
     ``adjust_lr_fn="match_rms_adamw"``), so AdamW's learning rate and weight decay carry over. Its
