@@ -93,8 +93,8 @@ def evaluate_examples(model, tokenizer, ex: Examples, names: list[str], max_leng
 
 
 def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None, text_column="text",
-                     label_column="label", class_weights=None, oversample=False, early_stop="macro_f1", patience=3, epochs=3,
-                     max_length=128, eval_every=0, overrides=None, max_seconds=None) -> dict:
+                     label_column="label", class_weights=None, oversample=False, early_stop="macro_f1", patience=3,
+                     epochs=3, max_length=128, eval_every=0, overrides=None, max_seconds=None) -> dict:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"run directory {out} is not empty; choose another --out")
