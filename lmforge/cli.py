@@ -220,7 +220,8 @@ def cmd_eval(args) -> int:
             return cmd_eval_mlm(args)
 
     m = evaluate_run(args.run_dir, args.data, args.batch_size, args.max_tokens, samples=args.samples,
-                     stride=args.stride)
+                     stride=args.stride, dynamic=args.dynamic or args.dynamic_lr is not None,
+                     dynamic_lr=args.dynamic_lr)
     if args.json:
         _print_json(m)
     else:
@@ -228,6 +229,8 @@ def cmd_eval(args) -> int:
         print(f"val_loss {m['val_loss']:.4f}  val_ppl {m['val_ppl']:.2f}  val_bpb {m['val_bpb']:.4f}  "
               f"lzma_bpb {m['lzma_bpb']:.4f}  ({m['val_tokens']:,} tokens, {m['val_bytes']:,} bytes; "
               f"the model {verdict} lzma)")
+        if "dynamic_val_bpb" in m:
+            print(f"dynamic evaluation (adapting as it reads, like lzma): val_bpb {m['dynamic_val_bpb']:.4f}")
         print(f"report: {Path(args.run_dir) / 'report.md'}")
     return 0
 
@@ -614,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stride", type=int, help="tokens between window starts (default: the context length, i.e. "
                    "consecutive windows; smaller gives each token more context at more cost)")
     s.add_argument("--samples", type=int, default=3, help="samples to put in report.md (0-3)")
+    s.add_argument("--dynamic", action="store_true", help="also dynamic evaluation: one Adam step on each window "
+                   "after scoring it, so the model adapts to the text as lzma does (dynamic_val_bpb)")
+    s.add_argument("--dynamic-lr", type=float, help="Adam learning rate for --dynamic (default 1e-4)")
     s.add_argument("--text-column", default="text", help="classifier runs: text column of --data")
     s.add_argument("--label-column", default="label", help="classifier runs: label column of --data")
     s.add_argument("--max-length", type=int, default=128, help="classifier runs: tokens per text")

@@ -29,6 +29,13 @@ def test_prepare_train_eval_generate(tmp_path, corpus_dir):
     assert "lzma" in report and "## Samples" in report and f"{m['val_bpb']:.4f}" in report
     assert (run / "plots" / "loss.png").stat().st_size > 1000
 
+    r = run_cli("eval", str(run), "--dynamic-lr", "1e-3", "--json")  # implies --dynamic
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["val_bpb"] == m["val_bpb"] and d["dynamic_lr"] == 1e-3
+    assert d["dynamic_val_bpb"] < d["val_bpb"]  # adapting to the validation text as it is read pays
+    assert f"{d['dynamic_val_bpb']:.4f}" in (run / "report.md").read_text()
+
     r = run_cli("generate", str(run), "--prompt", "the model", "--max-new-tokens", "30", "--seed", "3")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("the model") and len(r.stdout) > len("the model") + 5

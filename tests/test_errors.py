@@ -65,6 +65,7 @@ def test_resume_without_checkpoint(tmp_path, data_dir):
 
 def test_eval_and_generate_on_a_non_run(tmp_path):
     assert_clean_failure(run_cli("eval", str(tmp_path)), "not a run directory")
+    assert_clean_failure(run_cli("eval", str(tmp_path), "--dynamic-lr", "0"), "--dynamic-lr must be positive")
     assert_clean_failure(run_cli("generate", str(tmp_path), "--prompt", "x"), "not a run directory")
 
 

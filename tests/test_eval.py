@@ -1,5 +1,6 @@
 """Bits per byte and the lzma baseline, checked by recomputing them independently."""
 
+import copy
 import json
 import lzma
 import math
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.data.tokens import TokenFile
-from lmforge.evaluate.lm import evaluate_lm
+from lmforge.evaluate.lm import dynamic_evaluate_lm, evaluate_lm
 from lmforge.models.gpt import GPT, GPTConfig
 
 
@@ -71,3 +72,28 @@ def test_strided_windows_score_each_token_once_with_more_context(setup):
     assert math.isclose(m_short["val_loss"], nats / 401, rel_tol=1e-5)
     assert m["val_tokens"] == len(ids) - 1 and m["stride"] == 4
     assert m["val_bytes"] == evaluate_lm(model, tok, val, stride=16)["val_bytes"]
+
+
+def test_dynamic_evaluation_scores_each_window_before_learning_from_it(setup):
+    model, tok, val, ids = setup
+    before = copy.deepcopy(model.state_dict())
+    m = dynamic_evaluate_lm(model, tok, val, lr=3e-3)
+
+    # Reference: consecutive 16-token windows in order; score a window, then one Adam step on it.
+    ref = copy.deepcopy(model)
+    opt = torch.optim.Adam(ref.parameters(), lr=3e-3, betas=(0.9, 0.99))
+    nats = 0.0
+    for s in range(0, len(ids) - 1, 16):
+        y = ids[s + 1:s + 17]
+        logits, _ = ref(ids[s:s + len(y)][None])
+        loss = F.cross_entropy(logits[0], y)
+        nats += loss.item() * len(y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    static = evaluate_lm(model, tok, val)
+    assert math.isclose(m["dynamic_val_loss"], nats / (len(ids) - 1), rel_tol=1e-4)
+    assert math.isclose(m["dynamic_val_bpb"], nats / math.log(2) / static["val_bytes"], rel_tol=1e-4)
+    assert m["dynamic_val_loss"] < static["val_loss"] - 0.5  # an untrained model learns a lot as it reads
+    for k, v in model.state_dict().items():  # the caller's model is left as it was
+        assert torch.equal(v, before[k]), k

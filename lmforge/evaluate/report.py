@@ -97,6 +97,9 @@ def write_report(run_dir: str | Path, *, metrics: dict, params: int, data_meta: 
               f"| bits per byte (model) | {metrics['val_bpb']:.4f} |",
               f"| bits per byte (lzma -9e, same text as one stream) | {metrics['lzma_bpb']:.4f} |",
               f"| bits per byte (lzma -9e, each document alone) | {metrics['lzma_doc_bpb']:.4f} |",
+              *([f"| bits per byte (model adapting as it reads: dynamic evaluation, Adam lr "
+                 f"{metrics['dynamic_lr']:g}) | {metrics['dynamic_val_bpb']:.4f} |"]
+                if "dynamic_val_bpb" in metrics else []),
               f"| tokens / bytes scored | {metrics['val_tokens']:,} / {metrics['val_bytes']:,} |", "",
               ("The model compresses held-out text better than lzma." if metrics["val_bpb"] < metrics["lzma_bpb"]
                else "The model does **not** yet beat lzma on held-out text; train longer or larger."), "",

@@ -12,7 +12,7 @@ from lmforge import config as cfgmod
 from lmforge.data.tokenizer import eot_id
 from lmforge.data.tokens import TokenFile, load_meta
 from lmforge.errors import UserError
-from lmforge.evaluate.lm import evaluate_lm
+from lmforge.evaluate.lm import DYNAMIC_LR, dynamic_evaluate_lm, evaluate_lm
 from lmforge.evaluate.report import plot_loss, write_report
 from lmforge.fsutil import write_json
 from lmforge.generate import stream_text
@@ -21,8 +21,12 @@ from lmforge.train.trainer import autocast_for
 
 
 def evaluate_run(run_dir, data_dir=None, batch_size: int = 8, max_tokens: int | None = None,
-                 samples: int = 3, sample_tokens: int = 80, stride: int | None = None) -> dict:
-    """Score a run on validation text, sample from it, write ``eval.json`` and ``report.md``."""
+                 samples: int = 3, sample_tokens: int = 80, stride: int | None = None,
+                 dynamic: bool = False, dynamic_lr: float | None = None) -> dict:
+    """Score a run on validation text, sample from it, write ``eval.json`` and ``report.md``.
+    With ``dynamic``, also the dynamic-evaluation figures (:func:`dynamic_evaluate_lm`)."""
+    if dynamic_lr is not None and not dynamic_lr > 0:
+        raise UserError(f"--dynamic-lr must be positive, got {dynamic_lr}")
     run = load_run(run_dir)
     state_path = Path(run_dir) / "trainer_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"step": 0, "tokens_seen": 0}
@@ -34,8 +38,12 @@ def evaluate_run(run_dir, data_dir=None, batch_size: int = 8, max_tokens: int | 
         raise UserError(f"{data_dir} was tokenized with a different tokenizer than the run {run_dir}; "
                         f"prepare the text with the run's tokenizer first")
     val = TokenFile(Path(data_dir) / "val.bin", meta["dtype"])
+    autocast = autocast_for(run.device, run.config.train.dtype)
     metrics = evaluate_lm(run.model, run.tokenizer, val, batch_size=batch_size, max_tokens=max_tokens,
-                          autocast=autocast_for(run.device, run.config.train.dtype), stride=stride)
+                          autocast=autocast, stride=stride)
+    if dynamic:
+        lr = DYNAMIC_LR if dynamic_lr is None else dynamic_lr
+        metrics |= dynamic_evaluate_lm(run.model, run.tokenizer, val, lr, max_tokens, autocast)
     metrics["data_dir"] = str(data_dir)
     texts = []
     prompts = ["def ", "import os\n", "The "][:samples]
