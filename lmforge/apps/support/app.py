@@ -29,6 +29,12 @@ from lmforge.serve.common import Metrics, install_api_basics, key_matches, reque
 STATIC = Path(__file__).parent / "static"
 
 
+def page(name: str) -> str:
+    """A page from ``static/`` with the script both pages share (``support.js``) inlined."""
+    shared = (STATIC / "support.js").read_text(encoding="utf-8")
+    return (STATIC / name).read_text(encoding="utf-8").replace("<!-- support.js -->", f"<script>\n{shared}</script>", 1)
+
+
 class CustomerMessage(BaseModel):
     customer_id: str
     text: str
@@ -103,11 +109,11 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
 
     @app.get("/", response_class=HTMLResponse)
     async def customer_page():
-        return (STATIC / "customer.html").read_text(encoding="utf-8")
+        return page("customer.html")
 
     @app.get("/agent", response_class=HTMLResponse)
     async def agent_page():
-        return (STATIC / "agent.html").read_text(encoding="utf-8")
+        return page("agent.html")
 
     @app.post("/api/messages")
     async def customer_message(msg: CustomerMessage):
