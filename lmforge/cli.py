@@ -347,11 +347,18 @@ def cmd_quickstart(args) -> int:
             b = r["baselines"]
             print()
             print(f"lmforge quickstart --task classify: {r['task']} ({len(r['labels'])} packages; "
-                  f"{r['train_examples']:,} train / {r['test_examples']:,} test docstrings, split by file)")
+                  f"{r['train_examples']:,} train / {r['val_examples']:,} validation / {r['test_examples']:,} test "
+                  f"docstrings, split by file)")
             print(f"  {'model':<34} {'accuracy':>9} {'macro F1':>9}")
             print(f"  {'fine-tuned encoder':<34} {r['test']['accuracy']:>9.4f} {r['test']['macro_f1']:>9.4f}")
             for name, m in b.items():
                 print(f"  {name.replace('_', ' '):<34} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f}")
+            for name, c in r["versus_baselines"].items():
+                lo, hi = c["ci95"]
+                verdict = "significant" if c["mcnemar_p"] < 0.05 else "not significant"
+                print(f"  accuracy vs {name.replace('_', ' ')}: {100 * c['accuracy_difference']:+.1f} points "
+                      f"(95% interval {100 * lo:+.1f} to {100 * hi:+.1f}; McNemar p = {c['mcnemar_p']:.2g}, "
+                      f"{verdict} at 5%)")
             print(f"  run directory   {r['run_dir']} (report.md, plots/confusion.png, roc.png, pr.png)")
             print(f"  total time      {r['total_seconds']:.0f} s")
         return 0

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from lmforge.evaluate.classify import classification_metrics  # noqa: E402
+from lmforge.evaluate.classify import classification_metrics, paired_comparison  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
 sk = pytest.importorskip("sklearn.metrics")
@@ -79,6 +79,28 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("labelled")
     return (write_examples(root / "train.jsonl", 240, 0), write_examples(root / "val.jsonl", 60, 1),
             write_examples(root / "test.jsonl", 60, 2, weights=(1, 1, 1)))
+
+
+def test_paired_comparison_against_a_binomial_tail_by_hand():
+    from math import comb
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    a = np.where(rng.random(400) < 0.8, y, (y + 1) % 3)  # right ~80% of the time
+    b = np.where(rng.random(400) < 0.7, y, (y + 2) % 3)  # right ~70%
+    c = paired_comparison(y, a, b)
+    ra, rb = a == y, b == y
+    n01, n10 = int((ra & ~rb).sum()), int((~ra & rb).sum())
+    n, k = n01 + n10, min(n01, n10)
+    p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)  # exact two-sided McNemar
+    assert (c["only_a_correct"], c["only_b_correct"]) == (n01, n10)
+    assert c["mcnemar_p"] == pytest.approx(p, rel=1e-9) and c["mcnemar_p"] < 0.01
+    assert c["accuracy_difference"] == pytest.approx(ra.mean() - rb.mean())
+    assert 0 < c["ci95"][0] < c["accuracy_difference"] < c["ci95"][1]  # a is better, and it shows
+    same = paired_comparison(y, a, a)
+    assert same["mcnemar_p"] == 1.0 and same["ci95"] == [0.0, 0.0] and same["accuracy_difference"] == 0.0
+    swapped = paired_comparison(y, b, a)
+    assert swapped["ci95"][1] < 0 and swapped["mcnemar_p"] == pytest.approx(c["mcnemar_p"])
 
 
 def test_fine_tune_then_eval_and_predict_agree_with_scikit_learn(tiny_bert, data, tmp_path):
@@ -173,12 +195,33 @@ def test_stdlib_docstring_task_is_split_by_file_and_baselines_are_computed(tmp_p
             f.write_text(body)
         (root / pkg / "tests").mkdir()
         (root / pkg / "tests" / "test_x.py").write_text('def t():\n    """a test docstring that must be skipped"""\n')
-    train, test = stdlib_docstring_task(root, seed=0)
-    assert label_names(train.labels) == sorted(CLASSIFY_PACKAGES) == label_names(test.labels)
-    assert len(test) == 8 * 5 and len(train) == 8 * 15  # one of four files per package held out
+    train, val, test = stdlib_docstring_task(root, seed=0, val_fraction=0.34)
+    assert label_names(train.labels) == sorted(CLASSIFY_PACKAGES) == label_names(test.labels) == label_names(val.labels)
+    # one of four files per package for testing, one of the other three for validation
+    assert len(test) == 8 * 5 and len(val) == 8 * 5 and len(train) == 8 * 10
     files = lambda ex: {t.split("of file ")[1][0] + lab for t, lab in zip(ex.texts, ex.labels)}  # noqa: E731
-    assert not files(train) & files(test)  # no file on both sides
-    assert not any("must be skipped" in t for t in train.texts + test.texts)
-    b = baselines(train, test, label_names(train.labels))
+    assert not files(train) & files(test) and not files(train) & files(val) and not files(val) & files(test)
+    assert not any("must be skipped" in t for t in train.texts + val.texts + test.texts)
+    _, no_val, same_test = stdlib_docstring_task(root, seed=0, val_fraction=0.15)  # every file too big for 15%
+    assert len(no_val) == 0 and same_test.texts == test.texts
+    b, predicted = baselines(train, test, label_names(train.labels))
+    assert (predicted["majority_class"] == predicted["majority_class"][0]).all()
     assert b["majority_class"]["accuracy"] == pytest.approx(1 / 8)
     assert b["char_ngram_naive_bayes"]["accuracy"] > 0.9  # the package name is in every docstring
+
+
+def test_classification_quickstart_reports_baselines_and_their_significance(tiny_bert, tmp_path):
+    out = tmp_path / "qc"
+    r = run_cli("quickstart", "--task", "classify", "--init", str(tiny_bert), "--out", str(out),
+                "--max-seconds", "50", "--json")
+    assert r.returncode == 0, r.stderr
+    q = json.loads(r.stdout)
+    nb = q["baselines"]["char_ngram_naive_bayes"]
+    assert q["val_examples"] > 0 and q["labels"] == sorted(q["labels"]) and len(q["labels"]) == 8
+    assert nb["accuracy"] > 0.6  # the baseline itself is computed, on real docstrings
+    for name, c in q["versus_baselines"].items():
+        # recomputed from the saved model's own test predictions: it must agree with the reported figures
+        assert c["accuracy_difference"] == pytest.approx(q["test"]["accuracy"] - q["baselines"][name]["accuracy"])
+        assert c["ci95"][0] <= c["accuracy_difference"] <= c["ci95"][1] and 0 <= c["mcnemar_p"] <= 1
+    report = (out / "report.md").read_text()
+    assert "McNemar" in report and f"{nb['accuracy']:.4f}" in report

@@ -76,6 +76,24 @@ def classification_metrics(y_true, probs, labels: list[str]) -> dict:
     }
 
 
+def paired_comparison(y_true, pred_a, pred_b, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Is classifier A more accurate than B on the same examples, beyond chance? The accuracy
+    difference A - B, its 95% interval from a paired bootstrap over examples, and the exact
+    McNemar test (two-sided binomial test on the examples exactly one of them gets right)."""
+    from scipy.stats import binomtest
+
+    a = np.asarray(pred_a) == np.asarray(y_true)
+    b = np.asarray(pred_b) == np.asarray(y_true)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(a), size=(n_boot, len(a)))
+    diffs = a[rows].mean(1) - b[rows].mean(1)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"accuracy_difference": float(a.mean() - b.mean()), "ci95": [float(lo), float(hi)],
+            "mcnemar_p": float(p), "only_a_correct": only_a, "only_b_correct": only_b}
+
+
 def plot_classification(y_true, probs, labels: list[str], plots_dir: str | Path) -> list[str]:
     """Write ``confusion.png``, ``roc.png`` and ``pr.png``; returns their paths."""
     import matplotlib
