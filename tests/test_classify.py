@@ -127,6 +127,8 @@ def test_fine_tune_then_eval_and_predict_agree_with_scikit_learn(tiny_bert, data
     preds = json.loads(p.stdout)["predictions"]
     y = [json.loads(line)["label"] for line in test.read_text().splitlines()]
     pred = [q["label"] for q in preds]
+    saved = [json.loads(line) for line in (run / "predictions_eval.jsonl").read_text().splitlines()]
+    assert [q["predicted"] for q in saved] == pred and [q["label"] for q in saved] == y  # what eval scored
     assert m["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
     assert m["macro_f1"] == pytest.approx(sk.f1_score(y, pred, average="macro"))
     probs = np.array([[q["probabilities"][n] for n in m["labels"]] for q in preds])

@@ -234,8 +234,13 @@ def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None,
 
 def write_classification_report(run_dir: Path, model, tokenizer, ex: Examples, names, max_length, device,
                                 split: str, source: str | None = None) -> dict:
-    """Metrics on ``ex``, ``eval.json`` (or ``eval_<split>.json``), ``report.md`` and the plots."""
+    """Metrics on ``ex``, ``eval.json`` (or ``eval_<split>.json``), ``report.md``, the plots, and
+    ``predictions_<split>.jsonl`` (each example's text, label, predicted label and probabilities)."""
     m, y, probs = evaluate_examples(model, tokenizer, ex, names, max_length, device)
+    write_text(run_dir / f"predictions_{split}.jsonl", "".join(
+        json.dumps({"text": t, "label": label, "predicted": names[int(p.argmax())],
+                    "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}) + "\n"
+        for t, label, p in zip(ex.texts, ex.labels, probs)))
     majority = max(m["per_class"].values(), key=lambda c: c["support"])["support"] / max(m["n"], 1)
     m["majority_baseline_accuracy"] = majority
     m["split"], m["data"] = split, source
@@ -251,7 +256,7 @@ def write_classification_report(run_dir: Path, model, tokenizer, ex: Examples, n
     for name, c in m["per_class"].items():
         lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
     lines += ["", "Confusion matrix (rows: true, columns: predicted): `plots/confusion.png`; ROC: `plots/roc.png`; "
-              "precision-recall: `plots/pr.png`.", ""]
+              f"precision-recall: `plots/pr.png`. Every example's prediction: `predictions_{split}.jsonl`.", ""]
     write_text(run_dir / "report.md", "\n".join(lines))
     m["plots"] = plots
     return m
