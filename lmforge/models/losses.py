@@ -27,13 +27,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             keep = (ts >= 0).unsqueeze(1)
             idx = ts.clamp(min=0).unsqueeze(1)
             logits = (hs @ weight.t()).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (n, 1)
-            total += ((lse - logits.gather(1, idx)) * keep).sum()
-            g = logits.sub_(lse).exp_()  # softmax, reusing the logits' memory
+            top = logits.amax(dim=1, keepdim=True)
+            target_logit = logits.gather(1, idx)
+            g = torch.softmax(logits, dim=1)  # one exp per logit (logsumexp, then exp, took two)
+            # log-sum-exp from the largest logit, whose probability is >= 1/V and so never underflows.
+            lse = top - g.amax(dim=1, keepdim=True).log()
+            total += ((lse - target_logit) * keep).sum()
             g.scatter_add_(1, idx, torch.full_like(lse, -1.0))  # minus one-hot: d(sum loss)/d logits
-            g.mul_(keep)
-            grad_h[s:s + chunk] = (g.to(h.dtype) @ weight)
-            grad_w.addmm_(g.t(), hs.float())
+            # Ignored rows: zeroed on the (n, C) sides, not by another pass over the (n, V) gradient.
+            keep = keep.to(h.dtype)
+            grad_h[s:s + chunk] = (g.to(h.dtype) @ weight) * keep
+            grad_w.addmm_(g.t(), (hs * keep).float())
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), n_valid)
         return total / n_valid
 

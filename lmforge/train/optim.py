@@ -31,7 +31,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     ``adjust_lr_fn="match_rms_adamw"``), so AdamW's learning rate and weight decay carry over. Its
     group carries ``lr_scale = muon_lr / lr``, which :func:`set_lr` applies along the schedule."""
     matrices, rest = _split(model)
-    fused = device_type == "cuda"  # one kernel launch per step on CUDA; the foreach path on CPU
+    fused = device_type in ("cuda", "cpu")  # one kernel per step; on CPU 5x faster than foreach (RESULTS §10)
     if kind == "adamw":
         return torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
                                   {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas, fused=fused)
