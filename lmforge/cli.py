@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="files, directories, globs (.txt .md .py .jsonl .csv), or 'stdlib' for the embedded corpus")
     s.add_argument("--out", required=True, help="data directory to write")
-    s.add_argument("--vocab-size", type=int, default=8192)
+    s.add_argument("--vocab-size", type=int, default=4096)
     s.add_argument("--tokenizer", choices=["bpe", "wordpiece"], default="bpe",
                    help="byte-level BPE (decoders) or WordPiece with [CLS] [SEP] [PAD] [MASK] [UNK] (encoders)")
     s.add_argument("--val-fraction", type=float, default=0.05)
@@ -690,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/quickstart", help="run directory (replaced if it is an old quickstart run)")
     s.add_argument("--max-seconds", type=float, default=300.0, help="total time budget (default 300)")
     s.add_argument("--preset", default="micro")
-    s.add_argument("--vocab-size", type=int, default=8192)
+    s.add_argument("--vocab-size", type=int, default=4096)
     s.add_argument("--task", choices=["lm", "classify"], default="lm",
                    help="classify: fine-tune an encoder to tell a docstring's stdlib package, beside baselines")
     s.add_argument("--init", help="--task classify: encoder to fine-tune (default: all-MiniLM-L6-v2)")

@@ -41,7 +41,7 @@ def _data_dir(out: Path, vocab_size: int) -> Path:
 
 
 def quickstart(out: str | Path = "runs/quickstart", max_seconds: float = 300.0, preset: str = "micro",
-               vocab_size: int = 8192) -> dict:
+               vocab_size: int = 4096) -> dict:
     """Run the whole path; returns the summary printed by the CLI."""
     from lmforge.evaluate.run import evaluate_run
     from lmforge.train.trainer import train

@@ -405,3 +405,44 @@ def test_the_chat_template_is_stored_in_the_run_and_can_be_edited(trained_run, t
     (tmp_path / "chat_template.json").write_text('{"user": "x"}')
     with pytest.raises(Exception, match="missing string field"):
         load_chat_template(tmp_path)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot_and_stops_its_generation(tmp_path, data_dir):
+    import time
+
+    # A long context, so that only the disconnect can end the answer early (a sequence also ends
+    # when its context is full).
+    run = tmp_path / "long"
+    r = run_cli("train", "--data", str(data_dir), "--out", str(run), "--preset", "debug", "--max-steps", "2",
+                "--set", "model.block_size=2048")
+    assert r.returncode == 0, r.stderr
+    proc, base = start_server(run, "--max-tokens-cap", "100000")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        body = {"model": run.name, "prompt": "the model", "max_tokens": 100000, "temperature": 0,
+                "stream": True}
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", base + "/v1/completions", json=body, headers=headers) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                for _ in range(5):  # a few pieces of the answer
+                    next(lines)
+                text = http.get(base + "/metrics", headers=headers).text
+                assert metric(text, "lmforge_sequences_running") == 1  # still generating
+            # Leaving the block closed the connection mid-answer.
+        deadline, running = time.monotonic() + 20, 1
+        while running and time.monotonic() < deadline:
+            time.sleep(0.1)
+            running = metric(httpx.get(base + "/metrics", headers=headers).text, "lmforge_sequences_running")
+        assert running == 0, "the abandoned sequence still holds its slot"
+        steps = metric(httpx.get(base + "/metrics", headers=headers).text, "lmforge_decode_steps")
+        time.sleep(1.0)
+        assert metric(httpx.get(base + "/metrics", headers=headers).text, "lmforge_decode_steps") == steps
+        assert steps < 1500  # stopped well before the ~2,040 tokens its context allows
+        # The server goes on serving.
+        out = client(base).completions.create(model=run.name, prompt="the model", max_tokens=5,
+                                               temperature=0)
+        assert 1 <= out.usage.completion_tokens <= 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -93,7 +93,7 @@ def _write_tokens(tok, docs: list[Document], path: Path, dtype, eot: int, desc: 
     return n
 
 
-def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 8192, val_fraction: float = 0.05,
+def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 4096, val_fraction: float = 0.05,
             seed: int = 1337, text_field: str = "text", text_column: str = "text",
             tokenizer: str = "bpe") -> dict:
     """Build a data directory from ``inputs``; returns the contents of ``meta.json``."""

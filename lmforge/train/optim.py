@@ -65,17 +65,26 @@ class Muon(torch.optim.Optimizer):
             if any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon takes 2-D parameters only")
 
-    def _orthogonalise(self, g: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
+    def _orthogonalise(self, updates: list[torch.Tensor], steps: int, eps: float) -> list[torch.Tensor]:
+        """Newton-Schulz on each update; matrices of one shape (after turning tall ones wide) are
+        iterated together as one batch of matrix products: the same arithmetic, and on a 2-core CPU
+        1.2-1.4x faster than one small product at a time for `micro` (bench/RESULTS.md §10)."""
         a, b, c = self.COEFFICIENTS
-        tall = g.size(0) > g.size(1)
-        x = g.to(self.ns_dtype)
-        if tall:
-            x = x.T
-        x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
-        for _ in range(steps):
-            gram = x @ x.T
-            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        return x.T if tall else x
+        out: list[torch.Tensor | None] = [None] * len(updates)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, g in enumerate(updates):
+            rows, cols = g.shape
+            by_shape.setdefault((min(rows, cols), max(rows, cols)), []).append(i)
+        for members in by_shape.values():
+            x = torch.stack([updates[i].T if updates[i].size(0) > updates[i].size(1) else updates[i]
+                             for i in members]).to(self.ns_dtype)
+            x.div_(x.norm(dim=(1, 2), keepdim=True).clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+            for _ in range(steps):
+                gram = x @ x.mT
+                x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+            for i, xi in zip(members, x):
+                out[i] = xi.T if updates[i].size(0) > updates[i].size(1) else xi
+        return out
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -85,6 +94,7 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
+            params, updates = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -93,8 +103,9 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p.grad)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)
-                update = p.grad.lerp(buf, mu)  # nesterov
-                update = self._orthogonalise(update, group["ns_steps"], group["eps"])
+                params.append(p)
+                updates.append(p.grad.lerp(buf, mu))  # nesterov
+            for p, update in zip(params, self._orthogonalise(updates, group["ns_steps"], group["eps"])):
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
         return loss
