@@ -422,9 +422,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_and_stops_its_gener
         body = {"model": run.name, "prompt": "the model", "max_tokens": 100000, "temperature": 0,
                 "stream": True}
         with httpx.Client(timeout=30) as http:
-            with http.stream("POST", base + "/v1/completions", json=body, headers=headers) as r:
-                assert r.status_code == 200
-                lines = r.iter_lines()
+            with http.stream("POST", base + "/v1/completions", json=body, headers=headers) as stream:
+                assert stream.status_code == 200
+                lines = stream.iter_lines()
                 for _ in range(5):  # a few pieces of the answer
                     next(lines)
                 text = http.get(base + "/metrics", headers=headers).text
