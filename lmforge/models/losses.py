@@ -24,7 +24,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         for s in range(0, h.size(0), chunk):
             hs, ts = h[s:s + chunk], targets[s:s + chunk]
-            keep = (ts >= 0).unsqueeze(1)
+            keep = (ts >= 0).unsqueeze(1).to(h.dtype)  # (n, 1): 0 for ignored rows
             idx = ts.clamp(min=0).unsqueeze(1)
             logits = (hs @ weight.t()).float()  # (n, V)
             top = logits.amax(dim=1, keepdim=True)
@@ -35,7 +35,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += ((lse - target_logit) * keep).sum()
             g.scatter_add_(1, idx, torch.full_like(lse, -1.0))  # minus one-hot: d(sum loss)/d logits
             # Ignored rows: zeroed on the (n, C) sides, not by another pass over the (n, V) gradient.
-            keep = keep.to(h.dtype)
             grad_h[s:s + chunk] = (g.to(h.dtype) @ weight) * keep
             grad_w.addmm_(g.t(), (hs * keep).float())
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), n_valid)

@@ -75,15 +75,15 @@ class Muon(torch.optim.Optimizer):
         for i, g in enumerate(updates):
             rows, cols = g.shape
             by_shape.setdefault((min(rows, cols), max(rows, cols)), []).append(i)
+        tall = [g.size(0) > g.size(1) for g in updates]
         for members in by_shape.values():
-            x = torch.stack([updates[i].T if updates[i].size(0) > updates[i].size(1) else updates[i]
-                             for i in members]).to(self.ns_dtype)
+            x = torch.stack([updates[i].T if tall[i] else updates[i] for i in members]).to(self.ns_dtype)
             x.div_(x.norm(dim=(1, 2), keepdim=True).clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
             for _ in range(steps):
                 gram = x @ x.mT
                 x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
             for i, xi in zip(members, x):
-                out[i] = xi.T if updates[i].size(0) > updates[i].size(1) else xi
+                out[i] = xi.T if tall[i] else xi
         return out
 
     @torch.no_grad()
