@@ -171,8 +171,8 @@ class _ClosingStreamingResponse(StreamingResponse):
     """Closes its body generator when the response ends, however it ends. When a client
     disconnects, Starlette cancels the streaming task wherever it is; if that is outside the
     generator (at a ``send``), the generator stays suspended at a ``yield`` and the generation
-    behind it stops only when the generator is finalised -- once in a while, only after the whole
-    answer had been generated for nobody (tests/test_serve.py's disconnect test, ~1 run in 8)."""
+    behind it stops only when the generator is finalised. The likely cause of what
+    tests/test_serve.py's disconnect test saw about once in 8 runs: the whole answer generated for nobody."""
 
     async def __call__(self, scope, receive, send) -> None:
         try:
