@@ -197,20 +197,34 @@ def text_pieces(tokens: Iterator[int], tokenizer, stop: list[str] | None = None,
     Stopping early closes ``tokens`` (a server's batcher then frees the sequence's slot).
     """
     stop = [s for s in (stop or []) if s]
-    out_ids: list[int] = []
+    longest = max((len(s) for s in stop), default=0)
+    ids: list[int] = []
+    # Decoding only a window keeps this linear in the continuation's length: ``ids[start:read]``
+    # were already turned into text and are decoded again only as context (so that tokenizers
+    # whose decoding depends on the neighbour, e.g. WordPiece's "##" or a leading space, stay
+    # exact); ``ids[read:]`` are new. The window moves on after every complete piece.
+    start = read = 0
+    text = ""  # the whole continuation decoded so far, shown or held back
     sampled, finish = 0, "length"
-    emitted = 0  # characters of the decoded continuation already yielded
+    emitted = 0  # characters of ``text`` already yielded
+
+    def new_text() -> str:
+        return tokenizer.decode(ids[start:])[len(tokenizer.decode(ids[start:read])):]
+
     try:
         for t in tokens:
             sampled += 1
             if eot_id is not None and t == eot_id:
                 finish = "stop"
                 break
-            out_ids.append(t)
-            text = tokenizer.decode(out_ids)
-            if text.endswith("\ufffd"):
-                continue  # a multi-byte character is not complete yet
-            hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+            ids.append(t)
+            piece = new_text()
+            if not piece or piece.endswith("\ufffd"):
+                continue  # nothing to show yet, or a multi-byte character is not complete yet
+            searched = max(emitted, len(text) - longest + 1, 0)  # no stop string ends before this
+            text += piece
+            start, read = read, len(ids)
+            hits = [i for i in (text.find(s, searched) for s in stop) if i >= 0]
             if hits:
                 cut = min(hits)
                 if cut > emitted:
@@ -228,7 +242,7 @@ def text_pieces(tokens: Iterator[int], tokenizer, stop: list[str] | None = None,
     finally:
         if hasattr(tokens, "close"):
             tokens.close()
-    text = tokenizer.decode(out_ids)
+    text += new_text()
     if len(text) > emitted:
         yield text[emitted:]
     return {"completion_tokens": sampled, "finish_reason": finish}

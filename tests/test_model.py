@@ -183,3 +183,45 @@ def test_interleaved_generations_of_the_same_shape_do_not_share_a_cache():
         got_b.append(next(gb))
     assert torch.equal(torch.stack(got_a, dim=1), want_a)
     assert torch.equal(torch.stack(got_b, dim=1), want_b)
+
+
+class CountingTokenizer:
+    """A tokenizer that counts how many ids it was asked to decode."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids):
+        self.decoded += len(ids)
+        return self.tok.decode(ids)
+
+
+def test_streamed_text_pieces_are_exact_never_split_a_character_and_cost_linear_decoding():
+    from lmforge.data.tokenizer import train_bpe, train_wordpiece
+    from lmforge.generate import text_pieces
+
+    text = "Grüße aus Köln: 東京 → 😀 naïve café.\n" * 3 + "def f(x):\n    return x  # ok\n"
+    for tok in (train_bpe([text] * 20, vocab_size=300, min_frequency=1),
+                train_wordpiece([text] * 20, vocab_size=300)):
+        ids = tok.encode(text).ids
+        counting = CountingTokenizer(tok)
+        pieces = list(text_pieces(iter(ids), counting))
+        assert "".join(pieces) == tok.decode(ids)
+        assert not any("\ufffd" in p for p in pieces)  # byte-level BPE splits 😀 and 東 over tokens
+        # Stop strings: everything before the first one, nothing of it, even when it spans tokens.
+        full = tok.decode(ids)
+        for stop in (full[5:9], full[40:47]):
+            got = text_pieces(iter(ids), tok, stop=[stop, "never occurs"])
+            pieces, result = [], None
+            try:
+                while True:
+                    pieces.append(next(got))
+            except StopIteration as end:
+                result = end.value
+            assert "".join(pieces) == full[:full.index(stop)] and result["finish_reason"] == "stop"
+    # Linear, not quadratic: 3,000 tokens decode each id a few times, not ~1,500 times on average.
+    tok = train_bpe([text] * 20, vocab_size=300, min_frequency=1)
+    ids = (tok.encode(text).ids * 100)[:3000]
+    counting = CountingTokenizer(tok)
+    assert "".join(text_pieces(iter(ids), counting)) == tok.decode(ids)
+    assert counting.decoded < 10 * len(ids)
