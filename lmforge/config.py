@@ -41,6 +41,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # Classification fine-tuning: the target puts 1 - label_smoothing on the true class and
+    # spreads the rest evenly over all classes (F.cross_entropy's label_smoothing).
+    label_smoothing: float = 0.0
+    # Fine-tuning: each block's learning rate is lr * layer_lr_decay ** (blocks above it), the
+    # embeddings' one step lower still (1: one learning rate for all; optim.layer_scales).
+    layer_lr_decay: float = 1.0
     eval_interval: int = 100  # steps between validation evaluations (0: only at the end)
     eval_batches: int = 8  # validation micro-batches per evaluation during training
     log_interval: int = 10  # steps between metrics.jsonl lines and progress-bar updates
@@ -250,6 +256,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("train.optimizer muon needs whole matrices; it cannot run with train.fsdp")
     if t.muon_lr is not None and t.muon_lr <= 0:
         raise UserError(f"train.muon_lr must be positive, got {t.muon_lr}")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise UserError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    if not 0.0 < t.layer_lr_decay <= 1.0:
+        raise UserError(f"train.layer_lr_decay must be in (0, 1], got {t.layer_lr_decay}")
 
 
 def loss_chunk_for(value: int | None, device_type: str) -> int:

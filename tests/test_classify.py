@@ -160,6 +160,34 @@ def test_decoder_classifier_with_oversampling_and_early_stopping(data, tmp_path)
     assert r.returncode == 0 and r.stdout.split("\t")[0] in ("account", "billing", "shipping")
 
 
+def test_label_smoothing_caps_confidence_and_layer_decay_holds_the_lower_layers(tiny_bert, data, tmp_path):
+    from safetensors.torch import load_file
+
+    from lmforge.train.classify import train_classifier
+
+    train, val, _ = data
+
+    def fine_tune(run, epochs=6, **sets) -> float:
+        """Mean top probability on the validation examples."""
+        s = train_classifier(tiny_bert, train, run, val=val, epochs=epochs, early_stop="loss", patience=99,
+                             overrides=["train.lr=2e-3"] + [f"train.{k}={v}" for k, v in sets.items()])
+        lines = (run / "predictions_validation.jsonl").read_text().splitlines()
+        return s, float(np.mean([max(json.loads(line)["probabilities"].values()) for line in lines]))
+
+    (plain, plain_top), (smoothed, smoothed_top) = fine_tune(tmp_path / "plain"), fine_tune(
+        tmp_path / "smoothed", label_smoothing=0.9)
+    # With smoothing 0.9 over 3 classes the best prediction is 0.4 for the true class, 0.3 for the others.
+    assert smoothed_top < 0.45 and plain_top > 0.6
+    assert min(plain["validation"]["accuracy"], smoothed["validation"]["accuracy"]) > 0.8  # learned either way
+    # A decay of 1e-3 per block leaves the embeddings (1e-9 of the rate) where they were.
+    fine_tune(tmp_path / "decayed", epochs=1, layer_lr_decay=1e-3)
+    before, after = load_file(tiny_bert / "model.safetensors"), load_file(tmp_path / "decayed" / "model.safetensors")
+    key = next(k for k in after if k.endswith("word_embeddings.weight"))
+    assert (after[key] - before[key]).abs().max() < 1e-6
+    assert (after[key.replace("embeddings.word_embeddings", "encoder.layer.1.output.dense")]
+            - before[key.replace("embeddings.word_embeddings", "encoder.layer.1.output.dense")]).abs().max() > 1e-5
+
+
 @pytest.mark.parametrize("case", ["no-label-column", "single-class", "unseen-label", "empty-text", "val-fraction"])
 def test_classification_bad_input(tiny_bert, data, tmp_path, case):
     train, val, _ = data

@@ -30,6 +30,8 @@ def test_saved_config_round_trips(tmp_path):
     ("train.lr=-1", "must be positive"),
     ("train.optimizer=sgd", "train.optimizer must be one of adamw, muon"),
     ("train.muon_lr=0", "train.muon_lr must be positive"),
+    ("train.layer_lr_decay=0", r"train.layer_lr_decay must be in \(0, 1\]"),
+    ("train.label_smoothing=1", r"train.label_smoothing must be in \[0, 1\)"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(UserError, match=message):

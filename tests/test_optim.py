@@ -93,3 +93,28 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(9, 1.0, 10, 100, 0.1) == pytest.approx(1.0)
     assert lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_at(50, 1.0, 10, None, 0.1) == 1.0  # schedule not planned yet: the peak
+
+
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_layer_wise_decay_scales_each_blocks_learning_rate(kind):
+    from lmforge.models.bert import Bert
+
+    cfg = cfgmod.build_config("bert-debug").model  # 2 blocks
+    cfg.vocab_size, cfg.num_labels, cfg.mlm_head = 64, 3, False
+    model = Bert(cfg)
+    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu", kind, muon_lr=2e-3, layer_decay=0.5)
+    set_lr(opt, 1e-3)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    muon = 2.0 if kind == "muon" else 1.0  # Muon's matrices run at muon_lr / lr times the rest
+    params = dict(model.named_parameters())
+    assert lr_of[id(params["classifier.weight"])] == pytest.approx(1e-3 * muon)
+    assert lr_of[id(params["classifier.bias"])] == pytest.approx(1e-3)
+    assert lr_of[id(params["bert.encoder.layer.1.attention.self.query.weight"])] == pytest.approx(0.5e-3 * muon)
+    assert lr_of[id(params["bert.encoder.layer.1.attention.self.query.bias"])] == pytest.approx(0.5e-3)
+    assert lr_of[id(params["bert.encoder.layer.0.output.dense.weight"])] == pytest.approx(0.25e-3 * muon)
+    assert lr_of[id(params["bert.embeddings.word_embeddings.weight"])] == pytest.approx(0.125e-3)
+    assert len(lr_of) == sum(1 for p in model.parameters() if p.requires_grad)  # every parameter, once
+    # Without decay: one learning rate for everything (Muon's matrices apart).
+    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu", kind, muon_lr=2e-3)
+    set_lr(opt, 1e-3)
+    assert {round(g["lr"] * 1e3, 6) for g in opt.param_groups} == ({1.0, 2.0} if kind == "muon" else {1.0})

@@ -145,7 +145,7 @@ def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None,
     eval_every = eval_every or steps_per_epoch
     loss_weight = (counts.sum() / (len(names) * counts.clamp(min=1))).to(device) if class_weights == "auto" else None
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type, t.optimizer,
-                               t.muon_lr)
+                               t.muon_lr, t.layer_lr_decay)
     ctx = autocast_for(device, t.dtype)
     gen = torch.Generator().manual_seed(t.seed)
     sample_w = (1.0 / counts)[y_train] if oversample else None
@@ -186,7 +186,8 @@ def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None,
             width = int(lengths[b].max())  # padding past the longest text in the batch changes nothing
             with ctx:
                 logits = model.classify(ids[b, :width].to(device), mask[b, :width].to(device))
-            loss = F.cross_entropy(logits.float(), y_train[b].to(device), weight=loss_weight)
+            loss = F.cross_entropy(logits.float(), y_train[b].to(device), weight=loss_weight,
+                                   label_smoothing=t.label_smoothing)
             loss.backward()
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

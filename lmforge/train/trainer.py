@@ -203,7 +203,7 @@ def _train(cfg, meta, train_data, val_data, data_dir, run_dir, resume, stop_at, 
 
     def make_optimizer():
         return build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type, t.optimizer,
-                               t.muon_lr)
+                               t.muon_lr, t.layer_lr_decay)
     optimizer = None if sharded else make_optimizer()
     state = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "data_dir": str(data_dir.resolve())}
     created = False
