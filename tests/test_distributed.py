@@ -83,3 +83,15 @@ def test_fsdp_shards_and_resumes_to_the_same_weights(data_dir, single, tmp_path)
     assert b["step"] == 8 and b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
     assert max_difference(one, run) < 1e-4
     assert max_difference(one, run, "trainer_state.safetensors") < 1e-4  # the same Adam moments
+
+
+def test_muon_under_ddp_equals_one_process_with_double_accumulation(data_dir, tmp_path):
+    # Muon orthogonalises each matrix's update: every process must do so on the all-reduced gradient.
+    muon = ["--set", "train.optimizer=muon", "--set", "train.muon_lr=5e-3"]
+    r = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path / "one"), "--set", "train.grad_accum=2",
+                *muon, *COMMON)
+    assert r.returncode == 0, r.stderr
+    two = torchrun("train", "--data", str(data_dir), "--out", str(tmp_path / "two"), *muon, *COMMON)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads(two.stdout)["val_loss"] == pytest.approx(json.loads(r.stdout)["val_loss"], abs=1e-5)
+    assert max_difference(tmp_path / "one", tmp_path / "two") < 1e-4
