@@ -59,8 +59,10 @@ class DecodeStep:
         if compile:
             # On CPU, freezing lets inductor pre-pack the weights for oneDNN (measured 430 vs 375
             # tokens/s, bench/RESULTS.md); it treats the weights as constants, so the step must be
-            # made after training, as generation always is.
-            options = {"freezing": True} if device.type == "cpu" else None
+            # made after training, as generation always is. The C++ wrapper calls the kernels
+            # without Python in between: 15-25% more tokens/s at batch 1 for ~20 s more compiling
+            # (bench/RESULTS.md section 12).
+            options = {"freezing": True, "cpp_wrapper": True} if device.type == "cpu" else None
             self.fn = torch.compile(step, fullgraph=True, dynamic=False, options=options)
         else:
             self.fn = step
