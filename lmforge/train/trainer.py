@@ -169,6 +169,8 @@ def train(cfg: cfgmod.RunConfig, data_dir: str | Path, run_dir: str | Path, resu
     the schedule, so a later ``--resume`` continues the same run.
     """
     data_dir, run_dir = Path(data_dir), Path(run_dir)
+    if cfg.train.label_smoothing:
+        raise UserError("train.label_smoothing applies to --task classify only")
     meta = load_meta(data_dir)
     train_data = TokenFile(data_dir / "train.bin", meta["dtype"])
     val_data = TokenFile(data_dir / "val.bin", meta["dtype"])
