@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -27,8 +28,6 @@ def layer_scales(model: torch.nn.Module, decay: float) -> dict[int, float]:
     for what sits above the blocks (head, pooler, final norm), 1 for the last block, … L for the
     first, L + 1 for the embeddings. Blocks are found by their names (``….layer.N.`` /
     ``….h.N.``), as in Hugging Face's BERT and GPT-2 layouts that lmforge's models share."""
-    import re
-
     depth = {}
     for name, p in model.named_parameters():
         m = re.search(r"\.(?:layer|h)\.(\d+)\.", name)
