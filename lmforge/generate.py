@@ -7,10 +7,13 @@ The token loop (:func:`generate_ids`) is batched and yields one (B,) tensor of n
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Generator, Iterator
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from lmforge.models.gpt import GPT, KVCache
 
@@ -35,6 +38,33 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class MatVecLinear(TorchFunctionMode):
+    """Linear layers on at most ``max_rows`` rows as a multiply and a sum over the input features.
+
+    For ``torch.compile`` on the CPU only: inductor fuses the two into one vectorised loop that
+    streams each weight matrix once, about twice the memory bandwidth of the BLAS matrix-vector
+    product ``addmm`` calls for a row or two (decoding reads every weight once per token, so it
+    is bound by that bandwidth; bench/RESULTS.md section 13). Eager, the product would be
+    materialised; with more rows the BLAS kernel wins.
+    """
+
+    def __init__(self, max_rows: int = 4):
+        super().__init__()
+        self.max_rows = max_rows
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return x.numel() <= self.max_rows * x.size(-1)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and self.applies(args[0]):
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            y = (x.unsqueeze(-2) * weight).sum(-1)  # (..., out): weight (out, in) is read row by row
+            return y if bias is None else y + bias
+        return func(*args, **kwargs)
+
+
 class DecodeStep:
     """One decoding step for a fixed batch and cache: ids (B,) at position ``pos`` -> logits (B, V).
 
@@ -52,8 +82,11 @@ class DecodeStep:
         # One position for the whole batch, or (per_row) one per row: rows at different lengths.
         self.pos = torch.full((batch, 1) if per_row else (1,), pos, dtype=torch.long, device=device)
 
+        linear_mode = MatVecLinear if compile and device.type == "cpu" else nullcontext
+
         def step() -> torch.Tensor:
-            logits, _ = model(self.ids, cache=cache, input_pos=self.pos, last_only=True)
+            with linear_mode():
+                logits, _ = model(self.ids, cache=cache, input_pos=self.pos, last_only=True)
             return logits[:, -1, :]
 
         if compile:
@@ -61,7 +94,8 @@ class DecodeStep:
             # tokens/s, bench/RESULTS.md); it treats the weights as constants, so the step must be
             # made after training, as generation always is. The C++ wrapper calls the kernels
             # without Python in between: 15-25% more tokens/s at batch 1 for ~20 s more compiling
-            # (bench/RESULTS.md section 12).
+            # (bench/RESULTS.md section 12). :class:`MatVecLinear` turns the few-row linear layers
+            # into fused reductions (section 13).
             options = {"freezing": True, "cpp_wrapper": True} if device.type == "cpu" else None
             self.fn = torch.compile(step, fullgraph=True, dynamic=False, options=options)
         else:

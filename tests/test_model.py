@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from lmforge.generate import generate_ids, sample_next
+from lmforge.generate import MatVecLinear, generate_ids, sample_next
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.losses import linear_cross_entropy
 
@@ -169,6 +169,34 @@ def test_compiled_decoding_equals_eager():
     eager = torch.stack(list(generate_ids(model, prompt, 20, temperature=0, use_cache=False)), dim=1)
     compiled = torch.stack(list(generate_ids(model, prompt, 20, temperature=0, compile=True)), dim=1)
     assert torch.equal(compiled, eager)
+
+
+def test_matvec_linear_rewrites_few_row_linears_only():
+    """The compiled CPU decode step's linear layers as multiply + sum: same logits for one row;
+    with more rows than ``max_rows`` the BLAS path is left alone (bit-identical)."""
+    model = tiny()
+    x = torch.randint(0, 97, (1, 1))
+    want, _ = model(x)
+    with MatVecLinear():
+        got, _ = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    calls = []
+
+    class Spy(MatVecLinear):
+        def applies(self, x):
+            rewrite = super().applies(x)
+            if rewrite:
+                calls.append(x.shape)
+            return rewrite
+
+    with Spy(max_rows=4):
+        model(torch.randint(0, 97, (1, 2)))  # 2 rows: rewritten
+    assert len(calls) == 4 * len(model.transformer.h) + 1  # four linears per block + the head
+    calls.clear()
+    wide = torch.randint(0, 97, (2, 8))
+    with Spy(max_rows=4):
+        got, _ = model(wide)
+    assert not calls and torch.equal(got, model(wide)[0])
 
 
 def test_interleaved_generations_of_the_same_shape_do_not_share_a_cache():
