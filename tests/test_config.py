@@ -32,6 +32,7 @@ def test_saved_config_round_trips(tmp_path):
     ("train.muon_lr=0", "train.muon_lr must be positive"),
     ("train.layer_lr_decay=0", r"train.layer_lr_decay must be in \(0, 1\]"),
     ("train.label_smoothing=1", r"train.label_smoothing must be in \[0, 1\)"),
+    ("model.pos_init=rope", "model.pos_init must be normal or sinusoidal"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(UserError, match=message):

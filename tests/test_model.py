@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.generate import MatVecLinear, generate_ids, sample_next
-from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.models.gpt import GPT, SINUSOIDAL_RMS, GPTConfig, sinusoidal_positions
 from lmforge.models.losses import linear_cross_entropy
 
 
@@ -12,6 +12,24 @@ def tiny(vocab=97, block=32, dropout=0.0) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=32,
                          dropout=dropout)).eval()
+
+
+def test_sinusoidal_position_init():
+    """``pos_init=sinusoidal`` starts wpe at the sine/cosine table, scaled to its RMS; the table's
+    rows are rotations of each other, so position p + k is a fixed linear map of position p."""
+    table = sinusoidal_positions(64, 48, rms=0.5)
+    assert table.shape == (64, 48)
+    assert abs(table.pow(2).mean().sqrt().item() - 0.5) < 1e-6
+    p = torch.arange(64, dtype=torch.float64)[:, None]
+    freq = torch.exp(-torch.log(torch.tensor(10000.0, dtype=torch.float64)) * torch.arange(24) / 24)
+    raw = torch.cat([(p * freq).sin(), (p * freq).cos()], dim=1)
+    torch.testing.assert_close(table.double() / table.double()[0, 24], raw, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=32, pos_init="sinusoidal"))
+    torch.testing.assert_close(model.transformer.wpe.weight.data, sinusoidal_positions(32, 32, SINUSOIDAL_RMS))
+    assert model.transformer.wpe.weight.requires_grad  # still learned
+    default = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=32))
+    assert abs(default.transformer.wpe.weight.std().item() - 0.02) < 0.003
 
 
 def test_changing_a_future_token_never_changes_earlier_logits():
