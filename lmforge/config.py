@@ -96,8 +96,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # Two layers, not three: with Muon and the fused loss, the extra tokens a shallower model
         # sees in 5 minutes are worth more than depth (bench/RESULTS.md §10: 0.9-5% lower bits per
         # byte on the four corpora measured, with the 4,096-token default vocabulary).
-        # Position embeddings start at the sinusoidal table (still learned): 2-3% lower bits/byte
-        # after the same 1,100 steps on the npm corpus and the Node.js docs (§14).
+        # Position embeddings start at the sinusoidal table (still learned): 1.2-2.9% lower
+        # bits/byte after the same 1,100 steps on all four corpora measured (§14).
         "model": dict(n_layer=2, n_head=3, n_embd=192, block_size=256, dropout=0.0, pos_init="sinusoidal"),
         # beta2 0.99: with only 2k tokens per step the second-moment estimate needs a longer memory.
         # Muon on the hidden matrices, AdamW at 1e-2 on embeddings (= the tied head), biases and

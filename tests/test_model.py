@@ -15,8 +15,8 @@ def tiny(vocab=97, block=32, dropout=0.0) -> GPT:
 
 
 def test_sinusoidal_position_init():
-    """``pos_init=sinusoidal`` starts wpe at the sine/cosine table, scaled to its RMS; the table's
-    rows are rotations of each other, so position p + k is a fixed linear map of position p."""
+    """``pos_init=sinusoidal`` starts the (learned) wpe at the sine/cosine table, scaled to
+    ``SINUSOIDAL_RMS``; the default stays GPT-2's N(0, 0.02)."""
     table = sinusoidal_positions(64, 48, rms=0.5)
     assert table.shape == (64, 48)
     assert abs(table.pow(2).mean().sqrt().item() - 0.5) < 1e-6
@@ -25,10 +25,11 @@ def test_sinusoidal_position_init():
     raw = torch.cat([(p * freq).sin(), (p * freq).cos()], dim=1)
     torch.testing.assert_close(table.double() / table.double()[0, 24], raw, rtol=1e-5, atol=1e-6)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=32, pos_init="sinusoidal"))
+    shape = dict(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    model = GPT(GPTConfig(**shape, pos_init="sinusoidal"))
     torch.testing.assert_close(model.transformer.wpe.weight.data, sinusoidal_positions(32, 32, SINUSOIDAL_RMS))
     assert model.transformer.wpe.weight.requires_grad  # still learned
-    default = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=32))
+    default = GPT(GPTConfig(**shape))
     assert abs(default.transformer.wpe.weight.std().item() - 0.02) < 0.003
 
 

@@ -174,8 +174,9 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.pos_init == "sinusoidal":
+            table = sinusoidal_positions(config.block_size, config.n_embd, rms=SINUSOIDAL_RMS)
             with torch.no_grad():
-                self.transformer.wpe.weight.copy_(sinusoidal_positions(config.block_size, config.n_embd, rms=SINUSOIDAL_RMS))
+                self.transformer.wpe.weight.copy_(table)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
