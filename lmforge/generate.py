@@ -90,9 +90,10 @@ class DecodeStep:
             return logits[:, -1, :]
 
         if compile:
-            # On CPU, freezing lets inductor pre-pack the weights for oneDNN (measured 430 vs 375
-            # tokens/s, bench/RESULTS.md); it treats the weights as constants, so the step must be
-            # made after training, as generation always is. The C++ wrapper calls the kernels
+            # On CPU, freezing treats the weights as constants (and pre-packs them for oneDNN where
+            # the BLAS path remains, batches over MatVecLinear's 4 rows; measured 430 vs 375
+            # tokens/s before the rewrite, bench/RESULTS.md), so the step must be made after
+            # training, as generation always is. The C++ wrapper calls the kernels
             # without Python in between: 15-25% more tokens/s at batch 1 for ~20 s more compiling
             # (bench/RESULTS.md section 12). :class:`MatVecLinear` turns the few-row linear layers
             # into fused reductions (section 13).
