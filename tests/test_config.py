@@ -33,6 +33,7 @@ def test_saved_config_round_trips(tmp_path):
     ("train.layer_lr_decay=0", r"train.layer_lr_decay must be in \(0, 1\]"),
     ("train.label_smoothing=1", r"train.label_smoothing must be in \[0, 1\)"),
     ("model.pos_init=rope", "model.pos_init must be normal or sinusoidal"),
+    ("model.prev_token_head=true", "model.prev_token_head needs model.pos_init=sinusoidal"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(UserError, match=message):

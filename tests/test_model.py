@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.generate import MatVecLinear, generate_ids, sample_next
-from lmforge.models.gpt import GPT, SINUSOIDAL_RMS, GPTConfig, sinusoidal_positions
+from lmforge.models.gpt import GPT, SINUSOIDAL_RMS, GPTConfig, previous_token_head, sinusoidal_positions
 from lmforge.models.losses import linear_cross_entropy
 
 
@@ -31,6 +31,33 @@ def test_sinusoidal_position_init():
     assert model.transformer.wpe.weight.requires_grad  # still learned
     default = GPT(GPTConfig(**shape))
     assert abs(default.transformer.wpe.weight.std().item() - 0.02) < 0.003
+
+
+def test_previous_token_head_attends_one_position_back():
+    """With ``prev_token_head`` the first layer's first head starts by attending from each position
+    to the one before it (on random tokens: the sinusoidal positions dominate the input); the other
+    head and the second layer keep GPT-2's random start."""
+    wq, wk = previous_token_head(48, 16, scale=1.0)
+    table = sinusoidal_positions(40, 48, rms=1.0)
+    # On the table, the query at position i is the key at position i - 1.
+    torch.testing.assert_close(table[1:] @ wq.T, table[:-1] @ wk.T, atol=1e-5, rtol=0)
+
+    def attention_to_previous(model):
+        x = torch.randint(0, 97, (1, 128))
+        with torch.no_grad():
+            block = model.transformer.h[0]
+            a = block.ln_1(model.transformer.wte(x) + model.transformer.wpe(torch.arange(128)))
+            q, k, _ = block.attn.c_attn(a).split(96, dim=2)
+            hs = 96 // 3
+            scores = (q[0, :, :hs] @ k[0, :, :hs].T) / hs ** 0.5
+            probs = scores.masked_fill(torch.ones(128, 128).triu(1).bool(), float("-inf")).softmax(-1)
+        return probs.diagonal(-1).mean().item()
+
+    shape = dict(vocab_size=97, block_size=128, n_layer=2, n_head=3, n_embd=96, pos_init="sinusoidal")
+    torch.manual_seed(0)
+    assert attention_to_previous(GPT(GPTConfig(**shape, prev_token_head=True))) > 0.8
+    torch.manual_seed(0)
+    assert attention_to_previous(GPT(GPTConfig(**shape))) < 0.1
 
 
 def test_changing_a_future_token_never_changes_earlier_logits():

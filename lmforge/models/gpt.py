@@ -33,6 +33,10 @@ class GPTConfig:
     # Initial position embeddings, learned from there either way: "normal" (GPT-2's N(0, 0.02)) or
     # "sinusoidal" (the sine/cosine table of Vaswani et al. at RMS ``SINUSOIDAL_RMS``).
     pos_init: str = "normal"
+    # With pos_init="sinusoidal": the first layer's first head starts as a previous-token head
+    # (:func:`previous_token_head`), the half of copying from context that a 2-layer model is slow
+    # to learn by itself. Queries and keys only; learned from there like every other weight.
+    prev_token_head: bool = False
 
 
 # Chosen by measurement (bench/RESULTS.md section 14): at RMS 0.02, 0.1, 0.3 and 1.0 `micro` on the
@@ -49,6 +53,33 @@ def sinusoidal_positions(n_pos: int, dim: int, rms: float) -> torch.Tensor:
     table = torch.cat([angles.sin(), angles.cos()], dim=1)
     table = torch.cat([table, torch.zeros(n_pos, dim - table.size(1), dtype=torch.float64)], dim=1)
     return (table * rms / table.pow(2).mean().sqrt()).float()
+
+
+# Chosen by measurement (bench/RESULTS.md section 15): at 2.0 the head puts ~0.9 of its attention on
+# the previous position at initialisation.
+PREV_TOKEN_SCALE = 2.0
+
+
+def previous_token_head(dim: int, head_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key weights, (head_size, dim) each, for a head that attends from position i to
+    i - 1 when its input is the sinusoidal table of :func:`sinusoidal_positions`.
+
+    Keys read the ``head_size // 2`` highest-frequency (sine, cosine) pairs; queries read the same
+    pairs rotated one position back (sin((i-1)w) = sin(iw)cos(w) - cos(iw)sin(w), and so on), so
+    a query at i matches the key at i - 1 best. Position i's features after the first LayerNorm have
+    RMS about 1 (the table dominates the small initial token embeddings), so ``scale`` sets how
+    sharp the attention starts."""
+    half, pairs = dim // 2, head_size // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(pairs, dtype=torch.float64) / half)
+    cos, sin = freq.cos(), freq.sin()
+    rows = torch.arange(pairs)
+    wq = torch.zeros(head_size, dim, dtype=torch.float64)
+    wk = torch.zeros(head_size, dim, dtype=torch.float64)
+    wk[rows, rows] = scale  # sines of the fastest pairs
+    wk[pairs + rows, half + rows] = scale  # their cosines
+    wq[rows, rows], wq[rows, half + rows] = scale * cos, -scale * sin
+    wq[pairs + rows, half + rows], wq[pairs + rows, rows] = scale * cos, scale * sin
+    return wq.float(), wk.float()
 
 
 class KVCache:
@@ -177,6 +208,12 @@ class GPT(nn.Module):
             table = sinusoidal_positions(config.block_size, config.n_embd, rms=SINUSOIDAL_RMS)
             with torch.no_grad():
                 self.transformer.wpe.weight.copy_(table)
+        if config.prev_token_head:
+            wq, wk = previous_token_head(config.n_embd, config.n_embd // config.n_head, PREV_TOKEN_SCALE)
+            attn = self.transformer.h[0].attn
+            with torch.no_grad():  # queries and keys of the first layer's first head
+                attn.c_attn.weight[:wq.size(0)] = wq
+                attn.c_attn.weight[config.n_embd:config.n_embd + wk.size(0)] = wk
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
