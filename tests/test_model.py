@@ -55,9 +55,17 @@ def test_previous_token_head_attends_one_position_back():
 
     shape = dict(vocab_size=97, block_size=128, n_layer=2, n_head=3, n_embd=96, pos_init="sinusoidal")
     torch.manual_seed(0)
-    assert attention_to_previous(GPT(GPTConfig(**shape, prev_token_head=True))) > 0.8
+    headed = GPT(GPTConfig(**shape, prev_token_head=True))
+    assert attention_to_previous(headed) > 0.8
     torch.manual_seed(0)
-    assert attention_to_previous(GPT(GPTConfig(**shape))) < 0.1
+    plain = GPT(GPTConfig(**shape))
+    assert attention_to_previous(plain) < 0.1
+    changed = {name for name, p in headed.state_dict().items() if not torch.equal(p, plain.state_dict()[name])}
+    assert changed == {"transformer.h.0.attn.c_attn.weight"}
+    rows = torch.ones(3 * 96, dtype=torch.bool)
+    rows[:32] = rows[96:128] = False  # the first head's queries and keys
+    w1, w0 = headed.transformer.h[0].attn.c_attn.weight, plain.transformer.h[0].attn.c_attn.weight
+    assert torch.equal(w1[rows], w0[rows]) and not torch.equal(w1[~rows], w0[~rows])
 
 
 def test_changing_a_future_token_never_changes_earlier_logits():
