@@ -44,12 +44,15 @@ class GPTConfig:
 SINUSOIDAL_RMS = 0.3
 
 
+def sinusoidal_frequencies(dim: int) -> torch.Tensor:
+    """The ``dim // 2`` angular frequencies of the sinusoidal table, fastest first (float64)."""
+    return torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+
+
 def sinusoidal_positions(n_pos: int, dim: int, rms: float) -> torch.Tensor:
     """(n_pos, dim): sines in the first half of the features, cosines in the second, at
     wavelengths from 2*pi to 10000*2*pi, scaled so that the table's RMS is ``rms``."""
-    pos = torch.arange(n_pos, dtype=torch.float64)[:, None]
-    freq = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
-    angles = pos * freq
+    angles = torch.arange(n_pos, dtype=torch.float64)[:, None] * sinusoidal_frequencies(dim)
     table = torch.cat([angles.sin(), angles.cos()], dim=1)
     table = torch.cat([table, torch.zeros(n_pos, dim - table.size(1), dtype=torch.float64)], dim=1)
     return (table * rms / table.pow(2).mean().sqrt()).float()
@@ -71,7 +74,7 @@ def previous_token_head(dim: int, head_size: int, scale: float) -> tuple[torch.T
     RMS about 1 (the table dominates the small initial token embeddings), so ``scale`` sets how
     sharp the attention starts."""
     half, pairs = dim // 2, head_size // 2
-    freq = torch.exp(-math.log(10000.0) * torch.arange(pairs, dtype=torch.float64) / half)
+    freq = sinusoidal_frequencies(dim)[:pairs]
     cos, sin = freq.cos(), freq.sin()
     rows = torch.arange(pairs)
     wq = torch.zeros(head_size, dim, dtype=torch.float64)
