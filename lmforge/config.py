@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from lmforge import __version__
 from lmforge.errors import UserError
 from lmforge.models.bert import BertConfig
 from lmforge.models.gpt import GPTConfig
@@ -165,12 +166,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise UserError(f"config key {key!r} expects {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def _apply(section_obj: Any, section: str, values: dict[str, Any]) -> None:
+def _apply(section_obj: Any, section: str, values: dict[str, Any], source: str) -> None:
     hints = typing.get_type_hints(type(section_obj))
     names = {f.name for f in dataclasses.fields(section_obj)}
     for k, v in values.items():
         if k not in names:
-            raise UserError(f"unknown config key '{section}.{k}' (known: {', '.join(sorted(names))})")
+            raise UserError(f"{source}: unknown config key '{section}.{k}' (known: {', '.join(sorted(names))})")
         setattr(section_obj, k, _coerce(v, hints[k], f"{section}.{k}"))
 
 
@@ -185,7 +186,7 @@ def apply_dict(cfg: RunConfig, data: dict[str, Any], source: str) -> None:
             raise UserError(f"{source}: unknown config section {section!r} (known: model, train)")
         if not isinstance(values, dict):
             raise UserError(f"{source}: section {section!r} must be a mapping")
-        _apply(getattr(cfg, section), section, values)
+        _apply(getattr(cfg, section), section, values, source)
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -316,5 +317,11 @@ def save(cfg: RunConfig, path: str | Path) -> None:
 
 
 def load(path: str | Path) -> RunConfig:
-    """Load a run directory's ``config.yaml``."""
-    return from_dict(load_yaml(path), str(path))
+    """Load a run directory's ``config.yaml``. A key this version does not know most likely means the
+    run was written by a newer lmforge; the error says so rather than only naming the key."""
+    try:
+        return from_dict(load_yaml(path), str(path))
+    except UserError as e:
+        if "unknown config key" not in str(e):
+            raise
+        raise UserError(f"{e}; was this run written by a newer version of lmforge ({__version__} here)?") from None

@@ -1,6 +1,7 @@
 """Config resolution: preset -> YAML -> --set, with types checked and unknown keys rejected."""
 
 import pytest
+import yaml
 
 from lmforge import config as cfgmod
 from lmforge.errors import UserError
@@ -20,6 +21,16 @@ def test_saved_config_round_trips(tmp_path):
     cfg = cfgmod.build_config("micro", overrides=["train.lr=1e-3"])
     cfgmod.save(cfg, tmp_path / "config.yaml")
     assert cfgmod.load(tmp_path / "config.yaml") == cfg
+
+
+def test_saved_config_with_an_unknown_key_names_the_file(tmp_path):
+    cfg = cfgmod.build_config("micro")
+    cfgmod.save(cfg, tmp_path / "config.yaml")
+    data = cfgmod.load_yaml(tmp_path / "config.yaml")
+    data["model"]["rope_theta"] = 10000.0  # a key some other version of lmforge writes
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(UserError, match=r"config\.yaml: unknown config key 'model\.rope_theta'.*newer version"):
+        cfgmod.load(tmp_path / "config.yaml")
 
 
 @pytest.mark.parametrize("override,message", [
