@@ -20,6 +20,11 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
 
+def _or(value, default):
+    """``value`` unless the option was not given (``0`` is a value, not a missing option)."""
+    return default if value is None else value
+
+
 # ---------------------------------------------------------------------------------------- prepare
 def cmd_prepare(args) -> int:
     """Clean a corpus, train a BPE tokenizer and write token files."""
@@ -85,10 +90,13 @@ def cmd_train_classify(args) -> int:
         _print_json(s)
     else:
         v = s["validation"]
-        print(f"fine-tuned {s['run_dir']}: {s['arch']} classifier, {len(s['labels'])} classes, best step "
-              f"{s['best_step']}/{s['steps']} ({s['stopped_by']}); validation accuracy {v['accuracy']:.4f}, "
-              f"macro F1 {v['macro_f1']:.4f}" + (f"; test macro F1 {s['test']['macro_f1']:.4f}" if "test" in s else ""))
-        print(f"report: {Path(s['run_dir']) / 'report.md'}")
+        print(f"fine-tuned {s['run_dir']}: {s['arch']} classifier, {len(s['labels'])} classes, "
+              + (f"best step {s['best_step']}/{s['steps']} ({s['stopped_by']}); validation accuracy "
+                 f"{v['accuracy']:.4f}, macro F1 {v['macro_f1']:.4f}" if v else
+                 f"{s['steps']} steps ({s['stopped_by']}), no validation: last weights kept")
+              + (f"; test macro F1 {s['test']['macro_f1']:.4f}" if "test" in s else ""))
+        if (Path(s["run_dir"]) / "report.md").is_file():  # no validation and no --test: nothing to report on
+            print(f"report: {Path(s['run_dir']) / 'report.md'}")
     return 0
 
 
@@ -336,33 +344,35 @@ def cmd_chat(args) -> int:
 # ------------------------------------------------------------------------------------- quickstart
 def cmd_quickstart(args) -> int:
     """Prepare the embedded corpus, train a GPT within a time budget, evaluate and sample it."""
-    from lmforge.quickstart import quickstart, quickstart_classify
+    from lmforge.quickstart import CLASSIFY_DEFAULT_SECONDS, quickstart, quickstart_classify
 
     if args.task == "classify":
         out = args.out if args.out != "runs/quickstart" else "runs/quickstart-classify"
-        r = quickstart_classify(out, max_seconds=args.max_seconds, init=args.init)
+        r = quickstart_classify(out, max_seconds=_or(args.max_seconds, CLASSIFY_DEFAULT_SECONDS), init=args.init,
+                                folds=args.folds)
         if args.json:
             _print_json(r)
         else:
             b = r["baselines"]
             print()
-            print(f"lmforge quickstart --task classify: {r['task']} ({len(r['labels'])} packages; "
-                  f"{r['train_examples']:,} train / {r['val_examples']:,} validation / {r['test_examples']:,} test "
-                  f"docstrings, split by file)")
+            print(f"lmforge quickstart --task classify: {r['task']} ({len(r['labels'])} packages, "
+                  f"{r['examples']:,} docstrings; {r['folds']}-fold cross-validation by file: each docstring "
+                  "predicted by a model that never saw its file)")
             print(f"  {'model':<34} {'accuracy':>9} {'macro F1':>9}")
             print(f"  {'fine-tuned encoder':<34} {r['test']['accuracy']:>9.4f} {r['test']['macro_f1']:>9.4f}")
             for name, m in b.items():
                 print(f"  {name.replace('_', ' '):<34} {m['accuracy']:>9.4f} {m['macro_f1']:>9.4f}")
             for name, c in r["versus_baselines"].items():
                 lo, hi = c["ci95"]
-                verdict = "significant" if c["mcnemar_p"] < 0.05 else "not significant"
+                verdict = ("not significant" if c["mcnemar_p"] >= 0.05 else
+                           "ahead, significant" if c["accuracy_difference"] > 0 else "behind, significant")
                 print(f"  accuracy vs {name.replace('_', ' ')}: {100 * c['accuracy_difference']:+.1f} points "
                       f"(95% interval {100 * lo:+.1f} to {100 * hi:+.1f}; McNemar p = {c['mcnemar_p']:.2g}, "
                       f"{verdict} at 5%)")
-            print(f"  run directory   {r['run_dir']} (report.md, plots/confusion.png, roc.png, pr.png)")
+            print(f"  run directory   {r['run_dir']} (the first fold's classifier; report.md, plots/crossval/)")
             print(f"  total time      {r['total_seconds']:.0f} s")
         return 0
-    summary = quickstart(args.out, max_seconds=args.max_seconds, preset=args.preset,
+    summary = quickstart(args.out, max_seconds=_or(args.max_seconds, 300.0), preset=args.preset,
                          vocab_size=args.vocab_size)
     if args.json:
         _print_json(summary)
@@ -602,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--init", help="run directory or Hugging Face directory to fine-tune")
     c.add_argument("--val", help="validation file (default: a stratified --val-fraction of --data)")
     c.add_argument("--val-fraction", type=float, default=0.15,
-                   help="without --val: the share of --data held out, stratified, to pick the best checkpoint")
+                   help="without --val: the share of --data held out, stratified, to pick the best checkpoint "
+                   "(0: no validation; every epoch runs and the last weights are kept)")
     c.add_argument("--test", help="test file, evaluated once with the best checkpoint")
     c.add_argument("--text-column", default="text")
     c.add_argument("--label-column", default="label")
@@ -688,12 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("quickstart", help="the whole path on the embedded corpus within a time budget",
                        description=cmd_quickstart.__doc__)
     s.add_argument("--out", default="runs/quickstart", help="run directory (replaced if it is an old quickstart run)")
-    s.add_argument("--max-seconds", type=float, default=300.0, help="total time budget (default 300)")
+    s.add_argument("--max-seconds", type=float, help="total time budget (default 300; --task classify: 600)")
     s.add_argument("--preset", default="micro")
     s.add_argument("--vocab-size", type=int, default=4096)
     s.add_argument("--task", choices=["lm", "classify"], default="lm",
                    help="classify: fine-tune an encoder to tell a docstring's stdlib package, beside baselines")
     s.add_argument("--init", help="--task classify: encoder to fine-tune (default: all-MiniLM-L6-v2)")
+    s.add_argument("--folds", type=int, default=3, help="--task classify: folds of the cross-validation by file")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_quickstart)
 

@@ -3,11 +3,13 @@
 import json
 import os
 import random
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from lmforge.evaluate.classify import classification_metrics, paired_comparison  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
@@ -101,6 +103,23 @@ def test_paired_comparison_against_a_binomial_tail_by_hand():
     assert same["mcnemar_p"] == 1.0 and same["ci95"] == [0.0, 0.0] and same["accuracy_difference"] == 0.0
     swapped = paired_comparison(y, b, a)
     assert swapped["ci95"][1] < 0 and swapped["mcnemar_p"] == pytest.approx(c["mcnemar_p"])
+
+
+def test_fine_tune_without_validation_keeps_the_last_weights(tiny_bert, data, tmp_path):
+    train, _, test = data
+    run = tmp_path / "clf"
+    r = run_cli("train", "--task", "classify", "--init", str(tiny_bert), "--data", str(train), "--val-fraction", "0",
+                "--out", str(run), "--epochs", "2", "--set", "train.lr=2e-3")
+    assert r.returncode == 0, r.stderr
+    assert "no validation: last weights kept" in r.stdout and "report:" not in r.stdout
+    assert (run / "metrics.jsonl").read_text() == ""  # nothing was evaluated during training
+    steps = int(re.search(r"(\d+) steps \(max_steps\)", r.stdout).group(1))
+    assert steps == 2 * -(-len(train.read_text().splitlines()) // 16)  # 2 epochs of all examples, batch 16
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == str(steps)  # the weights of the last step were kept
+    p = run_cli("predict", str(run), "--input", str(test), "--json")
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)["predictions"]) == len(test.read_text().splitlines())
 
 
 def test_fine_tune_then_eval_and_predict_agree_with_scikit_learn(tiny_bert, data, tmp_path):
@@ -211,12 +230,12 @@ def test_classification_bad_input(tiny_bert, data, tmp_path, case):
     assert not (tmp_path / "clf").exists()
 
 
-def test_stdlib_docstring_task_is_split_by_file_and_baselines_are_computed(tmp_path):
+def test_stdlib_docstring_folds_split_by_file_and_baselines_are_computed(tmp_path):
     from lmforge.data.labeled import label_names
-    from lmforge.quickstart import CLASSIFY_PACKAGES, baselines, stdlib_docstring_task
+    from lmforge.quickstart import CLASSIFY_PACKAGES, baselines, stdlib_docstring_folds
 
     root = tmp_path / "lib"
-    for pkg in CLASSIFY_PACKAGES:  # a miniature "standard library": 4 files per package
+    for pkg in CLASSIFY_PACKAGES:  # a miniature "standard library": 4 files per package, 5 docstrings each
         for i in range(4):
             f = root / pkg / f"mod{i}.py"
             f.parent.mkdir(parents=True, exist_ok=True)
@@ -225,33 +244,44 @@ def test_stdlib_docstring_task_is_split_by_file_and_baselines_are_computed(tmp_p
             f.write_text(body)
         (root / pkg / "tests").mkdir()
         (root / pkg / "tests" / "test_x.py").write_text('def t():\n    """a test docstring that must be skipped"""\n')
-    train, val, test = stdlib_docstring_task(root, seed=0, val_fraction=0.34)
-    assert label_names(train.labels) == sorted(CLASSIFY_PACKAGES) == label_names(test.labels) == label_names(val.labels)
-    # one of four files per package for testing, one of the other three for validation
-    assert len(test) == 8 * 5 and len(val) == 8 * 5 and len(train) == 8 * 10
+    folds = stdlib_docstring_folds(root, k=2, seed=0)
+    assert [len(f) for f in folds] == [8 * 10, 8 * 10]  # two files of every package in each fold
+    assert all(label_names(f.labels) == sorted(CLASSIFY_PACKAGES) for f in folds)
     files = lambda ex: {t.split("of file ")[1][0] + lab for t, lab in zip(ex.texts, ex.labels)}  # noqa: E731
-    assert not files(train) & files(test) and not files(train) & files(val) and not files(val) & files(test)
-    assert not any("must be skipped" in t for t in train.texts + val.texts + test.texts)
-    _, no_val, same_test = stdlib_docstring_task(root, seed=0, val_fraction=0.15)  # every file too big for 15%
-    assert len(no_val) == 0 and same_test.texts == test.texts
-    b, predicted = baselines(train, test, label_names(train.labels))
-    assert (predicted["majority_class"] == predicted["majority_class"][0]).all()
-    assert b["majority_class"]["accuracy"] == pytest.approx(1 / 8)
-    assert b["char_ngram_naive_bayes"]["accuracy"] > 0.9  # the package name is in every docstring
+    assert not files(folds[0]) & files(folds[1])  # no file on both sides
+    assert not any("must be skipped" in t for f in folds for t in f.texts)
+    three = stdlib_docstring_folds(root, k=3, seed=0)  # 4 files into 3 folds: 2 + 1 + 1 of each package
+    assert all(sorted(f.labels.count(pkg) for f in three) == [5, 5, 10] for pkg in CLASSIFY_PACKAGES)
+    probs = baselines(folds[0], folds[1], label_names(folds[0].labels))
+    majority = probs["majority_class"].argmax(1)
+    assert (majority == majority[0]).all() and probs["majority_class"].shape == (80, 8)
+    y = [label_names(folds[0].labels).index(label) for label in folds[1].labels]
+    assert (probs["char_ngram_naive_bayes"].argmax(1) == y).mean() > 0.9  # the package name is in every docstring
 
 
-def test_classification_quickstart_reports_baselines_and_their_significance(tiny_bert, tmp_path):
+def test_classification_quickstart_cross_validates_and_reports_baselines(tiny_bert, tmp_path):
     out = tmp_path / "qc"
     r = run_cli("quickstart", "--task", "classify", "--init", str(tiny_bert), "--out", str(out),
-                "--max-seconds", "50", "--json")
+                "--max-seconds", "60", "--folds", "2", "--json")
     assert r.returncode == 0, r.stderr
     q = json.loads(r.stdout)
     nb = q["baselines"]["char_ngram_naive_bayes"]
-    assert q["val_examples"] > 0 and q["labels"] == sorted(q["labels"]) and len(q["labels"]) == 8
+    assert q["folds"] == 2 and len(q["per_fold"]) == 2 and q["labels"] == sorted(q["labels"]) and len(q["labels"]) == 8
+    # every docstring is predicted once, by the fold that did not train on its file
+    assert q["examples"] == sum(f["test_examples"] for f in q["per_fold"]) > 1000
+    assert all(f["train_examples"] == q["examples"] - f["test_examples"] for f in q["per_fold"])
     assert nb["accuracy"] > 0.6  # the baseline itself is computed, on real docstrings
+    fold_nb = sum(f["char_ngram_naive_bayes_accuracy"] * f["test_examples"] for f in q["per_fold"]) / q["examples"]
+    assert fold_nb == pytest.approx(nb["accuracy"])  # the pooled figure is the folds' figures together
+    fold_ours = sum(f["accuracy"] * f["test_examples"] for f in q["per_fold"]) / q["examples"]
+    assert fold_ours == pytest.approx(q["test"]["accuracy"])
     for name, c in q["versus_baselines"].items():
-        # recomputed from the saved model's own test predictions: it must agree with the reported figures
         assert c["accuracy_difference"] == pytest.approx(q["test"]["accuracy"] - q["baselines"][name]["accuracy"])
         assert c["ci95"][0] <= c["accuracy_difference"] <= c["ci95"][1] and 0 <= c["mcnemar_p"] <= 1
     report = (out / "report.md").read_text()
-    assert "McNemar" in report and f"{nb['accuracy']:.4f}" in report
+    assert "McNemar" in report and f"{nb['accuracy']:.4f}" in report and "2-fold cross-validation" in report
+    assert (out / "plots" / "crossval" / "confusion.png").is_file()
+    # the run directory is fold 1's classifier, usable as any other
+    p = run_cli("predict", str(out), "--text", "Create a new event loop and run the coroutine.", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["predictions"][0]["label"] in q["labels"]

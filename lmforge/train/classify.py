@@ -4,7 +4,8 @@ real token), a run directory or a Hugging Face directory, with a fresh classific
 Class imbalance: ``class_weights="auto"`` weighs the loss by inverse class frequency;
 ``oversample`` draws batches with a balanced sampler. Validation runs after every epoch (or every
 ``eval_every`` steps); the best checkpoint by the early-stopping metric is kept and training stops
-after ``patience`` evaluations without improvement.
+after ``patience`` evaluations without improvement. With no validation (``val_fraction=0``) the
+planned epochs run and the last weights are kept.
 """
 
 from __future__ import annotations
@@ -114,10 +115,12 @@ def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None,
         raise UserError(f"{data}: only one class ({names[0]!r}); a classifier needs at least two")
     if val is not None:
         val_ex = read_examples(val, text_column, label_column)
-    else:
-        if not 0.0 < val_fraction < 0.5:
-            raise UserError(f"--val-fraction must be in (0, 0.5), got {val_fraction}")
+    elif not 0.0 <= val_fraction < 0.5:
+        raise UserError(f"--val-fraction must be in [0, 0.5), got {val_fraction}")
+    elif val_fraction > 0:
         train_ex, val_ex = stratified_split(train_ex, val_fraction, seed=0)
+    else:  # no validation: the planned epochs run and the last weights are kept
+        val_ex = None
     test_ex = read_examples(test, text_column, label_column) if test is not None else None
     for part, ex in (("validation", val_ex), ("test", test_ex)):
         unseen = sorted(set(ex.labels) - set(names)) if ex is not None else []
@@ -169,7 +172,8 @@ def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None,
 
     with atomic_dir(out) as tmp:
         status(f"classifier: {arch} from {init}, {model.num_params():,} params, {len(names)} classes, "
-               f"{len(train_ex):,} train / {len(val_ex):,} validation examples, {max_steps} steps")
+               f"{len(train_ex):,} train / {len(val_ex) if val_ex is not None else 0:,} validation examples, "
+               f"{max_steps} steps")
         best, best_step, bad_evals, history = None, 0, 0, []
         t0 = time.perf_counter()
         bar = progress(total=max_steps, desc="fine-tuning", unit="step")
@@ -195,7 +199,7 @@ def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            if step % eval_every == 0 or step == max_steps:
+            if val_ex is not None and (step % eval_every == 0 or step == max_steps):
                 m, _, _ = evaluate_examples(model, tokenizer, val_ex, names, max_length, device)
                 model.train()
                 record = {"step": step, "train_loss": loss.item(), "val_loss": m["loss"], "val_accuracy": m["accuracy"],
@@ -212,7 +216,7 @@ def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None,
                         reason = "early_stop"
                         break
         bar.close()
-        if best is None:  # stopped by the clock before the first evaluation
+        if best is None:  # no validation, or stopped by the clock before the first evaluation
             save_model(model, tmp / MODEL_FILE, metadata={"format": f"lmforge-{arch}", "step": str(step)})
             best_step = step
         model.load_saved_state(load_model_state(tmp / MODEL_FILE))  # the best checkpoint
@@ -222,10 +226,13 @@ def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None,
         write_text(tmp / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         summary = {"run_dir": str(out), "arch": arch, "labels": names, "steps": step, "best_step": best_step,
                    "stopped_by": reason, "early_stop": early_stop, "params": model.num_params(),
-                   "train_examples": len(train_ex), "val_examples": len(val_ex),
+                   "train_examples": len(train_ex), "val_examples": len(val_ex) if val_ex is not None else 0,
                    "seconds": round(time.perf_counter() - t0, 2)}
-        val_m = write_classification_report(tmp, model, tokenizer, val_ex, names, max_length, device, "validation")
-        summary["validation"] = {k: val_m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc")}
+        summary["validation"] = None
+        if val_ex is not None:
+            val_m = write_classification_report(tmp, model, tokenizer, val_ex, names, max_length, device,
+                                                "validation")
+            summary["validation"] = {k: val_m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc")}
         if test_ex is not None:
             test_m = write_classification_report(tmp, model, tokenizer, test_ex, names, max_length, device, "test")
             summary["test"] = {k: test_m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc")}
