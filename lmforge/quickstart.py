@@ -188,6 +188,11 @@ def quickstart_classify(out: str | Path = "runs/quickstart-classify", max_second
     status(f"building the task: which standard-library package does a docstring come from? ({folds} folds by file)")
     parts = stdlib_docstring_folds(stdlib_root(), folds)
     names = label_names([label for p in parts for label in p.labels])
+    if not all(parts):
+        raise UserError(f"--folds {folds}: more folds than there are files to deal; use fewer folds")
+    for pkg in names:  # a package whose files all fall in one fold would be unseen by that fold's model
+        if sum(pkg in p.labels for p in parts) < 2:
+            raise UserError(f"--folds {folds}: every file of package {pkg!r} falls in one fold; use fewer folds")
     y, probs, base = [], [], {}
     per_fold, first = [], None
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,8 +212,6 @@ def quickstart_classify(out: str | Path = "runs/quickstart-classify", max_second
                                        val_fraction=0, epochs=CLASSIFY_EPOCHS, max_length=CLASSIFY_MAX_LENGTH,
                                        max_seconds=budget, class_weights="auto",
                                        overrides=["train.lr=1.5e-4", "train.batch_size=32"])
-            if summary["labels"] != names:
-                raise UserError(f"fold {i + 1}'s training side lacks a package; use fewer --folds")
             rows = [json.loads(line) for line in
                     (run_dir / "predictions_test.jsonl").read_text(encoding="utf-8").splitlines()]
             probs.append(np.array([[r["probabilities"][n] for n in names] for r in rows]))

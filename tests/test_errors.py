@@ -75,3 +75,14 @@ def test_context_too_long_for_the_data(tmp_path, data_dir):
                 "--set", "model.block_size=100000")
     assert_clean_failure(r, "too few for a context")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--folds", "1"], "--folds must be at least 2"),
+    (["--folds", "60"], "more folds than there are files"),
+    (["--max-seconds", "30"], "--max-seconds must be more than 40"),
+])
+def test_classification_quickstart_bad_options(tmp_path, args, needle):
+    out = tmp_path / "qc"
+    assert_clean_failure(run_cli("quickstart", "--task", "classify", "--out", str(out), *args), needle)
+    assert not out.exists()
