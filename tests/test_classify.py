@@ -285,4 +285,3 @@ def test_classification_quickstart_cross_validates_and_reports_baselines(tiny_be
     p = run_cli("predict", str(out), "--text", "Create a new event loop and run the coroutine.", "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["predictions"][0]["label"] in q["labels"]
-
