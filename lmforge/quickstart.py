@@ -194,7 +194,7 @@ def quickstart_classify(out: str | Path = "runs/quickstart-classify", max_second
         if sum(pkg in p.labels for p in parts) < 2:
             raise UserError(f"--folds {folds}: every file of package {pkg!r} falls in one fold; use fewer folds")
     y, probs, base = [], [], {}
-    per_fold, first = [], None
+    per_fold = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, test in enumerate(parts):
             train = Examples([t for j, p in enumerate(parts) if j != i for t in p.texts],
@@ -223,7 +223,6 @@ def quickstart_classify(out: str | Path = "runs/quickstart-classify", max_second
                 base.setdefault(name, []).append(p)
                 per_fold[-1][f"{name}_accuracy"] = float((p.argmax(1) == fold_y).mean())
             y.append(fold_y)
-            first = first or summary
     # Every docstring once, predicted by the fold that did not train on its file.
     y = np.concatenate(y)
     ours = np.concatenate(probs)
@@ -237,7 +236,7 @@ def quickstart_classify(out: str | Path = "runs/quickstart-classify", max_second
                             for name, p in base.items()},
               "versus_baselines": {name: paired_comparison(y, ours.argmax(1), p.argmax(1)) for name, p in base.items()},
               "per_fold": per_fold, "steps": sum(f["steps"] for f in per_fold),
-              "params": first["params"], "run_dir": str(out), "init": str(init),
+              "params": summary["params"], "run_dir": str(out), "init": str(init),
               "total_seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "quickstart.json", result)
     with open(out / "report.md", "a", encoding="utf-8") as f:
