@@ -256,6 +256,7 @@ def test_stdlib_docstring_folds_split_by_file_and_baselines_are_computed(tmp_pat
     majority = probs["majority_class"].argmax(1)
     assert (majority == majority[0]).all() and probs["majority_class"].shape == (80, 8)
     y = [label_names(folds[0].labels).index(label) for label in folds[1].labels]
+    assert (majority == y).mean() == pytest.approx(1 / 8)  # 8 balanced classes
     assert (probs["char_ngram_naive_bayes"].argmax(1) == y).mean() > 0.9  # the package name is in every docstring
 
 
