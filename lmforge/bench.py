@@ -9,8 +9,11 @@ the same weights in both and checks that greedy decoding gives the same tokens.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
+import sys
 import time
 from datetime import date
 
@@ -64,9 +67,48 @@ class _Impl:
         self.outputs = None
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ start/stop log lines, which no setting turns off)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def _cpu_peak_bytes(fn) -> int | None:
+    """Peak bytes that one call of ``fn`` allocated on the CPU on top of what was there.
+
+    PyTorch keeps no allocator statistics for the CPU, so the call runs once under the profiler
+    with memory events, and the running sum of its allocations and frees gives the peak (what
+    ``torch.cuda.max_memory_allocated`` gives on CUDA). None if the profiler records no events.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    if not events:
+        return None
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def _rounds(impls: list[_Impl], device: torch.device, warmup: int, rounds: int, steps: int,
-            desc: str) -> None:
-    """Warm each up, then alternate ``rounds`` times, timing ``steps`` calls of each per round."""
+            desc: str, memory: bool = True) -> None:
+    """Warm each up, then alternate ``rounds`` times, timing ``steps`` calls of each per round.
+    On the CPU, with ``memory``, one more call of each, untimed, under the profiler measures its
+    peak memory."""
     from lmforge.progress import progress
 
     for impl in impls:
@@ -91,6 +133,11 @@ def _rounds(impls: list[_Impl], device: torch.device, warmup: int, rounds: int, 
                 impl.peak_bytes = max(impl.peak_bytes, peak)
             bar.update(1)
     bar.close()
+    if device.type == "cpu" and memory:
+        for impl in impls:
+            impl.outputs = None  # freed before the window: a free of a block it never saw allocated warns
+            peak = _cpu_peak_bytes(lambda: setattr(impl, "outputs", impl.run_step()))
+            impl.peak_bytes = peak + impl.static_bytes if peak is not None else 0
 
 
 def _summary(impl: _Impl, tokens_per_call: int, flops_per_token: float | None, peak: float | None) -> dict:
@@ -100,7 +147,7 @@ def _summary(impl: _Impl, tokens_per_call: int, flops_per_token: float | None, p
            "rounds": len(impl.times)}
     if flops_per_token and peak:
         out["mfu"] = round(flops_per_token * tokens_per_call / t / peak, 4)
-    out["peak_memory_gb"] = round(impl.peak_bytes / 1e9, 3) if impl.peak_bytes else None
+    out["peak_memory_gb"] = round(impl.peak_bytes / 1e9, 4) if impl.peak_bytes else None
     return out
 
 
@@ -159,7 +206,7 @@ def bench_train(config: GPTConfig, batch_size: int, steps: int = 10, rounds: int
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # HF shifts labels itself: inputs b[:, :-1] with labels = inputs scores T-1 positions.
         impls.append(make(REFERENCE, hf, lambda f, x, y: f(input_ids=x, labels=x).loss))
-    _rounds(impls, dev, warmup, 1, 1, "warm-up")  # first steps also create the optimizer state
+    _rounds(impls, dev, warmup, 1, 1, "warm-up", memory=False)  # first steps also create the optimizer state
     for impl in impls:
         impl.static_bytes += _bytes(t for s in impl.opt.state.values() for t in s.values()
                                     if isinstance(t, torch.Tensor))
@@ -286,7 +333,7 @@ def format_result(result: dict) -> str:
     lines.append(f"  {'implementation':<16} {'median ms':>10} {'tokens/s':>12} {'MFU':>7} {'peak GB':>8}")
     for name, r in result["results"].items():
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
-        mem = f"{r['peak_memory_gb']:.2f}" if r.get("peak_memory_gb") is not None else "n/a"
+        mem = f"{r['peak_memory_gb']:.3g}" if r.get("peak_memory_gb") is not None else "n/a"
         lines.append(f"  {name:<16} {r['median_step_ms']:>10.2f} {r['tokens_per_second']:>12,.0f} {mfu:>7} {mem:>8}")
     if result.get("ratio") is not None:
         lines.append(f"  ratio lmforge / {result['reference']}: {result['ratio']:.2f}x tokens/s")

@@ -24,6 +24,29 @@ def test_bench_train_reports_both_implementations_and_their_ratio():
     assert out["ratio"] == pytest.approx(ours["tokens_per_second"] / ref["tokens_per_second"], abs=1e-3)
 
 
+def test_bench_train_measures_cpu_peak_memory_and_what_saves_it():
+    # Peak memory on the CPU comes from the profiler's allocation events (no allocator statistics
+    # there). Full logits (B*T x V floats, and their gradient) must show up against the chunked
+    # loss, and activation checkpointing must keep less than storing every block's activations.
+    shape = ["--set", "model.n_layer=4", "--set", "model.n_head=2", "--set", "model.n_embd=32",
+             "--set", "model.block_size=64", "--set", "model.vocab_size=4096", "--rounds", "1",
+             "--steps", "1", "--batch-size", "4", "--device", "cpu", "--no-reference", "--json"]
+    peaks = {}
+    for name, extra in {"chunked": ["--set", "train.loss_chunk=64"], "full": ["--set", "train.loss_chunk=0"],
+                        "checkpointed": ["--set", "train.loss_chunk=64",
+                                         "--set", "train.activation_checkpointing=true"]}.items():
+        r = run_cli("bench", "train", *shape, *extra)
+        assert r.returncode == 0, r.stderr
+        assert "profiler" not in r.stderr.lower()  # its C++ log lines are silenced
+        peaks[name] = json.loads(r.stdout)["results"]["lmforge"]["peak_memory_gb"] * 1e9
+    params = 4 * (12 * 32 * 32 + 13 * 32) + 4096 * 32 + 64 * 32 + 2 * 32  # weights; AdamW keeps 2 more copies
+    logits = 4 * 64 * 4096 * 4  # bytes of the full logits
+    for peak in peaks.values():
+        assert peak > 3 * params * 4  # weights, two AdamW moments and gradients are counted
+    assert peaks["full"] - peaks["chunked"] > logits  # the logits and more (their gradient) are gone
+    assert peaks["checkpointed"] < peaks["chunked"]
+
+
 def test_bench_generate_checks_greedy_tokens_against_the_reference():
     pytest.importorskip("transformers")
     r = run_cli("bench", "generate", *TINY, "--batch-size", "2", "--prompt-tokens", "8",
