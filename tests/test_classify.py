@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from lmforge import config as cfgmod  # noqa: E402
 from lmforge.evaluate.classify import classification_metrics, paired_comparison  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
@@ -120,6 +121,20 @@ def test_fine_tune_without_validation_keeps_the_last_weights(tiny_bert, data, tm
     p = run_cli("predict", str(run), "--input", str(test), "--json")
     assert p.returncode == 0, p.stderr
     assert len(json.loads(p.stdout)["predictions"]) == len(test.read_text().splitlines())
+
+
+def test_fine_tune_with_a_time_budget_shortens_the_schedule_to_fit(tiny_bert, data, tmp_path):
+    from lmforge.train.classify import train_classifier
+
+    train, _, _ = data
+    epoch = -(-len(train.read_text().splitlines()) // 16)
+    s = train_classifier(tiny_bert, train, tmp_path / "clf", val_fraction=0, epochs=10_000, max_seconds=3.0,
+                         overrides=["train.lr=2e-3"])
+    saved = cfgmod.load(tmp_path / "clf" / "config.yaml")
+    # The planned 10,000 epochs cannot fit in 3 s: the schedule was cut to what fits and ran to its
+    # end (the learning rate reached its floor), rather than being stopped by the clock midway.
+    assert epoch < s["steps"] < 10_000 * epoch and saved.train.max_steps == s["steps"]
+    assert s["stopped_by"] == "max_steps" and s["seconds"] < 3.0 + 2.0
 
 
 def test_fine_tune_then_eval_and_predict_agree_with_scikit_learn(tiny_bert, data, tmp_path):

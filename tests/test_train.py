@@ -85,6 +85,32 @@ def test_time_budget_plans_the_schedule(tmp_path, data_dir):
     assert summary["seconds"] < 3 + 5  # the budget plus the final evaluation and checkpoint
 
 
+def test_time_budget_plans_from_timed_steps_and_follows_a_change_of_speed():
+    from lmforge.train.trainer import CALIBRATION_STEPS, WARM_STEPS, TimeBudget
+
+    budget, now, plans, times = TimeBudget(seconds=10.0, t0=0.0), 0.0, {}, {}
+    step = 0
+    while now < 10.0 and budget.active:
+        now += 0.1 if now < 3.0 else 0.2  # the machine halves its speed at 3 s
+        step += 1
+        planned = budget.plan(step, now)
+        if planned is not None:
+            plans[step] = planned
+            times[step] = now
+    first = WARM_STEPS + CALIBRATION_STEPS
+    assert list(plans)[0] == first and plans[first] == first + int(0.98 * (10.0 - 1.0) / 0.1)
+    # Revised at 20% of the budget (same speed: same end), then after the slow-down: fewer steps,
+    # each plan ending with the budget at the speed measured since the previous one.
+    assert plans[20] == plans[first]
+    later = [(s, p) for s, p in plans.items() if s > 20]
+    assert len(later) == 3 and all(p < plans[first] for _, p in later)
+    s, p = later[-1]
+    assert times[s] >= 8.0 and 9.5 < times[s] + (p - s) * 0.2 <= 10.0  # ends with the budget, not past it
+    assert not budget.active
+    capped = TimeBudget(seconds=10.0, t0=0.0, cap=50)
+    assert [capped.plan(k, 0.1 * k) for k in range(1, first + 1)][-1] == 50  # never past the cap
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "train", "--data", str(data_dir), "--out", str(run),

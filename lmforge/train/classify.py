@@ -31,7 +31,7 @@ from lmforge.models.gpt import GPT
 from lmforge.progress import progress, status
 from lmforge.train.checkpoint import MODEL_FILE, load_model_state, save_model
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
-from lmforge.train.trainer import autocast_for, resolve_device
+from lmforge.train.trainer import TimeBudget, autocast_for, resolve_device
 
 EARLY_STOP_METRICS = ("macro_f1", "accuracy", "weighted_f1", "roc_auc", "loss")
 
@@ -176,6 +176,12 @@ def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None,
                f"{max_steps} steps")
         best, best_step, bad_evals, history = None, 0, 0, []
         t0 = time.perf_counter()
+        # With a time budget the schedule (warm-up excepted) is shortened to end with it, so the
+        # learning rate still decays to its floor when the planned epochs do not fit.
+        budget = TimeBudget(max_seconds, t0, cap=max_steps) if max_seconds is not None else None
+        # Validation passes (forward only, about a third of a training step per batch) that the
+        # first timed steps do not include.
+        eval_share = (len(val_ex) / (3 * t.batch_size)) / eval_every if val_ex is not None else 0.0
         bar = progress(total=max_steps, desc="fine-tuning", unit="step")
         stream = batches()
         step, reason = 0, "max_steps"
@@ -199,6 +205,12 @@ def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
+            if budget is not None and budget.active:
+                planned = budget.plan(step, time.perf_counter(), first_factor=1 + eval_share)
+                if planned is not None and planned != max_steps:
+                    max_steps = t.max_steps = max(planned, step)
+                    bar.reset(total=max_steps)
+                    bar.update(step)
             if val_ex is not None and (step % eval_every == 0 or step == max_steps):
                 m, _, _ = evaluate_examples(model, tokenizer, val_ex, names, max_length, device)
                 model.train()

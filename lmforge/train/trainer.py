@@ -31,6 +31,49 @@ from lmforge.train.optim import build_optimizer, lr_at, set_lr
 CALIBRATION_STEPS = 8  # steps timed to plan max_steps from a time budget (after WARM_STEPS)
 WARM_STEPS = 2  # first steps are slow (allocator, kernel selection) and are not timed
 REPLAN_AT = (0.2, 0.4, 0.6, 0.8)  # fractions of the time budget at which the plan is revised
+
+
+class TimeBudget:
+    """Plans a schedule's length (``max_steps``) so that it ends with a time budget.
+
+    Call :meth:`plan` after every step while :attr:`active`. The first plan comes from
+    ``CALIBRATION_STEPS`` timed steps after ``WARM_STEPS`` untimed ones; it is revised at each
+    ``REPLAN_AT`` fraction of the budget from the speed over the stretch since the last plan
+    (evaluations included), so the learning-rate schedule still ends with the budget when the
+    machine's speed changes. ``cap`` bounds every plan (a planned number of epochs that may fit).
+    """
+
+    def __init__(self, seconds: float, t0: float, start_step: int = 0, cap: int | None = None):
+        self.seconds, self.t0, self.start, self.cap = seconds, t0, start_step, cap
+        self.replan_at = list(REPLAN_AT)
+        self.mark: tuple[float, int] | None = None  # (time, step) the speed is measured from
+        self.planned = False
+        self.per_step: float | None = None  # seconds per step behind the last plan
+
+    @property
+    def active(self) -> bool:
+        return bool(self.replan_at)
+
+    def plan(self, step: int, now: float, first_factor: float = 1.0) -> int | None:
+        """After ``step`` steps at time ``now``: a new ``max_steps``, or None when it is not time to
+        plan. ``first_factor`` scales the first estimate of the time per step (for evaluations that
+        the calibration steps did not include)."""
+        n = step - self.start
+        if n == WARM_STEPS:
+            self.mark = (now, step)
+        first = not self.planned and n == WARM_STEPS + CALIBRATION_STEPS
+        if self.mark is None or step == self.mark[1] or not (
+                first or (self.planned and now - self.t0 >= self.replan_at[0] * self.seconds)):
+            return None
+        per_step = (now - self.mark[0]) / (step - self.mark[1]) * (first_factor if first else 1.0)
+        steps = step + max(1, int(0.98 * (self.seconds - (now - self.t0)) / per_step))
+        self.mark, self.planned = (now, step), True
+        while self.replan_at and now - self.t0 >= self.replan_at[0] * self.seconds:
+            self.replan_at.pop(0)
+        self.per_step = per_step
+        return min(steps, self.cap) if self.cap is not None else steps
+
+
 # Dense bf16 peak of known accelerators, for MFU (per device, without sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -257,12 +300,13 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
 
     start_step, step = state["step"], state["step"]
     max_steps = t.max_steps
-    planning = max_steps is None  # schedule length still to be planned from max_seconds
-    replan_at = list(REPLAN_AT)
     if stop_at is not None and max_steps is not None and stop_at > max_steps:
         raise UserError(f"--stop-at {stop_at} is past train.max_steps {max_steps}")
     session_t0 = time.perf_counter()
     seconds_before = state.get("train_seconds", 0.0)
+    # A schedule still to be planned from max_seconds (each plan is saved: --resume replays it).
+    budget = (TimeBudget(t.max_seconds, session_t0, start_step)
+              if max_steps is None and t.max_seconds is not None else None)
 
     def checkpoint() -> None:
         state["step"] = step
@@ -311,31 +355,18 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
             step += 1
             state["tokens_seen"] += tokens_per_step
 
-            # Plan the schedule from a time budget: first from a few timed steps, then again at
-            # each REPLAN_AT fraction of the budget from the speed over the last stretch
-            # (evaluations included), so that the cosine ends with the budget even if the
-            # machine's speed changes. Each plan is saved: --resume replays the same schedule.
-            if planning:
-                n = step - start_step
+            if budget is not None and budget.active:  # process 0's clock decides for all
                 now = session_t0 + world.sync(time.perf_counter() - session_t0, False, device)[0]
-                if n == WARM_STEPS:
-                    mark_t, mark_step = now, step
-                first = max_steps is None and n == WARM_STEPS + CALIBRATION_STEPS
-                if first or (max_steps is not None and now - session_t0 >= replan_at[0] * t.max_seconds):
-                    per_step = (now - mark_t) / (step - mark_step)
-                    if first and t.eval_interval:
-                        per_step *= 1 + t.eval_batches / (3 * accum * t.eval_interval)
-                    remaining = t.max_seconds - (now - session_t0)
-                    max_steps = t.max_steps = step + max(1, int(0.98 * remaining / per_step))
+                eval_share = t.eval_batches / (3 * accum * t.eval_interval) if t.eval_interval else 0.0
+                planned = budget.plan(step, now, first_factor=1 + eval_share)
+                if planned is not None:
+                    max_steps = t.max_steps = planned
                     if world.main:
                         cfgmod.save(cfg, run_dir / "config.yaml")
-                    mark_t, mark_step = now, step
-                    while replan_at and now - session_t0 >= replan_at[0] * t.max_seconds:
-                        replan_at.pop(0)
-                    planning = bool(replan_at)
                     bar.reset(total=max_steps)
                     bar.update(step)
-                    say(f"planned {max_steps} steps to fit {t.max_seconds:.0f} s ({per_step * 1000:.0f} ms/step)")
+                    say(f"planned {max_steps} steps to fit {t.max_seconds:.0f} s "
+                        f"({budget.per_step * 1000:.0f} ms/step)")
 
             interval_loss += loss_sum
             interval_steps += 1
