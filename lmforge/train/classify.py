@@ -211,6 +211,8 @@ def train_classifier(init, data, out, *, val=None, val_fraction=0.15, test=None,
                     max_steps = t.max_steps = max(planned, step)
                     bar.reset(total=max_steps)
                     bar.update(step)
+                    status(f"planned {max_steps} steps to fit {max_seconds:.0f} s "
+                           f"({budget.per_step * 1000:.0f} ms/step)")
             if val_ex is not None and (step % eval_every == 0 or step == max_steps):
                 m, _, _ = evaluate_examples(model, tokenizer, val_ex, names, max_length, device)
                 model.train()
