@@ -20,6 +20,12 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
 
+def _emit(args, obj: dict, text) -> int:
+    """The command's result: ``obj`` as JSON with ``--json``, else ``text(obj)``; exit code 0."""
+    print(json.dumps(obj, indent=2) if args.json else text(obj))
+    return 0
+
+
 def _or(value, default):
     """``value`` unless the option was not given (``0`` is a value, not a missing option)."""
     return default if value is None else value
@@ -428,11 +434,7 @@ def cmd_bench(args) -> int:
                                       device=device, dtype=cfg.train.dtype, compile=args.compile,
                                       reference=not args.no_reference, reference_cache=args.reference_cache,
                                       reference_dtype=args.reference_dtype)
-    if args.json:
-        _print_json(result)
-    else:
-        print(bench.format_result(result))
-    return 0
+    return _emit(args, result, bench.format_result)
 
 
 def cmd_bench_serve(args) -> int:
@@ -449,11 +451,7 @@ def cmd_bench_serve(args) -> int:
     if not (Path(args.run_dir) / "config.yaml").is_file():
         raise UserError(f"not a run directory (no config.yaml): {args.run_dir}")
     result = bench.bench_serve(args.run_dir, levels, args.requests, args.max_tokens)
-    if args.json:
-        _print_json(result)
-    else:
-        print(bench.format_serve_result(result))
-    return 0
+    return _emit(args, result, bench.format_serve_result)
 
 
 # ---------------------------------------------------------------------------------------- support
@@ -552,26 +550,18 @@ def cmd_import_hf(args) -> int:
     """Turn a Hugging Face GPT-2 directory (config.json, weights, tokenizer) into a run directory."""
     from lmforge.models.hf import import_hf
 
-    info = import_hf(args.hf_dir, args.out)
-    if args.json:
-        _print_json(info)
-    else:
-        print(f"imported {args.hf_dir} -> {info['run_dir']}: {info['model_type']}, {info['params']:,} params, "
-              f"{info['n_layer']} layers x {info['n_embd']}, context {info['block_size']}, "
-              f"vocabulary {info['vocab_size']:,}")
-    return 0
+    return _emit(args, import_hf(args.hf_dir, args.out), lambda info: (
+        f"imported {args.hf_dir} -> {info['run_dir']}: {info['model_type']}, {info['params']:,} params, "
+        f"{info['n_layer']} layers x {info['n_embd']}, context {info['block_size']}, "
+        f"vocabulary {info['vocab_size']:,}"))
 
 
 def cmd_export_hf(args) -> int:
     """Write a run directory as a Hugging Face directory that transformers loads with from_pretrained."""
     from lmforge.models.hf import export_hf
 
-    info = export_hf(args.run_dir, args.out)
-    if args.json:
-        _print_json(info)
-    else:
-        print(f"exported {args.run_dir} -> {info['hf_dir']} ({info['architecture']}, {info['params']:,} params)")
-    return 0
+    return _emit(args, export_hf(args.run_dir, args.out), lambda info: (
+        f"exported {args.run_dir} -> {info['hf_dir']} ({info['architecture']}, {info['params']:,} params)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
