@@ -350,7 +350,7 @@ def format_result(result: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ serve
 def bench_serve(run_dir: str, levels: list[int], requests: int = 16, max_tokens: int = 64,
-                device: str = "auto") -> dict:
+                device: str = "auto", compile: bool = False) -> dict:
     """``lmforge serve`` as a subprocess on a free port, driven with streaming chat requests.
 
     For each concurrency level, ``requests`` requests (different prompts, greedy, the same at every
@@ -368,7 +368,8 @@ def bench_serve(run_dir: str, levels: list[int], requests: int = 16, max_tokens:
 
     top = max(levels)
     proc, base = start_server(["serve", str(run_dir), "--max-concurrency", str(top), "--max-batch", str(top),
-                               "--max-tokens-cap", str(max_tokens)], env={"LMFORGE_API_KEY": ""})
+                               "--max-tokens-cap", str(max_tokens)] + (["--compile"] if compile else []),
+                              env={"LMFORGE_API_KEY": ""}, timeout=900.0 if compile else 120.0)
     try:
         model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
         topics = ["the weather", "a tokenizer", "training loss", "a file", "the library", "an error", "numbers",
@@ -418,7 +419,8 @@ def bench_serve(run_dir: str, levels: list[int], requests: int = 16, max_tokens:
         proc.wait(timeout=30)
     rows_max = [float(ln.split()[-1]) for ln in metrics.splitlines() if ln.startswith("lmforge_decode_batch_rows_max ")]
     out = {"benchmark": "serve", **_environment(resolve_device(device)), "run_dir": str(run_dir),
-           "settings": {"levels": levels, "requests": requests, "max_tokens": max_tokens, "temperature": 0},
+           "settings": {"levels": levels, "requests": requests, "max_tokens": max_tokens, "temperature": 0,
+                        "compile": compile},
            "results": results, "max_rows_decoded_together": rows_max[0] if rows_max else None}
     if 1 in levels and top > 1:
         out["speedup"] = results[str(top)]["tokens_per_second"] / results["1"]["tokens_per_second"]

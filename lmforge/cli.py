@@ -265,7 +265,8 @@ def cmd_generate(args) -> int:
     run = load_run(args.run_dir)
     sys.stdout.write(args.prompt)
     for piece in stream_text(run.model, run.tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                             args.top_k, args.top_p, args.seed, args.stop, eot_id(run.tokenizer)):
+                             args.top_k, args.top_p, args.seed, args.stop, eot_id(run.tokenizer),
+                             compile=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -330,7 +331,8 @@ def cmd_serve(args) -> int:
         raise UserError("--max-concurrency and --max-batch must be positive")
     print(f"lmforge serve: {args.run_dir} on http://{args.host}:{args.port}/ (chat page; API under /v1) "
           f"({'API key required' if key else 'no API key'})", file=sys.stderr, flush=True)
-    serve(args.run_dir, args.host, args.port, key, args.max_tokens_cap, args.max_concurrency, args.max_batch)
+    serve(args.run_dir, args.host, args.port, key, args.max_tokens_cap, args.max_concurrency, args.max_batch,
+          args.compile)
     return 0
 
 
@@ -450,7 +452,7 @@ def cmd_bench_serve(args) -> int:
         raise UserError("--concurrency levels, --requests and --max-tokens must be positive")
     if not (Path(args.run_dir) / "config.yaml").is_file():
         raise UserError(f"not a run directory (no config.yaml): {args.run_dir}")
-    result = bench.bench_serve(args.run_dir, levels, args.requests, args.max_tokens)
+    result = bench.bench_serve(args.run_dir, levels, args.requests, args.max_tokens, compile=args.compile)
     return _emit(args, result, bench.format_serve_result)
 
 
@@ -564,6 +566,10 @@ def cmd_export_hf(args) -> int:
         f"exported {args.run_dir} -> {info['hf_dir']} ({info['architecture']}, {info['params']:,} params)"))
 
 
+DECODE_COMPILE_HELP = ("fuse the decode step with torch.compile: on the CPU about twice the tokens/s at batch 1, "
+                       "after ~10-20 s of compiling per batch size (default off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmforge", description="From raw text to a trained, evaluated and "
                                 "sampled language model.")
@@ -653,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float)
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", metavar="STR", help="stop before this string (repeatable)")
+    s.add_argument("--compile", action="store_true", help=DECODE_COMPILE_HELP)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("embed", help="sentence embeddings from an encoder run", description=cmd_embed.__doc__)
@@ -675,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in flight at once; more are answered 429 (not queued)")
     s.add_argument("--max-batch", type=int, default=16,
                    help="sequences decoded together (continuous batching); more wait for a free slot")
+    s.add_argument("--compile", action="store_true", help=DECODE_COMPILE_HELP + "; all batch sizes are "
+                   "compiled before the server answers")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("chat", help="chat with a GPT run in the terminal", description=cmd_chat.__doc__)
@@ -748,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--concurrency", default="1,4,16", help="levels of requests in flight (default 1,4,16)")
     b.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")
     b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--compile", action="store_true", help="serve with --compile")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

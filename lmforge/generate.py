@@ -211,8 +211,9 @@ def _decode(model, decoder, idx, max_new_tokens, temperature, top_k, top_p, gene
 def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                 stop: list[str] | None = None, eot_id: int | None = None,
-                prompt_ids: list[int] | None = None) -> Generator[str, None, dict]:
-    """Yield text pieces of one continuation of ``prompt`` (or of ``prompt_ids``); see :func:`text_pieces`."""
+                prompt_ids: list[int] | None = None, compile: bool = False) -> Generator[str, None, dict]:
+    """Yield text pieces of one continuation of ``prompt`` (or of ``prompt_ids``); see :func:`text_pieces`.
+    ``compile`` fuses the decode step with ``torch.compile`` (:class:`DecodeStep`)."""
     device = next(model.parameters()).device
     ids = prompt_ids if prompt_ids is not None else tokenizer.encode(prompt, add_special_tokens=False).ids
     ids = ids or ([eot_id] if eot_id is not None else [0])
@@ -220,7 +221,8 @@ def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 200, t
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
-    tokens = (int(nxt[0]) for nxt in generate_ids(model, x, max_new_tokens, temperature, top_k, top_p, gen))
+    tokens = (int(nxt[0]) for nxt in generate_ids(model, x, max_new_tokens, temperature, top_k, top_p, gen,
+                                                  compile=compile))
     return (yield from text_pieces(tokens, tokenizer, stop, eot_id))
 
 

@@ -43,6 +43,20 @@ def test_concurrent_sequences_match_each_alone_greedy_and_seeded():
     assert sorted(batcher.free) == list(range(8)) and not batcher.active
 
 
+def test_compiled_batcher_samples_what_eager_decoding_does():
+    # `lmforge serve --compile`: every batch size's step is compiled at start-up (on the CPU with
+    # the matrix-vector products as fused reductions, rows at their own positions).
+    model = tiny_gpt(2)
+    batcher = ContinuousBatcher(model, max_batch=2, compile=True)
+    assert all(hasattr(step.fn, "_torchdynamo_orig_callable") for step in batcher.steps.values())
+    greedy = [batcher.submit(p, 16, temperature=0.0) for p in PROMPTS[:2]]
+    sampled = [batcher.submit(p, 16, temperature=0.9, seed=7 + i) for i, p in enumerate(PROMPTS[2:4])]
+    results = [list(it) for it in greedy + sampled]
+    assert results[:2] == [alone(model, p, 16) for p in PROMPTS[:2]]
+    assert results[2:] == [alone(model, p, 16, 0.9, seed=7 + i) for i, p in enumerate(PROMPTS[2:4])]
+    assert batcher.max_rows_seen == 2 and len(set(map(tuple, results))) == 4
+
+
 def test_a_late_request_joins_the_running_batch():
     model = tiny_gpt(1)
     batcher = ContinuousBatcher(model, max_batch=4)

@@ -82,7 +82,7 @@ class ClassifyRequest(BaseModel):
 class Engine:
     """The loaded run and, for a decoder, the batcher that generates with it."""
 
-    def __init__(self, run_dir: str | Path, max_tokens_cap: int = 1024, max_batch: int = 16):
+    def __init__(self, run_dir: str | Path, max_tokens_cap: int = 1024, max_batch: int = 16, compile: bool = False):
         from lmforge.runs import load_run
 
         self.run = load_run(run_dir)
@@ -93,7 +93,7 @@ class Engine:
                      else "encoder" if self.run.config.arch == "bert" else "generator")
         if self.run.device.type == "cuda" and torch.cuda.is_bf16_supported():
             self.run.model.to(torch.bfloat16)  # serving reads every weight per token: half the bytes
-        self.batcher = ContinuousBatcher(self.run.model, max_batch) if self.kind == "generator" else None
+        self.batcher = ContinuousBatcher(self.run.model, max_batch, compile) if self.kind == "generator" else None
         self.encoder_lock = threading.Lock()  # encoder forwards share the tokenizer's padding state
         labels = self.run.path / "labels.json"
         self.labels = json.loads(labels.read_text(encoding="utf-8")) if self.kind == "classifier" else None
@@ -400,8 +400,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_tokens_cap: int = 1024, max_concurrency: int = 16, max_batch: int = 16) -> None:
+          max_tokens_cap: int = 1024, max_concurrency: int = 16, max_batch: int = 16,
+          compile: bool = False) -> None:
     import uvicorn
 
-    engine = Engine(run_dir, max_tokens_cap, max_batch)
+    engine = Engine(run_dir, max_tokens_cap, max_batch, compile)
     uvicorn.run(create_app(engine, api_key, max_concurrency), host=host, port=port, log_level="warning")

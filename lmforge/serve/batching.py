@@ -32,6 +32,7 @@ import torch
 
 from lmforge.generate import DecodeStep, sample_next
 from lmforge.models.gpt import GPT
+from lmforge.progress import progress
 
 
 @dataclass
@@ -75,6 +76,13 @@ class ContinuousBatcher:
         with torch.no_grad():
             self.steps = {n: DecodeStep(model, self.cache.rows(0, n), 0, compile, cuda_graph, per_row=True)
                           for n in sizes}
+            if compile:  # compile every batch size now, not in the first requests that need it
+                bar = progress(total=len(sizes), desc="compiling decode steps", unit="batch size")
+                for n, step in self.steps.items():
+                    step(torch.zeros(n, dtype=torch.long, device=self.device),
+                         torch.zeros(n, dtype=torch.long, device=self.device))  # writes at 0: a prefill rewrites it
+                    bar.update(1)
+                bar.close()
         self.thread = threading.Thread(target=self._loop, name="lmforge-batcher", daemon=True)
         self.thread.start()
 
