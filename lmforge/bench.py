@@ -86,15 +86,19 @@ def _cpu_peak_bytes(fn) -> int | None:
 
     PyTorch keeps no allocator statistics for the CPU, so the call runs once under the profiler
     with memory events, and the running sum of its allocations and frees gives the peak (what
-    ``torch.cuda.max_memory_allocated`` gives on CUDA). None if the profiler records no events.
+    ``torch.cuda.max_memory_allocated`` gives on CUDA). None if the profiler records no events
+    (or, in another torch version than the pinned one, no longer exposes them this way).
     """
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
-                    key=lambda e: e.start_ns())
+    try:
+        events = sorted((e for e in prof.profiler.kineto_results.events()
+                         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                        key=lambda e: e.start_ns())
+    except AttributeError:
+        return None
     if not events:
         return None
     live = peak = 0
