@@ -48,11 +48,13 @@ def render_chat(template: dict, messages: list[dict]) -> str:
 
 
 def chat_loop(run_dir: str | Path, temperature: float = 0.8, max_tokens: int = 200, system: str | None = None,
-              seed: int | None = None, top_p: float | None = None, stdin=None, stdout=None) -> int:
+              seed: int | None = None, top_p: float | None = None, stdin=None, stdout=None,
+              compile: bool = False) -> int:
     """Read user turns from ``stdin`` and stream the answers to ``stdout`` until EOF or ``/quit``.
 
     ``/reset`` starts a new conversation. The oldest turns are dropped when the conversation no
-    longer fits the model's context with room for ``max_tokens``.
+    longer fits the model's context with room for ``max_tokens``. ``compile``: the decode step is
+    compiled (at the first answer), as for ``lmforge generate --compile``.
     """
     from lmforge.data.tokenizer import EOT
     from lmforge.generate import stream_text
@@ -96,7 +98,8 @@ def chat_loop(run_dir: str | Path, temperature: float = 0.8, max_tokens: int = 2
         stdout.write("assistant> " if interactive else "")
         pieces = []
         gen = stream_text(run.model, run.tokenizer, "", max_tokens, temperature, None, top_p,
-                          None if seed is None else seed + turn, template.get("stop", []), eot, prompt_ids=ids)
+                          None if seed is None else seed + turn, template.get("stop", []), eot, prompt_ids=ids,
+                          compile=compile)
         for piece in gen:
             pieces.append(piece)
             stdout.write(piece)

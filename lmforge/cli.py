@@ -346,7 +346,8 @@ def cmd_chat(args) -> int:
         raise UserError(f"--temperature must be in 0..2, got {args.temperature}")
     if args.max_tokens <= 0:
         raise UserError("--max-tokens must be positive")
-    return chat_loop(args.run_dir, args.temperature, args.max_tokens, args.system, args.seed, args.top_p)
+    return chat_loop(args.run_dir, args.temperature, args.max_tokens, args.system, args.seed, args.top_p,
+                     compile=args.compile)
 
 
 # ------------------------------------------------------------------------------------- quickstart
@@ -693,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=200)
     s.add_argument("--system", help="a system message opening every conversation")
     s.add_argument("--seed", type=int)
+    s.add_argument("--compile", action="store_true", help=DECODE_COMPILE_HELP)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("quickstart", help="the whole path on the embedded corpus within a time budget",

@@ -374,6 +374,11 @@ def test_terminal_chat_answers_like_the_server_and_resets(server, trained_run):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"{ref}\n(new conversation)\n{ref}\n"
+    fused = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(trained_run), "--temperature", "0",
+                            "--max-tokens", "8", "--compile"], input=f"{question}\n", capture_output=True,
+                           text=True, timeout=300)
+    assert fused.returncode == 0, fused.stderr
+    assert fused.stdout == f"{ref}\n"  # the compiled decode step answers the same
     bad = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(trained_run), "--temperature", "-1"],
                          input="", capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "temperature" in bad.stderr
