@@ -76,11 +76,14 @@ class ContinuousBatcher:
         with torch.no_grad():
             self.steps = {n: DecodeStep(model, self.cache.rows(0, n), 0, compile, cuda_graph, per_row=True)
                           for n in sizes}
-            if compile:  # compile every batch size now, not in the first requests that need it
-                bar = progress(total=len(sizes), desc="compiling decode steps", unit="batch size")
-                for n, step in self.steps.items():
-                    step(torch.zeros(n, dtype=torch.long, device=self.device),
-                         torch.zeros(n, dtype=torch.long, device=self.device))  # writes at 0: a prefill rewrites it
+            # Compile every batch size now, not in the first requests that need it (a captured
+            # CUDA graph step was compiled while it was captured).
+            cold = [(n, step) for n, step in self.steps.items() if compile and step.graph is None]
+            if cold:
+                bar = progress(total=len(cold), desc="compiling decode steps", unit="batch size")
+                for n, step in cold:
+                    zeros = torch.zeros(n, dtype=torch.long, device=self.device)
+                    step(zeros, zeros)  # writes at position 0, which the row's next prefill rewrites
                     bar.update(1)
                 bar.close()
         self.thread = threading.Thread(target=self._loop, name="lmforge-batcher", daemon=True)

@@ -47,8 +47,7 @@ class TimeBudget:
         self.seconds, self.t0, self.start, self.cap = seconds, t0, start_step, cap
         self.replan_at = list(REPLAN_AT)
         self.mark: tuple[float, int] | None = None  # (time, step) the speed is measured from
-        self.planned = False
-        self.per_step: float | None = None  # seconds per step behind the last plan
+        self.per_step: float | None = None  # seconds per step behind the last plan; None: none yet
 
     @property
     def active(self) -> bool:
@@ -61,16 +60,16 @@ class TimeBudget:
         n = step - self.start
         if n == WARM_STEPS:
             self.mark = (now, step)
-        first = not self.planned and n == WARM_STEPS + CALIBRATION_STEPS
+        planned = self.per_step is not None
+        first = not planned and n == WARM_STEPS + CALIBRATION_STEPS
         if self.mark is None or step == self.mark[1] or not (
-                first or (self.planned and now - self.t0 >= self.replan_at[0] * self.seconds)):
+                first or (planned and now - self.t0 >= self.replan_at[0] * self.seconds)):
             return None
-        per_step = (now - self.mark[0]) / (step - self.mark[1]) * (first_factor if first else 1.0)
-        steps = step + max(1, int(0.98 * (self.seconds - (now - self.t0)) / per_step))
-        self.mark, self.planned = (now, step), True
+        self.per_step = (now - self.mark[0]) / (step - self.mark[1]) * (first_factor if first else 1.0)
+        steps = step + max(1, int(0.98 * (self.seconds - (now - self.t0)) / self.per_step))
+        self.mark = (now, step)
         while self.replan_at and now - self.t0 >= self.replan_at[0] * self.seconds:
             self.replan_at.pop(0)
-        self.per_step = per_step
         return min(steps, self.cap) if self.cap is not None else steps
 
 
