@@ -87,3 +87,32 @@ def test_stopping_early_frees_the_slot_and_eos_ends_a_sequence():
     assert len(list(batcher.submit(list(range(60)), 50, temperature=0.0))) == 5
     threading.Event().wait(0.05)
     assert sorted(batcher.free) == [0, 1]
+
+
+def test_scored_tokens_carry_the_models_log_probabilities_and_the_prompt_can_be_scored_alone():
+    # What `logprobs` / `echo` in the server rest on: each token's log-probability under the model
+    # (teacher-forced on the same ids, one forward pass), its top alternatives, and, before the
+    # first token, the prompt's own tokens scored; max_new_tokens=0 scores the prompt only.
+    from lmforge.serve.batching import PromptScores, Scored
+
+    model = tiny_gpt(3)
+    batcher = ContinuousBatcher(model, max_batch=4)
+    prompt = [4, 8, 15, 16, 23]
+    items = list(batcher.submit(prompt, 6, temperature=0.8, seed=1, logprobs=3, prompt_logprobs=True))
+    head, tokens = items[0], items[1:]
+    assert isinstance(head, PromptScores) and all(isinstance(t, Scored) for t in tokens) and len(tokens) == 6
+    assert [t.id for t in tokens] == alone(model, prompt, 6, 0.8, seed=1)  # scoring changes no sample
+    ids = prompt + [t.id for t in tokens]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0][0], dim=-1)  # (T, V)
+    assert [s.id for s in head.tokens] == prompt and head.tokens[0].logprob is None
+    for j, s in enumerate(head.tokens[1:] + tokens, start=1):  # token j is predicted at position j - 1
+        assert abs(s.logprob - logp[j - 1, ids[j]].item()) < 1e-4
+        values, order = logp[j - 1].topk(3)
+        assert [i for i, _ in s.top] == order.tolist()
+        assert torch.allclose(torch.tensor([v for _, v in s.top]), values, atol=1e-4)
+    only = list(batcher.submit(prompt, 0, logprobs=0, prompt_logprobs=True))
+    assert len(only) == 1 and [s.logprob for s in only[0].tokens] == [s.logprob for s in head.tokens]
+    assert all(s.top == [] for s in only[0].tokens)
+    assert list(batcher.submit(prompt, 4, temperature=0.0)) == alone(model, prompt, 4)  # plain ids as before
+    assert sorted(batcher.free) == list(range(4)) and not batcher.active

@@ -113,6 +113,118 @@ def test_auth_and_bad_requests_get_openai_style_errors(server):
     assert ok.choices  # the server kept serving
 
 
+def _teacher_forced(run_dir, ids):
+    """log-softmax of the run's model over ``ids`` in one forward pass: row j predicts token j + 1."""
+    import torch
+
+    from lmforge.runs import load_run
+
+    run = load_run(run_dir)
+    with torch.no_grad():
+        return torch.log_softmax(run.model(torch.tensor([ids]))[0][0].float(), dim=-1), run.tokenizer
+
+
+def test_logprobs_and_echo_score_text_as_the_model_does(server, trained_run):
+    # What an evaluation harness does with an OpenAI-style server (lm-evaluation-harness's
+    # local-completions): echo the prompt with max_tokens 0 and read each token's log-probability.
+    base, name = server
+    c = client(base)
+    text = "the model reads a tokenizer"
+    scored = c.completions.create(model=name, prompt=text, max_tokens=0, echo=True, logprobs=2).choices[0]
+    lp = scored.logprobs
+    tok_ids = _ids(trained_run, text)
+    logp, tok = _teacher_forced(trained_run, tok_ids)
+    assert scored.text == text and "".join(lp.tokens) == text and lp.token_logprobs[0] is None
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(lp.tokens))]
+    for j in range(1, len(tok_ids)):
+        assert abs(lp.token_logprobs[j] - logp[j - 1, tok_ids[j]].item()) < 1e-4
+        values, order = logp[j - 1].topk(2)
+        assert lp.top_logprobs[j] == pytest.approx({tok.decode([i]): v for i, v in zip(order.tolist(), values.tolist())},
+                                                   abs=1e-4)
+    # Generated tokens: greedy, so each is its position's top alternative; scored as teacher forcing scores them.
+    gen = c.completions.create(model=name, prompt=text, max_tokens=10, temperature=0, logprobs=1, echo=True).choices[0]
+    n = len(tok_ids)
+    assert gen.text.startswith(text) and gen.logprobs.token_logprobs[:n] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    for t, v, top in zip(gen.logprobs.tokens[n:], gen.logprobs.token_logprobs[n:], gen.logprobs.top_logprobs[n:]):
+        assert top == pytest.approx({t: v})
+    # Token-id prompts are prompts too: the same completion, the prompt echoed as its text.
+    by_ids = c.completions.create(model=name, prompt=tok_ids, max_tokens=10, temperature=0, echo=True).choices[0]
+    assert by_ids.text == gen.text and by_ids.logprobs is None
+    plain = c.completions.create(model=name, prompt=text, max_tokens=10, temperature=0).choices[0]
+    assert text + plain.text == gen.text
+
+
+def _ids(run_dir, text):
+    from lmforge.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(run_dir / "tokenizer.json").encode(text, add_special_tokens=False).ids
+
+
+def test_chat_logprobs_streamed_equal_whole_and_cover_the_answer(server, trained_run):
+    base, name = server
+    c = client(base)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "what does "}, {"type": "text", "text": "it read?"}]}]
+    whole = c.chat.completions.create(model=name, messages=msgs, max_completion_tokens=12, temperature=0.9, seed=3,
+                                      logprobs=True, top_logprobs=3).choices[0]
+    content = whole.logprobs.content
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace").startswith(whole.message.content)
+    assert whole.finish_reason == "stop" or len(content) == 12  # max_completion_tokens is the limit
+    for e in content:
+        values = [a.logprob for a in e.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True) and e.logprob <= values[0] + 1e-6
+    streamed = [ch for ch in c.chat.completions.create(model=name, messages=msgs, max_completion_tokens=12,
+                                                       temperature=0.9, seed=3, logprobs=True, top_logprobs=3,
+                                                       stream=True)]
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == whole.message.content
+    pieces = [e for ch in streamed if ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in pieces] == [(e.token, e.logprob) for e in content]
+    # The same parts as one string give the same answer (parts are joined).
+    one = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "what does it read?"}],
+                                    max_completion_tokens=12, temperature=0.9, seed=3).choices[0]
+    assert one.message.content == whole.message.content and one.logprobs is None
+    # Without a limit an answer may run to the end of the context, up to the server's cap (64 here).
+    free = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], temperature=0)
+    if free.choices[0].finish_reason == "length":
+        assert free.usage.completion_tokens == min(64, 128 - free.usage.prompt_tokens)
+
+
+def test_stop_strings_cut_the_logprobs_with_the_text(server):
+    base, name = server
+    c = client(base)
+    sampled = dict(model=name, prompt="the", max_tokens=30, temperature=1.0, seed=11, logprobs=0)
+    full = c.completions.create(**sampled).choices[0]
+    lp = full.logprobs
+    assert "".join(lp.tokens).startswith(full.text) and lp.top_logprobs[0] == {}
+    assert full.finish_reason == "length" and len(lp.tokens) == 30
+    # Stop at a later token's text: the answer and its logprobs end where that text first appears;
+    # tokens that start before the cut are kept (one may run past it), the rest are not.
+    stop = next(t for t in reversed(lp.tokens) if t.strip() and full.text.index(t) > 0)
+    cut_at = full.text.index(stop)
+    cut = c.completions.create(**sampled, stop=[stop]).choices[0]
+    assert cut.text == full.text[:cut_at] and cut.finish_reason == "stop"
+    kept = [(t, at) for t, at in zip(lp.tokens, lp.text_offset) if at < cut_at]
+    assert list(zip(cut.logprobs.tokens, cut.logprobs.text_offset)) == kept and len(kept) < len(lp.tokens)
+
+
+def test_parameters_the_server_cannot_honour_are_refused_not_ignored(server):
+    base, name = server
+    h = {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for extra in ({"logit_bias": {"5": 10}}, {"presence_penalty": 0.5}, {"frequency_penalty": -1},
+                  {"tools": [{"type": "function", "function": {"name": "f"}}]},
+                  {"response_format": {"type": "json_object"}}, {"top_logprobs": 2},
+                  {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}):
+        r = httpx.post(base + "/v1/chat/completions", headers=h, json={**chat, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        assert r.json()["error"]["param"] in set(extra) | {"messages.0.content"}
+    for extra in ({"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "user": "u-1"},
+                  {"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]}):
+        assert httpx.post(base + "/v1/chat/completions", headers=h, json={**chat, **extra}).status_code == 200
+    for extra in ({"best_of": 3}, {"suffix": "end"}, {"prompt": [10 ** 6]}, {"prompt": [[]]}, {"logprobs": 50}):
+        r = httpx.post(base + "/v1/completions", headers=h, json={"model": name, "prompt": "x", **extra})
+        assert r.status_code == 400, (extra, r.text)
+
+
 def test_requests_past_max_concurrency_get_429_and_the_rest_complete(trained_run):
     import threading
 

@@ -294,14 +294,17 @@ class GPT(nn.Module):
                 x = block(x, cache, i, pos, mask)
         return self.transformer.ln_f(x)
 
-    def prefill(self, idx: torch.Tensor, lengths: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def prefill(self, idx: torch.Tensor, lengths: torch.Tensor, cache: KVCache, return_hidden: bool = False):
         """Right-padded prompts (B, T) of ``lengths`` (B,) into an empty ``cache``: (B, V) logits at
         each row's last real token. Causal attention keeps the padding out of every real position;
-        the cache holds garbage past each row's length, which its next tokens overwrite."""
+        the cache holds garbage past each row's length, which its next tokens overwrite.
+        ``return_hidden`` also returns the final hidden states (B, T, C), from which
+        ``lm_head`` gives the logits at any position (to score the prompt itself)."""
         B, T = idx.shape
         x = self._trunk(idx, torch.arange(T, device=idx.device), cache)
         cache.pos = T
-        return self.lm_head(x[torch.arange(B, device=idx.device), lengths - 1])
+        logits = self.lm_head(x[torch.arange(B, device=idx.device), lengths - 1])
+        return (logits, x) if return_hidden else logits
 
     def classify(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, num_labels) logits from the state of each row's last real token (right padding;

@@ -2,7 +2,9 @@
 
 Endpoints: ``GET /health`` (no auth), ``GET /v1/models``, ``POST /v1/completions`` and
 ``POST /v1/chat/completions`` (OpenAI request/response schemas; ``stream: true`` gives Server-Sent
-Events ending with ``data: [DONE]``). Errors are OpenAI-style objects, never stack traces.
+Events ending with ``data: [DONE]``; ``logprobs``, and for completions ``echo``, so that a
+harness can score text). Errors are OpenAI-style objects, never stack traces; a parameter this
+server cannot honour (``logit_bias``, tools, penalties, ...) is refused with a 400, not ignored.
 
 Generation runs in a :class:`~lmforge.serve.batching.ContinuousBatcher` thread: concurrent
 requests (and the ``n`` choices of one request) decode together, and a request that arrives
@@ -25,13 +27,15 @@ from typing import Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.chat import load_chat_template, render_chat
 from lmforge.data.tokenizer import EOT
 from lmforge.generate import text_pieces
 from lmforge.serve.batching import ContinuousBatcher
 from lmforge.serve.common import APIError, Metrics, install_api_basics, key_matches, request_key, unauthorized
+from lmforge.serve.logprobs import (MAX_LOGPROBS, Piece, Placer, TokenText, chat_logprobs, completion_logprobs,
+                                    placed_prompt, split_by_offset)
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 
@@ -40,9 +44,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False  # a last chunk with no choices and the request's usage
 
 
+# OpenAI parameters this server does not implement, with the values that ask for nothing: any other
+# value is refused (400) rather than silently ignored. Fields not named anywhere (``user``,
+# ``metadata``, ...) change nothing about the answer and are ignored.
+UNSUPPORTED = {"logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+               "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
+               "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+               "response_format": (None, {"type": "text"}), "logit_bias_type": (None,)}
+
+
 class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extras are checked against UNSUPPORTED
+
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -51,18 +66,40 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
+    def refuse_unsupported(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                raise APIError(400, f"{name} is not supported by this server (send {UNSUPPORTED[name][-1]!r} "
+                                    "or leave it out)", param=name, code="unsupported_parameter")
+
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids, one prompt or several
+    echo: bool = False  # the prompt comes back before the completion (with its logprobs if asked)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # alternatives per token
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]  # "developer" is OpenAI's newer "system"
+    content: str | list[dict]  # text, or content parts of which only {"type": "text"} is supported
+
+    def text(self, k: int) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for j, part in enumerate(self.content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"messages[{k}].content[{j}]: only text parts are supported "
+                                    f"(got type {part.get('type')!r})", param=f"messages.{k}.content")
+            texts.append(part["text"])
+        return "".join(texts)
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 MAX_INPUTS = 256  # texts per embeddings / classify request
@@ -100,21 +137,36 @@ class Engine:
         self.chat_template = load_chat_template(run_dir)
         self.created = int(time.time())
         self.on_tokens = lambda prompt, generated: None  # set by the app (metrics)
+        self.token_text = TokenText(self.run.tokenizer) if self.kind == "generator" else None
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
-        return render_chat(self.chat_template, [m.model_dump() for m in messages])
+        return render_chat(self.chat_template, [{"role": "system" if m.role == "developer" else m.role,
+                                                 "content": m.text(k)} for k, m in enumerate(messages)])
 
-    def check(self, req: _Sampling, prompt: str) -> list[int]:
+    def check(self, req: _Sampling, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids; 400 for a prompt past the context or ids outside the vocabulary."""
         self.require("generator", req.model, "completions")
-        max_tokens = req.max_tokens or 16
-        if max_tokens > self.cap:
-            raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {self.cap}", param="max_tokens")
-        ids = self.run.tokenizer.encode(prompt, add_special_tokens=False).ids
+        req.refuse_unsupported()
+        if isinstance(prompt, str):
+            ids = self.run.tokenizer.encode(prompt, add_special_tokens=False).ids
+        else:
+            ids, vocab = list(prompt), self.run.model.config.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         context = self.run.model.config.block_size
         if len(ids) >= context:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {context}",
                            param="prompt", code="context_length_exceeded")
         return ids
+
+    def max_tokens(self, req: _Sampling, ids: list[int], default: int | None = 16) -> int:
+        """The request's token limit (``default`` None: what is left of the context); 400 past the cap."""
+        given = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        if given is None:
+            given = default if default is not None else min(self.cap, self.run.model.config.block_size - len(ids))
+        if given > self.cap:
+            raise APIError(400, f"max_tokens {given} is over this server's cap of {self.cap}", param="max_tokens")
+        return given
 
     def require(self, kind: str, model: str, what: str) -> None:
         """400 unless this server's model is ``model`` and of ``kind`` (it can serve ``what``)."""
@@ -157,12 +209,32 @@ class Engine:
             return predict_probs(self.run.model, self.run.tokenizer, texts, self.run.model.config.block_size,
                                  self.run.device), tokens
 
-    def generate(self, ids: list[int], req: _Sampling, seed: int | None, stop: list[str]):
-        """Generator of text pieces; returns {"completion_tokens", "finish_reason"}."""
+    def generate(self, ids: list[int], req: _Sampling, max_tokens: int, seed: int | None, stop: list[str],
+                 logprobs: int | None = None, echo: str | None = None):
+        """Generator of :class:`Piece` s; returns {"completion_tokens", "finish_reason"}.
+
+        ``logprobs`` (alternatives per token) scores every token; ``echo`` (the prompt's text)
+        comes first, as its own piece, scored too when ``logprobs`` is set.
+        """
         # An empty prompt starts from the end-of-text token, as a new document would.
-        tokens = self.batcher.submit(ids or [self.eot or 0], req.max_tokens or 16, req.temperature, req.top_p, seed,
-                                     self.eot)
-        result = yield from text_pieces(tokens, self.run.tokenizer, stop, self.eot)
+        tokens = self.batcher.submit(ids or [self.eot or 0], max_tokens, req.temperature, req.top_p, seed,
+                                     self.eot, logprobs, prompt_logprobs=echo is not None and logprobs is not None)
+        start = 0
+        if echo is not None:
+            scored = next(tokens) if logprobs is not None else None
+            yield Piece(echo, placed_prompt(scored, self.token_text) if scored and ids else [])
+            start = len(echo)
+        placer, placed = Placer(self.token_text, start), []
+
+        def ids_of(scored_tokens):  # places each scored token as the text reader takes it
+            try:
+                for s in scored_tokens:
+                    placed.append(placer.place(s))
+                    yield s.id
+            finally:
+                scored_tokens.close()  # the reader stopped early: cancel the sequence
+        pieces = text_pieces(tokens if logprobs is None else ids_of(tokens), self.run.tokenizer, stop, self.eot)
+        result = yield from split_by_offset(pieces, placed, start)
         self.on_tokens(len(ids), result["completion_tokens"])
         return result
 
@@ -259,11 +331,11 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         given = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return given + list(extra)
 
-    def choices_of(prompts_ids, req, stop) -> list:
-        """One text generator per choice, prompt-major (choice index = prompt * n + j), all
-        submitted at once so that they decode together."""
-        return [engine.generate(ids, req, None if req.seed is None else req.seed + j, stop)
-                for ids in prompts_ids for j in range(req.n)]
+    def choices_of(prompts_ids, req, stop, limits, logprobs, echoes) -> list:
+        """One generator of :class:`Piece` s per choice, prompt-major (choice index = prompt * n + j),
+        all submitted at once so that they decode together."""
+        return [engine.generate(ids, req, limit, None if req.seed is None else req.seed + j, stop, logprobs, echo)
+                for ids, limit, echo in zip(prompts_ids, limits, echoes) for j in range(req.n)]
 
     async def merged(gens):
         """(choice index, text piece or ("__result__", value)) from all choices as they come."""
@@ -296,16 +368,17 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
             for t in tasks:
                 t.cancel()
 
-    async def run_choices(prompts_ids, req, stop):
-        """Non-streaming: every choice's text and finish reason, and the usage."""
-        pieces = [[] for _ in range(len(prompts_ids) * req.n)]
-        results = [None] * len(pieces)
-        async for index, item in merged(choices_of(prompts_ids, req, stop)):
+    async def run_choices(gens, prompts_ids, req):
+        """Non-streaming: every choice's text, scored tokens and finish reason, and the usage."""
+        pieces = [[] for _ in gens]
+        results = [None] * len(gens)
+        async for index, item in merged(gens):
             if isinstance(item, tuple) and item[0] == "__result__":
                 results[index] = item[1]
             else:
                 pieces[index].append(item)
-        choices = [("".join(p), r["finish_reason"]) for p, r in zip(pieces, results)]
+        choices = [("".join(x.text for x in p), [t for x in p for t in x.tokens], r["finish_reason"])
+                   for p, r in zip(pieces, results)]
         return choices, usage_of(prompts_ids, req, sum(r["completion_tokens"] for r in results))
 
     def sse(obj) -> str:
@@ -316,15 +389,15 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    async def stream(prompts_ids, req, stop, make_chunk):
+    async def stream(gens, prompts_ids, req, make_chunk):
         async def events():
             started, completion_tokens = set(), 0
-            async with contextlib.aclosing(merged(choices_of(prompts_ids, req, stop))) as pieces:
+            async with contextlib.aclosing(merged(gens)) as pieces:
                 async for index, item in pieces:
                     if isinstance(item, tuple) and item[0] == "__result__":
                         completion_tokens += item[1]["completion_tokens"]
                         yield sse(make_chunk(index, None, item[1]["finish_reason"], index not in started))
-                    else:
+                    elif item.text or item.tokens:
                         yield sse(make_chunk(index, item, None, index not in started))
                         started.add(index)
             if req.stream_options and req.stream_options.include_usage:
@@ -335,38 +408,54 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts:
+        prompt = req.prompt
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        if not prompts or any(len(p) == 0 and not isinstance(p, str) for p in prompts):
             raise APIError(400, "prompt must not be empty", param="prompt")
         ids = [engine.check(req, p) for p in prompts]
+        limits = [engine.max_tokens(req, x) for x in ids]
+        echoes = [(p if isinstance(p, str) else engine.run.tokenizer.decode(p)) if req.echo else None for p in prompts]
+        gens = choices_of(ids, req, stops(req), limits, req.logprobs, echoes)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        stop = stops(req)
+
+        def logprobs(tokens):
+            return None if req.logprobs is None else completion_logprobs(tokens, engine.token_text)
         if req.stream:
-            def chunk(index, text, finish, first):
+            def chunk(index, piece, finish, first):
                 return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
-                        "choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]}
-            return await stream(ids, req, stop, chunk)
-        choices, usage = await run_choices(ids, req, stop)
+                        "choices": [{"index": index, "text": piece.text if piece else "",
+                                     "logprobs": logprobs(piece.tokens) if piece else None, "finish_reason": finish}]}
+            return await stream(gens, ids, req, chunk)
+        choices, usage = await run_choices(gens, ids, req)
         return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
-                "choices": [{"index": k, "text": t, "logprobs": None, "finish_reason": f}
-                            for k, (t, f) in enumerate(choices)], "usage": usage}
+                "choices": [{"index": k, "text": t, "logprobs": logprobs(tokens), "finish_reason": f}
+                            for k, (t, tokens, f) in enumerate(choices)], "usage": usage}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        prompt = engine.render_chat(req.messages)
-        ids = [engine.check(req, prompt)]
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        ids = [engine.check(req, engine.render_chat(req.messages))]
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        # Without a limit an answer may take the rest of the context (up to the cap), as in OpenAI's API.
+        limits = [engine.max_tokens(req, ids[0], default=None)]
+        gens = choices_of(ids, req, stops(req, engine.chat_template.get("stop", [])), limits, top, [None])
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        stop = stops(req, engine.chat_template.get("stop", []))
+
+        def logprobs(tokens):
+            return None if top is None else chat_logprobs(tokens, engine.token_text)
         if req.stream:
-            def chunk(index, text, finish, first):
-                delta = {} if text is None else ({"role": "assistant", "content": text} if first else {"content": text})
+            def chunk(index, piece, finish, first):
+                delta = {} if piece is None else \
+                    ({"role": "assistant", "content": piece.text} if first else {"content": piece.text})
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                        "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
-            return await stream(ids, req, stop, chunk)
-        choices, usage = await run_choices(ids, req, stop)
+                        "choices": [{"index": index, "delta": delta, "logprobs": logprobs(piece.tokens) if piece else None,
+                                     "finish_reason": finish}]}
+            return await stream(gens, ids, req, chunk)
+        choices, usage = await run_choices(gens, ids, req)
         return {"id": rid, "object": "chat.completion", "created": created, "model": engine.name,
-                "choices": [{"index": k, "message": {"role": "assistant", "content": t}, "finish_reason": f}
-                            for k, (t, f) in enumerate(choices)], "usage": usage}
+                "choices": [{"index": k, "message": {"role": "assistant", "content": t}, "logprobs": logprobs(tokens),
+                             "finish_reason": f} for k, (t, tokens, f) in enumerate(choices)], "usage": usage}
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest):

@@ -13,6 +13,12 @@ highest occupied slot (slots are handed out lowest first), so a lone request doe
 full batch. Each such ``n`` has its own :class:`~lmforge.generate.DecodeStep` (a CUDA graph on
 CUDA), made when the batcher starts, before any row holds a sequence.
 
+A sequence may ask for log-probabilities (``logprobs=k``): each token then comes as a
+:class:`Scored` (its log-probability under the model and the ``k`` likeliest alternatives), and
+``prompt_logprobs`` first delivers a :class:`PromptScores` for the prompt's own tokens (scoring a
+text, as evaluation harnesses do, with ``max_new_tokens=0``). They are the model's own
+distribution, before temperature and top-p.
+
 With the same weights, prompt and seed, a sequence samples what :func:`~lmforge.generate.stream_text`
 samples alone: each row is computed independently of the others and draws from the request's own
 generator in the same order. Batched matrix products may round differently from single-row ones,
@@ -26,13 +32,34 @@ import heapq
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
 from lmforge.generate import DecodeStep, sample_next
 from lmforge.models.gpt import GPT
 from lmforge.progress import progress
+
+
+class Scored(NamedTuple):
+    """A token with its log-probability and the ``k`` likeliest tokens' (id, log-probability)."""
+    id: int
+    logprob: float | None  # None for a prompt's first token: nothing precedes it
+    top: list[tuple[int, float]]
+
+
+class PromptScores(NamedTuple):
+    """The prompt's tokens, each scored by the model given the tokens before it."""
+    tokens: list[Scored]
+
+
+def score_rows(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[Scored]:
+    """Per row of ``logits`` (N, V): the log-probability of ``chosen`` (N,) and the top ``k``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(1, chosen[:, None].to(logp.device))[:, 0].tolist()
+    top_v, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], chosen[:, None][:, :0])
+    return [Scored(int(t), lp, list(zip(ti, tv)))
+            for t, lp, ti, tv in zip(chosen.tolist(), picked, top_i.tolist(), top_v.tolist())]
 
 
 @dataclass
@@ -43,6 +70,8 @@ class _Sequence:
     top_p: float | None
     generator: torch.Generator | None
     eos_id: int | None
+    logprobs: int | None = None  # None: plain ids; k: each token a Scored with k alternatives
+    prompt_logprobs: bool = False  # deliver a PromptScores before the first token
     out: queue.Queue = field(default_factory=queue.Queue)  # ids, then None (or an exception)
     cancelled: bool = False
     slot: int = -1
@@ -90,18 +119,23 @@ class ContinuousBatcher:
         self.thread.start()
 
     def submit(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float | None = None,
-               seed: int | None = None, eos_id: int | None = None) -> Iterator[int]:
+               seed: int | None = None, eos_id: int | None = None, logprobs: int | None = None,
+               prompt_logprobs: bool = False) -> Iterator[int | Scored | PromptScores]:
         """Queue one generation; iterate the result for its new token ids as they are sampled.
 
-        Generation ends after ``max_new_tokens``, after ``eos_id`` (which is yielded), or when the
-        context is full. Closing the iterator early cancels the sequence and frees its slot.
+        Generation ends after ``max_new_tokens`` (0: only the prompt is read, for its scores),
+        after ``eos_id`` (which is yielded), or when the context is full. Closing the iterator early
+        cancels the sequence and frees its slot. With ``logprobs`` (the number of alternatives,
+        0 or more) tokens come as :class:`Scored`; ``prompt_logprobs`` first yields a
+        :class:`PromptScores` (with ``logprobs`` alternatives at each prompt token).
         """
         if not prompt:
             raise ValueError("the prompt must have at least one token")
         if len(prompt) >= self.block:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context is {self.block}")
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        seq = _Sequence(list(prompt), max_new_tokens, temperature, top_p if top_p and top_p < 1 else None, gen, eos_id)
+        seq = _Sequence(list(prompt), max_new_tokens, temperature, top_p if top_p and top_p < 1 else None, gen, eos_id,
+                        logprobs, prompt_logprobs)
         with self.cond:
             self.waiting.append(seq)
             self.cond.notify()
@@ -152,15 +186,25 @@ class ContinuousBatcher:
         del self.active[slot]
         heapq.heappush(self.free, slot)
 
-    def _emit(self, seq: _Sequence, token: int) -> None:
+    def _emit(self, seq: _Sequence, token: int | Scored) -> None:
         seq.out.put(token)
         seq.generated += 1
-        seq.last = token
-        done = (seq.generated >= seq.max_new_tokens or token == seq.eos_id or seq.pos >= self.block)
-        if done:
-            seq.out.put(None)
-            with self.cond:
-                self._release(seq.slot)
+        seq.last = token = int(token[0] if isinstance(token, Scored) else token)
+        if seq.generated >= seq.max_new_tokens or token == seq.eos_id or seq.pos >= self.block:
+            self._finish(seq)
+
+    def _finish(self, seq: _Sequence) -> None:
+        seq.out.put(None)
+        with self.cond:
+            self._release(seq.slot)
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor, greedy: int | None = None) -> int | Scored:
+        """The next token of ``seq`` from its logits (1, V), scored if the sequence asked for it."""
+        if seq.temperature <= 0 and greedy is not None:
+            token = torch.tensor([greedy])
+        else:
+            token = sample_next(logits, seq.temperature, None, seq.top_p, seq.generator)
+        return int(token[0]) if seq.logprobs is None else score_rows(logits, token, seq.logprobs)[0]
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """All newly admitted prompts in one forward pass (right-padded to the longest), their keys
@@ -170,14 +214,22 @@ class ContinuousBatcher:
         for i, s in enumerate(seqs):
             x[i, :lengths[i]] = torch.tensor(s.prompt)
         scratch = self.model.new_cache(len(seqs), max(lengths))
-        logits = self.model.prefill(x.to(self.device), torch.tensor(lengths, device=self.device), scratch)
+        logits, hidden = self.model.prefill(x.to(self.device), torch.tensor(lengths, device=self.device), scratch,
+                                            return_hidden=True)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
         for big, small in ((self.cache.k, scratch.k), (self.cache.v, scratch.v)):
             for layer in range(len(big)):
                 big[layer][slots, :, :small[layer].size(2)] = small[layer]
         for i, seq in enumerate(seqs):
             seq.pos = lengths[i]
-            self._emit(seq, int(sample_next(logits[i:i + 1], seq.temperature, None, seq.top_p, seq.generator)[0]))
+            if seq.prompt_logprobs:  # token j scored by the logits at j - 1
+                scored = score_rows(self.model.lm_head(hidden[i, :lengths[i] - 1]),
+                                    torch.tensor(seq.prompt[1:], dtype=torch.long), seq.logprobs or 0)
+                seq.out.put(PromptScores([Scored(seq.prompt[0], None, [])] + scored))
+            if seq.max_new_tokens <= 0:
+                self._finish(seq)
+            else:
+                self._emit(seq, self._sample(seq, logits[i:i + 1]))
 
     def _step(self) -> None:
         with self.cond:
@@ -194,8 +246,4 @@ class ContinuousBatcher:
         self.max_rows_seen = max(self.max_rows_seen, len(rows))
         for slot, seq in rows.items():
             seq.pos += 1
-            if seq.temperature <= 0:
-                token = greedy[slot]
-            else:
-                token = int(sample_next(logits[slot:slot + 1], seq.temperature, None, seq.top_p, seq.generator)[0])
-            self._emit(seq, token)
+            self._emit(seq, self._sample(seq, logits[slot:slot + 1], greedy[slot]))
