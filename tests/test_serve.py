@@ -152,6 +152,18 @@ def test_logprobs_and_echo_score_text_as_the_model_does(server, trained_run):
     assert by_ids.text == gen.text and by_ids.logprobs is None
     plain = c.completions.create(model=name, prompt=text, max_tokens=10, temperature=0).choices[0]
     assert text + plain.text == gen.text
+    # lm-evaluation-harness's loglikelihood request, as it sends it: token ids, one token generated,
+    # and log P(continuation | context) = sum(token_logprobs[len(context):-1]).
+    context, continuation = tok_ids[:3], tok_ids[3:]
+    r = httpx.post(base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": name, "prompt": [context + continuation, context], "temperature": 0,
+                         "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True})
+    assert r.status_code == 200, r.text
+    first, second = sorted(r.json()["choices"], key=lambda ch: ch["index"])
+    assert len(first["logprobs"]["token_logprobs"]) == len(tok_ids) + 1
+    assert len(second["logprobs"]["token_logprobs"]) == len(context) + 1
+    want = sum(logp[j - 1, tok_ids[j]].item() for j in range(3, len(tok_ids)))
+    assert sum(first["logprobs"]["token_logprobs"][3:-1]) == pytest.approx(want, abs=1e-4)
 
 
 def _ids(run_dir, text):
@@ -186,6 +198,29 @@ def test_chat_logprobs_streamed_equal_whole_and_cover_the_answer(server, trained
     free = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], temperature=0)
     if free.choices[0].finish_reason == "length":
         assert free.usage.completion_tokens == min(64, 128 - free.usage.prompt_tokens)
+
+
+def test_text_pieces_carry_the_tokens_that_start_in_them_and_a_final_end_of_text():
+    from lmforge.serve.batching import Scored
+    from lmforge.serve.logprobs import split_by_offset
+
+    def pieces(*texts):
+        yield from texts
+        return {"finish_reason": "stop"}
+
+    a, b, c, eot = (Scored(i, -float(i), []) for i in (1, 2, 3, 9))
+    out = split_by_offset(pieces("ab", "c"), [(a, 10), (b, 11), (c, 12), (eot, 13)], start=10, eot_id=9)
+    got = []
+    while True:
+        try:
+            got.append(next(out))
+        except StopIteration as stop:
+            assert stop.value == {"finish_reason": "stop"}
+            break
+    assert [(p.text, [s.id for s, _ in p.tokens]) for p in got] == [("ab", [1, 2]), ("c", [3]), ("", [9])]
+    # A token past the text (after a stop string) is not carried; neither is anything after it.
+    cut = list(split_by_offset(pieces("ab"), [(a, 0), (b, 2), (eot, 2)], start=0, eot_id=9))
+    assert [(p.text, [s.id for s, _ in p.tokens]) for p in cut] == [("ab", [1])]
 
 
 def test_stop_strings_cut_the_logprobs_with_the_text(server):

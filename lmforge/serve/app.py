@@ -234,7 +234,7 @@ class Engine:
             finally:
                 scored_tokens.close()  # the reader stopped early: cancel the sequence
         pieces = text_pieces(tokens if logprobs is None else ids_of(tokens), self.run.tokenizer, stop, self.eot)
-        result = yield from split_by_offset(pieces, placed, start)
+        result = yield from split_by_offset(pieces, placed, start, self.eot)
         self.on_tokens(len(ids), result["completion_tokens"])
         return result
 

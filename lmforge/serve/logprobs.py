@@ -5,8 +5,8 @@ pieces that do not line up with tokens (a character can span two byte-level toke
 cuts a token, text is held back while it may start a stop string). Each scored token is therefore
 placed at the character offset where its text starts in the choice's whole text, and a piece
 carries the tokens that start inside it: concatenated over a choice, the pieces carry every token
-whose text starts before the end of the returned text, whatever the streaming split. Tokens past a
-stop string or the end-of-text token start at or after that end and are left out.
+whose text starts before the end of the returned text, whatever the streaming split, and the
+end-of-text token if one ended it. Tokens past a stop string start at or after that end and are left out.
 """
 
 from __future__ import annotations
@@ -64,9 +64,11 @@ def placed_prompt(scores: PromptScores, text: TokenText) -> list[tuple[Scored, i
 
 
 def split_by_offset(pieces: Generator[str, None, dict], placed: list[tuple[Scored, int]],
-                    start: int) -> Generator[Piece, None, dict]:
+                    start: int, eot_id: int | None = None) -> Generator[Piece, None, dict]:
     """Attach to each text piece (the text from character ``start`` on) the placed tokens that start
     in it; ``placed`` may grow while the pieces are read (it is filled as tokens are consumed).
+    An end-of-text token that ended the text comes last, in a piece of its own with no text (it was
+    sampled: a harness that asks for one token after a prompt expects its entry).
     Returns what ``pieces`` returns; closing this closes ``pieces``."""
     end, sent = start, 0
     try:
@@ -74,6 +76,8 @@ def split_by_offset(pieces: Generator[str, None, dict], placed: list[tuple[Score
             try:
                 text = next(pieces)
             except StopIteration as stop:
+                if sent < len(placed) and placed[sent][0].id == eot_id:
+                    yield Piece("", placed[sent:sent + 1])
                 return stop.value
             end += len(text)
             upto = sent
