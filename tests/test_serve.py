@@ -200,6 +200,26 @@ def test_chat_logprobs_streamed_equal_whole_and_cover_the_answer(server, trained
         assert free.usage.completion_tokens == min(64, 128 - free.usage.prompt_tokens)
 
 
+def test_tokenizer_endpoints_and_model_retrieval(server, trained_run):
+    # vLLM's /tokenizer_info, /tokenize and /detokenize (what lm-evaluation-harness probes for, to
+    # tokenize through the server), behind the key like everything but /health.
+    base, name = server
+    h = {"Authorization": f"Bearer {KEY}"}
+    assert client(base).models.retrieve(name).id == name
+    assert httpx.get(base + "/v1/models/other", headers=h).status_code == 404
+    info = httpx.get(base + "/tokenizer_info", headers=h).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 128
+    text = "the model reads a tokenizer"
+    r = httpx.post(base + "/tokenize", headers=h, json={"prompt": text, "add_special_tokens": False}).json()
+    assert r["tokens"] == _ids(trained_run, text) and r["count"] == len(r["tokens"])
+    back = httpx.post(base + "/detokenize", headers=h, json={"tokens": r["tokens"]}).json()
+    assert back["prompt"] == text
+    eos = httpx.post(base + "/tokenize", headers=h, json={"prompt": info["eos_token"]}).json()["tokens"]
+    assert len(eos) == 1  # the end-of-text token is one token, as a harness expects
+    assert httpx.post(base + "/detokenize", headers=h, json={"tokens": [-1]}).status_code == 400
+    assert httpx.post(base + "/tokenize", json={"prompt": text}).status_code == 401
+
+
 def test_text_pieces_carry_the_tokens_that_start_in_them_and_a_final_end_of_text():
     from lmforge.serve.batching import Scored
     from lmforge.serve.logprobs import split_by_offset

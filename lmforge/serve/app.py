@@ -102,6 +102,17 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
+class TokenizeRequest(BaseModel):
+    prompt: str = Field(max_length=1_000_000)
+    add_special_tokens: bool = False
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
+    model: str | None = None
+
+
 MAX_INPUTS = 256  # texts per embeddings / classify request
 
 
@@ -322,10 +333,39 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
     async def health():
         return {"status": "ok", "model": engine.name}
 
+    def model_card() -> dict:
+        return {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "lmforge",
+                "max_model_len": engine.run.model.config.block_size}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": engine.created,
-                                            "owned_by": "lmforge"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model}")
+    async def model(model: str):
+        if model not in (engine.name, "lmforge"):
+            raise APIError(404, f"unknown model {model!r}; this server serves {engine.name!r}", param="model",
+                           code="model_not_found")
+        return model_card()
+
+    # The tokenizer, as vLLM's server exposes it (a harness such as lm-evaluation-harness finds these
+    # and needs no local copy of the tokenizer): ids without special tokens unless asked.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        specials = {"eos_token": EOT if engine.eot is not None else None, "bos_token": None, "pad_token": None}
+        return {**specials, "tokenizer_class": "lmforge", "model_max_length": engine.run.model.config.block_size,
+                "vocab_size": engine.run.tokenizer.get_vocab_size(), "chat_template": None}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        ids = engine.run.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.run.model.config.block_size}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        if any(not 0 <= t < engine.run.tokenizer.get_vocab_size() for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {engine.run.tokenizer.get_vocab_size()})", param="tokens")
+        return {"prompt": engine.run.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     def stops(req: _Sampling, extra: list[str] = ()) -> list[str]:
         given = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
