@@ -57,7 +57,7 @@ def score_rows(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[Score
     """Per row of ``logits`` (N, V): the log-probability of ``chosen`` (N,) and the top ``k``."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(1, chosen[:, None].to(logp.device))[:, 0].tolist()
-    top_v, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], chosen[:, None][:, :0])
+    top_v, top_i = logp.topk(min(k, logp.size(-1)), dim=-1) if k else (logp[:, :0], chosen[:, None][:, :0])
     return [Scored(int(t), lp, list(zip(ti, tv)))
             for t, lp, ti, tv in zip(chosen.tolist(), picked, top_i.tolist(), top_v.tolist())]
 
@@ -189,7 +189,7 @@ class ContinuousBatcher:
     def _emit(self, seq: _Sequence, token: int | Scored) -> None:
         seq.out.put(token)
         seq.generated += 1
-        seq.last = token = int(token[0] if isinstance(token, Scored) else token)
+        seq.last = token = token.id if isinstance(token, Scored) else token
         if seq.generated >= seq.max_new_tokens or token == seq.eos_id or seq.pos >= self.block:
             self._finish(seq)
 
@@ -201,6 +201,8 @@ class ContinuousBatcher:
     def _sample(self, seq: _Sequence, logits: torch.Tensor, greedy: int | None = None) -> int | Scored:
         """The next token of ``seq`` from its logits (1, V), scored if the sequence asked for it."""
         if seq.temperature <= 0 and greedy is not None:
+            if seq.logprobs is None:
+                return greedy
             token = torch.tensor([greedy])
         else:
             token = sample_next(logits, seq.temperature, None, seq.top_p, seq.generator)
