@@ -79,6 +79,10 @@ def test_stopping_early_frees_the_slot_and_eos_ends_a_sequence():
     it.close()  # the reader went away
     out = list(batcher.submit([2], 5, temperature=0.0))
     assert len(out) == 5
+    steps = batcher.steps_run
+    batcher.submit([4], 60, temperature=0.0).close()  # gone before reading anything (the server's echo)
+    assert len(list(batcher.submit([5], 5, temperature=0.0))) == 5
+    assert batcher.steps_run - steps < 10  # the unread sequence did not decode its 60 tokens for nobody
     eos = alone(model, [3], 10)[3]
     stopped = list(batcher.submit([3], 10, temperature=0.0, eos_id=eos))
     assert stopped[-1] == eos and len(stopped) <= 4

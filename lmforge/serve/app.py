@@ -230,22 +230,22 @@ class Engine:
         # An empty prompt starts from the end-of-text token, as a new document would.
         tokens = self.batcher.submit(ids or [self.eot or 0], max_tokens, req.temperature, req.top_p, seed,
                                      self.eot, logprobs, prompt_logprobs=echo is not None and logprobs is not None)
-        start = 0
-        if echo is not None:
-            scored = next(tokens) if logprobs is not None else None
-            yield Piece(echo, placed_prompt(scored, self.token_text) if scored and ids else [])
-            start = len(echo)
-        placer, placed = Placer(self.token_text, start), []
+        placed, start = [], 0
 
         def ids_of(scored_tokens):  # places each scored token as the text reader takes it
-            try:
-                for s in scored_tokens:
-                    placed.append(placer.place(s))
-                    yield s.id
-            finally:
-                scored_tokens.close()  # the reader stopped early: cancel the sequence
-        pieces = text_pieces(tokens if logprobs is None else ids_of(tokens), self.run.tokenizer, stop, self.eot)
-        result = yield from split_by_offset(pieces, placed, start, self.eot)
+            placer = Placer(self.token_text, start)
+            for s in scored_tokens:
+                placed.append(placer.place(s))
+                yield s.id
+        try:
+            if echo is not None:
+                scored = next(tokens) if logprobs is not None else None
+                yield Piece(echo, placed_prompt(scored, self.token_text) if scored and ids else [])
+                start = len(echo)
+            pieces = text_pieces(tokens if logprobs is None else ids_of(tokens), self.run.tokenizer, stop, self.eot)
+            result = yield from split_by_offset(pieces, placed, start, self.eot)
+        finally:
+            tokens.close()  # stopped early (a client gone, a stop string): the batcher drops the sequence
         self.on_tokens(len(ids), result["completion_tokens"])
         return result
 

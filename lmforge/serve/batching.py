@@ -80,6 +80,32 @@ class _Sequence:
     generated: int = 0
 
 
+class _Reader:
+    """The items of one sequence as the batcher puts them out. Closing it (or dropping it), even
+    before the first item was read, cancels the sequence: the batcher frees its slot at its next step."""
+
+    def __init__(self, seq: _Sequence):
+        self.seq = seq
+
+    def __iter__(self) -> "_Reader":
+        return self
+
+    def __next__(self):
+        item = self.seq.out.get()
+        if item is None:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.seq.cancelled = True
+
+    __del__ = close
+
+
 class ContinuousBatcher:
     """Schedules generations of one GPT together; :meth:`submit` returns an iterator of new ids."""
 
@@ -142,17 +168,8 @@ class ContinuousBatcher:
         return self._read(seq)
 
     @staticmethod
-    def _read(seq: _Sequence) -> Iterator[int]:
-        try:
-            while True:
-                item = seq.out.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            seq.cancelled = True  # the reader is done (or gone): the batcher drops it at its next step
+    def _read(seq: _Sequence) -> "_Reader":
+        return _Reader(seq)
 
     # ------------------------------------------------------------------------------- the thread
     def _loop(self) -> None:
