@@ -120,3 +120,33 @@ def test_scored_tokens_carry_the_models_log_probabilities_and_the_prompt_can_be_
     assert all(s.top == [] for s in only[0].tokens)
     assert list(batcher.submit(prompt, 4, temperature=0.0)) == alone(model, prompt, 4)  # plain ids as before
     assert sorted(batcher.free) == list(range(4)) and not batcher.active
+
+
+def test_presence_and_frequency_penalties_lower_the_logits_of_generated_tokens_as_openais_do():
+    torch.manual_seed(4)
+    model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(3)  # margins a penalty of 0.5-2 can overturn, but no near-ties
+    batcher = ContinuousBatcher(model, max_batch=2)
+    prompt = [1, 2, 3]
+
+    def reference(n, presence, frequency):  # no cache: the whole sequence again for every token
+        ids, counts = list(prompt), {}
+        for _ in range(n):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids]))[0][0, -1].clone()
+            for t, c in counts.items():
+                logits[t] -= frequency * c + presence
+            t = int(logits.argmax())
+            counts[t] = counts.get(t, 0) + 1
+            ids.append(t)
+        return ids[len(prompt):]
+
+    plain = list(batcher.submit(prompt, 20, temperature=0.0))
+    assert plain == reference(20, 0.0, 0.0)
+    runs = [list(batcher.submit(prompt, 20, temperature=0.0, presence_penalty=pp, frequency_penalty=fp))
+            for pp, fp in ((1.5, 0.0), (0.0, 0.7), (0.5, -0.5))]
+    assert runs == [reference(20, 1.5, 0.0), reference(20, 0.0, 0.7), reference(20, 0.5, -0.5)]
+    assert plain == [3] * 20 and runs[0] != runs[1] and plain not in runs[:2]  # each penalty changes the picks
+    scored = list(batcher.submit(prompt, 20, temperature=0.0, presence_penalty=1.5, logprobs=1))
+    assert [s.id for s in scored] == runs[0]  # scores are the model's own; the penalised pick is kept

@@ -1,10 +1,11 @@
 """``lmforge serve``: an OpenAI-compatible HTTP API over a run directory (FastAPI + uvicorn).
 
-Endpoints: ``GET /health`` (no auth), ``GET /v1/models``, ``POST /v1/completions`` and
+Endpoints: ``GET /health`` (no auth), ``GET /v1/models[/{id}]``, ``POST /v1/completions`` and
 ``POST /v1/chat/completions`` (OpenAI request/response schemas; ``stream: true`` gives Server-Sent
 Events ending with ``data: [DONE]``; ``logprobs``, and for completions ``echo``, so that a
-harness can score text). Errors are OpenAI-style objects, never stack traces; a parameter this
-server cannot honour (``logit_bias``, tools, penalties, ...) is refused with a 400, not ignored.
+harness can score text), and vLLM's ``/tokenizer_info``, ``/tokenize`` and ``/detokenize``.
+Errors are OpenAI-style objects, never stack traces; a parameter this
+server cannot honour (``logit_bias``, tools, ...) is refused with a 400, not ignored.
 
 Generation runs in a :class:`~lmforge.serve.batching.ContinuousBatcher` thread: concurrent
 requests (and the ``n`` choices of one request) decode together, and a request that arrives
@@ -47,8 +48,7 @@ class StreamOptions(BaseModel):
 # OpenAI parameters this server does not implement, with the values that ask for nothing: any other
 # value is refused (400) rather than silently ignored. Fields not named anywhere (``user``,
 # ``metadata``, ...) change nothing about the answer and are ignored.
-UNSUPPORTED = {"logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-               "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
+UNSUPPORTED = {"logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
                "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
                "response_format": (None, {"type": "text"}), "logit_bias_type": (None,)}
 
@@ -60,6 +60,8 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=0)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=16)
@@ -229,7 +231,8 @@ class Engine:
         """
         # An empty prompt starts from the end-of-text token, as a new document would.
         tokens = self.batcher.submit(ids or [self.eot or 0], max_tokens, req.temperature, req.top_p, seed,
-                                     self.eot, logprobs, prompt_logprobs=echo is not None and logprobs is not None)
+                                     self.eot, logprobs, prompt_logprobs=echo is not None and logprobs is not None,
+                                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
         placed, start = [], 0
 
         def ids_of(scored_tokens):  # places each scored token as the text reader takes it

@@ -72,6 +72,9 @@ class _Sequence:
     eos_id: int | None
     logprobs: int | None = None  # None: plain ids; k: each token a Scored with k alternatives
     prompt_logprobs: bool = False  # deliver a PromptScores before the first token
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # ... times the number of times it was generated
+    counts: dict[int, int] = field(default_factory=dict)  # generated tokens (for the penalties)
     out: queue.Queue = field(default_factory=queue.Queue)  # ids, then None (or an exception)
     cancelled: bool = False
     slot: int = -1
@@ -146,14 +149,17 @@ class ContinuousBatcher:
 
     def submit(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float | None = None,
                seed: int | None = None, eos_id: int | None = None, logprobs: int | None = None,
-               prompt_logprobs: bool = False) -> Iterator[int | Scored | PromptScores]:
+               prompt_logprobs: bool = False, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0) -> Iterator[int | Scored | PromptScores]:
         """Queue one generation; iterate the result for its new token ids as they are sampled.
 
         Generation ends after ``max_new_tokens`` (0: only the prompt is read, for its scores),
         after ``eos_id`` (which is yielded), or when the context is full. Closing the iterator early
         cancels the sequence and frees its slot. With ``logprobs`` (the number of alternatives,
         0 or more) tokens come as :class:`Scored`; ``prompt_logprobs`` first yields a
-        :class:`PromptScores` (with ``logprobs`` alternatives at each prompt token).
+        :class:`PromptScores` (with ``logprobs`` alternatives at each prompt token). The penalties
+        are OpenAI's: before sampling, each token's logit is lowered by ``presence_penalty`` if it
+        was generated before and by ``frequency_penalty`` times the number of times it was.
         """
         if not prompt:
             raise ValueError("the prompt must have at least one token")
@@ -161,7 +167,7 @@ class ContinuousBatcher:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context is {self.block}")
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         seq = _Sequence(list(prompt), max_new_tokens, temperature, top_p if top_p and top_p < 1 else None, gen, eos_id,
-                        logprobs, prompt_logprobs)
+                        logprobs, prompt_logprobs, presence_penalty, frequency_penalty)
         with self.cond:
             self.waiting.append(seq)
             self.cond.notify()
@@ -207,6 +213,7 @@ class ContinuousBatcher:
         seq.out.put(token)
         seq.generated += 1
         seq.last = token = token.id if isinstance(token, Scored) else token
+        seq.counts[token] = seq.counts.get(token, 0) + 1
         if seq.generated >= seq.max_new_tokens or token == seq.eos_id or seq.pos >= self.block:
             self._finish(seq)
 
@@ -216,14 +223,22 @@ class ContinuousBatcher:
             self._release(seq.slot)
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor, greedy: int | None = None) -> int | Scored:
-        """The next token of ``seq`` from its logits (1, V), scored if the sequence asked for it."""
+        """The next token of ``seq`` from its logits (1, V), scored if the sequence asked for it
+        (scores are the model's: before penalties, temperature and top-p)."""
+        scores = logits
+        if seq.counts and (seq.presence_penalty or seq.frequency_penalty):
+            ids = torch.tensor(list(seq.counts), device=logits.device)
+            times = torch.tensor(list(seq.counts.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits.clone()
+            logits[0, ids] -= seq.frequency_penalty * times + seq.presence_penalty
+            greedy = None  # the batch's argmax was taken before the penalties
         if seq.temperature <= 0 and greedy is not None:
             if seq.logprobs is None:
                 return greedy
             token = torch.tensor([greedy])
         else:
             token = sample_next(logits, seq.temperature, None, seq.top_p, seq.generator)
-        return int(token[0]) if seq.logprobs is None else score_rows(logits, token, seq.logprobs)[0]
+        return int(token[0]) if seq.logprobs is None else score_rows(scores, token, seq.logprobs)[0]
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """All newly admitted prompts in one forward pass (right-padded to the longest), their keys
