@@ -361,7 +361,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        ids = engine.run.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
+        def encode() -> list[int]:
+            with engine.encoder_lock:  # an encoder's embedding requests set the tokenizer's padding
+                return engine.run.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
+        ids = await asyncio.to_thread(encode)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.run.model.config.block_size}
 
     @app.post("/detokenize")
