@@ -122,7 +122,7 @@ def test_scored_tokens_carry_the_models_log_probabilities_and_the_prompt_can_be_
     assert sorted(batcher.free) == list(range(4)) and not batcher.active
 
 
-def test_presence_and_frequency_penalties_lower_the_logits_of_generated_tokens_as_openais_do():
+def test_penalties_and_logit_bias_change_the_logits_as_openais_do():
     torch.manual_seed(4)
     model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
     with torch.no_grad():
@@ -130,13 +130,15 @@ def test_presence_and_frequency_penalties_lower_the_logits_of_generated_tokens_a
     batcher = ContinuousBatcher(model, max_batch=2)
     prompt = [1, 2, 3]
 
-    def reference(n, presence, frequency):  # no cache: the whole sequence again for every token
+    def reference(n, presence, frequency, bias=None):  # no cache: the whole sequence again for every token
         ids, counts = list(prompt), {}
         for _ in range(n):
             with torch.no_grad():
                 logits = model(torch.tensor([ids]))[0][0, -1].clone()
             for t, c in counts.items():
                 logits[t] -= frequency * c + presence
+            for t, b in (bias or {}).items():
+                logits[t] += b
             t = int(logits.argmax())
             counts[t] = counts.get(t, 0) + 1
             ids.append(t)
@@ -150,3 +152,9 @@ def test_presence_and_frequency_penalties_lower_the_logits_of_generated_tokens_a
     assert plain == [3] * 20 and runs[0] != runs[1] and plain not in runs[:2]  # each penalty changes the picks
     scored = list(batcher.submit(prompt, 20, temperature=0.0, presence_penalty=1.5, logprobs=1))
     assert [s.id for s in scored] == runs[0]  # scores are the model's own; the penalised pick is kept
+    # logit_bias: +100 forces a token, -100 bans one (here the greedy favourite), anything between shifts.
+    assert list(batcher.submit(prompt, 5, temperature=0.0, logit_bias={42: 100.0})) == [42] * 5
+    banned = list(batcher.submit(prompt, 20, temperature=0.0, logit_bias={3: -100.0}))
+    assert 3 not in banned and banned == reference(20, 0.0, 0.0, {3: -100.0})
+    mixed = list(batcher.submit(prompt, 20, temperature=0.0, frequency_penalty=0.7, logit_bias={66: 1.0, 28: -2.0}))
+    assert mixed == reference(20, 0.0, 0.7, {66: 1.0, 28: -2.0})

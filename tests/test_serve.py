@@ -265,19 +265,25 @@ def test_parameters_the_server_cannot_honour_are_refused_not_ignored(server):
     base, name = server
     h = {"Authorization": f"Bearer {KEY}"}
     chat = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for extra in ({"logit_bias": {"5": 10}}, {"presence_penalty": 2.5}, {"frequency_penalty": -3},
+    for extra in ({"logit_bias": {"x": 10}}, {"logit_bias": {"5": 101}}, {"logit_bias": {"99999": 1}},
+                  {"presence_penalty": 2.5}, {"frequency_penalty": -3},
                   {"tools": [{"type": "function", "function": {"name": "f"}}]},
                   {"response_format": {"type": "json_object"}}, {"top_logprobs": 2},
                   {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}):
         r = httpx.post(base + "/v1/chat/completions", headers=h, json={**chat, **extra})
         assert r.status_code == 400, (extra, r.text)
         assert r.json()["error"]["param"] in set(extra) | {"messages.0.content"}
-    for extra in ({"presence_penalty": 0.6, "frequency_penalty": 0.4, "logit_bias": {}, "user": "u-1"},
+    for extra in ({"presence_penalty": 0.6, "frequency_penalty": 0.4, "logit_bias": {"5": -100}, "user": "u-1"},
                   {"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]}):
         assert httpx.post(base + "/v1/chat/completions", headers=h, json={**chat, **extra}).status_code == 200
     for extra in ({"best_of": 3}, {"suffix": "end"}, {"prompt": [10 ** 6]}, {"prompt": [[]]}, {"logprobs": 50}):
         r = httpx.post(base + "/v1/completions", headers=h, json={"model": name, "prompt": "x", **extra})
         assert r.status_code == 400, (extra, r.text)
+    # logit_bias through the openai client: +100 on one token makes it the whole answer.
+    forced = client(base).completions.create(model=name, prompt="x", max_tokens=4, temperature=0.8, seed=1,
+                                             logit_bias={"5": 100}, logprobs=0).choices[0]
+    five = httpx.post(base + "/detokenize", headers=h, json={"tokens": [5]}).json()["prompt"]
+    assert forced.logprobs.tokens == [five] * 4
 
 
 def test_requests_past_max_concurrency_get_429_and_the_rest_complete(trained_run):

@@ -5,7 +5,7 @@ Endpoints: ``GET /health`` (no auth), ``GET /v1/models[/{id}]``, ``POST /v1/comp
 Events ending with ``data: [DONE]``; ``logprobs``, and for completions ``echo``, so that a
 harness can score text), and vLLM's ``/tokenizer_info``, ``/tokenize`` and ``/detokenize``.
 Errors are OpenAI-style objects, never stack traces; a parameter this
-server cannot honour (``logit_bias``, tools, ...) is refused with a 400, not ignored.
+server cannot honour (``best_of``, tools, ...) is refused with a 400, not ignored.
 
 Generation runs in a :class:`~lmforge.serve.batching.ContinuousBatcher` thread: concurrent
 requests (and the ``n`` choices of one request) decode together, and a request that arrives
@@ -48,7 +48,7 @@ class StreamOptions(BaseModel):
 # OpenAI parameters this server does not implement, with the values that ask for nothing: any other
 # value is refused (400) rather than silently ignored. Fields not named anywhere (``user``,
 # ``metadata``, ...) change nothing about the answer and are ignored.
-UNSUPPORTED = {"logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
                "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
                "response_format": (None, {"type": "text"}), "logit_bias_type": (None,)}
 
@@ -62,6 +62,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100 added to its logit
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=16)
@@ -170,7 +171,21 @@ class Engine:
         if len(ids) >= context:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {context}",
                            param="prompt", code="context_length_exceeded")
+        self.logit_bias(req)
         return ids
+
+    def logit_bias(self, req: _Sampling) -> dict[int, float] | None:
+        """The request's ``logit_bias`` as {token id: bias}; 400 for ids outside the vocabulary or
+        biases outside [-100, 100] (OpenAI's range)."""
+        if not req.logit_bias:
+            return None
+        vocab, bias = self.run.model.config.vocab_size, {}
+        for key, value in req.logit_bias.items():
+            if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab or not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias maps token ids in [0, {vocab}) to values in [-100, 100]; "
+                                    f"got {key!r}: {value}", param="logit_bias")
+            bias[int(key)] = value
+        return bias
 
     def max_tokens(self, req: _Sampling, ids: list[int], default: int | None = 16) -> int:
         """The request's token limit (``default`` None: what is left of the context); 400 past the cap."""
@@ -232,7 +247,8 @@ class Engine:
         # An empty prompt starts from the end-of-text token, as a new document would.
         tokens = self.batcher.submit(ids or [self.eot or 0], max_tokens, req.temperature, req.top_p, seed,
                                      self.eot, logprobs, prompt_logprobs=echo is not None and logprobs is not None,
-                                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
+                                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                     logit_bias=self.logit_bias(req))
         placed, start = [], 0
 
         def ids_of(scored_tokens):  # places each scored token as the text reader takes it

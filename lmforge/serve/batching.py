@@ -75,6 +75,7 @@ class _Sequence:
     presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # ... times the number of times it was generated
     counts: dict[int, int] = field(default_factory=dict)  # generated tokens (for the penalties)
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits before sampling
     out: queue.Queue = field(default_factory=queue.Queue)  # ids, then None (or an exception)
     cancelled: bool = False
     slot: int = -1
@@ -150,7 +151,8 @@ class ContinuousBatcher:
     def submit(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float | None = None,
                seed: int | None = None, eos_id: int | None = None, logprobs: int | None = None,
                prompt_logprobs: bool = False, presence_penalty: float = 0.0,
-               frequency_penalty: float = 0.0) -> Iterator[int | Scored | PromptScores]:
+               frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
+               ) -> Iterator[int | Scored | PromptScores]:
         """Queue one generation; iterate the result for its new token ids as they are sampled.
 
         Generation ends after ``max_new_tokens`` (0: only the prompt is read, for its scores),
@@ -159,7 +161,8 @@ class ContinuousBatcher:
         0 or more) tokens come as :class:`Scored`; ``prompt_logprobs`` first yields a
         :class:`PromptScores` (with ``logprobs`` alternatives at each prompt token). The penalties
         are OpenAI's: before sampling, each token's logit is lowered by ``presence_penalty`` if it
-        was generated before and by ``frequency_penalty`` times the number of times it was.
+        was generated before and by ``frequency_penalty`` times the number of times it was;
+        ``logit_bias`` adds its value to its tokens' logits.
         """
         if not prompt:
             raise ValueError("the prompt must have at least one token")
@@ -167,7 +170,8 @@ class ContinuousBatcher:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context is {self.block}")
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         seq = _Sequence(list(prompt), max_new_tokens, temperature, top_p if top_p and top_p < 1 else None, gen, eos_id,
-                        logprobs, prompt_logprobs, presence_penalty, frequency_penalty)
+                        logprobs, prompt_logprobs, presence_penalty, frequency_penalty,
+                        logit_bias=dict(logit_bias) if logit_bias else None)
         with self.cond:
             self.waiting.append(seq)
             self.cond.notify()
@@ -224,14 +228,19 @@ class ContinuousBatcher:
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor, greedy: int | None = None) -> int | Scored:
         """The next token of ``seq`` from its logits (1, V), scored if the sequence asked for it
-        (scores are the model's: before penalties, temperature and top-p)."""
+        (scores are the model's: before penalties, logit bias, temperature and top-p)."""
         scores = logits
-        if seq.counts and (seq.presence_penalty or seq.frequency_penalty):
+        penalised = seq.counts and (seq.presence_penalty or seq.frequency_penalty)
+        if penalised or seq.logit_bias:
+            logits = logits.clone()
+            greedy = None  # the batch's argmax was taken before these changes
+        if penalised:
             ids = torch.tensor(list(seq.counts), device=logits.device)
             times = torch.tensor(list(seq.counts.values()), dtype=logits.dtype, device=logits.device)
-            logits = logits.clone()
             logits[0, ids] -= seq.frequency_penalty * times + seq.presence_penalty
-            greedy = None  # the batch's argmax was taken before the penalties
+        if seq.logit_bias:
+            ids = torch.tensor(list(seq.logit_bias), device=logits.device)
+            logits[0, ids] += torch.tensor(list(seq.logit_bias.values()), dtype=logits.dtype, device=logits.device)
         if seq.temperature <= 0 and greedy is not None:
             if seq.logprobs is None:
                 return greedy
