@@ -9,6 +9,7 @@ the ``generation_prompt`` that opens the answer, and ``stop`` strings that end i
 from __future__ import annotations
 
 import json
+import string
 import sys
 from pathlib import Path
 
@@ -33,6 +34,25 @@ def load_chat_template(run_dir: str | Path) -> dict:
     if missing:
         raise UserError(f"{path}: missing string field(s) {', '.join(missing)}")
     return template
+
+
+def jinja_chat_template(template: dict) -> str:
+    """The same template as a Jinja chat template (what Hugging Face's ``apply_chat_template`` and
+    vLLM-style servers use): ``messages`` with ``role`` and ``content``, and ``add_generation_prompt``.
+    It renders exactly what :func:`render_chat` renders; a ``developer`` message renders as ``system``."""
+    def jinja(fmt: str) -> str:  # literal text as Jinja string expressions: no character of it is syntax
+        parts = []
+        for literal, field, _, _ in string.Formatter().parse(fmt):
+            if literal:
+                parts.append("{{ " + json.dumps(literal, ensure_ascii=False) + " }}")
+            if field is not None:
+                parts.append("{{ message['content'] }}")
+        return "".join(parts)
+    branches = "".join(f"{'{% if' if k == 0 else '{% elif'} role == '{role}' %}}{jinja(template[role])}"
+                       for k, role in enumerate(("system", "user", "assistant")))
+    return ("{% for message in messages %}{% set role = 'system' if message['role'] == 'developer' "
+            "else message['role'] %}" + branches + "{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}" + jinja(template["generation_prompt"]) + "{% endif %}")
 
 
 def save_chat_template(run_dir: str | Path, template: dict | None = None) -> None:

@@ -109,6 +109,13 @@ def test_import_hf_then_generate_and_export_hf_round_trip(hf_dir, tmp_path):
         torch.testing.assert_close(again(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
     fast = transformers.AutoTokenizer.from_pretrained(out)
     assert fast("the model reads text")["input_ids"] == tok.encode("the model reads text").ids
+    # The run's chat template goes along, as a Jinja template `apply_chat_template` renders alike.
+    from lmforge.chat import load_chat_template, render_chat
+
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi {there}"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "what is 'x'?\n"}]
+    assert fast.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        render_chat(load_chat_template(run), chat)
 
 
 def test_import_hf_reads_pytorch_model_bin_without_unpickling_code(hf_dir, tmp_path):

@@ -209,6 +209,13 @@ def test_tokenizer_endpoints_and_model_retrieval(server, trained_run):
     assert httpx.get(base + "/v1/models/other", headers=h).status_code == 404
     info = httpx.get(base + "/tokenizer_info", headers=h).json()
     assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 128
+    import jinja2  # the chat template in Jinja form renders what the server renders for a chat
+
+    from lmforge.chat import load_chat_template, render_chat
+
+    chat = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "what is {x}?"}]
+    assert jinja2.Environment().from_string(info["chat_template"]).render(messages=chat, add_generation_prompt=True) \
+        == render_chat(load_chat_template(trained_run), [{"role": "system", "content": "be brief"}, chat[1]])
     text = "the model reads a tokenizer"
     r = httpx.post(base + "/tokenize", headers=h, json={"prompt": text, "add_special_tokens": False}).json()
     assert r["tokens"] == _ids(trained_run, text) and r["count"] == len(r["tokens"])

@@ -327,6 +327,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     import json
     import shutil
 
+    from lmforge.chat import jinja_chat_template, load_chat_template
     from lmforge.fsutil import atomic_dir
     from lmforge.runs import load_run
 
@@ -349,6 +350,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
         hf.save_pretrained(tmp, safe_serialization=True)
         shutil.copyfile(run.path / "tokenizer.json", tmp / "tokenizer.json")
         special = {k: v for k, v in _SPECIALS[arch].items() if run.tokenizer.token_to_id(v) is not None}
+        if arch == "gpt" and not getattr(run.model.config, "num_labels", 0):  # a generator: its chat template too
+            special["chat_template"] = jinja_chat_template(load_chat_template(run.path))
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": run.model.config.block_size,
              **special}, indent=2) + "\n", encoding="utf-8")

@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.chat import load_chat_template, render_chat
+from lmforge.chat import jinja_chat_template, load_chat_template, render_chat
 from lmforge.data.tokenizer import EOT
 from lmforge.generate import text_pieces
 from lmforge.serve.batching import ContinuousBatcher
@@ -373,7 +373,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
     async def tokenizer_info():
         specials = {"eos_token": EOT if engine.eot is not None else None, "bos_token": None, "pad_token": None}
         return {**specials, "tokenizer_class": "lmforge", "model_max_length": engine.run.model.config.block_size,
-                "vocab_size": engine.run.tokenizer.get_vocab_size(), "chat_template": None}
+                "vocab_size": engine.run.tokenizer.get_vocab_size(),
+                "chat_template": jinja_chat_template(engine.chat_template) if engine.kind == "generator" else None}
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
