@@ -74,7 +74,7 @@ class _Sequence:
     prompt_logprobs: bool = False  # deliver a PromptScores before the first token
     presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # ... times the number of times it was generated
-    counts: dict[int, int] = field(default_factory=dict)  # generated tokens (for the penalties)
+    counts: dict[int, int] = field(default_factory=dict)  # generated tokens, counted when a penalty is set
     logit_bias: dict[int, float] | None = None  # added to those tokens' logits before sampling
     out: queue.Queue = field(default_factory=queue.Queue)  # ids, then None (or an exception)
     cancelled: bool = False
@@ -217,7 +217,8 @@ class ContinuousBatcher:
         seq.out.put(token)
         seq.generated += 1
         seq.last = token = token.id if isinstance(token, Scored) else token
-        seq.counts[token] = seq.counts.get(token, 0) + 1
+        if seq.presence_penalty or seq.frequency_penalty:
+            seq.counts[token] = seq.counts.get(token, 0) + 1
         if seq.generated >= seq.max_new_tokens or token == seq.eos_id or seq.pos >= self.block:
             self._finish(seq)
 
@@ -230,7 +231,7 @@ class ContinuousBatcher:
         """The next token of ``seq`` from its logits (1, V), scored if the sequence asked for it
         (scores are the model's: before penalties, logit bias, temperature and top-p)."""
         scores = logits
-        penalised = seq.counts and (seq.presence_penalty or seq.frequency_penalty)
+        penalised = bool(seq.counts)  # kept only when a penalty is set
         if penalised or seq.logit_bias:
             logits = logits.clone()
             greedy = None  # the batch's argmax was taken before these changes
