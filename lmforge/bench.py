@@ -22,7 +22,7 @@ import torch
 
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.train.optim import build_optimizer
-from lmforge.train.trainer import autocast_for, peak_flops
+from lmforge.device import autocast_for, peak_flops
 
 LMFORGE, REFERENCE = "lmforge", "hf-transformers"
 
@@ -368,7 +368,7 @@ def bench_serve(run_dir: str, levels: list[int], requests: int = 16, max_tokens:
     import httpx
 
     from lmforge.serve.common import start_server
-    from lmforge.train.trainer import resolve_device
+    from lmforge.device import resolve_device
 
     top = max(levels)
     proc, base = start_server(["serve", str(run_dir), "--max-concurrency", str(top), "--max-batch", str(top),

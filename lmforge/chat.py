@@ -82,7 +82,7 @@ def chat_loop(run_dir: str | Path, temperature: float = 0.8, max_tokens: int = 2
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     run = load_run(run_dir)
-    if run.config.arch != "gpt" or getattr(run.model.config, "num_labels", 0):
+    if not run.model.can_generate or getattr(run.model.config, "num_labels", 0):
         raise UserError(f"{run_dir} is not a text generator (chat needs a GPT run)")
     template = load_chat_template(run_dir)
     eot = run.tokenizer.token_to_id(EOT)

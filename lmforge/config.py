@@ -1,7 +1,10 @@
-"""Run configuration: typed dataclasses, named presets, YAML files and ``--set a.b=c`` overrides.
+"""Run configuration: typed sections, named presets, YAML files and overrides.
 
-Config flows one way: preset -> YAML file -> ``--set`` overrides -> validate -> saved, fully
-resolved, as ``config.yaml`` in the run directory. Presets are plain data.
+A run's config has four sections: ``task`` (what is learned: the task's own options dataclass,
+chosen by ``task.name``), ``model`` (the family's config dataclass, chosen by ``arch``), ``data``
+(where the examples are) and ``train`` (how: optimizer, schedule, loop). Config flows one way:
+preset -> the task's defaults -> YAML file -> flags and ``--set`` overrides -> validate, then saved,
+fully resolved, as ``config.yaml`` in the run directory. Presets are plain data.
 """
 
 from __future__ import annotations
@@ -16,22 +19,24 @@ import yaml
 
 from lmforge import __version__
 from lmforge.errors import UserError
-from lmforge.models.bert import BertConfig
+from lmforge.models import MODELS
 from lmforge.models.gpt import GPTConfig
 from lmforge.train.optim import OPTIMIZERS
+
+SECTIONS = ("task", "model", "data", "train")
 
 
 @dataclass
 class TrainConfig:
     """How to train. Step counts are optimizer steps (one step = ``grad_accum`` micro-batches)."""
 
-    batch_size: int = 16  # sequences per micro-batch
+    batch_size: int = 16  # examples (sequences) per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
     # Length of the schedule. None: planned from max_seconds after a few timed steps, so the
-    # cosine decay ends when the time budget does.
+    # cosine decay ends when the time budget does (a task may also derive it, e.g. from epochs).
     max_steps: int | None = 500
     max_seconds: float | None = None  # wall-clock budget for the optimizer loop (hard stop)
     weight_decay: float = 0.1  # on matrices only; biases, norms and embeddings get none
@@ -42,15 +47,22 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    # Classification fine-tuning: the target puts 1 - label_smoothing on the true class and
-    # spreads the rest evenly over all classes (F.cross_entropy's label_smoothing).
-    label_smoothing: float = 0.0
     # Fine-tuning: each block's learning rate is lr * layer_lr_decay ** (blocks above it), the
     # embeddings' one step lower still (1: one learning rate for all; optim.layer_scales).
     layer_lr_decay: float = 1.0
-    eval_interval: int = 100  # steps between validation evaluations (0: only at the end)
-    eval_batches: int = 8  # validation micro-batches per evaluation during training
+    # Steps between validation evaluations (0: only at the end; None: the task's own interval,
+    # e.g. once per epoch for classification).
+    eval_interval: int | None = 100
+    eval_batches: int = 8  # validation micro-batches per evaluation during training (token tasks)
+    # Early stopping and best-checkpoint selection, for any task: the validation metric watched
+    # (a name the task reports without its "val_" prefix, e.g. loss, macro_f1; None: off), how
+    # many evaluations without improvement end training (0: never), and whether the run keeps the
+    # best-scoring weights rather than the last.
+    early_stop: str | None = None
+    patience: int = 0
+    keep_best: bool = False
     log_interval: int = 10  # steps between metrics.jsonl lines and progress-bar updates
+    tensorboard: bool = False  # also write the logged scalars as TensorBoard event files
     checkpoint_interval: int = 0  # steps between checkpoints (0: only at the end / on stop)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -69,21 +81,35 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where the examples are (saved resolved, so a run directory knows what it was trained on)."""
+
+    path: str | None = None  # token tasks: a `lmforge prepare` directory; classify: a .csv/.jsonl file
+    val: str | None = None  # a separate validation file (classify; default: split from path)
+    test: str | None = None  # a test file, evaluated once at the end (classify)
+
+
+def _default_task():
+    from lmforge.tasks import TASKS
+
+    return TASKS["lm"].Options()
+
+
+@dataclass
 class RunConfig:
     """Everything a run directory needs to rebuild the model and continue training."""
 
-    model: GPTConfig | BertConfig = field(default_factory=GPTConfig)
+    task: Any = field(default_factory=_default_task)  # the task's Options dataclass
+    model: Any = field(default_factory=GPTConfig)  # the family's config dataclass (MODELS[arch].config)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str | None = None
-    arch: str = "gpt"  # gpt (decoder, GPTConfig) | bert (encoder, BertConfig)
-
-
-ARCHS = {"gpt": GPTConfig, "bert": BertConfig}
+    arch: str = "gpt"  # a row of lmforge.models.MODELS
 
 
 # Presets are data. `micro` and the default vocabulary were chosen by measurement on a 2-core CPU
 # (see bench/RESULTS.md): the model that reaches the lowest validation loss in ~5 minutes.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "debug": {
         "model": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0),
         "train": dict(batch_size=4, lr=3e-3, warmup_steps=5, max_steps=40, eval_interval=20,
@@ -176,16 +202,19 @@ def _apply(section_obj: Any, section: str, values: dict[str, Any], source: str) 
 
 
 def apply_dict(cfg: RunConfig, data: dict[str, Any], source: str) -> None:
-    """Apply a nested ``{"model": {...}, "train": {...}}`` mapping onto ``cfg``."""
+    """Apply a nested ``{"task": {...}, "model": {...}, "data": {...}, "train": {...}}`` mapping onto
+    ``cfg`` (``task.name`` and ``arch`` are chosen before, by :func:`_skeleton`)."""
     if not isinstance(data, dict):
-        raise UserError(f"{source}: expected a mapping with 'model' and/or 'train' sections")
+        raise UserError(f"{source}: expected a mapping with {', '.join(SECTIONS)} sections")
     for section, values in data.items():
         if section in ("preset", "arch"):
             continue
-        if section not in ("model", "train"):
-            raise UserError(f"{source}: unknown config section {section!r} (known: model, train)")
+        if section not in SECTIONS:
+            raise UserError(f"{source}: unknown config section {section!r} (known: {', '.join(SECTIONS)})")
         if not isinstance(values, dict):
             raise UserError(f"{source}: section {section!r} must be a mapping")
+        if section == "task":
+            values = {k: v for k, v in values.items() if k != "name"}
         _apply(getattr(cfg, section), section, values, source)
 
 
@@ -205,43 +234,69 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _skeleton(task: str, arch: str, source: str) -> RunConfig:
+    """A default config for ``task`` on family ``arch``, with the task's own training defaults."""
+    from lmforge.tasks import TASKS
+
+    if task not in TASKS:
+        raise UserError(f"{source}: unknown task {task!r} (known: {', '.join(TASKS)})")
+    if arch not in MODELS:
+        raise UserError(f"{source}: unknown arch {arch!r} (known: {', '.join(MODELS)})")
+    cfg = RunConfig(task=TASKS[task].Options(), arch=arch, model=MODELS[arch].config())
+    apply_dict(cfg, TASKS[task].DEFAULTS, f"task {task} defaults")
+    return cfg
+
+
 def build_config(preset: str | None = None, config_file: str | Path | None = None,
-                 overrides: list[str] | None = None) -> RunConfig:
-    """Resolve preset -> YAML file -> ``--set`` overrides into a validated :class:`RunConfig`."""
+                 overrides: list[str] | None = None, task: str | None = None,
+                 values: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """Resolve preset -> the task's defaults -> YAML file -> ``values`` (typed, from command-line
+    flags) -> ``--set`` overrides into a validated :class:`RunConfig`."""
+    from lmforge.tasks import TASKS
+
     file_data: dict[str, Any] = {}
     if config_file is not None:
         file_data = load_yaml(config_file)
         preset = preset or file_data.get("preset")
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    arch = file_data.get("arch") or (PRESETS[preset].get("arch") if preset else None) or "gpt"
-    if arch not in ARCHS:
-        raise UserError(f"unknown arch {arch!r} (known: {', '.join(ARCHS)})")
-    cfg = RunConfig(arch=arch, model=ARCHS[arch]())
+    spec = PRESETS[preset] if preset else {}
+    arch = file_data.get("arch") or spec.get("arch") or "gpt"
+    task = task or (file_data.get("task") or {}).get("name") or spec.get("task") or "lm"
+    cfg = _skeleton(task, arch, str(config_file or "config"))
     if preset is not None:
-        apply_dict(cfg, PRESETS[preset], f"preset {preset}")
+        apply_dict(cfg, {k: v for k, v in spec.items() if k != "task"}, f"preset {preset}")
         cfg.preset = preset
-    if file_data:
-        apply_dict(cfg, file_data, str(config_file))
-    if overrides:
-        apply_dict(cfg, parse_overrides(overrides), "--set")
+    layers = [(d, source) for d, source in ((file_data, str(config_file)), (values or {}, "options"),
+                                             (parse_overrides(overrides or []), "--set")) if d]
+    for data, source in layers:
+        apply_dict(cfg, data, source)
+    base_model = getattr(TASKS[task], "base_model", None)
+    if base_model is not None and getattr(cfg.task, "init", None):
+        # The model is --init's (a fine-tuning task); model settings given apply on top of it.
+        cfg.arch, cfg.model = base_model(cfg.task.init)
+        for data, source in layers:
+            if isinstance(data.get("model"), dict):
+                _apply(cfg.model, "model", data["model"], source)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: RunConfig) -> None:
     """Reject configurations that cannot train, with a message naming the key."""
+    from lmforge.tasks import TASKS
+
     m, t = cfg.model, cfg.train
-    positive = {"model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
-                "model.block_size": m.block_size, "train.batch_size": t.batch_size,
-                "train.grad_accum": t.grad_accum, "train.lr": t.lr, "train.eval_batches": t.eval_batches,
-                "train.log_interval": t.log_interval}
+    positive = {f"model.{k}": getattr(m, k) for k in ("n_layer", "n_head", "n_embd", "block_size")
+                if getattr(m, k, None) is not None}
+    positive.update({"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.lr": t.lr,
+                     "train.eval_batches": t.eval_batches, "train.log_interval": t.log_interval})
     for key, v in positive.items():
         if v <= 0:
             raise UserError(f"config key {key!r} must be positive, got {v}")
-    if m.n_embd % m.n_head:
+    if hasattr(m, "n_head") and m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
-    if not 0.0 <= m.dropout < 1.0:
+    if not 0.0 <= getattr(m, "dropout", 0.0) < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if getattr(m, "pos_init", "normal") not in ("normal", "sinusoidal"):
         raise UserError(f"model.pos_init must be normal or sinusoidal, got {m.pos_init!r}")
@@ -251,10 +306,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.loss_chunk must be >= 0, got {t.loss_chunk}")
     if t.max_steps is not None and t.max_steps <= 0:
         raise UserError(f"train.max_steps must be positive, got {t.max_steps}")
-    if t.max_steps is None and t.max_seconds is None:
-        raise UserError("set train.max_steps or train.max_seconds (or both)")
     if t.max_seconds is not None and t.max_seconds <= 0:
         raise UserError(f"train.max_seconds must be positive, got {t.max_seconds}")
+    if t.eval_interval is not None and t.eval_interval < 0:
+        raise UserError(f"train.eval_interval must be >= 0, got {t.eval_interval}")
     if t.dtype not in ("auto", "float32", "bfloat16"):
         raise UserError(f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
@@ -265,10 +320,17 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("train.optimizer muon needs whole matrices; it cannot run with train.fsdp")
     if t.muon_lr is not None and t.muon_lr <= 0:
         raise UserError(f"train.muon_lr must be positive, got {t.muon_lr}")
-    if not 0.0 <= t.label_smoothing < 1.0:
-        raise UserError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if not 0.0 < t.layer_lr_decay <= 1.0:
         raise UserError(f"train.layer_lr_decay must be in (0, 1], got {t.layer_lr_decay}")
+    if t.patience < 0:
+        raise UserError(f"train.patience must be >= 0, got {t.patience}")
+    task = TASKS[cfg.task.name]
+    if t.early_stop is not None and t.early_stop not in task.METRICS:
+        raise UserError(f"train.early_stop must be a metric the {cfg.task.name} task reports "
+                        f"({', '.join(task.METRICS)}), got {t.early_stop!r}")
+    if (t.patience or t.keep_best) and t.early_stop is None:
+        raise UserError("train.patience and train.keep_best need train.early_stop (the metric to watch)")
+    task.validate_options(cfg)
 
 
 def loss_chunk_for(value: int | None, device_type: str) -> int:
@@ -294,19 +356,43 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     """Plain-data view for ``config.yaml``."""
-    return {"preset": cfg.preset, "arch": cfg.arch, "model": dataclasses.asdict(cfg.model),
+    return {"preset": cfg.preset, "arch": cfg.arch, "task": dataclasses.asdict(cfg.task),
+            "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
             "train": dataclasses.asdict(cfg.train)}
 
 
+def _legacy_task(data: dict[str, Any]) -> str:
+    """The task of a config saved before configs had a task section (lmforge 0.1 runs)."""
+    if (data.get("model") or {}).get("num_labels"):
+        return "classify"
+    return "mlm" if data.get("arch") == "bert" else "lm"
+
+
 def from_dict(data: dict[str, Any], source: str = "config.yaml") -> RunConfig:
-    """Rebuild a saved config (no preset is re-applied: the saved file is fully resolved)."""
+    """Rebuild a saved config (no preset or task default is re-applied: the saved file is fully
+    resolved)."""
+    from lmforge.tasks import TASKS
+
+    task = (data.get("task") or {}).get("name") or _legacy_task(data)
     arch = data.get("arch", "gpt")
-    if arch not in ARCHS:
-        raise UserError(f"{source}: unknown arch {arch!r} (known: {', '.join(ARCHS)})")
-    cfg = RunConfig(preset=data.get("preset"), arch=arch, model=ARCHS[arch]())
+    cfg = _skeleton(task, arch, source)
+    cfg.task, cfg.train = TASKS[task].Options(), TrainConfig()  # nothing but the file's own values
+    cfg.preset = data.get("preset")
+    legacy = {}
+    if "task" not in data:  # the keys that moved into the task section
+        legacy = {k: data.get("train", {}).pop(k) for k in ("label_smoothing",) if k in data.get("train", {})}
     apply_dict(cfg, data, source)
+    if legacy and hasattr(cfg.task, "label_smoothing"):
+        cfg.task.label_smoothing = legacy["label_smoothing"]
     validate(cfg)
     return cfg
+
+
+def replace(cfg: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """A copy of ``cfg`` with fields of some sections replaced, e.g. ``replace(cfg, train={"max_steps": 9})``.
+    Configs are not changed in place once validated: a planned schedule is a new config."""
+    new = {name: dataclasses.replace(getattr(cfg, name), **values) for name, values in sections.items()}
+    return dataclasses.replace(cfg, **new)
 
 
 def save(cfg: RunConfig, path: str | Path) -> None:

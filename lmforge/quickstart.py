@@ -44,7 +44,7 @@ def quickstart(out: str | Path = "runs/quickstart", max_seconds: float = 300.0, 
                vocab_size: int = 4096) -> dict:
     """Run the whole path; returns the summary printed by the CLI."""
     from lmforge.evaluate.run import evaluate_run
-    from lmforge.train.trainer import train
+    from lmforge.train.trainer import train as run_training
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -61,7 +61,7 @@ def quickstart(out: str | Path = "runs/quickstart", max_seconds: float = 300.0, 
         raise UserError(f"--max-seconds {max_seconds:.0f} leaves no time to train after preparing the data")
     cfg = cfgmod.build_config(preset, overrides=["train.max_steps=null", f"train.max_seconds={budget:.1f}"])
     status(f"training preset {preset!r} for up to {budget:.0f} s")
-    summary = train(cfg, data_dir, out)
+    summary = run_training(cfg, data_dir, out)
     metrics = evaluate_run(out, data_dir)
     return {
         "val_loss": metrics["val_loss"], "val_ppl": metrics["val_ppl"], "val_bpb": metrics["val_bpb"],
@@ -169,7 +169,7 @@ def quickstart_classify(out: str | Path = "runs/quickstart-classify", max_second
     from lmforge.data.labeled import Examples, label_names
     from lmforge.evaluate.classify import classification_metrics, paired_comparison, plot_classification
     from lmforge.fsutil import write_json
-    from lmforge.train.classify import train_classifier
+    from lmforge.train.trainer import train as run_training
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -208,10 +208,12 @@ def quickstart_classify(out: str | Path = "runs/quickstart-classify", max_second
             status(f"fold {i + 1}/{folds}: {len(train):,} training / {len(test):,} test docstrings, "
                    f"up to {budget:.0f} s")
             run_dir = out if i == 0 else Path(tmp) / f"fold{i}"
-            summary = train_classifier(init, Path(tmp) / "train.jsonl", run_dir, test=Path(tmp) / "test.jsonl",
-                                       val_fraction=0, epochs=CLASSIFY_EPOCHS, max_length=CLASSIFY_MAX_LENGTH,
-                                       max_seconds=budget, class_weights="auto",
-                                       overrides=["train.lr=1.5e-4", "train.batch_size=32"])
+            cfg = cfgmod.build_config(task="classify", values={
+                "task": dict(init=str(init), val_fraction=0.0, epochs=CLASSIFY_EPOCHS, max_length=CLASSIFY_MAX_LENGTH,
+                             class_weights="auto"),
+                "data": dict(path=str(Path(tmp) / "train.jsonl"), test=str(Path(tmp) / "test.jsonl")),
+                "train": dict(lr=1.5e-4, batch_size=32, max_seconds=budget, log_interval=10)})
+            summary = run_training(cfg, run_dir=run_dir)
             rows = [json.loads(line) for line in
                     (run_dir / "predictions_test.jsonl").read_text(encoding="utf-8").splitlines()]
             probs.append(np.array([[r["probabilities"][n] for n in names] for r in rows]))

@@ -1,41 +1,157 @@
-"""Loading a run directory: its resolved config, tokenizer and weights are all it takes."""
+"""The run directory: every file name of its contract, what kind of run it is, and loading it.
+
+A run directory is enough to evaluate, generate, serve, explain, compress, export or resume::
+
+    config.yaml                   fully resolved config (task, model, data, train sections)
+    model.safetensors             the run's weights (with keep_best: the best-scoring ones)
+    tokenizer.json                the tokenizer (Hugging Face tokenizers format)
+    labels.json                   class names, in id order (classifiers)
+    chat_template.json            the chat template (generators)
+    trainer_state.json            step, counters, hook state, optimizer groups (plain JSON)
+    trainer_state.safetensors     optimizer moments and RNG states (tensors)
+    best.safetensors              while training with keep_best: the best weights so far
+    metrics.jsonl                 one JSON object per logged step or evaluation
+    events.out.tfevents.*         the same scalars for TensorBoard (train.tensorboard)
+    eval.json, report.md, plots/  evaluation figures, the report and its plots
+    train_summary.json            what the training call returned (fine-tuning runs)
+
+Nothing else in lmforge spells these names.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lmforge import config as cfgmod
-from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import UserError
-from lmforge.models.bert import Bert
-from lmforge.models.gpt import GPT
-from lmforge.train.checkpoint import MODEL_FILE, load_model_state
+
+
+class RunDir:
+    """Paths of one run directory (nothing is read or created until asked)."""
+
+    CONFIG = "config.yaml"
+    MODEL = "model.safetensors"
+    TOKENIZER = "tokenizer.json"
+    LABELS = "labels.json"
+    CHAT_TEMPLATE = "chat_template.json"
+    STATE_JSON = "trainer_state.json"
+    STATE_TENSORS = "trainer_state.safetensors"
+    BEST = "best.safetensors"
+    METRICS = "metrics.jsonl"
+    EVAL = "eval.json"
+    REPORT = "report.md"
+    PLOTS = "plots"
+    SUMMARY = "train_summary.json"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def model(self) -> Path:
+        return self.path / self.MODEL
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / self.TOKENIZER
+
+    @property
+    def labels(self) -> Path:
+        return self.path / self.LABELS
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def plots(self) -> Path:
+        return self.path / self.PLOTS
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def is_empty(self) -> bool:
+        return not self.path.exists() or not any(self.path.iterdir())
+
+    def has_checkpoint(self) -> bool:
+        return all((self.path / f).is_file() for f in (self.MODEL, self.STATE_TENSORS, self.STATE_JSON))
+
+    def require(self) -> None:
+        """Raise a one-line error unless this is a run directory with weights."""
+        if not self.is_run():
+            raise UserError(f"not a run directory (no {self.CONFIG}): {self.path}")
+        if not self.model.is_file():
+            raise UserError(f"run directory has no trained weights ({self.MODEL}): {self.path}")
+
+    def load_config(self):
+        from lmforge import config as cfgmod
+
+        if not self.is_run():
+            raise UserError(f"not a run directory (no {self.CONFIG}): {self.path}")
+        return cfgmod.load(self.config)
+
+    def kind(self) -> str:
+        """What the run is: its task's name (lm, mlm, classify, ...)."""
+        return self.load_config().task.name
+
+    def label_names(self) -> list[str] | None:
+        return json.loads(self.labels.read_text(encoding="utf-8")) if self.labels.is_file() else None
+
+    def trainer_state(self) -> dict:
+        path = self.path / self.STATE_JSON
+        if not path.is_file():
+            raise UserError(f"{self.path} was not trained here (no {self.STATE_JSON})")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def data_path(self) -> str | None:
+        """The data the run was trained on (its config's ``data.path``; older runs: the trainer state)."""
+        cfg = self.load_config()
+        if cfg.data.path:
+            return cfg.data.path
+        state = self.path / self.STATE_JSON
+        return json.loads(state.read_text(encoding="utf-8")).get("data_dir") if state.is_file() else None
 
 
 @dataclass
 class Run:
+    """A loaded run: its directory, config, model (eval mode), tokenizer, labels and device."""
+
     path: Path
-    config: cfgmod.RunConfig
-    model: GPT | Bert
+    config: object
+    model: torch.nn.Module
     tokenizer: object
     device: torch.device
+    labels: list[str] | None = None
+
+    @property
+    def dir(self) -> RunDir:
+        return RunDir(self.path)
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> Run:
     """Rebuild the trained model from ``run_dir`` in eval mode."""
-    from lmforge.train.trainer import resolve_device
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.device import resolve_device
+    from lmforge.models import build_model
+    from lmforge.train.checkpoint import load_model_state
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"not a run directory (no config.yaml): {run_dir}")
-    if not (run_dir / MODEL_FILE).is_file():
-        raise UserError(f"run directory has no trained weights ({MODEL_FILE}): {run_dir}")
-    cfg = cfgmod.load(run_dir / "config.yaml")
+    rd = RunDir(run_dir)
+    rd.require()
+    cfg = rd.load_config()
     dev = resolve_device(device)
-    model = Bert(cfg.model) if cfg.arch == "bert" else GPT(cfg.model)
-    model.load_saved_state(load_model_state(run_dir / MODEL_FILE))
+    model = build_model(cfg.arch, cfg.model)
+    model.load_saved_state(load_model_state(rd.model))
     model.to(dev).eval()
-    return Run(run_dir, cfg, model, load_tokenizer(run_dir / "tokenizer.json"), dev)
+    return Run(rd.path, cfg, model, load_tokenizer(rd.tokenizer), dev, rd.label_names())

@@ -9,7 +9,7 @@ EXPECTED_VERBS = ["prepare", "train", "eval", "predict", "generate", "embed", "s
 
 
 def test_verbs_are_pinned():
-    assert VERBS == EXPECTED_VERBS
+    assert list(VERBS) == EXPECTED_VERBS
     sub = next(a for a in build_parser()._actions if a.dest == "verb")
     assert list(sub.choices) == EXPECTED_VERBS
 

@@ -42,13 +42,16 @@ def test_saved_config_with_an_unknown_key_names_the_file(tmp_path):
     ("train.optimizer=sgd", "train.optimizer must be one of adamw, muon"),
     ("train.muon_lr=0", "train.muon_lr must be positive"),
     ("train.layer_lr_decay=0", r"train.layer_lr_decay must be in \(0, 1\]"),
-    ("train.label_smoothing=1", r"train.label_smoothing must be in \[0, 1\)"),
+    ("task.label_smoothing=1", r"task.label_smoothing must be in \[0, 1\)"),  # a classify option
     ("model.pos_init=rope", "model.pos_init must be normal or sinusoidal"),
     ("model.prev_token_head=true", "model.prev_token_head needs model.pos_init=sinusoidal"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(UserError, match=message):
-        cfgmod.build_config("debug", overrides=[override])
+        if override.startswith("task."):
+            cfgmod.build_config(task="classify", overrides=[override])
+        else:
+            cfgmod.build_config("debug", overrides=[override])
 
 
 def test_muon_refuses_fsdp():

@@ -41,7 +41,7 @@ def test_only_non_utf8_files(tmp_path):
     ("train.not_a_key=1", "unknown config key 'train.not_a_key'"),
     ("model.n_layer=two", "expects int"),
     ("nosection=1", "section.key=value"),
-    ("train.label_smoothing=0.1", "applies to --task classify only"),
+    ("task.label_smoothing=0.1", "unknown config key 'task.label_smoothing'"),  # a classify option
 ])
 def test_bad_set_overrides(tmp_path, data_dir, setting, needle):
     r = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset", "debug",

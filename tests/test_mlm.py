@@ -10,7 +10,7 @@ import torch  # noqa: E402
 
 from lmforge.data.prepare import prepare  # noqa: E402
 from lmforge.data.tokenizer import BERT_SPECIALS, load_tokenizer  # noqa: E402
-from lmforge.train.mlm import mask_tokens  # noqa: E402
+from lmforge.tasks.mlm import mask_tokens  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
 

@@ -441,7 +441,7 @@ def test_classify_endpoint_matches_predict_and_refuses_generation(tmp_path):
 
     from lmforge.runs import load_run
     from lmforge.serve.app import Engine, create_app
-    from lmforge.train.classify import predict_probs
+    from lmforge.tasks.classify import predict_probs
 
     run = _tiny_encoder_run(tmp_path / "clf", num_labels=3)
     http = TestClient(create_app(Engine(run)))

@@ -121,7 +121,7 @@ def app_dir(tmp_path_factory):
 
 def test_quickstart_eval_figures_recomputed_from_its_rankings(app_dir, tmp_path):
     out, summary = app_dir
-    from lmforge.cli import SUPPORT_DATA
+    from lmforge.cli.support import SUPPORT_DATA
 
     r = run_cli("support", "eval", str(out), "--questions", str(SUPPORT_DATA / "questions.jsonl"), "--json", "--no-save")
     assert r.returncode == 0, r.stderr
@@ -255,7 +255,7 @@ def test_reinit_with_a_changed_faq_keeps_conversations_and_a_bad_faq_changes_not
     import shutil
 
     from lmforge.apps.support.store import Store
-    from lmforge.cli import SUPPORT_DATA
+    from lmforge.cli.support import SUPPORT_DATA
 
     app = tmp_path / "copy"
     shutil.copytree(app_dir[0], app)

@@ -18,15 +18,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_loss(run_dir: str | Path) -> Path | None:
-    """Train and validation loss against tokens seen -> ``plots/loss.png``."""
+    """Train and validation loss against tokens (or examples) seen -> ``plots/loss.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(run_dir)
-    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+    x = next((k for k in ("tokens", "examples") if rows and k in rows[0]), "step")  # the task's unit
+    train = [(r[x], r["loss"]) for r in rows if "loss" in r]
+    val = [(r[x], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
@@ -34,8 +35,8 @@ def plot_loss(run_dir: str | Path) -> Path | None:
         ax.plot(*zip(*train), label="train", lw=1.2, alpha=0.8)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", lw=1.6, ms=4)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_xlabel(f"{x} seen" if x != "step" else "step")
+    ax.set_ylabel("loss (nats / token)" if x == "tokens" else "loss (nats)")
     ax.set_title(f"{Path(run_dir).name}: loss")
     ax.grid(alpha=0.3)
     ax.legend()

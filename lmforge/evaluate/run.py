@@ -17,7 +17,7 @@ from lmforge.evaluate.report import plot_loss, write_report
 from lmforge.fsutil import write_json
 from lmforge.generate import stream_text
 from lmforge.runs import load_run
-from lmforge.train.trainer import autocast_for
+from lmforge.device import autocast_for
 
 
 def evaluate_run(run_dir, data_dir=None, batch_size: int = 8, max_tokens: int | None = None,
@@ -30,7 +30,7 @@ def evaluate_run(run_dir, data_dir=None, batch_size: int = 8, max_tokens: int | 
     run = load_run(run_dir)
     state_path = Path(run_dir) / "trainer_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"step": 0, "tokens_seen": 0}
-    data_dir = data_dir or state.get("data_dir")
+    data_dir = data_dir or run.dir.data_path()
     if data_dir is None:
         raise UserError("--data is required: this run does not record its data directory")
     meta = load_meta(data_dir)

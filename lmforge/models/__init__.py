@@ -1,1 +1,40 @@
-"""Model definitions. Each file reads top to bottom: config, blocks, model."""
+"""Model definitions. Each file reads top to bottom: config, blocks, model.
+
+``MODELS`` is the one table of model families: a new family is one model file plus one row here.
+The spine never asks which family a model is; it asks the model: ``blocks()`` (FSDP units,
+layer-wise learning rates), ``embeddings()``, ``classification_config(num_labels)`` and
+``classifier_head``, and the capabilities ``can_generate`` / ``can_embed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.gpt import GPT, GPTConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    config: type  # the family's config dataclass
+    model: type  # nn.Module built from that config
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "gpt": ModelSpec(GPTConfig, GPT, "GPT-2-style decoder (next-token LM, generation, last-token classifier)"),
+    "bert": ModelSpec(BertConfig, Bert, "BERT-style encoder (masked LM, embeddings, [CLS] classifier)"),
+}
+
+
+def build_model(arch: str, config) -> nn.Module:
+    """A freshly initialised model of family ``arch`` from its config."""
+    return MODELS[arch].model(config)
+
+
+def arch_of(model: nn.Module) -> str:
+    """The family name of ``model`` (its row in :data:`MODELS`)."""
+    model = getattr(model, "module", model)  # under DDP
+    return next(name for name, spec in MODELS.items() if isinstance(model, spec.model))

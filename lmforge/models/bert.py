@@ -9,7 +9,7 @@ padding mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -108,6 +108,10 @@ class BertModel(nn.Module):
 class Bert(nn.Module):
     """``bert`` (the encoder) plus the heads the config asks for: ``cls`` (masked LM), ``classifier``."""
 
+    can_generate = False
+    can_embed = True  # sentence embeddings (mean pooling)
+    classifier_head = "classifier."
+
     def __init__(self, config: BertConfig):
         super().__init__()
         if config.vocab_size is None:
@@ -130,6 +134,19 @@ class Bert(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def blocks(self) -> nn.ModuleList:
+        """The repeated blocks, bottom to top (FSDP units, activation checkpointing, layer-wise rates)."""
+        return self.bert.encoder["layer"]
+
+    def embeddings(self) -> list[nn.Module]:
+        """The modules below the first block (word, position, segment embeddings and their norm)."""
+        return [self.bert.embeddings]
+
+    @staticmethod
+    def classification_config(config: BertConfig, num_labels: int) -> BertConfig:
+        """``config`` with a classification head of ``num_labels`` (and no masked-LM head)."""
+        return replace(config, num_labels=num_labels, mlm_head=False)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

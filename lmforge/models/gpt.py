@@ -9,7 +9,7 @@ transposed relative to our ``nn.Linear``). Decoding uses a preallocated KV cache
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -185,6 +185,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # What the spine may ask of a model family (instead of checking which family it is).
+    can_generate = True  # next-token logits, a KV cache and a decode step
+    can_embed = False
+    classifier_head = "score."  # parameter prefix of the classification head
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         if config.vocab_size is None:
@@ -227,6 +232,19 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def blocks(self) -> nn.ModuleList:
+        """The repeated blocks, bottom to top (FSDP units, activation checkpointing, layer-wise rates)."""
+        return self.transformer.h
+
+    def embeddings(self) -> list[nn.Module]:
+        """The modules below the first block (the lowest layer for layer-wise learning rates)."""
+        return [self.transformer.wte, self.transformer.wpe]
+
+    @staticmethod
+    def classification_config(config: GPTConfig, num_labels: int) -> GPTConfig:
+        """``config`` with a classification head of ``num_labels``."""
+        return replace(config, num_labels=num_labels)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (the tied head counted once); optionally without position embeddings."""

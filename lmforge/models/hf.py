@@ -243,6 +243,22 @@ def _read_hf_tokenizer(hf_dir: Path):
     return tok
 
 
+def hf_model_config(hf_dir: Path):
+    """(family, our model config) from a Hugging Face directory's ``config.json`` (no weights read)."""
+    import json
+
+    try:
+        hf_config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+        kind = hf_config.get("model_type")
+        if kind == "gpt2":
+            return "gpt", gpt_config_from_hf(hf_config)
+        if kind == "bert":
+            return "bert", bert_config_from_hf(hf_config)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{hf_dir / 'config.json'}: {str(e).splitlines()[0]}") from None
+    raise UserError(f"{hf_dir}: model_type {kind!r} is not supported (supported: gpt2, bert)")
+
+
 def _load_hf_model(hf_dir: Path, hf_config: dict):
     """Our model for a HF config.json and weights: (arch, model, labels or None)."""
     kind = hf_config.get("model_type")
@@ -285,6 +301,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
 
     from lmforge import config as cfgmod
     from lmforge.fsutil import atomic_dir, write_json
+    from lmforge.tasks import TASKS, task_for
     from lmforge.train.checkpoint import MODEL_FILE, save_model
 
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
@@ -302,12 +319,13 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
         raise UserError(f"{hf_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
                         f"{model.config.vocab_size} embeddings")
     with atomic_dir(run_dir) as tmp:
-        cfgmod.save(cfgmod.RunConfig(model=model.config, arch=arch), tmp / "config.yaml")
+        cfgmod.save(cfgmod.RunConfig(task=TASKS[task_for(model)].Options(), model=model.config, arch=arch),
+                    tmp / "config.yaml")
         tokenizer.save(str(tmp / "tokenizer.json"))
         save_model(model, tmp / MODEL_FILE, metadata={"format": f"lmforge-{arch}", "imported_from": str(hf_dir)})
         if labels is not None:
             write_json(tmp / "labels.json", labels)
-        if arch == "gpt" and labels is None:
+        if model.can_generate and labels is None:
             from lmforge.chat import save_chat_template
 
             save_chat_template(tmp)
@@ -350,7 +368,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
         hf.save_pretrained(tmp, safe_serialization=True)
         shutil.copyfile(run.path / "tokenizer.json", tmp / "tokenizer.json")
         special = {k: v for k, v in _SPECIALS[arch].items() if run.tokenizer.token_to_id(v) is not None}
-        if arch == "gpt" and not getattr(run.model.config, "num_labels", 0):  # a generator: its chat template too
+        if run.model.can_generate and not run.model.config.num_labels:  # a generator: its chat template too
             special["chat_template"] = jinja_chat_template(load_chat_template(run.path))
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": run.model.config.block_size,

@@ -140,14 +140,14 @@ class Engine:
         self.name = Path(run_dir).resolve().name
         self.cap = max_tokens_cap
         self.eot = self.run.tokenizer.token_to_id(EOT)
-        self.kind = ("classifier" if getattr(self.run.model.config, "num_labels", 0)
-                     else "encoder" if self.run.config.arch == "bert" else "generator")
+        model = self.run.model
+        self.kind = ("classifier" if getattr(model.config, "num_labels", 0) else "generator" if model.can_generate
+                     else "encoder")
         if self.run.device.type == "cuda" and torch.cuda.is_bf16_supported():
             self.run.model.to(torch.bfloat16)  # serving reads every weight per token: half the bytes
         self.batcher = ContinuousBatcher(self.run.model, max_batch, compile) if self.kind == "generator" else None
         self.encoder_lock = threading.Lock()  # encoder forwards share the tokenizer's padding state
-        labels = self.run.path / "labels.json"
-        self.labels = json.loads(labels.read_text(encoding="utf-8")) if self.kind == "classifier" else None
+        self.labels = self.run.labels if self.kind == "classifier" else None
         self.chat_template = load_chat_template(run_dir)
         self.created = int(time.time())
         self.on_tokens = lambda prompt, generated: None  # set by the app (metrics)
@@ -230,7 +230,7 @@ class Engine:
 
     def classify(self, req: ClassifyRequest):
         """(probabilities, prompt tokens); run off the event loop."""
-        from lmforge.train.classify import predict_probs
+        from lmforge.tasks.classify import predict_probs
 
         with self.encoder_lock:
             texts, tokens = self.encode_inputs(req)

@@ -2,10 +2,14 @@
 
 - ``model.safetensors``: model weights (HF GPT-2 key names, tied head omitted).
 - ``trainer_state.safetensors``: optimizer moments and RNG states as tensors.
-- ``trainer_state.json``: step, tokens seen, optimizer hyper-parameters, data position.
+- ``trainer_state.json``: step, counters, hook state, optimizer hyper-parameters.
 
 Each file is written to a temporary name and renamed. The step is stored in all three so that a
 checkpoint torn by a crash between renames is detected on resume rather than silently mixed.
+
+When a finished run keeps its best weights (``train.keep_best``), ``model.safetensors`` holds
+those (``state["model_step"]``, the step they are from) and the last step's weights, which a
+``--resume`` continues from, travel in ``trainer_state.safetensors`` as ``model.*`` tensors.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from safetensors.torch import load_file, save_file
 from lmforge.errors import UserError
 from lmforge.fsutil import atomic_path, write_json
 
-MODEL_FILE = "model.safetensors"
-STATE_TENSORS = "trainer_state.safetensors"
-STATE_JSON = "trainer_state.json"
+from lmforge.runs import RunDir
+
+MODEL_FILE, STATE_TENSORS, STATE_JSON = RunDir.MODEL, RunDir.STATE_TENSORS, RunDir.STATE_JSON
+LAST = "model."  # prefix of the last weights inside trainer_state.safetensors
 
 
 def save_model(model, path: str | Path, metadata: dict[str, str] | None = None,
@@ -54,23 +59,29 @@ def save_checkpoint(run_dir: str | Path, model, optimizer, state: dict, model_st
     """Save model, optimizer, RNG and ``state`` (must hold ``step``) into ``run_dir``.
 
     ``model_state`` / ``optimizer_state`` replace ``model.state_dict_for_save()`` and
-    ``optimizer.state_dict()`` when they were gathered elsewhere (sharded training)."""
+    ``optimizer.state_dict()`` when they were gathered elsewhere (sharded training). With
+    ``state["model_step"]`` other than ``state["step"]``, ``model.safetensors`` is left alone (it
+    holds the kept best weights) and the weights go into the trainer state instead."""
     run_dir = Path(run_dir)
     step = str(state["step"])
+    weights = model_state if model_state is not None else model.state_dict_for_save()
     tensors, groups = _optimizer_tensors(optimizer_state if optimizer_state is not None else optimizer.state_dict())
+    separate = state.get("model_step", state["step"]) != state["step"]
+    if separate:
+        tensors.update({LAST + k: v for k, v in weights.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     with atomic_path(run_dir / STATE_TENSORS) as tmp:
         save_file(tensors, str(tmp), metadata={"step": step})
-    save_model(model, run_dir / MODEL_FILE, metadata={"step": step, "format": "lmforge-gpt"}, state=model_state)
+    if not separate:
+        save_model(model, run_dir / MODEL_FILE, metadata={"step": step, "format": "lmforge"}, state=weights)
     write_json(run_dir / STATE_JSON, {**state, "param_groups": groups})
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
-    run_dir = Path(run_dir)
-    return all((run_dir / f).is_file() for f in (MODEL_FILE, STATE_TENSORS, STATE_JSON))
+    return RunDir(run_dir).has_checkpoint()
 
 
 def _step_of(path: Path) -> str | None:
@@ -89,11 +100,16 @@ def load_checkpoint(run_dir: str | Path, model, optimizer) -> dict:
     if not has_checkpoint(run_dir):
         raise UserError(f"no checkpoint to resume in {run_dir} (needs {MODEL_FILE}, {STATE_TENSORS}, {STATE_JSON})")
     state = json.loads((run_dir / STATE_JSON).read_text(encoding="utf-8"))
-    steps = {str(state["step"]), _step_of(run_dir / MODEL_FILE), _step_of(run_dir / STATE_TENSORS)}
-    if len(steps) != 1:
-        raise UserError(f"checkpoint in {run_dir} is torn (files from different steps: {sorted(map(str, steps))})")
-    model.load_saved_state(load_model_state(run_dir / MODEL_FILE))
+    step, model_step = str(state["step"]), str(state.get("model_step", state["step"]))
+    found = {"trainer_state.json": step, STATE_TENSORS: _step_of(run_dir / STATE_TENSORS),
+             MODEL_FILE: _step_of(run_dir / MODEL_FILE)}
+    if found[STATE_TENSORS] != step or found[MODEL_FILE] not in (step, model_step):
+        raise UserError(f"checkpoint in {run_dir} is torn (files from different steps: {found})")
     tensors = load_file(str(run_dir / STATE_TENSORS))
+    if model_step != step:  # the kept best weights are in model.safetensors; the last ones here
+        model.load_saved_state({k[len(LAST):]: v for k, v in tensors.items() if k.startswith(LAST)})
+    else:
+        model.load_saved_state(load_model_state(run_dir / MODEL_FILE))
     opt_state: dict[int, dict] = {}
     for key, t in tensors.items():
         if key.startswith("optim."):

@@ -86,14 +86,37 @@ def teardown(world: World) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
-    """``model`` under DistributedDataParallel when there are several processes (a model already
-    sharded by :func:`shard` is returned as it is)."""
-    if not world.active or is_sharded(model):
-        return model
+class _Method(torch.nn.Module):
+    """Runs one named method of a model (``classify``, say) as its forward, so that DDP sees the
+    call and synchronises its gradients."""
+
+    def __init__(self, model: torch.nn.Module, method: str):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.model, self.method)(*args, **kwargs)
+
+
+def wrap(model: torch.nn.Module, world: World, device: torch.device,
+         method: str = "forward") -> tuple[torch.nn.Module, object]:
+    """(the module gradients are synchronised through, the callable a loss calls) for running
+    ``model.<method>``: DistributedDataParallel when there are several processes, the model itself
+    otherwise. A model already sharded by :func:`shard` has the method registered with FSDP."""
+    call = model if method == "forward" else getattr(model, method)
+    if is_sharded(model):
+        if method != "forward":
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            register_fsdp_forward_method(model, method)
+        return model, call
+    if not world.active:
+        return model, call
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = DistributedDataParallel(model if method == "forward" else _Method(model, method),
+                                  device_ids=[device.index] if device.type == "cuda" else None)
+    return ddp, ddp
 
 
 # ------------------------------------------------------------------------------------------ FSDP
@@ -103,17 +126,11 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn
 # single-file format: the full state is gathered (to process 0's CPU) to save, and loaded into
 # the unsharded model (weights) and through ``set_optimizer_state_dict`` (moments) to resume.
 
-def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    from lmforge.models.bert import Bert
-
-    return model.bert.encoder["layer"] if isinstance(model, Bert) else model.transformer.h
-
-
 def shard(model: torch.nn.Module) -> None:
     """Shard ``model`` in place (call before building the optimizer)."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in _blocks(model):
+    for block in model.blocks():
         fully_shard(block)
     fully_shard(model)
 
@@ -137,8 +154,9 @@ def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    model_state.pop("lm_head.weight", None)  # a GPT's head is its token embedding (not stored twice)
+    # Only the keys the model saves (a GPT's tied head is its token embedding, not stored twice).
+    keep = set(model.state_dict_for_save())
+    model_state = {k: v for k, v in get_model_state_dict(model, options=options).items() if k in keep}
     osd = get_optimizer_state_dict(model, optimizer, options=options)
     if not osd:  # with cpu_offload the full state lands on process 0 only
         return model_state, osd
@@ -150,7 +168,8 @@ def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tu
 
 def accumulating(trained: torch.nn.Module, world: World, last: bool):
     """The context for one micro-batch's forward and backward: gradients are reduced across
-    processes only on the ``last`` micro-batch of a step."""
+    processes only on the ``last`` micro-batch of a step. ``trained`` is the first of what
+    :func:`wrap` returns."""
     from contextlib import nullcontext
 
     if not world.active or last:

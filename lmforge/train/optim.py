@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
@@ -26,15 +25,12 @@ def _split(model: torch.nn.Module) -> tuple[list, list]:
 def layer_scales(model: torch.nn.Module, decay: float) -> dict[int, float]:
     """Layer-wise learning-rate decay: ``decay ** k`` by parameter id, k counted from the top: 0
     for what sits above the blocks (head, pooler, final norm), 1 for the last block, … L for the
-    first, L + 1 for the embeddings. Blocks are found by their names (``….layer.N.`` /
-    ``….h.N.``), as in Hugging Face's BERT and GPT-2 layouts that lmforge's models share."""
-    depth = {}
-    for name, p in model.named_parameters():
-        m = re.search(r"\.(?:layer|h)\.(\d+)\.", name)
-        depth[id(p)] = int(m.group(1)) + 1 if m else (0 if "embed" in name or ".wte." in name or ".wpe." in name
-                                                         else None)
-    top = max((d for d in depth.values() if d is not None), default=0) + 1
-    return {i: decay ** (top - (top if d is None else d)) for i, d in depth.items()}
+    first, L + 1 for the embeddings. The model declares its ``blocks()`` and ``embeddings()``."""
+    blocks = model.blocks()
+    top = len(blocks) + 1
+    depth = {id(p): i + 1 for i, block in enumerate(blocks) for p in block.parameters()}
+    depth.update({id(p): 0 for module in model.embeddings() for p in module.parameters()})
+    return {id(p): decay ** (top - depth.get(id(p), top)) for p in model.parameters()}
 
 
 def _by_scale(params: list, scales: dict[int, float] | None) -> list[tuple[float, list]]:

@@ -1,31 +1,36 @@
-"""The training loop. One loop for every task; tasks plug in a batch builder and a loss.
+"""The training loop. One loop for every task; tasks plug in data, batches, a loss and an
+evaluation (``tasks/base.py``), and the loop does the rest: devices and processes (DDP/FSDP),
+optimizer and schedule, gradient accumulation and clipping, a time budget, logging
+(``metrics.jsonl``, TensorBoard), checkpoints (periodic, at the end, on Ctrl-C), and the hooks any
+task can use — early stopping and keeping the best checkpoint (``train.early_stop``,
+``train.patience``, ``train.keep_best``).
 
 Reproducibility contract (CPU): batches are a function of (seed, step), the learning rate is a
-function of step, and checkpoints carry optimizer and RNG state, so N steps + ``--resume`` + M
-steps gives bitwise the losses of N + M uninterrupted steps.
+function of step, and checkpoints carry optimizer, RNG and hook state, so N steps + ``--resume`` +
+M steps gives bitwise the losses of N + M uninterrupted steps.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import os
 import shutil
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from lmforge import config as cfgmod
-from lmforge.chat import save_chat_template
-from lmforge.data.tokens import TokenFile, load_meta
+from lmforge.device import autocast_for, peak_flops, resolve_device
 from lmforge.errors import UserError
-from lmforge.models.gpt import GPT
+from lmforge.fsutil import write_json
 from lmforge.progress import progress, status
-from lmforge.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.runs import RunDir
+from lmforge.tasks import TASKS
+from lmforge.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint, save_model
 from lmforge.train.distributed import (World, accumulating, gather_state, is_sharded, load_optimizer_state, setup,
                                        shard, teardown, world_from_env, wrap)
+from lmforge.train.metrics_log import MetricsLog
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 
 CALIBRATION_STEPS = 8  # steps timed to plan max_steps from a time budget (after WARM_STEPS)
@@ -73,36 +78,6 @@ class TimeBudget:
         return min(steps, self.cap) if self.cap is not None else steps
 
 
-# Dense bf16 peak of known accelerators, for MFU (per device, without sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but CUDA is not available")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless asked."""
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def pad_vocab(n: int, multiple: int = 64) -> int:
-    """Round the embedding table up to a multiple of 64: faster matmuls, unused rows never targeted."""
-    return int(math.ceil(n / multiple) * multiple)
-
-
 class _StopFlag:
     """First Ctrl-C asks the loop to stop at the next step boundary (and checkpoint); a second one
     interrupts immediately."""
@@ -127,175 +102,121 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _log(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+class BestTracker:
+    """Early stopping and best-checkpoint selection on one validation metric (``val_<metric>``;
+    lower is better for ``loss``, higher for the rest). Its state is part of the checkpoint."""
+
+    def __init__(self, metric: str | None, patience: int, keep_best: bool, saved: dict | None = None):
+        self.metric, self.patience, self.keep_best = metric, patience, keep_best
+        saved = saved or {}
+        self.score, self.step, self.bad = saved.get("score"), saved.get("step"), saved.get("bad_evals", 0)
+
+    def state(self) -> dict:
+        return {"score": self.score, "step": self.step, "bad_evals": self.bad}
+
+    def update(self, step: int, val: dict) -> tuple[bool, bool]:
+        """After an evaluation at ``step``: (a new best, time to stop early)."""
+        if self.metric is None or f"val_{self.metric}" not in val:
+            return False, False
+        value = val[f"val_{self.metric}"]
+        score = -value if self.metric == "loss" else (value if value is not None else -1.0)
+        if self.score is None or score > self.score:
+            self.score, self.step, self.bad = score, step, 0
+            return True, False
+        self.bad += 1
+        return False, bool(self.patience) and self.bad >= self.patience
 
 
-class Objective:
-    """What one batch costs: next-token loss for decoders, masked-token loss for encoders.
+def train(cfg: cfgmod.RunConfig, data_dir: str | Path | None = None, run_dir: str | Path | None = None,
+          resume: bool = False, stop_at: int | None = None) -> dict:
+    """Train (or resume) ``cfg``'s task into ``run_dir``; returns a summary dict.
 
-    Batches are a pure function of (seed, step, micro-batch, stream), so resuming reproduces them.
+    ``data_dir`` sets ``data.path``. ``stop_at`` ends this invocation after that many steps (with
+    a checkpoint) without changing the schedule, so a later ``--resume`` continues the same run.
     """
-
-    def __init__(self, cfg: cfgmod.RunConfig, meta: dict, device: torch.device):
-        self.cfg, self.device = cfg, device
-        self.T = cfg.model.block_size
-        self.mlm = cfg.arch == "bert"
-        self.loss_chunk = cfgmod.loss_chunk_for(cfg.train.loss_chunk, device.type)
-        if self.mlm:
-            self.special = meta.get("special_ids") or {}
-            missing = [t for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]") if t not in self.special]
-            if missing:
-                raise UserError(f"masked-LM training needs a WordPiece data directory (`lmforge prepare "
-                                f"--tokenizer wordpiece`); this tokenizer lacks {', '.join(missing)}")
-            self.vocab = meta["vocab_size"]
-
-    def batch(self, data: TokenFile, step: int, micro: int, stream: int = 0, batch_size: int | None = None):
-        t = self.cfg.train
-        B = batch_size or t.batch_size
-        if self.mlm:
-            from lmforge.train.mlm import mlm_batch
-
-            x, y = mlm_batch(data, B, self.T, t.seed, step, micro, stream, self.special, self.vocab)
-        else:
-            x, y = data.random_batch(B, self.T, t.seed, step, micro, stream)
-        if self.device.type == "cuda":  # pinned pages: the copy runs asynchronously
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def loss(self, model, x, y) -> torch.Tensor:
-        return self.loss_and_accuracy(model, x, y)[0]
-
-    def loss_and_accuracy(self, model, x, y):
-        """(loss, masked-token accuracy or None)."""
-        if self.mlm:
-            from lmforge.train.mlm import mlm_loss
-
-            return mlm_loss(model, x, y)
-        return model(x, y, loss_chunk=self.loss_chunk)[1], None
-
-
-@torch.no_grad()
-def estimate_val(model, val: TokenFile, cfg: cfgmod.RunConfig, ctx, objective: Objective,
-                 batches: int | None = None) -> dict:
-    """Mean loss (and, for masked-LM, masked-token accuracy) on fixed random validation batches
-    (the same ones every time)."""
-    model.eval()
-    losses, accs = [], []
-    for i in range(batches or cfg.train.eval_batches):
-        x, y = objective.batch(val, step=0, micro=i, stream=1)
-        with ctx:
-            loss, acc = objective.loss_and_accuracy(model, x, y)
-        losses.append(loss.item())
-        if acc is not None:
-            accs.append(acc.item())
-    model.train()
-    out = {"val_loss": sum(losses) / len(losses)}
-    if accs:
-        out["val_mlm_accuracy"] = sum(accs) / len(accs)
-    return out
-
-
-def build_model(cfg: cfgmod.RunConfig):
-    from lmforge.models.bert import Bert
-
-    return Bert(cfg.model) if cfg.arch == "bert" else GPT(cfg.model)
-
-
-def train(cfg: cfgmod.RunConfig, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
-          stop_at: int | None = None) -> dict:
-    """Train (or resume) a GPT on a prepared data directory; returns a summary dict.
-
-    ``stop_at`` ends this invocation after that many steps (with a checkpoint) without changing
-    the schedule, so a later ``--resume`` continues the same run.
-    """
-    data_dir, run_dir = Path(data_dir), Path(run_dir)
-    if cfg.train.label_smoothing:
-        raise UserError("train.label_smoothing applies to --task classify only")
-    meta = load_meta(data_dir)
-    train_data = TokenFile(data_dir / "train.bin", meta["dtype"])
-    val_data = TokenFile(data_dir / "val.bin", meta["dtype"])
-    for tf in (train_data, val_data):
-        tf.check_context(cfg.model.block_size)
-    tokenizer_vocab = meta["vocab_size"]
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = pad_vocab(tokenizer_vocab)
-    elif cfg.model.vocab_size < tokenizer_vocab:
-        raise UserError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
-    if resume and not has_checkpoint(run_dir):
+    if run_dir is None:
+        raise UserError("a run directory is required (--out)")
+    if data_dir is not None:
+        cfg = cfgmod.replace(cfg, data={"path": str(data_dir)})
+    run = RunDir(run_dir)
+    if resume and not run.has_checkpoint():
         raise UserError(f"--resume: no checkpoint in {run_dir}")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    if not resume and not run.is_empty():
         raise UserError(f"run directory {run_dir} is not empty; use --resume to continue it or choose another --out")
+    task = TASKS[cfg.task.name](cfg, run if resume else None)  # reads and checks the data
     world = world_from_env()
+    cfg = task.resolve(cfg, world)
+    cfgmod.validate(cfg)
+    task.cfg = cfg
     device = setup(world, resolve_device(cfg.train.device))
     try:
-        return _train(cfg, meta, train_data, val_data, data_dir, run_dir, resume, stop_at, world, device)
+        return _train(cfg, task, run, resume, stop_at, world, device)
     finally:
         teardown(world)
 
 
-def _train(cfg, meta, train_data, val_data, data_dir, run_dir, resume, stop_at, world, device) -> dict:
+def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device) -> dict:
     t = cfg.train
     if device.type == "cuda":  # TF32 for the float32 matmuls that autocast leaves (Ampere and later)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(t.seed)
-    model = build_model(cfg).to(device)
+    model = task.build_model(cfg).to(device)
     sharded = world.active and t.fsdp  # the optimizer is built on the shards, after sharding
 
     def make_optimizer():
         return build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type, t.optimizer,
                                t.muon_lr, t.layer_lr_decay)
     optimizer = None if sharded else make_optimizer()
-    state = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "data_dir": str(data_dir.resolve())}
+    state = {"step": 0, f"{task.unit}_seen": 0, "train_seconds": 0.0}
     created = False
     world.barrier()  # every process has checked the run directory before process 0 writes to it
     if resume:
-        state = load_checkpoint(run_dir, model, optimizer)
+        state = load_checkpoint(run.path, model, optimizer)
         if world.main:
-            status(f"resuming {run_dir} at step {state['step']}")
+            status(f"resuming {run} at step {state['step']}")
+            if state.get("model_step", state["step"]) != state["step"] and not (run / run.BEST).is_file():
+                shutil.copyfile(run.model, run / run.BEST)  # the kept best weights stay the best so far
     elif world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run.path.mkdir(parents=True, exist_ok=True)
         created = True
-        shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
-        (run_dir / "metrics.jsonl").write_text("")
-        if cfg.arch == "gpt":
-            save_chat_template(run_dir)
+        task.write_files(run, model)
+        run.metrics.write_text("")
     world.barrier()
     if sharded:
         shard(model)
         optimizer = make_optimizer()
         if resume:
             load_optimizer_state(model, optimizer, state.pop("optimizer_state"))
+    task.to(device)
     try:
-        return _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at,
-                     Objective(cfg, meta, device), world)
+        return _loop(cfg, task, model, optimizer, state, run, device, stop_at, world)
     except BaseException:
-        if created and not has_checkpoint(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)  # no half-written run directory
+        if created and not run.has_checkpoint():
+            shutil.rmtree(run.path, ignore_errors=True)  # no half-written run directory
         raise
 
 
-def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, stop_at, objective,
-          world: World) -> dict:
+def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, world: World) -> dict:
     t = cfg.train
-    B, T, accum = t.batch_size, cfg.model.block_size, t.grad_accum
-    tokens_per_step = B * T * accum * world.size
+    accum, unit = t.grad_accum, task.unit
+    units_per_step = task.units_per_step(cfg, world)
     ctx = autocast_for(device, t.dtype)
     model.activation_checkpointing = t.activation_checkpointing
     use_compile = t.compile if t.compile is not None else device.type == "cuda"
-    trained = wrap(model, world, device)  # DDP under torchrun; the model itself otherwise
-    fwd = torch.compile(trained) if use_compile else trained
-    peak = peak_flops(device)
-    flops_per_step = model.flops_per_token(T) * tokens_per_step / world.size  # per device, for MFU
+    trained, call = wrap(model, world, device, task.method)  # DDP under torchrun; the model itself otherwise
+    fwd = torch.compile(call) if use_compile else call
+    peak = peak_flops(device) if unit == "tokens" else None
+    if peak:
+        flops_per_step = model.flops_per_token(cfg.model.block_size) * units_per_step / world.size  # per device
     params = model.num_params()
     say = status if world.main else (lambda message: None)
+    log = MetricsLog(run.path, t.tensorboard, enabled=world.main)
     if world.main:
-        cfgmod.save(cfg, run_dir / "config.yaml")
+        cfgmod.save(cfg, run.config)
     say(f"model: {params:,} parameters on {device}" + (f" x {world.size} processes" if world.active else "")
-        + f"; {tokens_per_step:,} tokens per step")
+        + f"; {units_per_step:,} {unit} per step")
 
     start_step, step = state["step"], state["step"]
     max_steps = t.max_steps
@@ -304,18 +225,39 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
     session_t0 = time.perf_counter()
     seconds_before = state.get("train_seconds", 0.0)
     # A schedule still to be planned from max_seconds (each plan is saved: --resume replays it).
-    budget = (TimeBudget(t.max_seconds, session_t0, start_step)
+    budget = (TimeBudget(t.max_seconds, session_t0, start_step, cap=task.step_cap)
               if max_steps is None and t.max_seconds is not None else None)
+    tracker = BestTracker(t.early_stop, t.patience, t.keep_best, state.get("best"))
+    seen = f"{unit}_seen"
 
-    def checkpoint() -> None:
-        state["step"] = step
+    def gathered_weights() -> dict | None:
+        return gather_state(model, optimizer)[0] if is_sharded(model) else None  # all processes call
+
+    def checkpoint(model_step: int | None = None) -> None:
+        state["step"], state["model_step"] = step, step if model_step is None else model_step
+        state["best"] = tracker.state()
         state["train_seconds"] = round(seconds_before + time.perf_counter() - session_t0, 3)
         gathered = gather_state(model, optimizer) if is_sharded(model) else (None, None)  # all processes
         if world.main:
-            save_checkpoint(run_dir, model, optimizer, state, *gathered)
+            save_checkpoint(run.path, model, optimizer, state, *gathered)
         world.barrier()
 
-    last_val, last_extra = None, {}
+    def evaluate() -> dict:
+        val = task.evaluate(model, ctx)  # the same figures on every process
+        if val and world.main:
+            log.write({"step": step, unit: state[seen], **val})
+        return val
+
+    def observe(val: dict) -> bool:
+        """Feed an evaluation to the hooks; True when training should stop early."""
+        improved, stop_early = tracker.update(step, val)
+        if improved and tracker.keep_best:
+            weights = gathered_weights()
+            if world.main:
+                save_model(model, run / run.BEST, metadata={"step": str(step), "format": "lmforge"}, state=weights)
+        return stop_early
+
+    last_val, last_eval_step = {}, None
     interval_loss, interval_steps = torch.zeros((), device=device), 0
     interval_t0 = time.perf_counter()
     bar = progress(total=max_steps, initial=step, desc="training", unit="step", disable=None if world.main else True)
@@ -341,10 +283,13 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 # Process r takes micro-batches r*A..r*A+A-1: W processes = one with W*A.
-                x, y = objective.batch(train_data, step, world.rank * accum + micro)
+                batch = task.batch(step, world.rank * accum + micro)
+                if device.type == "cuda":  # pinned pages: the copy runs asynchronously
+                    batch = tuple(b.pin_memory() for b in batch)
+                batch = tuple(b.to(device, non_blocking=True) for b in batch)
                 # Gradients are averaged across processes once per step, after the last micro-batch.
                 with accumulating(trained, world, last=micro == accum - 1), ctx:
-                    loss = objective.loss(fwd, x, y)
+                    loss = task.loss(fwd, model, batch)
                     (loss / accum).backward()
                 loss_sum += loss.detach()
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -352,16 +297,17 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            state["tokens_seen"] += tokens_per_step
+            state[seen] += units_per_step
 
             if budget is not None and budget.active:  # process 0's clock decides for all
                 now = session_t0 + world.sync(time.perf_counter() - session_t0, False, device)[0]
-                eval_share = t.eval_batches / (3 * accum * t.eval_interval) if t.eval_interval else 0.0
+                eval_share = task.eval_cost(cfg) / t.eval_interval if t.eval_interval else 0.0
                 planned = budget.plan(step, now, first_factor=1 + eval_share)
-                if planned is not None:
-                    max_steps = t.max_steps = planned
+                if planned is not None and planned != max_steps:
+                    max_steps = max(planned, step)
+                    cfg = cfgmod.replace(cfg, train={"max_steps": max_steps})
                     if world.main:
-                        cfgmod.save(cfg, run_dir / "config.yaml")
+                        cfgmod.save(cfg, run.config)
                     bar.reset(total=max_steps)
                     bar.update(step)
                     say(f"planned {max_steps} steps to fit {t.max_seconds:.0f} s "
@@ -374,29 +320,30 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
                     torch.cuda.synchronize()
                 dt = (time.perf_counter() - interval_t0) / interval_steps  # seconds per step
                 # Mean training loss over the steps since the last line, not one noisy batch.
-                record = {"step": step, "tokens": state["tokens_seen"],
+                record = {"step": step, unit: state[seen],
                           "loss": world.mean(interval_loss).item() / (accum * interval_steps),
-                          "lr": lr, "tokens_per_second": round(tokens_per_step / dt, 1)}
+                          "lr": lr, f"{unit}_per_second": round(units_per_step / dt, 1)}
                 if grad_norm is not None:  # a DTensor when sharded
                     record["grad_norm"] = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
                                            else grad_norm).item()
                 postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}",
-                           "tok/s": f"{record['tokens_per_second']:,.0f}"}
+                           f"{unit[:3]}/s": f"{record[f'{unit}_per_second']:,.0f}"}
                 if peak:
                     record["mfu"] = round(flops_per_step / dt / peak, 4)
                     postfix["mfu"] = f"{record['mfu']:.1%}"
-                if world.main:
-                    _log(run_dir, record)
+                log.write(record)
                 bar.set_postfix(postfix, refresh=False)
                 interval_loss, interval_steps = torch.zeros((), device=device), 0
             if t.eval_interval and step % t.eval_interval == 0 and step != max_steps:
-                val = estimate_val(model, val_data, cfg, ctx, objective)  # the same batches everywhere
-                last_val = val["val_loss"]
-                if world.main:
-                    _log(run_dir, {"step": step, "tokens": state["tokens_seen"], **val})
-                if bar.disable:  # no bar (stderr is not a terminal): leave a line in the log instead
-                    say(f"step {step}/{max_steps or '?'}: val_loss {last_val:.4f}, "
-                           f"{state['tokens_seen']:,} tokens, {time.perf_counter() - session_t0:.0f} s")
+                last_val, last_eval_step = evaluate(), step
+                if last_val and bar.disable:  # no bar (stderr is not a terminal): leave a line instead
+                    say(f"step {step}/{max_steps or '?'}: " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in last_val.items() if isinstance(v, float))
+                        + f", {state[seen]:,} {unit}, {time.perf_counter() - session_t0:.0f} s")
+                if observe(last_val):
+                    reason = "early_stop"
+                    bar.update(1)
+                    break
             if t.checkpoint_interval and step % t.checkpoint_interval == 0:
                 checkpoint()
             if step % t.log_interval == 0:
@@ -404,23 +351,43 @@ def _loop(cfg, model, optimizer, state, train_data, val_data, run_dir, device, s
             bar.update(1)
     bar.close()
 
-    if step > start_step:
-        val = estimate_val(model, val_data, cfg, ctx, objective)
-        last_val = val["val_loss"]
+    finished = reason in ("max_steps", "max_seconds", "early_stop")  # not merely paused
+    if step > start_step and last_eval_step != step:
+        last_val = evaluate()
+        if finished:
+            observe(last_val)
+    best = tracker.step if tracker.keep_best and finished and (run / run.BEST).is_file() else None
+    if best is not None and best != step:
+        # The last weights go into the trainer state (a --resume continues from them), then the
+        # best ones become the run's model.
+        checkpoint(model_step=best)
         if world.main:
-            _log(run_dir, {"step": step, "tokens": state["tokens_seen"], **val})
-        last_extra = {k: v for k, v in val.items() if k != "val_loss"}
-    checkpoint()
+            os.replace(run / run.BEST, run.model)
+            if not is_sharded(model):  # the final reports (process 0) are on the best weights
+                model.load_saved_state(load_model_state(run.model))
+    else:
+        checkpoint()
+        if finished and world.main and (run / run.BEST).is_file():
+            (run / run.BEST).unlink()
+    log.close()
+    extra = {}
     if world.main:
         from lmforge.evaluate.report import plot_loss
 
-        plot_loss(run_dir)
+        plot_loss(run.path)
+        extra = task.finish(run, model, ctx)
     seconds = time.perf_counter() - session_t0
-    tokens_this_session = (step - start_step) * tokens_per_step
-    return {
-        "run_dir": str(run_dir), "step": step, "max_steps": max_steps, "stopped_by": reason,
-        "tokens_seen": state["tokens_seen"], "params": params, "val_loss": last_val, **last_extra,
-        "seconds": round(seconds, 2), "tokens_per_second": round(tokens_this_session / max(seconds, 1e-9), 1),
+    units_this_session = (step - start_step) * units_per_step
+    summary = {
+        "run_dir": str(run), "step": step, "steps": step, "max_steps": max_steps, "stopped_by": reason,
+        seen: state[seen], "params": params, "val_loss": last_val.get("val_loss"),
+        **{k: v for k, v in last_val.items() if k != "val_loss"},
+        "seconds": round(seconds, 2), f"{unit}_per_second": round(units_this_session / max(seconds, 1e-9), 1),
         "device": str(device), "processes": world.size, "rank": world.rank,
     }
-
+    if tracker.metric is not None:
+        summary.update(early_stop=tracker.metric, best_step=tracker.step if best is not None else step)
+    if extra:
+        summary.update(extra)
+        write_json(run / run.SUMMARY, summary)
+    return summary

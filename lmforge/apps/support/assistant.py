@@ -251,7 +251,7 @@ class _Rephraser:
         from lmforge.runs import load_run
 
         self.run = load_run(run_dir)
-        if self.run.config.arch != "gpt":
+        if not self.run.model.can_generate or self.run.model.config.num_labels:
             raise UserError(f"--generate needs a GPT run; {run_dir} is {self.run.config.arch}")
         self.template = load_chat_template(run_dir)
         self.lock = threading.Lock()

@@ -98,7 +98,7 @@ def load_encoder(encoder_dir):
     from lmforge.runs import load_run
 
     run = load_run(encoder_dir)
-    if run.config.arch != "bert":
+    if not run.model.can_embed:
         from lmforge.errors import UserError
 
         raise UserError(f"the support encoder must be an encoder run (arch bert); {encoder_dir} is {run.config.arch}")

@@ -9,9 +9,15 @@ cross-entropy on the chosen positions only; accuracy is measured on the same pos
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lmforge.errors import UserError
+from lmforge.models import MODELS
+from lmforge.tasks.lm import TokenTask
 
 MASK_PROB, REPLACE_MASK, REPLACE_RANDOM = 0.15, 0.8, 0.1
 
@@ -44,12 +50,44 @@ def mlm_batch(data, batch_size: int, T: int, seed: int, step: int, micro: int, s
     return mask_tokens(x, special, vocab_size, gen)
 
 
-def mlm_loss(model, inputs: torch.Tensor, targets: torch.Tensor):
-    """(mean cross-entropy, accuracy) over the masked positions."""
+def mlm_loss(call, model, inputs: torch.Tensor, targets: torch.Tensor):
+    """(mean cross-entropy, accuracy) over the masked positions. ``call`` runs the encoder's
+    forward (through DDP when wrapped); ``model`` is the plain model, whose head it applies."""
     keep = targets >= 0
-    hidden = model(inputs)[keep]  # only the masked positions go through the vocabulary projection
-    head = getattr(model, "module", model)  # under DDP, the wrapped model has the head
-    logits = head.mlm_logits(hidden).float()
+    hidden = call(inputs)[keep]  # only the masked positions go through the vocabulary projection
+    logits = model.mlm_logits(hidden).float()
     loss = F.cross_entropy(logits, targets[keep])
     accuracy = (logits.argmax(-1) == targets[keep]).float().mean()
     return loss, accuracy.detach()
+
+
+@dataclass
+class MLMOptions:
+    name: str = "mlm"
+
+
+class MLMTask(TokenTask):
+    """Masked-token pretraining of an encoder on a WordPiece data directory."""
+
+    name = "mlm"
+    Options = MLMOptions
+    METRICS = ("loss", "mlm_accuracy")
+
+    def __init__(self, cfg, run=None):
+        if not hasattr(MODELS[cfg.arch].model, "mlm_logits"):
+            raise UserError("--task mlm trains an encoder: use a BERT preset (bert-debug, bert-mini, bert-base)")
+        super().__init__(cfg, run)
+        self.special = self.meta.get("special_ids") or {}
+        missing = [t for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]") if t not in self.special]
+        if missing:
+            raise UserError(f"masked-LM training needs a WordPiece data directory (`lmforge prepare "
+                            f"--tokenizer wordpiece`); this tokenizer lacks {', '.join(missing)}")
+
+    def window_batch(self, data, step, micro, stream):
+        t = self.cfg.train
+        return mlm_batch(data, t.batch_size, self.cfg.model.block_size, t.seed, step, micro, stream, self.special,
+                         self.meta["vocab_size"])
+
+    def loss_and_metrics(self, call, model, batch):
+        loss, accuracy = mlm_loss(call, model, *batch)
+        return loss, {"mlm_accuracy": accuracy}

@@ -1,0 +1,49 @@
+"""What several verbs share: printing results, reading input texts, the shared flag helps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.errors import UserError
+
+DECODE_COMPILE_HELP = ("fuse the decode step with torch.compile: on the CPU about twice the tokens/s at batch 1, "
+                       "after ~10-20 s of compiling per batch size (default off)")
+INPUT_HELP = "a .csv/.jsonl file (--text-column) or a text file, one text per line"
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def emit(as_json: bool, obj: dict, text) -> int:
+    """The command's result: ``obj`` as JSON with ``--json``, else ``text(obj)``; exit code 0."""
+    print(json.dumps(obj, indent=2) if as_json else text(obj))
+    return 0
+
+
+def input_texts(texts: list[str] | None, input_file: str | None, text_column: str) -> list[str]:
+    """Texts from repeated --text and from --input: a .csv/.jsonl file (its --text-column) or a
+    plain UTF-8 file with one text per line."""
+    out = list(texts or [])
+    if input_file:
+        from lmforge.data.labeled import read_examples
+
+        path = Path(input_file)
+        if not path.is_file():
+            raise UserError(f"input file not found: {path}")
+        if path.suffix.lower() in (".csv", ".jsonl"):
+            out += read_examples(path, text_column, None).texts
+        else:
+            try:
+                out += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except UnicodeDecodeError:
+                raise UserError(f"{path} is not UTF-8 text") from None
+    if not out:
+        raise UserError("give at least one --text (or --input FILE)")
+    return out
+
+
+def check_port(port: int) -> None:
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {port}")

@@ -1,0 +1,99 @@
+"""lmforge eval: a run's figures on its validation data, with report.md and plots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.cli.common import print_json
+from lmforge.cli.options import flag
+from lmforge.errors import UserError
+
+HELP = "validation loss, perplexity, bits/byte vs lzma; report.md"
+
+
+@dataclass
+class Options:
+    run_dir: str = flag(positional=True)
+    data: str | None = flag(help="data directory (default: the one the run was trained on)")
+    batch_size: int = flag(8)
+    max_tokens: int | None = flag(help="score at most this many validation tokens")
+    stride: int | None = flag(help="tokens between window starts (default: the context length, i.e. consecutive "
+                              "windows; smaller gives each token more context at more cost)")
+    samples: int = flag(3, help="samples to put in report.md (0-3)")
+    dynamic: bool = flag(False, help="also dynamic evaluation: one Adam step on each window after scoring it, so "
+                         "the model adapts to the text as lzma does (dynamic_val_bpb)")
+    dynamic_lr: float | None = flag(help="Adam learning rate for --dynamic (default 1e-4)")
+    text_column: str = flag("text", help="classifier runs: text column of --data")
+    label_column: str = flag("label", help="classifier runs: label column of --data")
+    max_length: int = flag(128, help="classifier runs: tokens per text")
+    json: bool = flag(False)
+
+
+def eval_classifier(o: Options, run) -> int:
+    from lmforge.data.labeled import read_examples
+    from lmforge.tasks.classify import write_classification_report
+
+    if not o.data:
+        raise UserError("a classifier is evaluated on a labelled file: --data FILE (.csv or .jsonl)")
+    ex = read_examples(o.data, o.text_column, o.label_column)
+    m = write_classification_report(run.path, run.model, run.tokenizer, ex, run.labels, o.max_length, run.device,
+                                    "eval", source=str(o.data))
+    if o.json:
+        print_json(m)
+    else:
+        print(f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  weighted F1 {m['weighted_f1']:.4f}  "
+              f"ROC-AUC {m['roc_auc']:.4f}  ({m['n']} examples; largest class {m['majority_baseline_accuracy']:.4f})"
+              if m["roc_auc"] is not None else f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}")
+        print(f"report: {run.path / 'report.md'} (plots/confusion.png, plots/roc.png, plots/pr.png)")
+    return 0
+
+
+def eval_mlm(o: Options, run) -> int:
+    """Masked-token loss and accuracy of an encoder run on its data directory's validation split."""
+    from lmforge import config as cfgmod
+    from lmforge.device import autocast_for
+    from lmforge.tasks.mlm import MLMTask
+
+    data = o.data or run.dir.data_path()
+    if data is None:
+        raise UserError(f"{o.run_dir} was not trained here; give --data DATA_DIR (WordPiece)")
+    task = MLMTask(cfgmod.replace(run.config, data={"path": str(data)}))
+    task.to(run.device)
+    m = task.evaluate(run.model, autocast_for(run.device, "auto"), batches=50)
+    m.update(run_dir=str(o.run_dir), data=str(data))
+    if o.json:
+        print_json(m)
+    else:
+        print(f"masked-token loss {m['val_loss']:.4f}  accuracy {m['val_mlm_accuracy']:.4f}  "
+              f"(50 validation batches of {data})")
+    return 0
+
+
+def run(o: Options) -> int:
+    """Validation loss, perplexity, bits per byte and the lzma baseline; writes report.md. For a
+    classifier run: accuracy, precision/recall/F1, ROC-AUC, confusion matrix and plots on --data;
+    for an encoder: masked-token loss and accuracy."""
+    from lmforge.runs import RunDir, load_run
+
+    if o.dynamic_lr is not None and not o.dynamic_lr > 0:  # flags are checked before anything is loaded
+        raise UserError(f"--dynamic-lr must be positive, got {o.dynamic_lr}")
+    kind = RunDir(o.run_dir).kind()
+    if kind in ("classify", "mlm"):
+        loaded = load_run(o.run_dir)
+        return eval_classifier(o, loaded) if kind == "classify" else eval_mlm(o, loaded)
+    from lmforge.evaluate.run import evaluate_run
+
+    m = evaluate_run(o.run_dir, o.data, o.batch_size, o.max_tokens, samples=o.samples, stride=o.stride,
+                     dynamic=o.dynamic or o.dynamic_lr is not None, dynamic_lr=o.dynamic_lr)
+    if o.json:
+        print_json(m)
+    else:
+        verdict = "beats" if m["val_bpb"] < m["lzma_bpb"] else "does not beat"
+        print(f"val_loss {m['val_loss']:.4f}  val_ppl {m['val_ppl']:.2f}  val_bpb {m['val_bpb']:.4f}  "
+              f"lzma_bpb {m['lzma_bpb']:.4f}  ({m['val_tokens']:,} tokens, {m['val_bytes']:,} bytes; "
+              f"the model {verdict} lzma)")
+        if "dynamic_val_bpb" in m:
+            print(f"dynamic evaluation (adapting as it reads, like lzma): val_bpb {m['dynamic_val_bpb']:.4f}")
+        print(f"report: {Path(o.run_dir) / 'report.md'}")
+    return 0

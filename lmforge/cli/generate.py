@@ -1,0 +1,47 @@
+"""lmforge generate: stream a continuation of a prompt."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from lmforge.cli.common import DECODE_COMPILE_HELP
+from lmforge.cli.options import flag
+from lmforge.errors import UserError
+
+HELP = "stream a continuation of a prompt"
+
+
+@dataclass
+class Options:
+    run_dir: str = flag(positional=True)
+    prompt: str = flag(None, required=True)
+    max_new_tokens: int = flag(200)
+    temperature: float = flag(0.8, help="0 for greedy")
+    top_k: int | None = flag()
+    top_p: float | None = flag()
+    seed: int | None = flag()
+    stop: list[str] | None = flag(append=True, metavar="STR", help="stop before this string (repeatable)")
+    compile: bool = flag(False, help=DECODE_COMPILE_HELP)
+
+
+def run(o: Options) -> int:
+    """Stream a continuation of --prompt to stdout."""
+    from lmforge.data.tokenizer import eot_id
+    from lmforge.generate import stream_text
+    from lmforge.runs import load_run
+
+    if o.max_new_tokens <= 0:
+        raise UserError("--max-new-tokens must be positive")
+    if o.temperature < 0:
+        raise UserError("--temperature must be >= 0 (0 is greedy)")
+    if o.top_p is not None and not 0 < o.top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")
+    loaded = load_run(o.run_dir)
+    sys.stdout.write(o.prompt)
+    for piece in stream_text(loaded.model, loaded.tokenizer, o.prompt, o.max_new_tokens, o.temperature, o.top_k,
+                             o.top_p, o.seed, o.stop, eot_id(loaded.tokenizer), compile=o.compile):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,45 @@
+"""lmforge import-hf / export-hf: Hugging Face directories to run directories and back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.cli.common import emit
+from lmforge.cli.options import flag
+
+
+@dataclass
+class ImportOptions:
+    hf_dir: str = flag(positional=True, help="config.json + model.safetensors (or pytorch_model.bin) + "
+                       "tokenizer.json (or vocab.json + merges.txt, or vocab.txt)")
+    out: str = flag(None, required=True, help="run directory to write")
+    json: bool = flag(False)
+
+
+@dataclass
+class ExportOptions:
+    run_dir: str = flag(positional=True)
+    out: str = flag(None, required=True, help="directory to write")
+    json: bool = flag(False)
+
+
+def run_import(o: ImportOptions) -> int:
+    """Turn a Hugging Face GPT-2 or BERT directory (config.json, weights, tokenizer) into a run directory."""
+    from lmforge.models.hf import import_hf
+
+    return emit(o.json, import_hf(o.hf_dir, o.out), lambda info: (
+        f"imported {o.hf_dir} -> {info['run_dir']}: {info['model_type']}, {info['params']:,} params, "
+        f"{info['n_layer']} layers x {info['n_embd']}, context {info['block_size']}, "
+        f"vocabulary {info['vocab_size']:,}"))
+
+
+def run_export(o: ExportOptions) -> int:
+    """Write a run directory as a Hugging Face directory that transformers loads with from_pretrained."""
+    from lmforge.models.hf import export_hf
+
+    return emit(o.json, export_hf(o.run_dir, o.out), lambda info: (
+        f"exported {o.run_dir} -> {info['hf_dir']} ({info['architecture']}, {info['params']:,} params)"))
+
+
+VERB_SPECS = {"import-hf": (ImportOptions, run_import, "Hugging Face GPT-2 or BERT directory -> run directory"),
+              "export-hf": (ExportOptions, run_export, "run directory -> Hugging Face directory (from_pretrained)")}

@@ -1,0 +1,176 @@
+"""lmforge support: the customer-service assistant (FAQ answers, memory, human handoff).
+
+Build it from an FAQ (``init``), evaluate it on labelled questions (``eval``), serve the customer
+and agent pages (``serve``), export conversations (``export``), or all at once on the built-in FAQ
+(``quickstart``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.cli.common import check_port, print_json
+from lmforge.cli.options import flag
+from lmforge.errors import UserError
+
+HELP = "the customer-service assistant (FAQ answers, memory, human handoff)"
+SUPPORT_DATA = Path(__file__).resolve().parent.parent / "apps" / "support" / "data"
+ENCODER_HELP = "an lmforge encoder run (default: all-MiniLM-L6-v2, imported into the app)"
+MASK_HELP = "personal data masked in stored messages: email,phone,card (default) or none"
+
+
+@dataclass
+class InitOptions:
+    faq: str = flag(None, required=True, help="question/answer rows (.csv/.jsonl) or '## question' Markdown")
+    out: str = flag(None, required=True, help="the app directory (updated in place if it exists)")
+    question_column: str = flag("question")
+    answer_column: str = flag("answer")
+    id_column: str = flag("id")
+    category_column: str = flag("category")
+    encoder: str | None = flag(help=ENCODER_HELP)
+    mask: str | None = flag(help=MASK_HELP)
+    json: bool = flag(False)
+
+
+@dataclass
+class QuickstartOptions:
+    out: str = flag("runs/support", help="the app directory (default runs/support)")
+    encoder: str | None = flag(help=ENCODER_HELP)
+    mask: str | None = flag(help=MASK_HELP)
+    json: bool = flag(False)
+
+
+@dataclass
+class EvalOptions:
+    app_dir: str = flag(positional=True)
+    questions: str = flag(None, required=True, help='JSONL {"question": ..., "faq_id": ID | [IDS] | "none"}')
+    no_save: bool = flag(False, help="do not save the fitted threshold to the app")
+    json: bool = flag(False)
+
+
+@dataclass
+class ServeOptions:
+    app_dir: str = flag(positional=True)
+    host: str = flag("127.0.0.1")
+    port: int = flag(8100)
+    api_key: str | None = flag(help="required on every customer endpoint but /health (default: $LMFORGE_API_KEY)")
+    agent_key: str | None = flag(help="the agent pages' key (default: $LMFORGE_AGENT_KEY, else a random one printed)")
+    generate: str | None = flag(metavar="RUN_DIR", help="a GPT run that rephrases the FAQ answers")
+    max_concurrency: int = flag(32)
+
+
+@dataclass
+class ExportOptions:
+    app_dir: str = flag(positional=True)
+    conversation: str | None = flag(help="a conversation id")
+    customer: str | None = flag(help="every conversation of this customer")
+    out: str | None = flag(help="write to this file (default: stdout)")
+
+
+def summary_line(r: dict) -> str:
+    if r.get("handoff_precision") is None:
+        return f"top-1 {r['top1']:.3f}, MRR@5 {r['mrr5']:.3f} on {r['n_questions']} questions (none uncovered: threshold kept)"
+    return (f"top-1 {r['top1']:.3f}, MRR@5 {r['mrr5']:.3f} on {r['n_covered']} covered questions; handoff on "
+            f"{r['n_uncovered']} uncovered: precision {r['handoff_precision']:.3f}, recall {r['handoff_recall']:.3f} "
+            f"at threshold {r['threshold']:.3f} (5-fold cross-validated: {r['handoff_precision_cv']:.3f} / "
+            f"{r['handoff_recall_cv']:.3f})")
+
+
+def _init(faq, out: str, encoder, mask, columns, as_json: bool, evaluate: bool) -> int:
+    from lmforge.apps.support.assistant import init_app
+    from lmforge.apps.support.privacy import parse_kinds
+
+    r = init_app(faq, out, encoder, parse_kinds(mask) if mask else None, columns)
+    if evaluate:
+        from lmforge.apps.support.evaluate import evaluate_support
+
+        r["eval"] = evaluate_support(out, SUPPORT_DATA / "questions.jsonl")
+        r["eval"].pop("questions")
+    if as_json:
+        print_json(r)
+    else:
+        print(f"support app {r['app_dir']}: {r['entries']} FAQ entries ({r['added']} added, {r['changed']} changed, "
+              f"{r['removed']} removed, {r['unchanged']} unchanged); masking {', '.join(r['mask']) or 'off'}")
+        if "eval" in r:
+            print("evaluated on the built-in questions: " + summary_line(r["eval"]))
+        print(f"serve it: lmforge support serve {r['app_dir']} --agent-key KEY   (customer page /, agents /agent)")
+    return 0
+
+
+def run_init(o: InitOptions) -> int:
+    """Build (or update: added, changed and removed entries, conversations kept) an app directory from an FAQ."""
+    columns = {"question_column": o.question_column, "answer_column": o.answer_column, "id_column": o.id_column,
+               "category_column": o.category_column}
+    return _init(o.faq, o.out, o.encoder, o.mask, columns, o.json, evaluate=False)
+
+
+def run_quickstart(o: QuickstartOptions) -> int:
+    """An app from the built-in FAQ about lmforge, evaluated on its held-out questions."""
+    return _init(SUPPORT_DATA / "faq.jsonl", o.out, o.encoder, o.mask, None, o.json, evaluate=True)
+
+
+def run_eval(o: EvalOptions) -> int:
+    """Top-1, MRR@5 and the handoff threshold on labelled questions."""
+    from lmforge.apps.support.evaluate import evaluate_support
+
+    r = evaluate_support(o.app_dir, o.questions, save=not o.no_save)
+    if o.json:
+        print_json(r)
+    else:
+        for q in r["questions"]:
+            if q["expected"] != "none" and (not q["top"] or q["top"][0] not in q["expected"]):
+                print(f"  miss: {q['question']!r} -> {q['top'][:1]} (expected {q['expected']})")
+        print(summary_line(r) + ("; threshold saved" if r["threshold_saved"] else ""))
+    return 0
+
+
+def run_export(o: ExportOptions) -> int:
+    """Conversations as JSON, with masking applied."""
+    from lmforge.apps.support.assistant import Assistant
+    from lmforge.apps.support.store import NotFound
+    from lmforge.fsutil import write_json
+
+    assistant = Assistant(o.app_dir)
+    try:
+        ids = [o.conversation] if o.conversation else \
+            [c["id"] for c in assistant.history(o.customer)["conversations"]] if o.customer else None
+        if ids is None:
+            raise UserError("export needs --conversation ID or --customer ID")
+        out = {"conversations": [assistant.export(i) for i in ids]}
+    except (NotFound, ValueError) as e:
+        raise UserError(str(e)) from None
+    if o.out:
+        write_json(o.out, out)
+        print(f"exported {len(ids)} conversation(s) to {o.out}", file=sys.stderr)
+    else:
+        print_json(out)
+    return 0
+
+
+def run_serve(o: ServeOptions) -> int:
+    """The customer page (/), the agent page (/agent), the JSON API, /health and /metrics."""
+    from lmforge.apps.support.app import serve
+
+    check_port(o.port)
+    if o.max_concurrency <= 0:
+        raise UserError("--max-concurrency must be positive")
+    if not (Path(o.app_dir) / "support.sqlite").is_file():
+        raise UserError(f"not a support app directory (no support.sqlite): {o.app_dir}")
+    key = o.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    agent_key = o.agent_key or os.environ.get("LMFORGE_AGENT_KEY") or None
+    print(f"lmforge support: {o.app_dir} on http://{o.host}:{o.port}/ (agents: /agent)", file=sys.stderr, flush=True)
+    serve(o.app_dir, o.host, o.port, key, agent_key, o.generate, o.max_concurrency)
+    return 0
+
+
+ACTIONS = {
+    "init": (InitOptions, run_init, "build or update an app directory from an FAQ (.csv, .jsonl or .md)"),
+    "quickstart": (QuickstartOptions, run_quickstart,
+                   "an app from the built-in FAQ about lmforge, evaluated on its held-out questions"),
+    "eval": (EvalOptions, run_eval, "top-1, MRR@5 and the handoff threshold on labelled questions"),
+    "serve": (ServeOptions, run_serve, "customer chat (/), agent page (/agent), JSON API, /health, /metrics"),
+    "export": (ExportOptions, run_export, "conversations as JSON, with masking applied"),
+}

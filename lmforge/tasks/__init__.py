@@ -1,0 +1,20 @@
+"""Tasks: what is learned, plugged into the one training loop (``tasks/base.py`` says how).
+
+``TASKS`` is the table of tasks: a new task is one file here plus one row.
+"""
+
+from __future__ import annotations
+
+from lmforge.tasks.base import Task
+from lmforge.tasks.classify import ClassifyTask
+from lmforge.tasks.lm import LMTask
+from lmforge.tasks.mlm import MLMTask
+
+TASKS: dict[str, type[Task]] = {"lm": LMTask, "mlm": MLMTask, "classify": ClassifyTask}
+
+
+def task_for(model) -> str:
+    """The task a model was made for, when nothing else says (an imported checkpoint)."""
+    if getattr(model.config, "num_labels", 0):
+        return "classify"
+    return "lm" if model.can_generate else "mlm"

@@ -1,0 +1,331 @@
+"""Text classification: fine-tune any lmforge encoder ([CLS] pooling) or decoder (last real
+token), from a run directory or a Hugging Face directory, with a fresh classification head, on a
+labelled ``.csv``/``.jsonl`` file — in the one training loop, so it resumes exactly, checkpoints on
+Ctrl-C, accumulates gradients, runs under DDP and logs every step to ``metrics.jsonl``.
+
+Batches: each epoch's examples are shuffled (or, with ``oversample``, drawn class-balanced) by a
+generator seeded from (seed, epoch); each run of 50 batches is sorted by length before it is cut
+and the batches are then shuffled, so a batch pads to similar lengths (about half the compute of
+padding every batch to ``max_length`` on short texts); a last partial batch is dropped. Micro-batch
+``g = step * micro_per_step + micro`` is batch ``g mod batches_per_epoch`` of epoch
+``g // batches_per_epoch``: a pure function of the step, as resuming needs.
+
+Class imbalance: ``class_weights: auto`` weighs the loss by inverse class frequency;
+``oversample`` draws batches with a balanced sampler. Validation runs once per epoch (or every
+``train.eval_interval`` steps); the loop's hooks keep the best checkpoint by ``train.early_stop``
+and stop after ``train.patience`` evaluations without improvement. Without validation
+(``val_fraction: 0``) the planned epochs run and the last weights are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge import config as cfgmod
+from lmforge.data.labeled import Examples, label_names, read_examples, stratified_split
+from lmforge.data.tokenizer import encode_batch, load_tokenizer
+from lmforge.errors import UserError
+from lmforge.evaluate.classify import classification_metrics, plot_classification
+from lmforge.fsutil import write_json, write_text
+from lmforge.models import MODELS, build_model
+from lmforge.tasks.base import Task
+
+EARLY_STOP_METRICS = ("macro_f1", "accuracy", "weighted_f1", "roc_auc", "loss")
+MEGA_BATCHES = 50  # batches sorted by length together
+
+
+@dataclass
+class ClassifyOptions:
+    name: str = "classify"
+    init: str | None = None  # run directory or Hugging Face directory to fine-tune
+    text_column: str = "text"
+    label_column: str = "label"
+    val_fraction: float = 0.15  # without data.val: the stratified share of data.path held out
+    class_weights: str | None = None  # auto (inverse class frequency in the loss) | none
+    oversample: bool = False  # class-balanced sampling of training examples
+    epochs: int = 3  # the schedule's length when train.max_steps is not given
+    max_length: int = 128  # tokens per text (longer texts are truncated)
+    # The target puts 1 - label_smoothing on the true class and spreads the rest evenly over all
+    # classes (F.cross_entropy's label_smoothing).
+    label_smoothing: float = 0.0
+
+
+def load_base(init: str | Path):
+    """(model, tokenizer) from a run directory or a Hugging Face directory."""
+    from lmforge.models.hf import _load_hf_model, _read_hf_tokenizer
+    from lmforge.runs import RunDir, load_run
+
+    init = Path(init)
+    if RunDir(init).is_run():
+        run = load_run(init, device="cpu")
+        return run.model, run.tokenizer
+    if (init / "config.json").is_file():
+        hf_config = json.loads((init / "config.json").read_text(encoding="utf-8"))
+        _, model, _ = _load_hf_model(init, hf_config)
+        return model, _read_hf_tokenizer(init)
+    raise UserError(f"--init {init}: not a run directory (config.yaml) or a Hugging Face directory (config.json)")
+
+
+def with_head(base: torch.nn.Module, config, seed: int) -> torch.nn.Module:
+    """A model of ``config`` (``classification_config`` of ``base``'s, perhaps with settings
+    changed) with a freshly initialised classification head: every weight the new model shares with
+    ``base`` is copied, but for the head itself."""
+    torch.manual_seed(seed)
+    model = type(base)(config)
+    head = base.classifier_head
+    theirs = base.state_dict()
+    ours = model.state_dict()
+    shared = {k: v for k, v in theirs.items() if k in ours and not k.startswith(head)}
+    model.load_state_dict(shared, strict=False)
+    missing = [k for k in ours if k not in shared and not k.startswith(head)]
+    if missing:
+        raise UserError(f"--init does not fit the classifier: missing {missing}")
+    return model
+
+
+@torch.no_grad()
+def predict_probs(model, tokenizer, texts: list[str], max_length: int, device, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, K) for ``texts``, in their order. Batches are cut from the texts
+    sorted by length, so each pads to similar lengths (less than half the compute of random
+    batches on docstrings: a batch pads to its longest text)."""
+    model.eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = encode_batch(tokenizer, [texts[j] for j in order[i:i + batch_size]], max_length)
+        out.append(model.classify(ids.to(device), mask.to(device)).float().softmax(-1).cpu().numpy())
+    in_order = np.concatenate(out)
+    probs = np.empty_like(in_order)
+    probs[order] = in_order
+    return probs
+
+
+def evaluate_examples(model, tokenizer, ex: Examples, names: list[str], max_length: int, device):
+    """(metrics, true ids, probabilities) of ``model`` on ``ex``."""
+    index = {n: i for i, n in enumerate(names)}
+    unseen = sorted(set(ex.labels) - set(index))
+    if unseen:
+        raise UserError(f"labels never seen in training: {', '.join(unseen[:10])}")
+    y = np.array([index[label] for label in ex.labels])
+    probs = predict_probs(model, tokenizer, ex.texts, max_length, device)
+    m = classification_metrics(y, probs, names)
+    m["loss"] = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+    return m, y, probs
+
+
+def write_classification_report(run_dir: Path, model, tokenizer, ex: Examples, names, max_length, device,
+                                split: str, source: str | None = None) -> dict:
+    """Metrics on ``ex``, ``eval.json`` (or ``eval_<split>.json``), ``report.md``, the plots, and
+    ``predictions_<split>.jsonl`` (each example's text, label, predicted label and probabilities)."""
+    from lmforge.runs import RunDir
+
+    rd = RunDir(run_dir)
+    m, y, probs = evaluate_examples(model, tokenizer, ex, names, max_length, device)
+    write_text(rd / f"predictions_{split}.jsonl", "".join(
+        json.dumps({"text": t, "label": label, "predicted": names[int(p.argmax())],
+                    "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}) + "\n"
+        for t, label, p in zip(ex.texts, ex.labels, probs)))
+    majority = max(m["per_class"].values(), key=lambda c: c["support"])["support"] / max(m["n"], 1)
+    m["majority_baseline_accuracy"] = majority
+    m["split"], m["data"] = split, source
+    plots = plot_classification(y, probs, names, rd.plots)
+    write_json(rd / (rd.EVAL if split in ("validation", "eval") else f"eval_{split}.json"), m)
+    lines = [f"# Classification report ({split}{', ' + source if source else ''})", "",
+             f"{m['n']} examples, {len(names)} classes. The largest class holds {majority:.4f} of them "
+             "(the best accuracy a constant prediction could reach here).", "",
+             "| metric | value |", "|---|---:|"]
+    for k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "roc_auc", "loss"):
+        lines.append(f"| {k} | {m[k]:.4f} |" if m[k] is not None else f"| {k} | n/a |")
+    lines += ["", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for name, c in m["per_class"].items():
+        lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
+    lines += ["", "Confusion matrix (rows: true, columns: predicted): `plots/confusion.png`; ROC: `plots/roc.png`; "
+              f"precision-recall: `plots/pr.png`. Every example's prediction: `predictions_{split}.jsonl`.", ""]
+    write_text(rd / rd.REPORT, "\n".join(lines))
+    m["plots"] = plots
+    return m
+
+
+def base_model(init: str | Path):
+    """(family, model config) of the model ``init`` names, read from its config file alone."""
+    from lmforge.models.hf import hf_model_config
+    from lmforge.runs import RunDir
+
+    run = RunDir(init)
+    if run.is_run():
+        cfg = run.load_config()
+        return cfg.arch, cfg.model
+    if (Path(init) / "config.json").is_file():
+        return hf_model_config(Path(init))
+    raise UserError(f"--init {init}: not a run directory (config.yaml) or a Hugging Face directory (config.json)")
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    Options = ClassifyOptions
+    METRICS = EARLY_STOP_METRICS
+    # Fine-tuning defaults (flags, the config file and --set override them): lr 5e-5, batch 16,
+    # the schedule from the epochs, one evaluation per epoch, every step logged, the best
+    # checkpoint by validation macro F1, three evaluations of patience.
+    DEFAULTS = {"train": dict(lr=5e-5, batch_size=16, max_steps=None, eval_interval=None, log_interval=1,
+                              early_stop="macro_f1", patience=3, keep_best=True)}
+    method = "classify"
+    unit = "examples"
+    base_model = staticmethod(base_model)  # the model comes from --init
+
+    @classmethod
+    def validate_options(cls, cfg) -> None:
+        o = cfg.task
+        if not 0.0 <= o.val_fraction < 0.5:
+            raise UserError(f"--val-fraction must be in [0, 0.5), got {o.val_fraction}")
+        if o.class_weights not in (None, "auto", "none"):
+            raise UserError("--class-weights takes 'auto' (inverse class frequency) or 'none'")
+        if not 0.0 <= o.label_smoothing < 1.0:
+            raise UserError(f"task.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+        for key in ("epochs", "max_length"):
+            if getattr(o, key) <= 0:
+                raise UserError(f"task.{key} must be positive, got {getattr(o, key)}")
+
+    def __init__(self, cfg, run=None):
+        super().__init__(cfg, run)
+        o, d = cfg.task, cfg.data
+        if not o.init or not d.path:
+            raise UserError("--task classify needs --init RUN_OR_HF_DIR and --data FILE (.csv or .jsonl)")
+        if cfg.preset:
+            raise UserError("--task classify takes its model from --init; --preset does not apply")
+        train_ex = read_examples(d.path, o.text_column, o.label_column)
+        self.names = label_names(train_ex.labels)
+        if len(self.names) < 2:
+            raise UserError(f"{d.path}: only one class ({self.names[0]!r}); a classifier needs at least two")
+        if d.val is not None:
+            val_ex = read_examples(d.val, o.text_column, o.label_column)
+        elif o.val_fraction > 0:
+            train_ex, val_ex = stratified_split(train_ex, o.val_fraction, seed=0)
+        else:  # no validation: the planned epochs run and the last weights are kept
+            val_ex = None
+        test_ex = read_examples(d.test, o.text_column, o.label_column) if d.test is not None else None
+        for part, ex in (("validation", val_ex), ("test", test_ex)):
+            unseen = sorted(set(ex.labels) - set(self.names)) if ex is not None else []
+            if unseen:
+                raise UserError(f"{part} labels never seen in training: {', '.join(unseen[:10])}")
+        self.train_ex, self.val_ex, self.test_ex = train_ex, val_ex, test_ex
+        if self.resume:  # the model is the checkpoint's; the tokenizer is the run's own
+            self.base, self.tokenizer = None, None
+        else:
+            self.base, self.tokenizer = load_base(o.init)
+
+    def resolve(self, cfg, world):
+        if self.resume:  # the saved config is resolved already
+            self._prepare(cfg, world)
+            return cfg
+        t = cfg.train
+        abspath = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
+        model_cfg = MODELS[cfg.arch].model.classification_config(cfg.model, len(self.names))
+        max_length = min(cfg.task.max_length, model_cfg.block_size)
+        cfg = cfgmod.replace(cfg, task={"max_length": max_length},
+                             data={k: abspath(getattr(cfg.data, k)) for k in ("path", "val", "test")})
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+        self._prepare(cfg, world)
+        epoch_steps = max(1, math.ceil(cfg.task.epochs * self.batches_per_epoch / self.micro_per_step))
+        max_steps = t.max_steps
+        if max_steps is None and t.max_seconds is None:
+            max_steps = epoch_steps
+        per_epoch = max(1, round(self.batches_per_epoch / self.micro_per_step))
+        return cfgmod.replace(cfg, train={
+            "max_steps": max_steps, "warmup_steps": min(t.warmup_steps, max(1, (max_steps or epoch_steps) // 10)),
+            "eval_interval": per_epoch if t.eval_interval is None else t.eval_interval})
+
+    def _prepare(self, cfg, world) -> None:
+        """Shapes of the schedule that depend on the data and the number of processes."""
+        self.B = min(cfg.train.batch_size, len(self.train_ex))
+        self.batches_per_epoch = max(1, len(self.train_ex) // self.B)
+        self.micro_per_step = cfg.train.grad_accum * world.size
+        if cfg.train.max_steps is None:  # planned from the time budget, within the planned epochs
+            self.step_cap = max(1, math.ceil(cfg.task.epochs * self.batches_per_epoch / self.micro_per_step))
+        self.cfg = cfg
+
+    def build_model(self, cfg):
+        if self.resume:
+            return build_model(cfg.arch, cfg.model)
+        return with_head(self.base, cfg.model, cfg.train.seed)
+
+    def write_files(self, run, model) -> None:
+        self.tokenizer.save(str(run.tokenizer))
+        write_json(run.labels, self.names)
+
+    def to(self, device):
+        super().to(device)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.run.tokenizer)
+        o = self.cfg.task
+        index = {n: i for i, n in enumerate(self.names)}
+        self.y = torch.tensor([index[label] for label in self.train_ex.labels])
+        self.ids, self.mask = encode_batch(self.tokenizer, self.train_ex.texts, o.max_length)
+        self.lengths = self.mask.sum(1)
+        counts = torch.bincount(self.y, minlength=len(self.names)).float()
+        self.loss_weight = ((counts.sum() / (len(self.names) * counts.clamp(min=1))).to(device)
+                            if o.class_weights == "auto" else None)
+        self.sample_weight = (1.0 / counts)[self.y] if o.oversample else None
+        self._epoch, self._batches = None, []
+
+    def units_per_step(self, cfg, world) -> int:
+        return self.B * cfg.train.grad_accum * world.size
+
+    def eval_cost(self, cfg) -> float:
+        if self.val_ex is None:
+            return 0.0
+        return len(self.val_ex) / (3 * self.B * cfg.train.grad_accum)  # forward only: ~1/3 of a step
+
+    def _epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        seed = int(np.random.default_rng([self.cfg.train.seed, epoch]).integers(2**62))
+        gen = torch.Generator().manual_seed(seed)
+        n, B = len(self.y), self.B
+        order = (torch.multinomial(self.sample_weight, n, replacement=True, generator=gen)
+                 if self.sample_weight is not None else torch.randperm(n, generator=gen))
+        order = torch.cat([mega[torch.argsort(self.lengths[mega], descending=True, stable=True)]
+                           for mega in order.split(MEGA_BATCHES * B)])
+        cut = [order[s:s + B] for s in range(0, n - B + 1, B)]
+        return [cut[k] for k in torch.randperm(len(cut), generator=gen).tolist()]
+
+    def batch(self, step, micro):
+        epoch, i = divmod(step * self.micro_per_step + micro, self.batches_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+        b = self._batches[i]
+        width = int(self.lengths[b].max())  # padding past the longest text in the batch changes nothing
+        return self.ids[b, :width], self.mask[b, :width], self.y[b]
+
+    def loss(self, call, model, batch):
+        ids, mask, y = batch
+        logits = call(ids, mask)
+        return F.cross_entropy(logits.float(), y, weight=self.loss_weight,
+                               label_smoothing=self.cfg.task.label_smoothing)
+
+    def evaluate(self, model, ctx):
+        if self.val_ex is None:
+            return {}
+        m, _, _ = evaluate_examples(model, self.tokenizer, self.val_ex, self.names, self.cfg.task.max_length,
+                                    self.device)
+        model.train()
+        return {f"val_{k}": m[k] for k in EARLY_STOP_METRICS}
+
+    def finish(self, run, model, ctx):
+        keys = ("accuracy", "macro_f1", "weighted_f1", "roc_auc")
+        out = {"arch": self.cfg.arch, "labels": self.names, "train_examples": len(self.train_ex),
+               "val_examples": len(self.val_ex) if self.val_ex is not None else 0, "validation": None}
+        for split, ex in (("validation", self.val_ex), ("test", self.test_ex)):
+            if ex is not None:
+                m = write_classification_report(run.path, model, self.tokenizer, ex, self.names,
+                                                self.cfg.task.max_length, self.device, split)
+                out[split] = {k: m[k] for k in keys}
+        model.train()
+        return out
+

@@ -1,0 +1,122 @@
+"""Next-token language modelling on a ``lmforge prepare`` directory (decoders).
+
+Batches are random windows of the training token file, a pure function of (seed, step,
+micro-batch); validation is the mean loss over ``train.eval_batches`` fixed windows of the
+validation file (the same ones at every evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge import config as cfgmod
+from lmforge.data.tokens import TokenFile, load_meta
+from lmforge.errors import UserError
+from lmforge.models import MODELS, build_model
+from lmforge.tasks.base import Task
+
+
+@dataclass
+class LMOptions:
+    name: str = "lm"
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Round the embedding table up to a multiple of 64: faster matmuls, unused rows never targeted."""
+    return int(math.ceil(n / multiple) * multiple)
+
+
+class TokenTask(Task):
+    """What next-token and masked-token training share: token files, a vocabulary from the
+    tokenizer, random-window batches and a fixed validation sample."""
+
+    def __init__(self, cfg, run=None):
+        super().__init__(cfg, run)
+        if cfg.data.path is None:
+            raise UserError("--data is required (a directory made by `lmforge prepare`)")
+        self.data_dir = Path(cfg.data.path)
+        self.meta = load_meta(self.data_dir)
+        self.train = TokenFile(self.data_dir / "train.bin", self.meta["dtype"])
+        self.val = TokenFile(self.data_dir / "val.bin", self.meta["dtype"])
+        for tf in (self.train, self.val):
+            tf.check_context(cfg.model.block_size)
+        if cfg.train.max_steps is None and cfg.train.max_seconds is None:
+            raise UserError("set train.max_steps or train.max_seconds (or both)")
+
+    def resolve(self, cfg, world):
+        vocab = self.meta["vocab_size"]
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
+            raise UserError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
+        return cfgmod.replace(cfg, model={"vocab_size": cfg.model.vocab_size or pad_vocab(vocab)},
+                              data={"path": str(self.data_dir.resolve())},
+                              train={"eval_interval": cfg.train.eval_interval or 0})
+
+    def build_model(self, cfg):
+        return build_model(cfg.arch, cfg.model)
+
+    def write_files(self, run, model) -> None:
+        shutil.copyfile(self.data_dir / "tokenizer.json", run.tokenizer)
+
+    def to(self, device):
+        super().to(device)
+        self.loss_chunk = cfgmod.loss_chunk_for(self.cfg.train.loss_chunk, device.type)
+
+    def units_per_step(self, cfg, world) -> int:
+        t = cfg.train
+        return t.batch_size * cfg.model.block_size * t.grad_accum * world.size
+
+    def eval_cost(self, cfg) -> float:
+        return cfg.train.eval_batches / (3 * cfg.train.grad_accum)  # forward only: ~1/3 of a step
+
+    def window_batch(self, data: TokenFile, step: int, micro: int, stream: int):
+        t = self.cfg.train
+        return data.random_batch(t.batch_size, self.cfg.model.block_size, t.seed, step, micro, stream)
+
+    def batch(self, step, micro):
+        return self.window_batch(self.train, step, micro, stream=0)
+
+    def loss_and_metrics(self, call, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def loss(self, call, model, batch):
+        return self.loss_and_metrics(call, model, batch)[0]
+
+    @torch.no_grad()
+    def evaluate(self, model, ctx, batches: int | None = None, data: TokenFile | None = None) -> dict:
+        """Mean loss (and the task's other metrics) on fixed random validation windows."""
+        model.eval()
+        sums: dict[str, float] = {}
+        n = batches or self.cfg.train.eval_batches
+        for i in range(n):
+            x, y = self.window_batch(data or self.val, step=0, micro=i, stream=1)
+            with ctx:
+                loss, extra = self.loss_and_metrics(model, model, (x.to(self.device), y.to(self.device)))
+            for k, v in {"loss": loss, **extra}.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+        model.train()
+        return {f"val_{k}": v / n for k, v in sums.items()}
+
+
+class LMTask(TokenTask):
+    name = "lm"
+    Options = LMOptions
+
+    def __init__(self, cfg, run=None):
+        if not MODELS[cfg.arch].model.can_generate:
+            raise UserError(f"{cfg.preset or 'this config'} is an encoder: train it with --task mlm")
+        super().__init__(cfg, run)
+
+    def write_files(self, run, model) -> None:
+        from lmforge.chat import save_chat_template
+
+        super().write_files(run, model)
+        save_chat_template(run.path)
+
+    def loss_and_metrics(self, call, model, batch):
+        x, y = batch
+        return call(x, y, loss_chunk=self.loss_chunk)[1], {}
