@@ -42,7 +42,7 @@ s2 = torch.stack(list(generate_ids(small, prompt, 40, temperature=1.0, top_p=0.9
 check("seeded sampling reproducible with graphs", torch.equal(s1, s2))
 
 # Same weights in HF GPT-2: logits agree in fp32 (TF32 off) and in bf16.
-from lmforge.models.hf import to_hf_gpt2  # noqa: E402
+from lmforge.interop.hf import to_hf_gpt2  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False
 cfg = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)

@@ -203,7 +203,7 @@ def bench_train(config: GPTConfig, batch_size: int, steps: int = 10, rounds: int
     ours.activation_checkpointing = activation_checkpointing
     impls.append(make(LMFORGE, ours, lambda f, x, y: f(x, y, loss_chunk=loss_chunk)[1]))
     if reference:
-        from lmforge.models.hf import to_hf_gpt2
+        from lmforge.interop.hf import to_hf_gpt2
 
         hf = to_hf_gpt2(ours).train()
         if activation_checkpointing:
@@ -265,7 +265,7 @@ def bench_generate(config: GPTConfig, batch_size: int = 1, prompt_tokens: int = 
 
     impls = [_Impl(LMFORGE, run_ours, _bytes(ours.parameters()))]
     if reference:
-        from lmforge.models.hf import to_hf_gpt2
+        from lmforge.interop.hf import to_hf_gpt2
 
         hf = to_hf_gpt2(ours).to(ref_dtype)
         mask = torch.ones_like(prompt)
@@ -311,7 +311,7 @@ def _greedy_check(model: GPT, prompt: torch.Tensor, new_tokens: int) -> dict:
     import copy
 
     from lmforge.generate import generate_ids
-    from lmforge.models.hf import to_hf_gpt2
+    from lmforge.interop.hf import to_hf_gpt2
 
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False

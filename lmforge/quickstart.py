@@ -182,7 +182,7 @@ def quickstart_classify(out: str | Path = "runs/quickstart-classify", max_second
             raise UserError(f"--out {out} exists and is not an lmforge run directory")
         shutil.rmtree(out)
     if init is None:
-        from lmforge.models.hf import default_encoder_dir
+        from lmforge.interop.hf_dir import default_encoder_dir
 
         init = default_encoder_dir()
     status(f"building the task: which standard-library package does a docstring come from? ({folds} folds by file)")

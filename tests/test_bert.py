@@ -12,7 +12,7 @@ import torch  # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 from lmforge.models.bert import Bert, BertConfig  # noqa: E402
-from lmforge.models.hf import from_hf_bert, to_hf_bert  # noqa: E402
+from lmforge.interop.hf import from_hf_bert, to_hf_bert  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
 HEADS = [transformers.BertModel, transformers.BertForMaskedLM, transformers.BertForSequenceClassification]
@@ -144,7 +144,7 @@ def test_minilm_embeddings_match_transformers(minilm):
 
 def test_minilm_tokenizer_ids_match_transformers_and_vocab_txt(minilm, tmp_path):
     from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.models.hf import _read_hf_tokenizer
+    from lmforge.interop.hf_dir import read_hf_tokenizer as _read_hf_tokenizer
 
     path, run = minilm
     ours = load_tokenizer(run / "tokenizer.json")

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from lmforge.generate import generate_ids  # noqa: E402
 from lmforge.models.gpt import GPT, GPTConfig  # noqa: E402
-from lmforge.models.hf import from_hf_gpt2, gpt_state_to_hf, hf_state_to_gpt, to_hf_gpt2  # noqa: E402
+from lmforge.interop.hf import from_hf_gpt2, gpt_state_to_hf, hf_state_to_gpt, to_hf_gpt2  # noqa: E402
 
 
 def hf_tiny():

@@ -3,18 +3,13 @@ DDP, metrics.jsonl and TensorBoard), and lmforge/ has no import cycles."""
 
 import ast
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from lmforge import config as cfgmod
-from tests.conftest import run_cli
+from tests.conftest import interrupt_training, run_cli
 from tests.test_classify import data, tiny_bert  # noqa: F401  (fixtures)
 from tests.test_distributed import torchrun
 
@@ -76,21 +71,9 @@ def test_a_finished_run_that_kept_its_best_weights_resumes_from_its_last_ones(ti
 def test_ctrl_c_during_classification_leaves_a_resumable_checkpoint(tiny_bert, data, tmp_path):  # noqa: F811
     train, _, _ = data
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "train", "--task", "classify", "--init", str(tiny_bert),
-                             "--data", str(train), "--max-steps", "100000", "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        m = run / "metrics.jsonl"
-        if m.is_file() and len(m.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("fine-tuning did not start")
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    code, err = interrupt_training(["--task", "classify", "--init", str(tiny_bert), "--data", str(train),
+                                    "--max-steps", "100000", "--out", str(run)], run)
+    assert code == 130, err
     assert "Traceback" not in err and "checkpoint saved" in err
     step = json.loads((run / "trainer_state.json").read_text())["step"]
     assert 5 <= step < 100000

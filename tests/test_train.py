@@ -2,10 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +9,7 @@ from safetensors import safe_open
 
 from lmforge import config as cfgmod
 from lmforge.train.trainer import train
+from tests.conftest import interrupt_training
 
 GOLDEN = Path(__file__).parent / "golden" / "debug_loss.json"
 
@@ -113,21 +110,9 @@ def test_time_budget_plans_from_timed_steps_and_follows_a_change_of_speed():
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "train", "--data", str(data_dir), "--out", str(run),
-                             "--preset", "debug", "--max-steps", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        m = run / "metrics.jsonl"
-        if m.is_file() and len(m.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("training did not start")
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    code, err = interrupt_training(["--data", str(data_dir), "--out", str(run), "--preset", "debug",
+                                    "--max-steps", "100000"], run)
+    assert code == 130, err
     assert "Traceback" not in err
     assert "checkpoint saved" in err
     state = json.loads((run / "trainer_state.json").read_text())

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.cli.options import flag
 from lmforge.errors import UserError
 
 DECODE_COMPILE_HELP = ("fuse the decode step with torch.compile: on the CPU about twice the tokens/s at batch 1, "
@@ -20,6 +22,19 @@ def emit(as_json: bool, obj: dict, text) -> int:
     """The command's result: ``obj`` as JSON with ``--json``, else ``text(obj)``; exit code 0."""
     print(json.dumps(obj, indent=2) if as_json else text(obj))
     return 0
+
+
+@dataclass
+class TextInputOptions:
+    """The flags of verbs that read texts to score (predict, embed)."""
+
+    run_dir: str = flag(positional=True)
+    text: list[str] | None = flag(append=True, help="a text (repeatable)")
+    input: str | None = flag(help=INPUT_HELP)
+    text_column: str = flag("text")
+
+    def texts(self) -> list[str]:
+        return input_texts(self.text, self.input, self.text_column)
 
 
 def input_texts(texts: list[str] | None, input_file: str | None, text_column: str) -> list[str]:

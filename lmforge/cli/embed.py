@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from lmforge.cli.common import INPUT_HELP, input_texts
+from lmforge.cli.common import TextInputOptions
 from lmforge.cli.options import flag
 from lmforge.errors import UserError
 
@@ -13,11 +13,7 @@ HELP = "sentence embeddings from an encoder run"
 
 
 @dataclass
-class Options:
-    run_dir: str = flag(positional=True)
-    text: list[str] | None = flag(append=True, help="a text to embed (repeatable)")
-    input: str | None = flag(help=INPUT_HELP)
-    text_column: str = flag("text")
+class Options(TextInputOptions):
     batch_size: int = flag(32)
     json: bool = flag(False, help='print {"embeddings": [[...], ...]}')
 
@@ -27,7 +23,7 @@ def run(o: Options) -> int:
     from lmforge.embed import embed_texts
     from lmforge.runs import load_run
 
-    texts = input_texts(o.text, o.input, o.text_column)
+    texts = o.texts()
     loaded = load_run(o.run_dir)
     if not loaded.model.can_embed:
         raise UserError(f"embed needs an encoder run (arch bert); {o.run_dir} is a {loaded.config.arch} run")

@@ -25,7 +25,7 @@ class ExportOptions:
 
 def run_import(o: ImportOptions) -> int:
     """Turn a Hugging Face GPT-2 or BERT directory (config.json, weights, tokenizer) into a run directory."""
-    from lmforge.models.hf import import_hf
+    from lmforge.interop.hf_dir import import_hf
 
     return emit(o.json, import_hf(o.hf_dir, o.out), lambda info: (
         f"imported {o.hf_dir} -> {info['run_dir']}: {info['model_type']}, {info['params']:,} params, "
@@ -35,7 +35,7 @@ def run_import(o: ImportOptions) -> int:
 
 def run_export(o: ExportOptions) -> int:
     """Write a run directory as a Hugging Face directory that transformers loads with from_pretrained."""
-    from lmforge.models.hf import export_hf
+    from lmforge.interop.hf_dir import export_hf
 
     return emit(o.json, export_hf(o.run_dir, o.out), lambda info: (
         f"exported {o.run_dir} -> {info['hf_dir']} ({info['architecture']}, {info['params']:,} params)"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmforge.cli.common import INPUT_HELP, input_texts, print_json
+from lmforge.cli.common import TextInputOptions, print_json
 from lmforge.cli.options import flag
 from lmforge.errors import UserError
 
@@ -12,11 +12,7 @@ HELP = "labels and probabilities from a classifier run"
 
 
 @dataclass
-class Options:
-    run_dir: str = flag(positional=True)
-    text: list[str] | None = flag(append=True, help="a text to classify (repeatable)")
-    input: str | None = flag(help=INPUT_HELP)
-    text_column: str = flag("text")
+class Options(TextInputOptions):
     max_length: int = flag(128)
     json: bool = flag(False)
 
@@ -26,7 +22,7 @@ def run(o: Options) -> int:
     from lmforge.runs import load_run
     from lmforge.tasks.classify import predict_probs
 
-    texts = input_texts(o.text, o.input, o.text_column)
+    texts = o.texts()
     loaded = load_run(o.run_dir)
     names = loaded.labels if loaded.config.task.name == "classify" else None
     if names is None:

@@ -80,6 +80,8 @@ def build_config(o: Options):
     cfg = run.load_config()
     if o.task and o.task != cfg.task.name:
         raise UserError(f"--resume: {o.out} is a {cfg.task.name} run, not --task {o.task}")
+    if cfg.data.path is None:  # a run from before configs recorded their data: its trainer state has it
+        cfg = cfgmod.replace(cfg, data={"path": values.get("data", {}).get("path") or run.data_path()})
     for section in ("task", "data"):  # what is learned from what cannot change; repeating it is fine
         for key, given in values.pop(section, {}).items():
             saved = getattr(getattr(cfg, section), key)

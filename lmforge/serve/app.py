@@ -22,112 +22,24 @@ import json
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.chat import jinja_chat_template, load_chat_template, render_chat
 from lmforge.data.tokenizer import EOT
 from lmforge.generate import text_pieces
 from lmforge.serve.batching import ContinuousBatcher
 from lmforge.serve.common import APIError, Metrics, install_api_basics, key_matches, request_key, unauthorized
-from lmforge.serve.logprobs import (MAX_LOGPROBS, Piece, Placer, TokenText, chat_logprobs, completion_logprobs,
-                                    placed_prompt, split_by_offset)
+from lmforge.serve.logprobs import (Piece, Placer, TokenText, chat_logprobs, completion_logprobs, placed_prompt,
+                                    split_by_offset)
+from lmforge.serve.protocol import (MAX_INPUTS, ChatMessage, ChatRequest, ClassifyRequest, CompletionRequest,
+                                    DetokenizeRequest, EmbeddingRequest, SamplingRequest, TokenizeRequest)
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False  # a last chunk with no choices and the request's usage
-
-
-# OpenAI parameters this server does not implement, with the values that ask for nothing: any other
-# value is refused (400) rather than silently ignored. Fields not named anywhere (``user``,
-# ``metadata``, ...) change nothing about the answer and are ignored.
-UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
-               "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
-               "response_format": (None, {"type": "text"}), "logit_bias_type": (None,)}
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # extras are checked against UNSUPPORTED
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=0)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100 added to its logit
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(default=1, ge=1, le=16)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-    def refuse_unsupported(self) -> None:
-        for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
-                raise APIError(400, f"{name} is not supported by this server (send {UNSUPPORTED[name][-1]!r} "
-                                    "or leave it out)", param=name, code="unsupported_parameter")
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids, one prompt or several
-    echo: bool = False  # the prompt comes back before the completion (with its logprobs if asked)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # alternatives per token
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]  # "developer" is OpenAI's newer "system"
-    content: str | list[dict]  # text, or content parts of which only {"type": "text"} is supported
-
-    def text(self, k: int) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        texts = []
-        for j, part in enumerate(self.content):
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"messages[{k}].content[{j}]: only text parts are supported "
-                                    f"(got type {part.get('type')!r})", param=f"messages.{k}.content")
-            texts.append(part["text"])
-        return "".join(texts)
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-
-
-class TokenizeRequest(BaseModel):
-    prompt: str = Field(max_length=1_000_000)
-    add_special_tokens: bool = False
-    model: str | None = None
-
-
-class DetokenizeRequest(BaseModel):
-    tokens: list[int]
-    model: str | None = None
-
-
-MAX_INPUTS = 256  # texts per embeddings / classify request
-
-
-class EmbeddingRequest(BaseModel):
-    model: str
-    input: str | list[str] = Field(min_length=1)
-    encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64
-
-
-class ClassifyRequest(BaseModel):
-    model: str
-    input: str | list[str] = Field(min_length=1)
 
 
 class Engine:
@@ -157,7 +69,7 @@ class Engine:
         return render_chat(self.chat_template, [{"role": "system" if m.role == "developer" else m.role,
                                                  "content": m.text(k)} for k, m in enumerate(messages)])
 
-    def check(self, req: _Sampling, prompt: str | list[int]) -> list[int]:
+    def check(self, req: SamplingRequest, prompt: str | list[int]) -> list[int]:
         """The prompt's token ids; 400 for a prompt past the context or ids outside the vocabulary."""
         self.require("generator", req.model, "completions")
         req.refuse_unsupported()
@@ -174,7 +86,7 @@ class Engine:
         self.logit_bias(req)
         return ids
 
-    def logit_bias(self, req: _Sampling) -> dict[int, float] | None:
+    def logit_bias(self, req: SamplingRequest) -> dict[int, float] | None:
         """The request's ``logit_bias`` as {token id: bias}; 400 for ids outside the vocabulary or
         biases outside [-100, 100] (OpenAI's range)."""
         if not req.logit_bias:
@@ -187,7 +99,7 @@ class Engine:
             bias[int(key)] = value
         return bias
 
-    def max_tokens(self, req: _Sampling, ids: list[int], default: int | None = 16) -> int:
+    def max_tokens(self, req: SamplingRequest, ids: list[int], default: int | None = 16) -> int:
         """The request's token limit (``default`` None: what is left of the context); 400 past the cap."""
         given = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if given is None:
@@ -237,7 +149,7 @@ class Engine:
             return predict_probs(self.run.model, self.run.tokenizer, texts, self.run.model.config.block_size,
                                  self.run.device), tokens
 
-    def generate(self, ids: list[int], req: _Sampling, max_tokens: int, seed: int | None, stop: list[str],
+    def generate(self, ids: list[int], req: SamplingRequest, max_tokens: int, seed: int | None, stop: list[str],
                  logprobs: int | None = None, echo: str | None = None):
         """Generator of :class:`Piece` s; returns {"completion_tokens", "finish_reason"}.
 
@@ -283,8 +195,22 @@ class _ClosingStreamingResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+@dataclass
+class Finished:
+    """The last item of a generation driven in a thread: its generator's return value."""
+
+    value: dict
+
+
+@dataclass
+class Failed:
+    """An exception raised by a generation driven in a thread, carried to the request."""
+
+    error: BaseException
+
+
 async def _iterate_in_thread(gen):
-    """Drive a blocking generator in a worker thread; yields its items, then ("__result__", value).
+    """Drive a blocking generator in a worker thread; yields its items, then :class:`Finished`.
 
     If the consumer goes away (a client disconnects mid-stream), the worker stops the generator at
     its next item, which cancels the sequence and frees its batch slot.
@@ -303,11 +229,11 @@ async def _iterate_in_thread(gen):
                 try:
                     item = next(gen)
                 except StopIteration as e:
-                    loop.call_soon_threadsafe(queue.put_nowait, ("__result__", e.value))
+                    loop.call_soon_threadsafe(queue.put_nowait, Finished(e.value))
                     break
                 loop.call_soon_threadsafe(queue.put_nowait, item)
         except BaseException as e:  # surface errors to the request, not the thread
-            loop.call_soon_threadsafe(queue.put_nowait, ("__error__", e))
+            loop.call_soon_threadsafe(queue.put_nowait, Failed(e))
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
@@ -318,8 +244,8 @@ async def _iterate_in_thread(gen):
             item = await queue.get()
             if item is done:
                 return
-            if isinstance(item, tuple) and item and item[0] == "__error__":
-                raise item[1]
+            if isinstance(item, Failed):
+                raise item.error
             yield item
     finally:
         cancelled.set()
@@ -390,7 +316,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
             raise APIError(400, f"token ids must be in [0, {engine.run.tokenizer.get_vocab_size()})", param="tokens")
         return {"prompt": engine.run.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
-    def stops(req: _Sampling, extra: list[str] = ()) -> list[str]:
+    def stops(req: SamplingRequest, extra: list[str] = ()) -> list[str]:
         given = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return given + list(extra)
 
@@ -401,7 +327,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
                 for ids, limit, echo in zip(prompts_ids, limits, echoes) for j in range(req.n)]
 
     async def merged(gens):
-        """(choice index, text piece or ("__result__", value)) from all choices as they come."""
+        """(choice index, text piece or :class:`Finished`) from all choices as they come."""
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -411,7 +337,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
                 async for item in items:
                     await queue.put((index, item))
             except Exception as e:
-                await queue.put((index, ("__error__", e)))
+                await queue.put((index, Failed(e)))
             finally:
                 await items.aclose()  # stops the generation if this choice is abandoned
                 queue.put_nowait(done)
@@ -423,8 +349,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
                 item = await queue.get()
                 if item is done:
                     remaining -= 1
-                elif isinstance(item[1], tuple) and item[1][0] == "__error__":
-                    raise item[1][1]
+                elif isinstance(item[1], Failed):
+                    raise item[1].error
                 else:
                     yield item
         finally:
@@ -436,8 +362,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         pieces = [[] for _ in gens]
         results = [None] * len(gens)
         async for index, item in merged(gens):
-            if isinstance(item, tuple) and item[0] == "__result__":
-                results[index] = item[1]
+            if isinstance(item, Finished):
+                results[index] = item.value
             else:
                 pieces[index].append(item)
         choices = [("".join(x.text for x in p), [t for x in p for t in x.tokens], r["finish_reason"])
@@ -457,9 +383,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
             started, completion_tokens = set(), 0
             async with contextlib.aclosing(merged(gens)) as pieces:
                 async for index, item in pieces:
-                    if isinstance(item, tuple) and item[0] == "__result__":
-                        completion_tokens += item[1]["completion_tokens"]
-                        yield sse(make_chunk(index, None, item[1]["finish_reason"], index not in started))
+                    if isinstance(item, Finished):
+                        completion_tokens += item.value["completion_tokens"]
+                        yield sse(make_chunk(index, None, item.value["finish_reason"], index not in started))
                     elif item.text or item.tokens:
                         yield sse(make_chunk(index, item, None, index not in started))
                         started.add(index)

@@ -60,7 +60,7 @@ class ClassifyOptions:
 
 def load_base(init: str | Path):
     """(model, tokenizer) from a run directory or a Hugging Face directory."""
-    from lmforge.models.hf import _load_hf_model, _read_hf_tokenizer
+    from lmforge.interop.hf_dir import load_hf_model, read_hf_tokenizer
     from lmforge.runs import RunDir, load_run
 
     init = Path(init)
@@ -69,8 +69,8 @@ def load_base(init: str | Path):
         return run.model, run.tokenizer
     if (init / "config.json").is_file():
         hf_config = json.loads((init / "config.json").read_text(encoding="utf-8"))
-        _, model, _ = _load_hf_model(init, hf_config)
-        return model, _read_hf_tokenizer(init)
+        _, model, _ = load_hf_model(init, hf_config)
+        return model, read_hf_tokenizer(init)
     raise UserError(f"--init {init}: not a run directory (config.yaml) or a Hugging Face directory (config.json)")
 
 
@@ -156,7 +156,7 @@ def write_classification_report(run_dir: Path, model, tokenizer, ex: Examples, n
 
 def base_model(init: str | Path):
     """(family, model config) of the model ``init`` names, read from its config file alone."""
-    from lmforge.models.hf import hf_model_config
+    from lmforge.interop.hf_dir import hf_model_config
     from lmforge.runs import RunDir
 
     run = RunDir(init)

@@ -72,7 +72,7 @@ def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | No
     conversation.
     """
     from lmforge.fsutil import atomic_path
-    from lmforge.models.hf import default_encoder_dir, import_hf
+    from lmforge.interop.hf_dir import default_encoder_dir, import_hf
 
     entries = read_faq(faq_file, **(columns or {}))
     app_dir = Path(app_dir)

@@ -1,0 +1,1 @@
+"""Conversions between run directories and other formats (Hugging Face today); models/ stays pure."""

