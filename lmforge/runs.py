@@ -109,12 +109,6 @@ class RunDir:
     def label_names(self) -> list[str] | None:
         return json.loads(self.labels.read_text(encoding="utf-8")) if self.labels.is_file() else None
 
-    def trainer_state(self) -> dict:
-        path = self.path / self.STATE_JSON
-        if not path.is_file():
-            raise UserError(f"{self.path} was not trained here (no {self.STATE_JSON})")
-        return json.loads(path.read_text(encoding="utf-8"))
-
     def data_path(self) -> str | None:
         """The data the run was trained on (its config's ``data.path``; older runs: the trainer state)."""
         cfg = self.load_config()

@@ -33,8 +33,3 @@ def build_model(arch: str, config) -> nn.Module:
     """A freshly initialised model of family ``arch`` from its config."""
     return MODELS[arch].model(config)
 
-
-def arch_of(model: nn.Module) -> str:
-    """The family name of ``model`` (its row in :data:`MODELS`)."""
-    model = getattr(model, "module", model)  # under DDP
-    return next(name for name, spec in MODELS.items() if isinstance(model, spec.model))

@@ -42,8 +42,12 @@ class Task:
 
     def __init__(self, cfg, run=None):
         """``run``: the RunDir being resumed (None: a fresh start)."""
-        self.cfg, self.run, self.resume = cfg, run, run is not None
+        self.cfg, self.run = cfg, run
         self.step_cap: int | None = None  # a schedule planned from a time budget stays within it
+
+    @property
+    def resume(self) -> bool:
+        return self.run is not None
 
     def resolve(self, cfg, world):
         return cfg
