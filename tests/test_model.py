@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.generate import MatVecLinear, generate_ids, sample_next
-from lmforge.models.gpt import GPT, SINUSOIDAL_RMS, GPTConfig, previous_token_head, sinusoidal_positions
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.models.init import SINUSOIDAL_RMS, previous_token_head, sinusoidal_positions
 from lmforge.models.losses import linear_cross_entropy
 
 

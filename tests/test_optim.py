@@ -5,7 +5,8 @@ import torch
 
 from lmforge import config as cfgmod
 from lmforge.models.gpt import GPT
-from lmforge.train.optim import Muon, build_optimizer, lr_at, set_lr
+from lmforge.train.muon import Muon
+from lmforge.train.optim import build_optimizer, lr_at, set_lr
 
 
 def _debug_gpt() -> GPT:
