@@ -234,8 +234,9 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _skeleton(task: str, arch: str, source: str) -> RunConfig:
-    """A default config for ``task`` on family ``arch``, with the task's own training defaults."""
+def _skeleton(task: str, arch: str, source: str, with_defaults: bool = True) -> RunConfig:
+    """A default config for ``task`` on family ``arch``, with the task's own training defaults
+    unless ``with_defaults`` is false (a saved config, which holds every value itself)."""
     from lmforge.tasks import TASKS
 
     if task not in TASKS:
@@ -243,7 +244,8 @@ def _skeleton(task: str, arch: str, source: str) -> RunConfig:
     if arch not in MODELS:
         raise UserError(f"{source}: unknown arch {arch!r} (known: {', '.join(MODELS)})")
     cfg = RunConfig(task=TASKS[task].Options(), arch=arch, model=MODELS[arch].config())
-    apply_dict(cfg, TASKS[task].DEFAULTS, f"task {task} defaults")
+    if with_defaults:
+        apply_dict(cfg, TASKS[task].DEFAULTS, f"task {task} defaults")
     return cfg
 
 
@@ -371,19 +373,14 @@ def _legacy_task(data: dict[str, Any]) -> str:
 def from_dict(data: dict[str, Any], source: str = "config.yaml") -> RunConfig:
     """Rebuild a saved config (no preset or task default is re-applied: the saved file is fully
     resolved)."""
-    from lmforge.tasks import TASKS
-
     task = (data.get("task") or {}).get("name") or _legacy_task(data)
-    arch = data.get("arch", "gpt")
-    cfg = _skeleton(task, arch, source)
-    cfg.task, cfg.train = TASKS[task].Options(), TrainConfig()  # nothing but the file's own values
+    cfg = _skeleton(task, data.get("arch", "gpt"), source, with_defaults=False)
     cfg.preset = data.get("preset")
-    legacy = {}
-    if "task" not in data:  # the keys that moved into the task section
-        legacy = {k: data.get("train", {}).pop(k) for k in ("label_smoothing",) if k in data.get("train", {})}
+    if "task" not in data:  # saved before configs had a task section: label_smoothing was a train key
+        train = dict(data.get("train") or {})
+        moved = {k: train.pop(k) for k in ("label_smoothing",) if k in train}
+        data = {**data, "train": train, "task": {k: v for k, v in moved.items() if hasattr(cfg.task, k)}}
     apply_dict(cfg, data, source)
-    if legacy and hasattr(cfg.task, "label_smoothing"):
-        cfg.task.label_smoothing = legacy["label_smoothing"]
     validate(cfg)
     return cfg
 

@@ -67,3 +67,20 @@ def test_loss_chunk_defaults_by_device():
     assert loss_chunk_for(None, "cpu") == 256  # measured faster on CPU
     assert loss_chunk_for(None, "cuda") == 0  # full logits: torch.compile fuses the loss
     assert loss_chunk_for(1024, "cuda") == 1024
+
+
+def test_a_config_saved_before_the_task_section_loads_with_its_task_inferred(tmp_path):
+    cfg = cfgmod.build_config("debug")
+    old = cfgmod.to_dict(cfg)
+    del old["task"], old["data"]
+    old["train"]["label_smoothing"] = 0.0  # a train key then; a classify option now
+    lm = cfgmod.from_dict(old)
+    assert lm.task.name == "lm" and lm.train == cfg.train
+    bert = cfgmod.to_dict(cfgmod.build_config("bert-debug"))
+    del bert["task"], bert["data"]
+    bert["model"]["num_labels"] = 3
+    bert["train"]["label_smoothing"] = 0.1
+    clf = cfgmod.from_dict(bert)
+    assert clf.task.name == "classify" and clf.task.label_smoothing == 0.1
+    del bert["model"]["num_labels"]
+    assert cfgmod.from_dict(bert).task.name == "mlm"
