@@ -137,21 +137,57 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Encoders (masked-LM pretraining: `lmforge train --task mlm` on `prepare --tokenizer wordpiece` data).
     "bert-debug": {
-        "arch": "bert",
+        "arch": "bert", "task": "mlm",
         "model": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0),
         "train": dict(batch_size=4, lr=3e-3, warmup_steps=5, max_steps=40, eval_interval=20,
                       eval_batches=2, log_interval=1),
     },
     "bert-mini": {
-        "arch": "bert",
+        "arch": "bert", "task": "mlm",
         "model": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, dropout=0.1),
         "train": dict(batch_size=32, lr=1e-3, warmup_steps=50, max_steps=2000, beta2=0.99),
     },
     "bert-base": {
-        "arch": "bert",
+        "arch": "bert", "task": "mlm",
         "model": dict(n_layer=12, n_head=12, n_embd=768, block_size=512, dropout=0.1),
         "train": dict(batch_size=32, grad_accum=8, lr=1e-4, warmup_steps=1000, max_steps=100000,
                       weight_decay=0.01, beta2=0.999, eval_interval=500, eval_batches=40),
+    },
+    # Image classifiers (`lmforge train --task image-classify` on `prepare --kind images` data). The
+    # input shape, classes and normalisation come from the data. keras-mnist is the Keras MNIST
+    # example (Conv 32 -> MaxPool -> Conv 64 -> MaxPool -> Flatten -> Dropout 0.5 -> Dense softmax,
+    # Adam 1e-3, batch 128); keras-cifar the TensorFlow CIFAR-10 tutorial's network (a third
+    # convolution, no pooling after it, Dense 64).
+    "keras-mnist": {
+        "arch": "cnn", "task": "image-classify",
+        "model": dict(channels=[32, 64], kernel=3, padding="valid", pool="max", dropout=0.5, dense=[]),
+        "train": dict(batch_size=128, lr=1e-3),
+    },
+    "keras-cifar": {
+        "arch": "cnn", "task": "image-classify",
+        "model": dict(channels=[32, 64, 64], kernel=3, padding="valid", pool="max", pools=2, dropout=0.0,
+                      dense=[64]),
+        "train": dict(batch_size=64, lr=1e-3),
+    },
+    # Small inputs (8x8 digits): same-padded convolutions with BatchNorm.
+    "cnn-small": {
+        "arch": "cnn", "task": "image-classify",
+        "model": dict(channels=[32, 64], kernel=3, padding="same", batchnorm=True, pool="max", dropout=0.3,
+                      dense=[128]),
+        "train": dict(batch_size=64, lr=2e-3),
+    },
+    # A small residual network for 32x32 colour images: three stages of two residual blocks'
+    # worth of convolutions (16, 32, 64 channels), BatchNorm, global average pooling.
+    "resnet-small": {
+        "arch": "cnn", "task": "image-classify",
+        "model": dict(channels=[16, 32, 64], kernel=3, padding="same", convs_per_block=2, batchnorm=True,
+                      residual=True, pool="max", pools=2, global_pool=True, dropout=0.0, dense=[]),
+        "train": dict(batch_size=128, lr=2e-3),
+    },
+    "mlp": {
+        "arch": "mlp", "task": "image-classify",
+        "model": dict(hidden=[256, 128], dropout=0.2),
+        "train": dict(batch_size=64, lr=1e-3),
     },
     "gpt2-124m": {
         "model": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0),
@@ -164,6 +200,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check and convert ``value`` to the dataclass field type ``tp`` (int, float, bool, str, optional)."""
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:  # a list of one type: a YAML list or "32,64"
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v.strip() if isinstance(v, str) else v, args[0], key) for v in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [_coerce(value, args[0], key)]
+        raise UserError(f"config key {key!r} expects a list, got {value!r}")
     if args and type(None) in args:  # Optional[X]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
@@ -174,6 +218,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
     elif tp is int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -251,9 +297,10 @@ def _skeleton(task: str, arch: str, source: str, with_defaults: bool = True) -> 
 
 def build_config(preset: str | None = None, config_file: str | Path | None = None,
                  overrides: list[str] | None = None, task: str | None = None,
-                 values: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+                 values: dict[str, dict[str, Any]] | None = None, arch: str | None = None) -> RunConfig:
     """Resolve preset -> the task's defaults -> YAML file -> ``values`` (typed, from command-line
-    flags) -> ``--set`` overrides into a validated :class:`RunConfig`."""
+    flags) -> ``--set`` overrides into a validated :class:`RunConfig`. ``arch`` (``--model``)
+    chooses the model family; without it the file's, the preset's or the task's default."""
     from lmforge.tasks import TASKS
 
     file_data: dict[str, Any] = {}
@@ -263,8 +310,13 @@ def build_config(preset: str | None = None, config_file: str | Path | None = Non
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     spec = PRESETS[preset] if preset else {}
-    arch = file_data.get("arch") or spec.get("arch") or "gpt"
     task = task or (file_data.get("task") or {}).get("name") or spec.get("task") or "lm"
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    if arch is not None and spec.get("arch") and arch != spec["arch"]:
+        raise UserError(f"--model {arch} does not go with --preset {preset} (a {spec['arch']} preset)")
+    # A preset without an arch is a GPT preset; without a preset the task picks its first family.
+    arch = arch or file_data.get("arch") or spec.get("arch", "gpt" if preset else None) or TASKS[task].ARCHS[0]
     cfg = _skeleton(task, arch, str(config_file or "config"))
     if preset is not None:
         apply_dict(cfg, {k: v for k, v in spec.items() if k != "task"}, f"preset {preset}")
@@ -332,6 +384,11 @@ def validate(cfg: RunConfig) -> None:
                         f"({', '.join(task.METRICS)}), got {t.early_stop!r}")
     if (t.patience or t.keep_best) and t.early_stop is None:
         raise UserError("train.patience and train.keep_best need train.early_stop (the metric to watch)")
+    if cfg.arch not in task.ARCHS:
+        raise UserError(f"the {cfg.task.name} task trains {' or '.join(task.ARCHS)} models, not {cfg.arch!r}")
+    check = getattr(MODELS[cfg.arch].model, "check_config", None)
+    if check is not None:
+        check(m)
     task.validate_options(cfg)
 
 

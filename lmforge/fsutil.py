@@ -57,3 +57,39 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_dir(path: str | Path, owned: set[str], overwrite: bool, what: str = "--out") -> None:
+    """Refuse an output directory that a command would clobber: it must be missing or empty, or —
+    with ``overwrite`` — hold nothing but files the command itself writes (names in ``owned``), so
+    that replacing it never deletes anything lmforge did not create."""
+    from lmforge.errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} exists and is not a directory: {path}")
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not entries:
+        return
+    foreign = [n for n in entries if n not in owned]
+    if foreign:
+        raise UserError(f"{what} {path} is not empty and holds files lmforge did not write there "
+                        f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose another {what}")
+    if not overwrite:
+        raise UserError(f"{what} {path} already holds prepared data; add --overwrite to replace it")
+
+
+def replace_dir(tmp: str | Path, path: str | Path) -> None:
+    """Move the complete directory ``tmp`` to ``path``; an existing ``path`` (checked by
+    :func:`check_output_dir`) is moved aside first and removed only once the new one is in place."""
+    tmp, path = Path(tmp), Path(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the result is an ordinary directory
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.replace(path, old / path.name)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

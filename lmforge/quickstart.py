@@ -36,7 +36,7 @@ def _data_dir(out: Path, vocab_size: int) -> Path:
                 and meta.get("stdlib_corpus_version") == STDLIB_CORPUS_VERSION):
             status(f"reusing prepared data {data_dir}")
             return data_dir
-    prepare(["stdlib"], data_dir, vocab_size=vocab_size)
+    prepare(["stdlib"], data_dir, vocab_size=vocab_size, overwrite=True)
     return data_dir
 
 
@@ -263,4 +263,78 @@ def quickstart_classify(out: str | Path = "runs/quickstart-classify", max_second
         for r in per_fold:
             f.write(f"| {r['fold']} | {r['train_examples']} | {r['test_examples']} | {r['steps']} | "
                     f"{r['accuracy']:.4f} | {r['char_ngram_naive_bayes_accuracy']:.4f} |\n")
+    return result
+
+
+# ------------------------------------------------------------------------------ --task image
+IMAGE_DEFAULT_SECONDS = 120.0
+IMAGE_EPOCHS = 30
+# Shares of the training time: the CNN, then the MLP (the rest is data, baselines and reports).
+IMAGE_SHARES = {"cnn": ("cnn-small", 0.5), "mlp": ("mlp", 0.25)}
+
+
+def accuracy_interval(correct, z: float = 1.96) -> list[float]:
+    """The Wilson 95% interval of an accuracy from per-example correctness."""
+    import math
+
+    n, p = len(correct), float(sum(correct)) / max(len(correct), 1)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(centre - half, 4), round(centre + half, 4)]
+
+
+def quickstart_image(out: str | Path = "runs/quickstart-image", max_seconds: float = IMAGE_DEFAULT_SECONDS) -> dict:
+    """Digits (scikit-learn's 1,797 8x8 images): a CNN and an MLP trained by lmforge beside
+    scikit-learn's logistic regression on the same split, each with its test accuracy, a 95%
+    interval and the paired comparison with the CNN."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from lmforge.data.images import ImageData, prepare_images
+    from lmforge.evaluate.classify import classification_metrics, paired_comparison
+    from lmforge.fsutil import write_json
+    from lmforge.runs import load_run
+    from lmforge.tasks.images import predict_images
+    from lmforge.train.trainer import train as run_training
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if max_seconds < 30:
+        raise UserError("--max-seconds must be at least 30 for --task image")
+    if out.exists():
+        if not (out / "quickstart.json").is_file() and any(out.iterdir()):
+            raise UserError(f"--out {out} exists and is not an lmforge image quickstart directory")
+        shutil.rmtree(out)  # rebuilt from scratch each time
+    data_dir = out / "data"
+    prepare_images(["digits"], data_dir)
+    data = ImageData.open(data_dir)
+    (x_tr, y_tr), (x_te, y_te) = data.split("train"), data.split("test")
+    names, results, preds = data.names, {}, {}
+    for arch, (preset, share) in IMAGE_SHARES.items():
+        budget = max(10.0, share * max_seconds)
+        cfg = cfgmod.build_config(preset, task="image-classify", values={
+            "data": {"path": str(data_dir)}, "task": {"epochs": IMAGE_EPOCHS},
+            "train": {"max_steps": None, "max_seconds": budget}})
+        status(f"training {arch} (preset {preset}) for up to {budget:.0f} s")
+        summary = run_training(cfg, run_dir=out / arch)
+        run = load_run(out / arch)
+        probs = predict_images(run.model, np.asarray(x_te), run.device)
+        preds[arch] = probs.argmax(1)
+        results[arch] = {"accuracy": classification_metrics(y_te, probs, names)["accuracy"],
+                         "params": summary["params"], "steps": summary["steps"],
+                         "train_seconds": summary["seconds"], "preset": preset}
+    flat = lambda a: np.asarray(a, dtype=np.float64).reshape(len(a), -1) / 255.0  # noqa: E731
+    lr = LogisticRegression(max_iter=2000).fit(flat(x_tr), y_tr)
+    preds["logistic_regression"] = lr.predict(flat(x_te))
+    results["logistic_regression"] = {"accuracy": float((preds["logistic_regression"] == y_te).mean()),
+                                      "params": int(lr.coef_.size + lr.intercept_.size)}
+    for name, r in results.items():
+        r["ci95"] = accuracy_interval(preds[name] == y_te)
+    result = {"task": "digits (8x8) -> digit", "labels": names, "train_images": int(len(y_tr)),
+              "test_images": int(len(y_te)), "models": results,
+              "cnn_versus": {name: paired_comparison(y_te, preds["cnn"], preds[name])
+                             for name in results if name != "cnn"},
+              "run_dir": str(out / "cnn"), "data_dir": str(data_dir),
+              "total_seconds": round(time.perf_counter() - t0, 1)}
+    write_json(out / "quickstart.json", result)
     return result

@@ -4,7 +4,7 @@ A run directory is enough to evaluate, generate, serve, explain, compress, expor
 
     config.yaml                   fully resolved config (task, model, data, train sections)
     model.safetensors             the run's weights (with keep_best: the best-scoring ones)
-    tokenizer.json                the tokenizer (Hugging Face tokenizers format)
+    tokenizer.json                the tokenizer (Hugging Face tokenizers format; text runs)
     labels.json                   class names, in id order (classifiers)
     chat_template.json            the chat template (generators)
     trainer_state.json            step, counters, hook state, optimizer groups (plain JSON)
@@ -103,7 +103,7 @@ class RunDir:
         return cfgmod.load(self.config)
 
     def kind(self) -> str:
-        """What the run is: its task's name (lm, mlm, classify, ...)."""
+        """What the run is: its task's name (lm, mlm, classify, image-classify, ...)."""
         return self.load_config().task.name
 
     def label_names(self) -> list[str] | None:
@@ -120,7 +120,8 @@ class RunDir:
 
 @dataclass
 class Run:
-    """A loaded run: its directory, config, model (eval mode), tokenizer, labels and device."""
+    """A loaded run: its directory, config, model (eval mode), tokenizer (None for image runs),
+    labels and device."""
 
     path: Path
     config: object
@@ -148,4 +149,5 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
     model = build_model(cfg.arch, cfg.model)
     model.load_saved_state(load_model_state(rd.model))
     model.to(dev).eval()
-    return Run(rd.path, cfg, model, load_tokenizer(rd.tokenizer), dev, rd.label_names())
+    tokenizer = load_tokenizer(rd.tokenizer) if rd.tokenizer.is_file() or cfg.task.name != "image-classify" else None
+    return Run(rd.path, cfg, model, tokenizer, dev, rd.label_names())

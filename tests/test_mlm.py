@@ -81,11 +81,11 @@ def test_mlm_training_learns_resumes_exactly_and_exports(wp_data, tmp_path):
     assert r.returncode == 0 and "val_mlm_accuracy" in json.loads(r.stdout)
 
 
-@pytest.mark.parametrize("case", ["mlm-on-gpt-preset", "bert-preset-without-mlm", "mlm-on-bpe-data"])
+@pytest.mark.parametrize("case", ["mlm-on-gpt-preset", "bert-preset-with-lm", "mlm-on-bpe-data"])
 def test_mlm_bad_input(case, wp_data, data_dir, tmp_path):
     wp, _ = wp_data
     args = {"mlm-on-gpt-preset": ["--data", str(wp), "--preset", "debug", "--task", "mlm"],
-            "bert-preset-without-mlm": ["--data", str(wp), "--preset", "bert-debug"],
+            "bert-preset-with-lm": ["--data", str(wp), "--preset", "bert-debug", "--task", "lm"],
             "mlm-on-bpe-data": ["--data", str(data_dir), "--preset", "bert-debug", "--task", "mlm"]}[case]
     r = run_cli("train", *args, "--out", str(tmp_path / "run"), "--max-steps", "2")
     assert r.returncode == 2, r.stderr

@@ -27,6 +27,8 @@ class Options:
     text_column: str = flag("text", help="classifier runs: text column of --data")
     label_column: str = flag("label", help="classifier runs: label column of --data")
     max_length: int = flag(128, help="classifier runs: tokens per text")
+    split: str = flag("test", choices=["test", "val", "train"],
+                      help="image classifier runs: the split of the data directory to evaluate")
     json: bool = flag(False)
 
 
@@ -46,6 +48,28 @@ def eval_classifier(o: Options, run) -> int:
               f"ROC-AUC {m['roc_auc']:.4f}  ({m['n']} examples; largest class {m['majority_baseline_accuracy']:.4f})"
               if m["roc_auc"] is not None else f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}")
         print(f"report: {run.path / 'report.md'} (plots/confusion.png, plots/roc.png, plots/pr.png)")
+    return 0
+
+
+def eval_images(o: Options, run) -> int:
+    """An image classifier on a split (default: test) of its data directory, or of --data."""
+    from lmforge.data.images import ImageData
+    from lmforge.tasks.images import write_image_report
+
+    data = ImageData.open(o.data or run.config.data.path)
+    shape = [run.config.model.height, run.config.model.width, run.config.model.in_channels]
+    if data.meta["shape"] != shape or data.names != run.labels:
+        raise UserError(f"{data.path} holds {data.meta['shape']} images of classes {data.names[:5]}; the run was "
+                        f"trained on {shape} images of {run.labels[:5]}")
+    m = write_image_report(run.path, run.model, data, o.split, run.device)
+    m.update(run_dir=str(o.run_dir))
+    if o.json:
+        print_json(m)
+    else:
+        print(f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  weighted F1 {m['weighted_f1']:.4f}  "
+              f"({m['n_examples']} {o.split} images; largest class {m['majority_baseline_accuracy']:.4f})")
+        print(f"report: {run.path / 'report.md'} (plots/confusion.png, plots/mistakes_{o.split}.png, "
+              "plots/curves.png)")
     return 0
 
 
@@ -72,16 +96,17 @@ def eval_mlm(o: Options, run) -> int:
 
 def run(o: Options) -> int:
     """Validation loss, perplexity, bits per byte and the lzma baseline; writes report.md. For a
-    classifier run: accuracy, precision/recall/F1, ROC-AUC, confusion matrix and plots on --data;
-    for an encoder: masked-token loss and accuracy."""
+    classifier run: accuracy, precision/recall/F1, ROC-AUC, confusion matrix and plots on --data
+    (an image classifier: on its data directory's test split, with a grid of the most confident
+    mistakes); for an encoder: masked-token loss and accuracy."""
     from lmforge.runs import RunDir, load_run
 
     if o.dynamic_lr is not None and not o.dynamic_lr > 0:  # flags are checked before anything is loaded
         raise UserError(f"--dynamic-lr must be positive, got {o.dynamic_lr}")
     kind = RunDir(o.run_dir).kind()
-    if kind in ("classify", "mlm"):
-        loaded = load_run(o.run_dir)
-        return eval_classifier(o, loaded) if kind == "classify" else eval_mlm(o, loaded)
+    verbs = {"classify": eval_classifier, "mlm": eval_mlm, "image-classify": eval_images}
+    if kind in verbs:
+        return verbs[kind](o, load_run(o.run_dir))
     from lmforge.evaluate.run import evaluate_run
 
     m = evaluate_run(o.run_dir, o.data, o.batch_size, o.max_tokens, samples=o.samples, stride=o.stride,

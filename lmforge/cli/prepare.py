@@ -1,4 +1,5 @@
-"""lmforge prepare: clean a corpus, train a tokenizer, write token files."""
+"""lmforge prepare: text (clean a corpus, train a tokenizer, write token files) or labelled images
+(one uint8 array per split, labels, normalisation statistics, a report and an example grid)."""
 
 from __future__ import annotations
 
@@ -7,31 +8,45 @@ from dataclasses import dataclass
 from lmforge.cli.common import print_json
 from lmforge.cli.options import flag
 
-HELP = "clean a corpus, train a tokenizer, write token files"
+HELP = "clean a corpus and train a tokenizer, or prepare labelled images (--kind images)"
+IMAGES = "images (--kind images)"
 
 
 @dataclass
 class Options:
     input: list[str] = flag(None, nargs="+", required=True, metavar="PATH",
-                            help="files, directories, globs (.txt .md .py .jsonl .csv), or 'stdlib' for the "
-                            "embedded corpus")
+                            help="text: files, directories, globs (.txt .md .py .jsonl .csv), or 'stdlib' for the "
+                            "embedded corpus; images: a folder of class folders, a folder of MNIST IDX files, a "
+                            ".csv of pixels, an .npz, or 'digits' / 'mnist5k' (embedded)")
     out: str = flag(None, required=True, help="data directory to write")
+    kind: str = flag("text", choices=["text", "images"], help="what the input holds")
+    overwrite: bool = flag(False, help="replace an existing data directory that prepare wrote")
     vocab_size: int = flag(4096)
     tokenizer: str = flag("bpe", choices=["bpe", "wordpiece"],
                           help="byte-level BPE (decoders) or WordPiece with [CLS] [SEP] [PAD] [MASK] [UNK] (encoders)")
-    val_fraction: float = flag(0.05)
+    val_fraction: float | None = flag(help="share held out for validation (text: 0.05; images: 0.1 of the "
+                                      "training split, stratified)")
     seed: int = flag(1337)
     text_field: str = flag("text", help="JSONL field holding the text")
     text_column: str = flag("text", help="CSV column holding the text")
+    test_fraction: float = flag(0.2, group=IMAGES, help="share of each class held out for testing when the input "
+                                "has no test split")
+    image_size: str | None = flag(group=IMAGES, metavar="HxW", help="resize every image to this size (needed when "
+                                  "their sizes differ)")
+    label_column: str = flag("label", group=IMAGES, help="CSV label column (headerless CSV: first, last or a "
+                             "column number)")
     json: bool = flag(False, help="print meta.json as JSON")
 
 
 def run(o: Options) -> int:
-    """Clean a corpus, train a BPE tokenizer and write token files."""
+    """Prepare a data directory: a tokenized corpus, or (--kind images) labelled images."""
+    if o.kind == "images":
+        return run_images(o)
     from lmforge.data.prepare import prepare
 
-    meta = prepare(o.input, o.out, vocab_size=o.vocab_size, val_fraction=o.val_fraction, seed=o.seed,
-                   text_field=o.text_field, text_column=o.text_column, tokenizer=o.tokenizer)
+    meta = prepare(o.input, o.out, vocab_size=o.vocab_size,
+                   val_fraction=0.05 if o.val_fraction is None else o.val_fraction, seed=o.seed,
+                   text_field=o.text_field, text_column=o.text_column, tokenizer=o.tokenizer, overwrite=o.overwrite)
     if o.json:
         print_json({**meta, "data_dir": str(o.out)})
     else:
@@ -40,4 +55,21 @@ def run(o: Options) -> int:
               f"{meta['tokens']:,} tokens ({meta['bytes_per_token']} bytes/token); "
               f"train {s['train']['tokens']:,} / val {s['val']['tokens']:,} tokens; "
               f"{len(meta['skipped'])} skipped; vocabulary {meta['vocab_size']:,}")
+    return 0
+
+
+def run_images(o: Options) -> int:
+    from lmforge.data.images import prepare_images
+
+    meta = prepare_images(o.input, o.out, val_fraction=0.1 if o.val_fraction is None else o.val_fraction,
+                          test_fraction=o.test_fraction, seed=o.seed, image_size=o.image_size,
+                          label_column=o.label_column, overwrite=o.overwrite)
+    if o.json:
+        print_json({**meta, "data_dir": str(o.out)})
+    else:
+        s, (h, w, c) = meta["splits"], meta["shape"]
+        skipped = sum(meta["skipped"].values())
+        print(f"prepared {o.out}: {h}x{w}x{c} images, {len(meta['classes'])} classes; train "
+              f"{s['train']['images']:,} / val {s['val']['images']:,} / test {s['test']['images']:,}"
+              f"{f'; {skipped} files skipped (data_report.md says why)' if skipped else ''}")
     return 0

@@ -13,11 +13,12 @@ HELP = "the whole path on the embedded corpus within a time budget"
 @dataclass
 class Options:
     out: str = flag("runs/quickstart", help="run directory (replaced if it is an old quickstart run)")
-    max_seconds: float | None = flag(help="total time budget (default 300; --task classify: 600)")
+    max_seconds: float | None = flag(help="total time budget (default 300; --task classify: 600; --task image: 120)")
     preset: str = flag("micro")
     vocab_size: int = flag(4096)
-    task: str = flag("lm", choices=["lm", "classify"],
-                     help="classify: fine-tune an encoder to tell a docstring's stdlib package, beside baselines")
+    task: str = flag("lm", choices=["lm", "classify", "image"],
+                     help="classify: fine-tune an encoder to tell a docstring's stdlib package, beside baselines; "
+                     "image: a CNN and an MLP on digits beside logistic regression")
     init: str | None = flag(help="--task classify: encoder to fine-tune (default: all-MiniLM-L6-v2)")
     folds: int = flag(3, help="--task classify: folds of the cross-validation by file")
     json: bool = flag(False)
@@ -44,6 +45,22 @@ def print_classify(r: dict) -> None:
     print(f"  total time      {r['total_seconds']:.0f} s")
 
 
+def print_image(r: dict) -> None:
+    print()
+    print(f"lmforge quickstart --task image: {r['task']}, {r['train_images']:,} training and {r['test_images']:,} "
+          "test images (the same split for every model)")
+    print(f"  {'model':<22} {'test accuracy':>13}  {'95% interval':<17} {'parameters':>10}")
+    for name, m in r["models"].items():
+        lo, hi = m["ci95"]
+        print(f"  {name.replace('_', ' '):<22} {m['accuracy']:>13.4f}  {lo:.4f} to {hi:.4f}  {m['params']:>10,}")
+    for name, c in r["cnn_versus"].items():
+        lo, hi = c["ci95"]
+        print(f"  CNN vs {name.replace('_', ' ')}: {100 * c['accuracy_difference']:+.1f} points (95% interval "
+              f"{100 * lo:+.1f} to {100 * hi:+.1f}; McNemar p = {c['mcnemar_p']:.2g})")
+    print(f"  run directory   {r['run_dir']} (report.md, plots/)")
+    print(f"  total time      {r['total_seconds']:.0f} s")
+
+
 def print_lm(summary: dict) -> None:
     print()
     print(f"lmforge quickstart: {summary['params']:,}-parameter GPT trained on the Python standard library")
@@ -58,8 +75,16 @@ def print_lm(summary: dict) -> None:
 
 def run(o: Options) -> int:
     """Prepare the embedded corpus, train a GPT within a time budget, evaluate and sample it; or,
-    with --task classify, cross-validate a fine-tuned encoder against baselines."""
-    from lmforge.quickstart import CLASSIFY_DEFAULT_SECONDS, quickstart, quickstart_classify
+    with --task classify, cross-validate a fine-tuned encoder against baselines; or, with --task
+    image, train a CNN and an MLP on digits beside logistic regression."""
+    from lmforge.quickstart import (CLASSIFY_DEFAULT_SECONDS, IMAGE_DEFAULT_SECONDS, quickstart, quickstart_classify,
+                                    quickstart_image)
+
+    if o.task == "image":
+        out = o.out if o.out != "runs/quickstart" else "runs/quickstart-image"
+        r = quickstart_image(out, max_seconds=IMAGE_DEFAULT_SECONDS if o.max_seconds is None else o.max_seconds)
+        print_json(r) if o.json else print_image(r)
+        return 0
 
     if o.task == "classify":
         out = o.out if o.out != "runs/quickstart" else "runs/quickstart-classify"

@@ -10,16 +10,19 @@ from lmforge.cli.common import print_json
 from lmforge.cli.options import config_values, flag
 from lmforge.errors import UserError
 
-HELP = "train or resume a model on a task (lm, mlm, classify)"
+HELP = "train or resume a model on a task (lm, mlm, classify, image-classify)"
 CLASSIFY = "classification (--task classify)"
 
 
 @dataclass
 class Options:
     data: str | None = flag(config="data.path", help="lm/mlm: data directory from `lmforge prepare`; classify: a "
-                            "labelled .csv/.jsonl (recorded in the run: --resume needs no --data)")
+                            "labelled .csv/.jsonl; image-classify: a `prepare --kind images` directory (recorded "
+                            "in the run: --resume needs no --data)")
     out: str = flag(None, required=True, help="run directory")
-    preset: str | None = flag(help="debug, nano, micro, gpt2-124m; encoders: bert-debug, bert-mini, bert-base")
+    preset: str | None = flag(help="debug, nano, micro, gpt2-124m; encoders: bert-debug, bert-mini, bert-base; "
+                              "images: keras-mnist, keras-cifar, cnn-small, resnet-small, mlp")
+    model: str | None = flag(help="model family (gpt, bert, cnn, mlp; default: the preset's or the task's)")
     config: str | None = flag(help="YAML file with task:, model:, data: and train: sections")
     set: list[str] | None = flag(append=True, metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4 (repeatable)")
     max_steps: int | None = flag(config="train.max_steps", help="length of the schedule in optimizer steps")
@@ -28,9 +31,9 @@ class Options:
     stop_at: int | None = flag(help="stop this invocation at this step (checkpointed; --resume continues)")
     resume: bool = flag(False, help="continue from the run directory's checkpoint")
     json: bool = flag(False)
-    task: str | None = flag(choices=["lm", "mlm", "classify"],
+    task: str | None = flag(choices=["lm", "mlm", "classify", "image-classify"],
                             help="lm: next-token (GPT, the default); mlm: masked-token (BERT presets); classify: "
-                            "fine-tune a classifier")
+                            "fine-tune a text classifier; image-classify: a CNN or MLP on images")
     early_stop: str | None = flag(config="train.early_stop", help="validation metric that picks the best "
                                   "checkpoint and stops early (classify: macro_f1 (default), accuracy, weighted_f1, "
                                   "roc_auc, loss)")
@@ -71,12 +74,12 @@ def build_config(o: Options):
     if o.max_seconds is not None and o.max_steps is None and not o.resume:
         values["train"]["max_steps"] = None  # plan the schedule to fit the budget
     if not o.resume:
-        return cfgmod.build_config(o.preset, o.config, o.set, task=o.task, values=values)
+        return cfgmod.build_config(o.preset, o.config, o.set, task=o.task, values=values, arch=o.model)
     run = RunDir(o.out)
     if not run.is_run():
         raise UserError(f"--resume: no checkpoint in {o.out}")
-    if o.preset or o.config:
-        raise UserError("--resume continues the saved config; --preset/--config cannot change it")
+    if o.preset or o.config or (o.model and o.model != run.load_config().arch):
+        raise UserError("--resume continues the saved config; --preset/--config/--model cannot change it")
     cfg = run.load_config()
     if o.task and o.task != cfg.task.name:
         raise UserError(f"--resume: {o.out} is a {cfg.task.name} run, not --task {o.task}")
@@ -104,7 +107,7 @@ def build_config(o: Options):
 
 def print_classifier_summary(s: dict) -> None:
     v = s["validation"]
-    print(f"fine-tuned {s['run_dir']}: {s['arch']} classifier, {len(s['labels'])} classes, "
+    print(f"{'trained' if s['arch'] in ('cnn', 'mlp') else 'fine-tuned'} {s['run_dir']}: {s['arch']} classifier, {len(s['labels'])} classes, "
           + (f"best step {s['best_step']}/{s['steps']} ({s['stopped_by']}); validation accuracy "
              f"{v['accuracy']:.4f}, macro F1 {v['macro_f1']:.4f}" if v else
              f"{s['steps']} steps ({s['stopped_by']}), no validation: last weights kept")
@@ -127,7 +130,7 @@ def run(o: Options) -> int:
         return 130 if summary["stopped_by"] == "interrupted" else 0
     if o.json:
         print_json(summary)
-    elif cfg.task.name == "classify" and summary["stopped_by"] not in ("stop_at", "interrupted"):
+    elif cfg.task.name in ("classify", "image-classify") and summary["stopped_by"] not in ("stop_at", "interrupted"):
         print_classifier_summary(summary)
     else:
         val = f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "n/a"

@@ -2,7 +2,9 @@
 ``train.bin`` / ``val.bin`` token files (numpy memmaps) + ``tokenizer.json`` + ``meta.json`` +
 ``data_report.md``.
 
-The output directory is built beside the target and renamed into place only when complete.
+The output directory is built beside the target and renamed into place only when complete. An
+existing one is replaced only with ``overwrite`` and only when it holds nothing but files prepare
+writes: no command deletes what it did not create.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from lmforge.data.corpus import (STDLIB_CORPUS_VERSION, Document, ReadReport, cl
                                   read_documents)
 from lmforge.data.tokenizer import BERT_SPECIALS, separator_id, train_bpe, train_wordpiece
 from lmforge.errors import UserError
-from lmforge.fsutil import write_json, write_text
+from lmforge.fsutil import check_output_dir, replace_dir, write_json, write_text
 from lmforge.progress import progress, status
 
 ENCODE_CHUNK = 512  # documents per encode_batch call
+FILES = {"tokenizer.json", "train.bin", "val.bin", "meta.json", "data_report.md"}  # all prepare writes
 
 
 def _dedup_and_clean(docs, stats: dict) -> list[Document]:
@@ -95,7 +98,7 @@ def _write_tokens(tok, docs: list[Document], path: Path, dtype, eot: int, desc: 
 
 def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 4096, val_fraction: float = 0.05,
             seed: int = 1337, text_field: str = "text", text_column: str = "text",
-            tokenizer: str = "bpe") -> dict:
+            tokenizer: str = "bpe", overwrite: bool = False) -> dict:
     """Build a data directory from ``inputs``; returns the contents of ``meta.json``."""
     if not inputs:
         raise UserError("no --input given")
@@ -106,10 +109,7 @@ def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 4096, val_
     if vocab_size < 257 or vocab_size > 2**20:
         raise UserError(f"--vocab-size must be between 257 and {2**20}, got {vocab_size}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out exists and is not a directory: {out_dir}")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "meta.json").is_file():
-        raise UserError(f"--out {out_dir} is not empty and is not an lmforge data directory")
+    check_output_dir(out_dir, FILES, overwrite)
     t0 = time.time()
 
     report = ReadReport()
@@ -158,9 +158,7 @@ def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 4096, val_
         }
         write_json(tmp / "meta.json", meta)
         write_text(tmp / "data_report.md", data_report(meta))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

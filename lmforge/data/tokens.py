@@ -20,7 +20,15 @@ def load_meta(data_dir: str | Path) -> dict:
     path = data_dir / "meta.json"
     if not path.is_file():
         raise UserError(f"not a prepared data directory (no meta.json): {data_dir}; run `lmforge prepare` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON; prepare the data again") from None
+    if not isinstance(meta, dict) or "vocab_size" not in meta:
+        kind = "images (train them with --task image-classify)" if isinstance(meta, dict) and \
+            meta.get("kind") == "images" else "no token data"
+        raise UserError(f"{data_dir} holds {kind}, not tokens from `lmforge prepare`")
+    return meta
 
 
 class TokenFile:

@@ -5,6 +5,7 @@ plots. Computed here with numpy; the tests check every figure against scikit-lea
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -63,15 +64,17 @@ def classification_metrics(y_true, probs, labels: list[str]) -> dict:
     f1 = _div(2 * precision * recall, precision + recall)
     weights = support / max(support.sum(), 1)
     aucs = [roc_auc((y_true == k).astype(int), probs[:, k]) for k in range(K) if 0 < support[k] < len(y_true)]
+    p_true = probs[np.arange(len(y_true)), y_true] if len(y_true) else np.ones(0)
     per_class = {labels[k]: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
                              "support": int(support[k])} for k in range(K)}
     return {
-        "n": int(len(y_true)), "accuracy": float(tp.sum() / max(len(y_true), 1)),
+        "n": int(len(y_true)), "n_examples": int(len(y_true)), "accuracy": float(tp.sum() / max(len(y_true), 1)),
         "macro_precision": float(precision.mean()), "macro_recall": float(recall.mean()),
         "macro_f1": float(f1.mean()),
         "weighted_precision": float((precision * weights).sum()), "weighted_recall": float((recall * weights).sum()),
         "weighted_f1": float((f1 * weights).sum()),
         "roc_auc": float(np.mean(aucs)) if aucs else None,
+        "loss": float(-np.log(np.clip(p_true, 1e-12, None)).mean()) if len(y_true) else None,  # mean NLL, nats
         "per_class": per_class, "confusion_matrix": cm.tolist(), "labels": list(labels),
     }
 
@@ -146,3 +149,40 @@ def plot_classification(y_true, probs, labels: list[str], plots_dir: str | Path)
         ax.legend(fontsize=7)
         save(fig, name)
     return written
+
+
+def write_report(run_dir: str | Path, y, probs, names: list[str], split: str, source: str | None = None,
+                 inputs: list[dict] | None = None, what: str = "examples") -> dict:
+    """Every figure of ``probs`` against ``y`` on a classifier run's ``split``: ``eval.json`` (or
+    ``eval_<split>.json``), ``report.md``, the plots, and ``predictions_<split>.jsonl`` (each
+    example's ``inputs`` row — its text, its index — with label, prediction and probabilities)."""
+    from lmforge.fsutil import write_json, write_text
+    from lmforge.runs import RunDir
+
+    rd = RunDir(run_dir)
+    y, probs = np.asarray(y), np.asarray(probs)
+    m = classification_metrics(y, probs, names)
+    write_text(rd / f"predictions_{split}.jsonl", "".join(
+        json.dumps({**(inputs[i] if inputs else {"index": i}), "label": names[int(y[i])],
+                    "predicted": names[int(p.argmax())],
+                    "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}) + "\n"
+        for i, p in enumerate(probs)))
+    majority = max(m["per_class"].values(), key=lambda c: c["support"])["support"] / max(m["n"], 1)
+    m["majority_baseline_accuracy"] = majority
+    m["split"], m["data"] = split, source
+    plots = plot_classification(y, probs, names, rd.plots)
+    write_json(rd / (rd.EVAL if split in ("validation", "eval") else f"eval_{split}.json"), m)
+    lines = [f"# Classification report ({split}{', ' + source if source else ''})", "",
+             f"{m['n']} {what}, {len(names)} classes. The largest class holds {majority:.4f} of them "
+             "(the best accuracy a constant prediction could reach here).", "",
+             "| metric | value |", "|---|---:|"]
+    for k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "roc_auc", "loss"):
+        lines.append(f"| {k} | {m[k]:.4f} |" if m[k] is not None else f"| {k} | n/a |")
+    lines += ["", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for name, c in m["per_class"].items():
+        lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
+    lines += ["", "Confusion matrix (rows: true, columns: predicted): `plots/confusion.png`; ROC: `plots/roc.png`; "
+              f"precision-recall: `plots/pr.png`. Every prediction: `predictions_{split}.jsonl`.", ""]
+    write_text(rd / rd.REPORT, "\n".join(lines))
+    m["plots"] = plots
+    return m

@@ -11,10 +11,19 @@ from lmforge.fsutil import atomic_path, write_text
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of ``metrics.jsonl``; a line a kill tore (not JSON) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def plot_loss(run_dir: str | Path) -> Path | None:

@@ -31,6 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from lmforge.chat import jinja_chat_template, load_chat_template, render_chat
 from lmforge.data.tokenizer import EOT
+from lmforge.errors import UserError
 from lmforge.generate import text_pieces
 from lmforge.serve.batching import ContinuousBatcher
 from lmforge.serve.common import APIError, Metrics, install_api_basics, key_matches, request_key, unauthorized
@@ -51,7 +52,8 @@ class Engine:
         self.run = load_run(run_dir)
         self.name = Path(run_dir).resolve().name
         self.cap = max_tokens_cap
-        self.eot = self.run.tokenizer.token_to_id(EOT)
+        self.images = self.run.config.task.name == "image-classify"
+        self.eot = self.run.tokenizer.token_to_id(EOT) if self.run.tokenizer is not None else None
         model = self.run.model
         self.kind = ("classifier" if getattr(model.config, "num_labels", 0) else "generator" if model.can_generate
                      else "encoder")
@@ -118,8 +120,17 @@ class Engine:
             raise APIError(400, f"unknown model {model!r}; this server serves {self.name!r}", param="model",
                            code="model_not_found")
 
+    def tokenizer(self):
+        """The run's tokenizer; 400 for a run without one (an image classifier)."""
+        if self.run.tokenizer is None:
+            raise APIError(400, f"{self.name!r} is an image classifier: it has no tokenizer", param="model",
+                           code="unsupported_model")
+        return self.run.tokenizer
+
     def encode_inputs(self, req: EmbeddingRequest | ClassifyRequest) -> tuple[list[str], int]:
         """The request's texts and their token count; 400 past the context or the input limit."""
+        if req.input is None:
+            raise APIError(400, "give the texts to classify as 'input'", param="input")
         texts = [req.input] if isinstance(req.input, str) else req.input
         if len(texts) > MAX_INPUTS:
             raise APIError(400, f"{len(texts)} inputs; at most {MAX_INPUTS} per request", param="input")
@@ -140,10 +151,43 @@ class Engine:
             texts, tokens = self.encode_inputs(req)
             return embed_texts(self.run.model, self.run.tokenizer, texts), tokens
 
+    def decode_images(self, req: ClassifyRequest):
+        """uint8 (N, H, W, C) of the request's images, converted and resized to the model's input;
+        400 for anything that is not base64 of an image Pillow reads."""
+        import binascii
+
+        import numpy as np
+
+        from lmforge.data.images import load_image_file
+
+        if req.input is not None or not req.images:
+            raise APIError(400, f"{self.name!r} classifies images: give them as 'images' (base64 or data URLs)",
+                           param="images")
+        if len(req.images) > MAX_INPUTS:
+            raise APIError(400, f"{len(req.images)} images; at most {MAX_INPUTS} per request", param="images")
+        m, out = self.run.model.config, []
+        for k, item in enumerate(req.images):
+            data = item.split(",", 1)[1] if item.startswith("data:") and "," in item else item
+            try:
+                out.append(load_image_file(base64.b64decode(data, validate=True), [m.height, m.width, m.in_channels]))
+            except (binascii.Error, ValueError):
+                raise APIError(400, f"images[{k}] is not base64", param="images") from None
+            except UserError:
+                raise APIError(400, f"images[{k}] is not an image Pillow can read", param="images") from None
+        return np.stack(out)
+
     def classify(self, req: ClassifyRequest):
         """(probabilities, prompt tokens); run off the event loop."""
         from lmforge.tasks.classify import predict_probs
 
+        if self.images:
+            from lmforge.tasks.images import predict_images
+
+            x = self.decode_images(req)
+            with self.encoder_lock:
+                return predict_images(self.run.model, x, self.run.device), 0
+        if req.images is not None:
+            raise APIError(400, f"{self.name!r} classifies texts: give them as 'input'", param="images")
         with self.encoder_lock:
             texts, tokens = self.encode_inputs(req)
             return predict_probs(self.run.model, self.run.tokenizer, texts, self.run.model.config.block_size,
@@ -299,11 +343,13 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
     async def tokenizer_info():
         specials = {"eos_token": EOT if engine.eot is not None else None, "bos_token": None, "pad_token": None}
         return {**specials, "tokenizer_class": "lmforge", "model_max_length": engine.run.model.config.block_size,
-                "vocab_size": engine.run.tokenizer.get_vocab_size(),
+                "vocab_size": engine.tokenizer().get_vocab_size(),
                 "chat_template": jinja_chat_template(engine.chat_template) if engine.kind == "generator" else None}
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
+        engine.tokenizer()
+
         def encode() -> list[int]:
             with engine.encoder_lock:  # an encoder's embedding requests set the tokenizer's padding
                 return engine.run.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
@@ -312,6 +358,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
+        engine.tokenizer()
         if any(not 0 <= t < engine.run.tokenizer.get_vocab_size() for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {engine.run.tokenizer.get_vocab_size()})", param="tokens")
         return {"prompt": engine.run.tokenizer.decode(req.tokens, skip_special_tokens=False)}
@@ -472,6 +519,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
+        if engine.kind != "generator" and engine.images:  # nothing to chat with; say what it serves
+            return HTMLResponse(f"<p>{html.escape(engine.name)} is an image classifier: POST images to "
+                                "<code>/v1/classify</code>.</p>", status_code=404)
         return CHAT_PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", html.escape(engine.name))
 
     return app

@@ -96,5 +96,9 @@ class EmbeddingRequest(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
+    """Texts (``input``) for a text classifier; images (``images``: base64 or ``data:`` URLs of
+    PNG/JPEG/BMP/WebP files) for an image classifier."""
+
     model: str
-    input: str | list[str] = Field(min_length=1)
+    input: str | list[str] | None = Field(default=None, min_length=1)
+    images: list[str] | None = Field(default=None, min_length=1)

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 from lmforge.tasks.base import Task
 from lmforge.tasks.classify import ClassifyTask
+from lmforge.tasks.images import ImageClassifyTask
 from lmforge.tasks.lm import LMTask
 from lmforge.tasks.mlm import MLMTask
 
-TASKS: dict[str, type[Task]] = {"lm": LMTask, "mlm": MLMTask, "classify": ClassifyTask}
+TASKS: dict[str, type[Task]] = {"lm": LMTask, "mlm": MLMTask, "classify": ClassifyTask,
+                                "image-classify": ImageClassifyTask}
 
 
 def task_for(model) -> str:
     """The task a model was made for, when nothing else says (an imported checkpoint)."""
+    if hasattr(model.config, "in_channels"):
+        return "image-classify"
     if getattr(model.config, "num_labels", 0):
         return "classify"
     return "lm" if model.can_generate else "mlm"

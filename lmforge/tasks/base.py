@@ -33,6 +33,7 @@ class Task:
     DEFAULTS: dict[str, dict[str, Any]] = {}
     # Validation metrics it reports (as ``val_<name>``): what ``train.early_stop`` may watch.
     METRICS: tuple[str, ...] = ("loss",)
+    ARCHS: tuple[str, ...] = ("gpt",)  # the model families it trains; the first is the default
     method = "forward"  # the model method the loss calls (run through DDP/FSDP as the forward)
     unit = "tokens"  # what a step's throughput counts: tokens or examples
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +32,10 @@ from lmforge import config as cfgmod
 from lmforge.data.labeled import Examples, label_names, read_examples, stratified_split
 from lmforge.data.tokenizer import encode_batch, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.evaluate.classify import classification_metrics, plot_classification
-from lmforge.fsutil import write_json, write_text
+from lmforge.evaluate.classify import classification_metrics, write_report
+from lmforge.fsutil import write_json
 from lmforge.models import MODELS, build_model
-from lmforge.tasks.base import Task
+from lmforge.tasks.epochs import EpochTask
 
 EARLY_STOP_METRICS = ("macro_f1", "accuracy", "weighted_f1", "roc_auc", "loss")
 MEGA_BATCHES = 50  # batches sorted by length together
@@ -108,50 +107,24 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, device, b
     return probs
 
 
-def evaluate_examples(model, tokenizer, ex: Examples, names: list[str], max_length: int, device):
-    """(metrics, true ids, probabilities) of ``model`` on ``ex``."""
+def evaluate_examples(model, tokenizer, ex: Examples, names: list[str], max_length: int, device) -> dict:
+    """The classification metrics (and the loss) of ``model`` on ``ex``."""
+    index = {n: i for i, n in enumerate(names)}
+    y = np.array([index[label] for label in ex.labels])
+    return classification_metrics(y, predict_probs(model, tokenizer, ex.texts, max_length, device), names)
+
+
+def write_classification_report(run_dir: Path, model, tokenizer, ex: Examples, names, max_length, device,
+                                split: str, source: str | None = None) -> dict:
+    """Metrics of ``model`` on ``ex`` with the report, plots and per-text predictions
+    (:func:`lmforge.evaluate.classify.write_report`)."""
     index = {n: i for i, n in enumerate(names)}
     unseen = sorted(set(ex.labels) - set(index))
     if unseen:
         raise UserError(f"labels never seen in training: {', '.join(unseen[:10])}")
     y = np.array([index[label] for label in ex.labels])
     probs = predict_probs(model, tokenizer, ex.texts, max_length, device)
-    m = classification_metrics(y, probs, names)
-    m["loss"] = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
-    return m, y, probs
-
-
-def write_classification_report(run_dir: Path, model, tokenizer, ex: Examples, names, max_length, device,
-                                split: str, source: str | None = None) -> dict:
-    """Metrics on ``ex``, ``eval.json`` (or ``eval_<split>.json``), ``report.md``, the plots, and
-    ``predictions_<split>.jsonl`` (each example's text, label, predicted label and probabilities)."""
-    from lmforge.runs import RunDir
-
-    rd = RunDir(run_dir)
-    m, y, probs = evaluate_examples(model, tokenizer, ex, names, max_length, device)
-    write_text(rd / f"predictions_{split}.jsonl", "".join(
-        json.dumps({"text": t, "label": label, "predicted": names[int(p.argmax())],
-                    "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}) + "\n"
-        for t, label, p in zip(ex.texts, ex.labels, probs)))
-    majority = max(m["per_class"].values(), key=lambda c: c["support"])["support"] / max(m["n"], 1)
-    m["majority_baseline_accuracy"] = majority
-    m["split"], m["data"] = split, source
-    plots = plot_classification(y, probs, names, rd.plots)
-    write_json(rd / (rd.EVAL if split in ("validation", "eval") else f"eval_{split}.json"), m)
-    lines = [f"# Classification report ({split}{', ' + source if source else ''})", "",
-             f"{m['n']} examples, {len(names)} classes. The largest class holds {majority:.4f} of them "
-             "(the best accuracy a constant prediction could reach here).", "",
-             "| metric | value |", "|---|---:|"]
-    for k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "roc_auc", "loss"):
-        lines.append(f"| {k} | {m[k]:.4f} |" if m[k] is not None else f"| {k} | n/a |")
-    lines += ["", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
-    for name, c in m["per_class"].items():
-        lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
-    lines += ["", "Confusion matrix (rows: true, columns: predicted): `plots/confusion.png`; ROC: `plots/roc.png`; "
-              f"precision-recall: `plots/pr.png`. Every example's prediction: `predictions_{split}.jsonl`.", ""]
-    write_text(rd / rd.REPORT, "\n".join(lines))
-    m["plots"] = plots
-    return m
+    return write_report(run_dir, y, probs, names, split, source, [{"text": t} for t in ex.texts])
 
 
 def base_model(init: str | Path):
@@ -168,8 +141,9 @@ def base_model(init: str | Path):
     raise UserError(f"--init {init}: not a run directory (config.yaml) or a Hugging Face directory (config.json)")
 
 
-class ClassifyTask(Task):
+class ClassifyTask(EpochTask):
     name = "classify"
+    ARCHS = ("bert", "gpt")  # the family of --init
     Options = ClassifyOptions
     METRICS = EARLY_STOP_METRICS
     # Fine-tuning defaults (flags, the config file and --set override them): lr 5e-5, batch 16,
@@ -178,7 +152,6 @@ class ClassifyTask(Task):
     DEFAULTS = {"train": dict(lr=5e-5, batch_size=16, max_steps=None, eval_interval=None, log_interval=1,
                               early_stop="macro_f1", patience=3, keep_best=True)}
     method = "classify"
-    unit = "examples"
     base_model = staticmethod(base_model)  # the model comes from --init
 
     @classmethod
@@ -224,33 +197,16 @@ class ClassifyTask(Task):
 
     def resolve(self, cfg, world):
         if self.resume:  # the saved config is resolved already
-            self._prepare(cfg, world)
+            self.plan_epochs(cfg, world, len(self.train_ex))
             return cfg
-        t = cfg.train
         abspath = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
         model_cfg = MODELS[cfg.arch].model.classification_config(cfg.model, len(self.names))
         max_length = min(cfg.task.max_length, model_cfg.block_size)
         cfg = cfgmod.replace(cfg, task={"max_length": max_length},
                              data={k: abspath(getattr(cfg.data, k)) for k in ("path", "val", "test")})
         cfg = dataclasses.replace(cfg, model=model_cfg)
-        self._prepare(cfg, world)
-        epoch_steps = max(1, math.ceil(cfg.task.epochs * self.batches_per_epoch / self.micro_per_step))
-        max_steps = t.max_steps
-        if max_steps is None and t.max_seconds is None:
-            max_steps = epoch_steps
-        per_epoch = max(1, round(self.batches_per_epoch / self.micro_per_step))
-        return cfgmod.replace(cfg, train={
-            "max_steps": max_steps, "warmup_steps": min(t.warmup_steps, max(1, (max_steps or epoch_steps) // 10)),
-            "eval_interval": per_epoch if t.eval_interval is None else t.eval_interval})
-
-    def _prepare(self, cfg, world) -> None:
-        """Shapes of the schedule that depend on the data and the number of processes."""
-        self.B = min(cfg.train.batch_size, len(self.train_ex))
-        self.batches_per_epoch = max(1, len(self.train_ex) // self.B)
-        self.micro_per_step = cfg.train.grad_accum * world.size
-        if cfg.train.max_steps is None:  # planned from the time budget, within the planned epochs
-            self.step_cap = max(1, math.ceil(cfg.task.epochs * self.batches_per_epoch / self.micro_per_step))
-        self.cfg = cfg
+        self.plan_epochs(cfg, world, len(self.train_ex))
+        return self.epoch_schedule(cfg)
 
     def build_model(self, cfg):
         if self.resume:
@@ -274,32 +230,22 @@ class ClassifyTask(Task):
         self.loss_weight = ((counts.sum() / (len(self.names) * counts.clamp(min=1))).to(device)
                             if o.class_weights == "auto" else None)
         self.sample_weight = (1.0 / counts)[self.y] if o.oversample else None
-        self._epoch, self._batches = None, []
-
-    def units_per_step(self, cfg, world) -> int:
-        return self.B * cfg.train.grad_accum * world.size
 
     def eval_cost(self, cfg) -> float:
         if self.val_ex is None:
             return 0.0
         return len(self.val_ex) / (3 * self.B * cfg.train.grad_accum)  # forward only: ~1/3 of a step
 
-    def _epoch_batches(self, epoch: int) -> list[torch.Tensor]:
-        seed = int(np.random.default_rng([self.cfg.train.seed, epoch]).integers(2**62))
-        gen = torch.Generator().manual_seed(seed)
+    def epoch_order(self, gen):
+        """Shuffled (or class-balanced) examples, each run of ``MEGA_BATCHES`` batches sorted by length."""
         n, B = len(self.y), self.B
         order = (torch.multinomial(self.sample_weight, n, replacement=True, generator=gen)
                  if self.sample_weight is not None else torch.randperm(n, generator=gen))
-        order = torch.cat([mega[torch.argsort(self.lengths[mega], descending=True, stable=True)]
-                           for mega in order.split(MEGA_BATCHES * B)])
-        cut = [order[s:s + B] for s in range(0, n - B + 1, B)]
-        return [cut[k] for k in torch.randperm(len(cut), generator=gen).tolist()]
+        return torch.cat([mega[torch.argsort(self.lengths[mega], descending=True, stable=True)]
+                          for mega in order.split(MEGA_BATCHES * B)])
 
     def batch(self, step, micro):
-        epoch, i = divmod(step * self.micro_per_step + micro, self.batches_per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
-        b = self._batches[i]
+        b = self.batch_indices(step, micro)
         width = int(self.lengths[b].max())  # padding past the longest text in the batch changes nothing
         return self.ids[b, :width], self.mask[b, :width], self.y[b]
 
@@ -312,7 +258,7 @@ class ClassifyTask(Task):
     def evaluate(self, model, ctx):
         if self.val_ex is None:
             return {}
-        m, _, _ = evaluate_examples(model, self.tokenizer, self.val_ex, self.names, self.cfg.task.max_length,
+        m = evaluate_examples(model, self.tokenizer, self.val_ex, self.names, self.cfg.task.max_length,
                                     self.device)
         model.train()
         return {f"val_{k}": m[k] for k in EARLY_STOP_METRICS}

@@ -104,6 +104,7 @@ class TokenTask(Task):
 
 class LMTask(TokenTask):
     name = "lm"
+    ARCHS = ("gpt",)
     Options = LMOptions
 
     def __init__(self, cfg, run=None):

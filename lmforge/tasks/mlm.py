@@ -70,6 +70,7 @@ class MLMTask(TokenTask):
     """Masked-token pretraining of an encoder on a WordPiece data directory."""
 
     name = "mlm"
+    ARCHS = ("bert",)
     Options = MLMOptions
     METRICS = ("loss", "mlm_accuracy")
 

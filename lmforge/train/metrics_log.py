@@ -28,6 +28,23 @@ class MetricsLog:
                 raise UserError(f"train.tensorboard needs the tensorboard package ({e})") from None
             self.writer = SummaryWriter(log_dir=str(run_dir))
 
+    def truncate(self, step: int) -> None:
+        """Drop the lines after checkpoint ``step`` (a resume logs those steps again) and a line a
+        kill tore, keeping every complete line up to ``step``."""
+        if not self.enabled or not self.path.is_file():
+            return
+        from lmforge.fsutil import write_text
+
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line + "\n")
+        write_text(self.path, "".join(kept))
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return

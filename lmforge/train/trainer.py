@@ -213,6 +213,7 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
     params = model.num_params()
     say = status if world.main else (lambda message: None)
     log = MetricsLog(run.path, t.tensorboard, enabled=world.main)
+    log.truncate(state["step"])  # on --resume: the steps after the checkpoint are logged again
     if world.main:
         cfgmod.save(cfg, run.config)
     say(f"model: {params:,} parameters on {device}" + (f" x {world.size} processes" if world.active else "")
