@@ -21,7 +21,7 @@ from lmforge import __version__
 from lmforge.errors import UserError
 from lmforge.models import MODELS
 from lmforge.models.gpt import GPTConfig
-from lmforge.train.optim import OPTIMIZERS
+from lmforge.train.optim import OPTIMIZERS, SCHEDULES
 
 SECTIONS = ("task", "model", "data", "train")
 
@@ -33,15 +33,22 @@ class TrainConfig:
     batch_size: int = 16  # examples (sequences) per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate
+    # cosine (warm-up, then cosine decay) | constant | step | onecycle (train/optim.py:lr_at)
+    schedule: str = "cosine"
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of the schedule
+    lr_gamma: float = 0.1  # step: the factor at each milestone
     warmup_steps: int = 20
     # Length of the schedule. None: planned from max_seconds after a few timed steps, so the
     # cosine decay ends when the time budget does (a task may also derive it, e.g. from epochs).
     max_steps: int | None = 500
     max_seconds: float | None = None  # wall-clock budget for the optimizer loop (hard stop)
     weight_decay: float = 0.1  # on matrices only; biases, norms and embeddings get none
-    # adamw | muon (Muon on the hidden matrices, AdamW on embeddings, biases, norms; optim.py)
+    # adamw | adam | sgd | muon (Muon on the hidden matrices, AdamW on embeddings, biases, norms;
+    # optim.py)
     optimizer: str = "adamw"
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd: Nesterov momentum
     # Muon's peak learning rate (None: train.lr), on the same schedule; RMS-matched to AdamW's.
     muon_lr: float | None = None
     beta1: float = 0.9
@@ -370,6 +377,12 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.optimizer not in OPTIMIZERS:
         raise UserError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {t.optimizer!r}")
+    if t.schedule not in SCHEDULES:
+        raise UserError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
+    if not 0.0 <= t.momentum < 1.0 or (t.nesterov and t.momentum == 0):
+        raise UserError(f"train.momentum must be in [0, 1) (and > 0 with train.nesterov), got {t.momentum}")
+    if not 0.0 < t.lr_gamma <= 1.0 or any(not 0.0 < m < 1.0 for m in t.lr_milestones):
+        raise UserError("train.lr_gamma must be in (0, 1] and train.lr_milestones fractions in (0, 1)")
     if t.optimizer == "muon" and t.fsdp:
         raise UserError("train.optimizer muon needs whole matrices; it cannot run with train.fsdp")
     if t.muon_lr is not None and t.muon_lr <= 0:

@@ -273,3 +273,40 @@ def test_bad_image_inputs_are_one_error_line_and_leave_nothing(tmp_path, digits_
         lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("[lmforge]")]
         assert len(lines) == 1 and message in lines[0], (args, r.stderr)
     assert not any((tmp_path / f"o{k}").exists() for k in range(1, 6))
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("sgd", "onecycle"), ("adam", "step"), ("adamw", "constant")])
+def test_every_optimizer_and_schedule_trains_the_cnn(digits_dir, tmp_path, optimizer, schedule):
+    from lmforge.train.trainer import train
+
+    lr = 0.05 if optimizer == "sgd" else 2e-3
+    cfg = small_config(digits_dir, optimizer=optimizer, schedule=schedule, lr=lr, nesterov=optimizer == "sgd",
+                       eval_interval=0)
+    train(cfg, run_dir=tmp_path / "run")
+    from lmforge.evaluate.report import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_the_one_cycle_and_step_schedules_match_pytorch():
+    from lmforge.train.optim import lr_at
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=50)
+    theirs = []
+    for _ in range(50):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = [lr_at(s, 0.1, 0, 50, 0.0, "onecycle") for s in range(50)]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-9)
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[20, 30], gamma=0.1)
+    theirs = []
+    for _ in range(40):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose([lr_at(s, 0.1, 0, 40, 0.0, "step", (0.5, 0.75)) for s in range(40)], theirs)

@@ -64,7 +64,7 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     set_lr(opt, 0.5)
     assert [g["lr"] for g in adamw.param_groups] == [0.5] and [g["lr"] for g in muon.param_groups] == [1.0]
     with pytest.raises(ValueError):
-        build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu", "sgd")
+        build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu", "lion")
 
 
 def test_combined_state_dict_round_trips():

@@ -358,7 +358,10 @@ def test_an_encoder_run_answers_400_saying_it_cannot_generate(tmp_path):
     run = tmp_path / "enc"
     run.mkdir()
     tok = train_bpe(["some text to learn from"] * 5, 300)
-    cfg = cfgmod.RunConfig(arch="bert", model=BertConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    from lmforge.tasks import TASKS
+
+    cfg = cfgmod.RunConfig(task=TASKS["mlm"].Options(), arch="bert",
+                           model=BertConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=16))
     cfgmod.save(cfg, run / "config.yaml")
     tok.save(str(run / "tokenizer.json"))
     save_model(Bert(cfg.model), run / "model.safetensors")
@@ -426,8 +429,11 @@ def _tiny_encoder_run(root, num_labels=0):
     root.mkdir(parents=True)
     tok = train_wordpiece(["refund my order please", "where is my parcel", "reset the password"] * 5, 200)
     torch.manual_seed(0)
-    cfg = cfgmod.RunConfig(arch="bert", model=BertConfig(vocab_size=tok.get_vocab_size(), block_size=32, n_layer=1,
-                                                         n_head=2, n_embd=16, num_labels=num_labels))
+    from lmforge.tasks import TASKS
+
+    cfg = cfgmod.RunConfig(task=TASKS["classify" if num_labels else "mlm"].Options(), arch="bert",
+                           model=BertConfig(vocab_size=tok.get_vocab_size(), block_size=32, n_layer=1, n_head=2,
+                                            n_embd=16, num_labels=num_labels))
     cfgmod.save(cfg, root / "config.yaml")
     tok.save(str(root / "tokenizer.json"))
     save_model(Bert(cfg.model), root / "model.safetensors")

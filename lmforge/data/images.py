@@ -35,7 +35,6 @@ import csv
 import gzip
 import importlib.util
 import io
-import json
 import tempfile
 import time
 from collections import Counter
@@ -394,7 +393,7 @@ def save_mosaic(images: list, cols: int, row_labels: list[str], path: Path, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmforge.fsutil import atomic_path
+    from lmforge.evaluate.report import save_figure
 
     grid = mosaic(images, cols)
     h = next(im for im in images if im is not None).shape[0]
@@ -409,10 +408,7 @@ def save_mosaic(images: list, cols: int, row_labels: list[str], path: Path, titl
             r, q = divmod(k, cols)
             ax.text(1 + q * (w + 1), 1 + r * (h + 1), t, fontsize=5, color="yellow", va="top")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def examples_grid(x: np.ndarray, y: np.ndarray, names: list[str], path: Path, per_class: int = 10) -> None:
@@ -527,14 +523,10 @@ class ImageData:
 
     @classmethod
     def open(cls, path: str | Path) -> "ImageData":
+        from lmforge.data.tokens import read_meta
+
         path = Path(path)
-        meta_path = path / "meta.json"
-        if not meta_path.is_file():
-            raise UserError(f"not a prepared data directory (no meta.json): {path}")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{meta_path}: not valid JSON") from None
+        meta = read_meta(path)
         if meta.get("kind") != "images":
             raise UserError(f"{path} holds token data, not images: prepare it with `lmforge prepare --kind images`")
         return cls(path, meta)

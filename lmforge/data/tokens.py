@@ -15,7 +15,9 @@ import torch
 from lmforge.errors import UserError
 
 
-def load_meta(data_dir: str | Path) -> dict:
+def read_meta(data_dir: str | Path) -> dict:
+    """A prepared data directory's ``meta.json`` (token or image data); a missing or damaged one
+    is a one-line error."""
     data_dir = Path(data_dir)
     path = data_dir / "meta.json"
     if not path.is_file():
@@ -24,9 +26,16 @@ def load_meta(data_dir: str | Path) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path}: not valid JSON; prepare the data again") from None
-    if not isinstance(meta, dict) or "vocab_size" not in meta:
-        kind = "images (train them with --task image-classify)" if isinstance(meta, dict) and \
-            meta.get("kind") == "images" else "no token data"
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not a data description; prepare the data again")
+    return meta
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    """The ``meta.json`` of a token data directory."""
+    meta = read_meta(data_dir)
+    if "vocab_size" not in meta:
+        kind = "images (train them with --task image-classify)" if meta.get("kind") == "images" else "no token data"
         raise UserError(f"{data_dir} holds {kind}, not tokens from `lmforge prepare`")
     return meta
 

@@ -49,13 +49,19 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     ax.set_title(f"{Path(run_dir).name}: loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, Path(run_dir) / "plots" / "loss.png")
+
+
+def save_figure(fig, path: Path, **savefig) -> Path:
+    """Lay out ``fig``, write it to ``path`` as PNG atomically (its folder made) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    out = Path(run_dir) / "plots" / "loss.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", **savefig)
     plt.close(fig)
-    return out
+    return path
 
 
 def cpu_name() -> str:

@@ -84,8 +84,7 @@ def plot_curves(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmforge.evaluate.report import read_metrics
-    from lmforge.fsutil import atomic_path
+    from lmforge.evaluate.report import read_metrics, save_figure
 
     rows = read_metrics(run_dir)
     evals = [r for r in rows if "val_loss" in r]
@@ -111,13 +110,7 @@ def plot_curves(run_dir: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    out = Path(run_dir) / "plots" / "curves.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, Path(run_dir) / "plots" / "curves.png")
 
 
 def write_image_report(run_dir: Path, model, data: ImageData, split: str, device) -> dict:

@@ -167,7 +167,7 @@ def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device) -> dic
 
     def make_optimizer():
         return build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type, t.optimizer,
-                               t.muon_lr, t.layer_lr_decay)
+                               t.muon_lr, t.layer_lr_decay, t.momentum, t.nesterov)
     optimizer = None if sharded else make_optimizer()
     state = {"step": 0, f"{task.unit}_seen": 0, "train_seconds": 0.0}
     created = False
@@ -279,7 +279,8 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
                 reason = "interrupted"
                 break
 
-            lr = lr_at(step, t.lr, t.warmup_steps, max_steps, t.min_lr_ratio)
+            lr = lr_at(step, t.lr, t.warmup_steps, max_steps, t.min_lr_ratio, t.schedule, tuple(t.lr_milestones),
+                       t.lr_gamma)
             set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
