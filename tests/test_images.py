@@ -310,3 +310,20 @@ def test_the_one_cycle_and_step_schedules_match_pytorch():
         opt.step()
         sched.step()
     np.testing.assert_allclose([lr_at(s, 0.1, 0, 40, 0.0, "step", (0.5, 0.75)) for s in range(40)], theirs)
+
+
+def test_the_keras_benchmark_runs_the_same_network_on_the_same_data(tmp_path, monkeypatch):
+    """`lmforge bench train --model cnn`: both implementations train the keras-mnist network on
+    the same images and report images/s, test accuracy and the ratio (a smoke test; the figures
+    are in bench/RESULTS.md)."""
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    pytest.importorskip("keras")
+    from lmforge.bench_images import bench_train_images, format_result
+
+    x, y = digits(300, size=28)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    prepare_images([str(tmp_path / "d.npz")], tmp_path / "data", val_fraction=0.0)
+    r = bench_train_images("keras-mnist", str(tmp_path / "data"), epochs=2, batch=32)
+    assert r["lmforge"]["params"] == r["keras"]["params"] == 34826  # the same network
+    assert r["speedup"] > 0 and r["lmforge"]["images_per_second"] > 0
+    assert "lmforge / Keras" in format_result(r)

