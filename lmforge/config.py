@@ -10,6 +10,7 @@ fully resolved, as ``config.yaml`` in the run directory. Presets are plain data.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,8 +354,16 @@ def validate(cfg: RunConfig) -> None:
     positive.update({"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.lr": t.lr,
                      "train.eval_batches": t.eval_batches, "train.log_interval": t.log_interval})
     for key, v in positive.items():
-        if v <= 0:
-            raise UserError(f"config key {key!r} must be positive, got {v}")
+        if not v > 0 or v == math.inf:  # NaN fails the first test
+            raise UserError(f"config key {key!r} must be positive (a finite number), got {v}")
+    non_negative = {f"train.{k}": getattr(t, k) for k in ("weight_decay", "grad_clip", "warmup_steps",
+                                                           "checkpoint_interval", "min_lr_ratio")}
+    for key, v in non_negative.items():
+        if not v >= 0 or v == math.inf:
+            raise UserError(f"config key {key!r} must be a number >= 0, got {v}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, key) < 1.0:
+            raise UserError(f"train.{key} must be in [0, 1), got {getattr(t, key)}")
     if hasattr(m, "n_head") and m.n_embd % m.n_head:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if not 0.0 <= getattr(m, "dropout", 0.0) < 1.0:
@@ -367,8 +376,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.loss_chunk must be >= 0, got {t.loss_chunk}")
     if t.max_steps is not None and t.max_steps <= 0:
         raise UserError(f"train.max_steps must be positive, got {t.max_steps}")
-    if t.max_seconds is not None and t.max_seconds <= 0:
-        raise UserError(f"train.max_seconds must be positive, got {t.max_seconds}")
+    if t.max_seconds is not None and not 0 < t.max_seconds < math.inf:
+        raise UserError(f"train.max_seconds must be positive (a finite number), got {t.max_seconds}")
     if t.eval_interval is not None and t.eval_interval < 0:
         raise UserError(f"train.eval_interval must be >= 0, got {t.eval_interval}")
     if t.dtype not in ("auto", "float32", "bfloat16"):

@@ -18,7 +18,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device={name} but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
 
 
 def autocast_for(device: torch.device, dtype: str):

@@ -39,7 +39,7 @@ def test_saved_config_with_an_unknown_key_names_the_file(tmp_path):
     ("train.batch_size=1.5", "expects int"),
     ("model.n_head=3", "divisible"),
     ("train.lr=-1", "must be positive"),
-    ("train.optimizer=sgd", "train.optimizer must be one of adamw, muon"),
+    ("train.optimizer=lion", "train.optimizer must be one of adamw, adam, sgd, muon"),
     ("train.muon_lr=0", "train.muon_lr must be positive"),
     ("train.layer_lr_decay=0", r"train.layer_lr_decay must be in \(0, 1\]"),
     ("task.label_smoothing=1", r"task.label_smoothing must be in \[0, 1\)"),  # a classify option

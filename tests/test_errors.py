@@ -2,6 +2,8 @@
 
 import pytest
 
+from lmforge import config as cfgmod
+from lmforge.errors import UserError
 from tests.conftest import run_cli
 
 
@@ -86,3 +88,27 @@ def test_classification_quickstart_bad_options(tmp_path, args, needle):
     out = tmp_path / "qc"
     assert_clean_failure(run_cli("quickstart", "--task", "classify", "--out", str(out), *args), needle)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("setting", ["train.lr=nan", "train.lr=inf", "train.beta2=1.5", "train.weight_decay=-1",
+                                     "train.grad_clip=-1", "train.warmup_steps=-5", "train.checkpoint_interval=-1",
+                                     "train.max_seconds=nan", "train.device=banana"])
+def test_nonsense_training_values_are_one_error_line(setting, data_dir, tmp_path):
+    """issue 22: these were accepted (lr=inf trained to NaN and exited 0) or ended in a traceback."""
+    r = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset", "debug",
+                "--max-steps", "2", "--set", setting)
+    assert r.returncode == 2, (setting, r.stderr[-500:])
+    assert r.stderr.strip().startswith("lmforge: error:") and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_loss_stops_training_with_an_error(data_dir, tmp_path):
+    from lmforge.train.trainer import train
+
+    cfg = cfgmod.build_config("debug", overrides=["train.lr=1e12", "train.grad_clip=0", "train.max_steps=30",
+                                                  "train.warmup_steps=1", "train.log_interval=1"])
+    with pytest.raises(UserError, match="training loss became"):
+        train(cfg, data_dir, tmp_path / "run")
+    r = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path / "r2"), "--preset", "debug",
+                "--stop-at", "-1")
+    assert r.returncode == 2 and "--stop-at" in r.stderr

@@ -12,6 +12,7 @@ M steps gives bitwise the losses of N + M uninterrupted steps.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -136,6 +137,8 @@ def train(cfg: cfgmod.RunConfig, data_dir: str | Path | None = None, run_dir: st
     """
     if run_dir is None:
         raise UserError("a run directory is required (--out)")
+    if stop_at is not None and stop_at <= 0:
+        raise UserError(f"--stop-at must be a positive step, got {stop_at}")
     if data_dir is not None:
         cfg = cfgmod.replace(cfg, data={"path": str(data_dir)})
     run = RunDir(run_dir)
@@ -334,6 +337,11 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
                     record["mfu"] = round(flops_per_step / dt / peak, 4)
                     postfix["mfu"] = f"{record['mfu']:.1%}"
                 log.write(record)
+                if not math.isfinite(record["loss"]):  # diverged: no checkpoint of these weights
+                    raise UserError(f"the training loss became {record['loss']} at step {step}; lower train.lr (or "
+                                    "train.grad_clip) and start again"
+                                    + (f", or --resume from the last checkpoint (step {state['step']})"
+                                       if run.has_checkpoint() else ""))
                 bar.set_postfix(postfix, refresh=False)
                 interval_loss, interval_steps = torch.zeros((), device=device), 0
             if t.eval_interval and step % t.eval_interval == 0 and step != max_steps:
