@@ -1,8 +1,8 @@
 """Image classification: a CNN or MLP (``models/vision.py``) on a ``prepare --kind images`` data
 directory, in the one training loop (exact resume, Ctrl-C, DDP, early stopping, TensorBoard).
 
-The training split is held on the device as uint8 once; each micro-batch is cut from it by
-(seed, step) like any epoch task, converted on the device and augmented there, batched, with
+The training split is held in memory as uint8; each micro-batch is cut from it by (seed, step)
+like any epoch task, moved to the device as uint8, converted there and augmented, batched, with
 ``kornia.augmentation``: a random crop from the image padded by ``task.crop_padding`` pixels, a small
 random affine (rotation, shift, scale), and a horizontal flip only with ``task.flip`` (never right
 for digits or text). The augmentation's randomness is drawn from a generator seeded by (seed, step,
