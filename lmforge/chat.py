@@ -1,9 +1,12 @@
 """Chat templates and ``lmforge chat``, the terminal chat.
 
 A chat template turns a conversation into the prompt a decoder continues. It lives in the run
-directory as ``chat_template.json`` (``system``/``user``/``assistant`` formats with ``{content}``,
-the ``generation_prompt`` that opens the answer, and ``stop`` strings that end it); without one,
-:data:`DEFAULT_CHAT_TEMPLATE` is used. ``lmforge serve`` and ``lmforge chat`` render alike.
+directory as ``chat_template.json``: either ``system``/``user``/``assistant`` formats with
+``{content}`` and the ``generation_prompt`` that opens the answer, or (an imported model's own)
+a Jinja template under ``jinja``, rendered as Hugging Face's ``apply_chat_template`` renders it;
+with ``stop`` strings and an ``end_token`` that end an answer. Without a file,
+:data:`DEFAULT_CHAT_TEMPLATE` is used. ``lmforge serve``, ``lmforge chat`` and the support app
+render alike.
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ def load_chat_template(run_dir: str | Path) -> dict:
         template = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(template, dict):
+        raise UserError(f"{path}: not a JSON object")
+    if "jinja" in template:
+        if not isinstance(template["jinja"], str):
+            raise UserError(f"{path}: 'jinja' must be a string")
+        _compiled(template["jinja"], str(path))
+        return template
     missing = [k for k in ("system", "user", "assistant", "generation_prompt") if not isinstance(template.get(k), str)]
     if missing:
         raise UserError(f"{path}: missing string field(s) {', '.join(missing)}")
@@ -40,6 +50,8 @@ def jinja_chat_template(template: dict) -> str:
     """The same template as a Jinja chat template (what Hugging Face's ``apply_chat_template`` and
     vLLM-style servers use): ``messages`` with ``role`` and ``content``, and ``add_generation_prompt``.
     It renders exactly what :func:`render_chat` renders; a ``developer`` message renders as ``system``."""
+    if "jinja" in template:
+        return template["jinja"]
     def jinja(fmt: str) -> str:  # literal text as Jinja string expressions: no character of it is syntax
         parts = []
         for literal, field, _, _ in string.Formatter().parse(fmt):
@@ -64,7 +76,46 @@ def save_chat_template(run_dir: str | Path, template: dict | None = None) -> Non
 
 def render_chat(template: dict, messages: list[dict]) -> str:
     """The prompt for ``messages`` (dicts with ``role`` and ``content``), ending with the answer's opening."""
+    if "jinja" in template:
+        try:
+            return _compiled(template["jinja"]).render(
+                messages=messages, add_generation_prompt=True, tools=None, documents=None,
+                **{k: template.get(k, "") for k in ("bos_token", "eos_token")})
+        except UserError:
+            raise
+        except Exception as e:  # the template's own raise_exception, or a bad field it reads
+            raise UserError(f"the chat template cannot render these messages: {e}") from None
     return "".join(template[m["role"]].format(content=m["content"]) for m in messages) + template["generation_prompt"]
+
+
+def end_token_id(template: dict, tokenizer) -> int | None:
+    """The id of the token that ends an answer: the template's ``end_token`` (an imported chat
+    model's end of turn, e.g. ``<|im_end|>``), else the end-of-text token; None if neither exists."""
+    from lmforge.data.tokenizer import EOT
+
+    return tokenizer.token_to_id(template.get("end_token") or EOT)
+
+
+_jinja_cache: dict[str, object] = {}
+
+
+def _compiled(source: str, where: str = "the chat template"):
+    """A Jinja template compiled in a sandbox (a template from a downloaded file runs no Python),
+    with the environment Hugging Face's ``apply_chat_template`` gives one."""
+    if source not in _jinja_cache:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise UserError(f"the chat template refuses these messages: {message}")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.globals["raise_exception"] = raise_exception
+        try:
+            _jinja_cache[source] = env.from_string(source)
+        except jinja2.TemplateError as e:
+            raise UserError(f"{where}: not a valid Jinja template ({e})") from None
+    return _jinja_cache[source]
 
 
 def chat_loop(run_dir: str | Path, temperature: float = 0.8, max_tokens: int = 200, system: str | None = None,
@@ -76,16 +127,15 @@ def chat_loop(run_dir: str | Path, temperature: float = 0.8, max_tokens: int = 2
     longer fits the model's context with room for ``max_tokens``. ``compile``: the decode step is
     compiled (at the first answer), as for ``lmforge generate --compile``.
     """
-    from lmforge.data.tokenizer import EOT
     from lmforge.generate import stream_text
     from lmforge.runs import load_run
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     run = load_run(run_dir)
     if not run.model.can_generate or getattr(run.model.config, "num_labels", 0):
-        raise UserError(f"{run_dir} is not a text generator (chat needs a GPT run)")
+        raise UserError(f"{run_dir} is not a text generator (chat needs a decoder run: GPT or Llama)")
     template = load_chat_template(run_dir)
-    eot = run.tokenizer.token_to_id(EOT)
+    eot = end_token_id(template, run.tokenizer)
     context = run.model.config.block_size
     interactive = stdin.isatty()
     history: list[dict] = []

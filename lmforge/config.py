@@ -10,6 +10,7 @@ fully resolved, as ``config.yaml`` in the run directory. Presets are plain data.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -208,6 +209,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check and convert ``value`` to the dataclass field type ``tp`` (int, float, bool, str, optional)."""
     args = typing.get_args(tp)
+    if tp is dict or typing.get_origin(tp) is dict:  # a YAML mapping, or JSON on the command line
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError:
+                pass
+        if isinstance(value, dict):
+            return dict(value)
+        raise UserError(f"config key {key!r} expects a mapping (JSON), got {value!r}")
     if typing.get_origin(tp) is list:  # a list of one type: a YAML list or "32,64"
         if isinstance(value, str):
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]

@@ -1,4 +1,5 @@
-"""Sampling from a GPT: greedy, temperature, top-k, top-p; KV cache; streaming text with stop strings.
+"""Sampling from a decoder (GPT, Llama): greedy, temperature, top-k, top-p; KV cache; streaming
+text with stop strings.
 
 The token loop (:func:`generate_ids`) is batched and yields one (B,) tensor of new ids per step;
 :func:`stream_text` turns a single sequence into text pieces as soon as they are complete UTF-8.
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from lmforge.models.gpt import GPT, KVCache
+from lmforge.models.decoder import Decoder, KVCache
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -74,7 +75,7 @@ class DecodeStep:
     Garbage written while warming up lands at positions no query can see until they are rewritten.
     """
 
-    def __init__(self, model: GPT, cache, pos: int, compile: bool = False, cuda_graph: bool | None = None,
+    def __init__(self, model: Decoder, cache, pos: int, compile: bool = False, cuda_graph: bool | None = None,
                  per_row: bool = False):
         device = cache.k[0].device
         batch = cache.k[0].size(0)
@@ -135,14 +136,14 @@ class _Decoder:
 _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _decoder(model: GPT, batch_size: int, max_len: int, compile: bool, cuda_graph: bool | None) -> _Decoder:
+def _decoder(model: Decoder, batch_size: int, max_len: int, compile: bool, cuda_graph: bool | None) -> _Decoder:
     """The model's static cache and captured step for this batch size and length, made once.
 
     Reusing them keeps graph capture and compilation out of every call after the first (a server
     calls with the same shapes again and again). Keyed by the weights' storage, so moving or
     casting the model gets fresh ones. Only the latest few shapes are kept.
     """
-    w = model.transformer.wte.weight
+    w = model.token_embedding().weight
     key = (batch_size, max_len, compile, cuda_graph, w.device, w.dtype, w.data_ptr())
     per_model = _decoders.setdefault(model, {})
     if key in per_model and per_model[key].busy:  # a second generation in flight: its own buffers
@@ -155,7 +156,7 @@ def _decoder(model: GPT, batch_size: int, max_len: int, compile: bool, cuda_grap
 
 
 @torch.no_grad()
-def generate_ids(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate_ids(model: Decoder, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True,
                  compile: bool = False, cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
@@ -208,7 +209,7 @@ def _decode(model, decoder, idx, max_new_tokens, temperature, top_k, top_p, gene
         yield nxt
 
 
-def stream_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+def stream_text(model: Decoder, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                 stop: list[str] | None = None, eot_id: int | None = None,
                 prompt_ids: list[int] | None = None, compile: bool = False) -> Generator[str, None, dict]:

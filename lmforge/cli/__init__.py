@@ -29,6 +29,7 @@ VERBS = {
     "quickstart": "lmforge.cli.quickstart",
     "import-hf": "lmforge.cli.hf",
     "export-hf": "lmforge.cli.hf",
+    "import-gguf": "lmforge.cli.hf",
     "bench": "lmforge.cli.bench",
     "support": "lmforge.cli.support",
 }

@@ -1,4 +1,5 @@
-"""lmforge import-hf / export-hf: Hugging Face directories to run directories and back."""
+"""lmforge import-hf / export-hf / import-gguf: Hugging Face directories and GGUF files to run
+directories and back."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ from lmforge.cli.options import flag
 class ImportOptions:
     hf_dir: str = flag(positional=True, help="config.json + model.safetensors (or pytorch_model.bin) + "
                        "tokenizer.json (or vocab.json + merges.txt, or vocab.txt)")
+    out: str = flag(None, required=True, help="run directory to write")
+    json: bool = flag(False)
+
+
+@dataclass
+class GGUFImportOptions:
+    file: str = flag(positional=True, help="a .gguf file (Llama or Qwen2 architecture; Q4_0, Q4_1, Q8_0, "
+                     "K-quants, F16, BF16 or F32 tensors)")
     out: str = flag(None, required=True, help="run directory to write")
     json: bool = flag(False)
 
@@ -33,6 +42,18 @@ def run_import(o: ImportOptions) -> int:
         f"vocabulary {info['vocab_size']:,}"))
 
 
+def run_import_gguf(o: GGUFImportOptions) -> int:
+    """Turn a GGUF file (llama.cpp's format) into a run directory: weights dequantized to float32,
+    the tokenizer and the chat template from its metadata."""
+    from lmforge.interop.gguf import import_gguf
+
+    return emit(o.json, import_gguf(o.file, o.out), lambda info: (
+        f"imported {o.file} -> {info['run_dir']}: {info['architecture']} ({info['name']}), {info['params']:,} "
+        f"params, {info['n_layer']} layers x {info['n_embd']}, {info['n_head']} heads ({info['n_kv_head']} "
+        f"key/value), context {info['block_size']}, vocabulary {info['vocab_size']:,}, from "
+        f"{'/'.join(info['quantization'])}" + ("" if info["chat_template"] else "; no chat template")))
+
+
 def run_export(o: ExportOptions) -> int:
     """Write a run directory as a Hugging Face directory that transformers loads with from_pretrained."""
     from lmforge.interop.hf_dir import export_hf
@@ -42,4 +63,5 @@ def run_export(o: ExportOptions) -> int:
 
 
 VERB_SPECS = {"import-hf": (ImportOptions, run_import, "Hugging Face GPT-2 or BERT directory -> run directory"),
-              "export-hf": (ExportOptions, run_export, "run directory -> Hugging Face directory (from_pretrained)")}
+              "export-hf": (ExportOptions, run_export, "run directory -> Hugging Face directory (from_pretrained)"),
+              "import-gguf": (GGUFImportOptions, run_import_gguf, "GGUF file (Llama, Qwen2) -> run directory")}

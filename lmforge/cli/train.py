@@ -22,7 +22,7 @@ class Options:
     out: str = flag(None, required=True, help="run directory")
     preset: str | None = flag(help="debug, nano, micro, gpt2-124m; encoders: bert-debug, bert-mini, bert-base; "
                               "images: keras-mnist, keras-cifar, cnn-small, resnet-small, mlp")
-    model: str | None = flag(help="model family (gpt, bert, cnn, mlp; default: the preset's or the task's)")
+    model: str | None = flag(help="model family (gpt, llama, bert, cnn, mlp; default: the preset's or the task's)")
     config: str | None = flag(help="YAML file with task:, model:, data: and train: sections")
     set: list[str] | None = flag(append=True, metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4 (repeatable)")
     max_steps: int | None = flag(config="train.max_steps", help="length of the schedule in optimizer steps")

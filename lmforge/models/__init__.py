@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.models.llama import Llama, LlamaConfig
 from lmforge.models.vision import CNN, MLP, CNNConfig, MLPConfig
 
 
@@ -26,6 +27,8 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "gpt": ModelSpec(GPTConfig, GPT, "GPT-2-style decoder (next-token LM, generation, last-token classifier)"),
+    "llama": ModelSpec(LlamaConfig, Llama, "Llama-family decoder (RoPE, RMSNorm, SwiGLU, grouped-query "
+                                           "attention; Llama, SmolLM, Qwen2 checkpoints)"),
     "bert": ModelSpec(BertConfig, Bert, "BERT-style encoder (masked LM, embeddings, [CLS] classifier)"),
     "cnn": ModelSpec(CNNConfig, CNN, "convolutional image classifier (conv blocks, optional residual, dense head)"),
     "mlp": ModelSpec(MLPConfig, MLP, "multilayer perceptron on flattened pixels"),

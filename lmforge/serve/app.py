@@ -29,7 +29,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from lmforge.chat import jinja_chat_template, load_chat_template, render_chat
+from lmforge.chat import end_token_id, jinja_chat_template, load_chat_template, render_chat
 from lmforge.data.tokenizer import EOT
 from lmforge.errors import UserError
 from lmforge.generate import text_pieces
@@ -41,12 +41,14 @@ from lmforge.serve.protocol import (MAX_INPUTS, ChatMessage, ChatRequest, Classi
                                     DetokenizeRequest, EmbeddingRequest, SamplingRequest, TokenizeRequest)
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
+DEFAULT_MAX_CONTEXT = 2048  # tokens per sequence when the model's context is longer (serve --max-context)
 
 
 class Engine:
     """The loaded run and, for a decoder, the batcher that generates with it."""
 
-    def __init__(self, run_dir: str | Path, max_tokens_cap: int = 1024, max_batch: int = 16, compile: bool = False):
+    def __init__(self, run_dir: str | Path, max_tokens_cap: int = 1024, max_batch: int = 16, compile: bool = False,
+                 max_context: int | None = None):
         from lmforge.runs import load_run
 
         self.run = load_run(run_dir)
@@ -59,10 +61,16 @@ class Engine:
                      else "encoder")
         if self.run.device.type == "cuda" and torch.cuda.is_bf16_supported():
             self.run.model.to(torch.bfloat16)  # serving reads every weight per token: half the bytes
-        self.batcher = ContinuousBatcher(self.run.model, max_batch, compile) if self.kind == "generator" else None
+        # The longest prompt + answer served: the model's context, capped so that the batcher's cache
+        # (max_batch rows of it, allocated up front) stays small for long-context checkpoints.
+        self.context = min(model.config.block_size, max_context or DEFAULT_MAX_CONTEXT)
+        self.batcher = ContinuousBatcher(self.run.model, max_batch, compile, max_len=self.context) \
+            if self.kind == "generator" else None
         self.encoder_lock = threading.Lock()  # encoder forwards share the tokenizer's padding state
         self.labels = self.run.labels if self.kind == "classifier" else None
         self.chat_template = load_chat_template(run_dir)
+        # A completion ends at the end of the document; a chat answer at the template's end of turn.
+        self.turn_end = end_token_id(self.chat_template, self.run.tokenizer) if self.kind == "generator" else None
         self.created = int(time.time())
         self.on_tokens = lambda prompt, generated: None  # set by the app (metrics)
         self.token_text = TokenText(self.run.tokenizer) if self.kind == "generator" else None
@@ -81,7 +89,7 @@ class Engine:
             ids, vocab = list(prompt), self.run.model.config.vocab_size
             if any(not 0 <= t < vocab for t in ids):
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        context = self.run.model.config.block_size
+        context = self.context
         if len(ids) >= context:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {context}",
                            param="prompt", code="context_length_exceeded")
@@ -105,7 +113,7 @@ class Engine:
         """The request's token limit (``default`` None: what is left of the context); 400 past the cap."""
         given = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if given is None:
-            given = default if default is not None else min(self.cap, self.run.model.config.block_size - len(ids))
+            given = default if default is not None else min(self.cap, self.context - len(ids))
         if given > self.cap:
             raise APIError(400, f"max_tokens {given} is over this server's cap of {self.cap}", param="max_tokens")
         return given
@@ -194,15 +202,17 @@ class Engine:
                                  self.run.device), tokens
 
     def generate(self, ids: list[int], req: SamplingRequest, max_tokens: int, seed: int | None, stop: list[str],
-                 logprobs: int | None = None, echo: str | None = None):
+                 logprobs: int | None = None, echo: str | None = None, end: int | None = None):
         """Generator of :class:`Piece` s; returns {"completion_tokens", "finish_reason"}.
 
         ``logprobs`` (alternatives per token) scores every token; ``echo`` (the prompt's text)
-        comes first, as its own piece, scored too when ``logprobs`` is set.
+        comes first, as its own piece, scored too when ``logprobs`` is set. Generation stops at
+        the token ``end`` (default: end of text).
         """
+        end = self.eot if end is None else end
         # An empty prompt starts from the end-of-text token, as a new document would.
         tokens = self.batcher.submit(ids or [self.eot or 0], max_tokens, req.temperature, req.top_p, seed,
-                                     self.eot, logprobs, prompt_logprobs=echo is not None and logprobs is not None,
+                                     end, logprobs, prompt_logprobs=echo is not None and logprobs is not None,
                                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                      logit_bias=self.logit_bias(req))
         placed, start = [], 0
@@ -217,8 +227,8 @@ class Engine:
                 scored = next(tokens) if logprobs is not None else None
                 yield Piece(echo, placed_prompt(scored, self.token_text) if scored and ids else [])
                 start = len(echo)
-            pieces = text_pieces(tokens if logprobs is None else ids_of(tokens), self.run.tokenizer, stop, self.eot)
-            result = yield from split_by_offset(pieces, placed, start, self.eot)
+            pieces = text_pieces(tokens if logprobs is None else ids_of(tokens), self.run.tokenizer, stop, end)
+            result = yield from split_by_offset(pieces, placed, start, end)
         finally:
             tokens.close()  # stopped early (a client gone, a stop string): the batcher drops the sequence
         self.on_tokens(len(ids), result["completion_tokens"])
@@ -324,7 +334,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
 
     def model_card() -> dict:
         return {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "lmforge",
-                "max_model_len": engine.run.model.config.block_size}
+                "max_model_len": engine.context}
 
     @app.get("/v1/models")
     async def models():
@@ -341,8 +351,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
     # and needs no local copy of the tokenizer): ids without special tokens unless asked.
     @app.get("/tokenizer_info")
     async def tokenizer_info():
-        specials = {"eos_token": EOT if engine.eot is not None else None, "bos_token": None, "pad_token": None}
-        return {**specials, "tokenizer_class": "lmforge", "model_max_length": engine.run.model.config.block_size,
+        end = engine.chat_template.get("end_token") or (EOT if engine.eot is not None else None)
+        specials = {"eos_token": end, "bos_token": engine.chat_template.get("bos_token") or None, "pad_token": None}
+        return {**specials, "tokenizer_class": "lmforge", "model_max_length": engine.context,
                 "vocab_size": engine.tokenizer().get_vocab_size(),
                 "chat_template": jinja_chat_template(engine.chat_template) if engine.kind == "generator" else None}
 
@@ -354,7 +365,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
             with engine.encoder_lock:  # an encoder's embedding requests set the tokenizer's padding
                 return engine.run.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
         ids = await asyncio.to_thread(encode)
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.run.model.config.block_size}
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.context}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
@@ -367,10 +378,11 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         given = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return given + list(extra)
 
-    def choices_of(prompts_ids, req, stop, limits, logprobs, echoes) -> list:
+    def choices_of(prompts_ids, req, stop, limits, logprobs, echoes, end=None) -> list:
         """One generator of :class:`Piece` s per choice, prompt-major (choice index = prompt * n + j),
         all submitted at once so that they decode together."""
-        return [engine.generate(ids, req, limit, None if req.seed is None else req.seed + j, stop, logprobs, echo)
+        return [engine.generate(ids, req, limit, None if req.seed is None else req.seed + j, stop, logprobs, echo,
+                                end)
                 for ids, limit, echo in zip(prompts_ids, limits, echoes) for j in range(req.n)]
 
     async def merged(gens):
@@ -475,7 +487,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         top = (req.top_logprobs or 0) if req.logprobs else None
         # Without a limit an answer may take the rest of the context (up to the cap), as in OpenAI's API.
         limits = [engine.max_tokens(req, ids[0], default=None)]
-        gens = choices_of(ids, req, stops(req, engine.chat_template.get("stop", [])), limits, top, [None])
+        gens = choices_of(ids, req, stops(req, engine.chat_template.get("stop", [])), limits, top, [None],
+                          engine.turn_end)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def logprobs(tokens):
@@ -529,8 +542,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_tokens_cap: int = 1024, max_concurrency: int = 16, max_batch: int = 16,
-          compile: bool = False) -> None:
+          compile: bool = False, max_context: int | None = None) -> None:
     import uvicorn
 
-    engine = Engine(run_dir, max_tokens_cap, max_batch, compile)
+    engine = Engine(run_dir, max_tokens_cap, max_batch, compile, max_context)
     uvicorn.run(create_app(engine, api_key, max_concurrency), host=host, port=port, log_level="warning")

@@ -37,7 +37,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 from lmforge.generate import DecodeStep, sample_next
-from lmforge.models.gpt import GPT
+from lmforge.models.decoder import Decoder
 from lmforge.progress import progress
 
 
@@ -111,13 +111,16 @@ class _Reader:
 
 
 class ContinuousBatcher:
-    """Schedules generations of one GPT together; :meth:`submit` returns an iterator of new ids."""
+    """Schedules generations of one decoder together; :meth:`submit` returns an iterator of new ids."""
 
-    def __init__(self, model: GPT, max_batch: int = 16, compile: bool = False, cuda_graph: bool | None = None):
+    def __init__(self, model: Decoder, max_batch: int = 16, compile: bool = False, cuda_graph: bool | None = None,
+                 max_len: int | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model = model
-        self.block = model.config.block_size
+        # Tokens per sequence (prompt and answer): the model's context, or less (the cache is
+        # max_batch rows of it, allocated here).
+        self.block = min(model.config.block_size, max_len or model.config.block_size)
         self.device = next(model.parameters()).device
         self.max_batch = max_batch
         self.cache = model.new_cache(max_batch, self.block)

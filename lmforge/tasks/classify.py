@@ -143,7 +143,7 @@ def base_model(init: str | Path):
 
 class ClassifyTask(EpochTask):
     name = "classify"
-    ARCHS = ("bert", "gpt")  # the family of --init
+    ARCHS = ("bert", "gpt", "llama")  # the family of --init
     Options = ClassifyOptions
     METRICS = EARLY_STOP_METRICS
     # Fine-tuning defaults (flags, the config file and --set override them): lr 5e-5, batch 16,

@@ -104,7 +104,7 @@ class TokenTask(Task):
 
 class LMTask(TokenTask):
     name = "lm"
-    ARCHS = ("gpt",)
+    ARCHS = ("gpt", "llama")
     Options = LMOptions
 
     def __init__(self, cfg, run=None):

