@@ -52,11 +52,12 @@ def data_dir(tmp_path_factory, corpus_dir) -> Path:
     return out
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m lmforge ARGS`` as a user would; returns the completed process."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m lmforge ARGS`` as a user would (``input`` on stdin); returns the completed process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+                          cwd=cwd, env=env, timeout=timeout, input=input)
 
 
 def interrupt_training(args: list[str], run: Path, lines: int = 5, timeout: float = 60):

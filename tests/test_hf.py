@@ -107,6 +107,9 @@ def test_import_hf_then_generate_and_export_hf_round_trip(hf_dir, tmp_path):
     again = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
+    # transformers' generate stops at the token lmforge stops at (the end of text).
+    eot = loaded.tokenizer.token_to_id("<|endoftext|>")
+    assert again.config.eos_token_id == eot and again.generation_config.eos_token_id == eot
     fast = transformers.AutoTokenizer.from_pretrained(out)
     assert fast("the model reads text")["input_ids"] == tok.encode("the model reads text").ids
     # The run's chat template goes along, as a Jinja template `apply_chat_template` renders alike.

@@ -111,6 +111,43 @@ def test_a_llama_trains_resumes_and_generates_on_the_one_spine(tmp_path, data_di
     r = run_cli("generate", str(whole), "--prompt", "the model", "--max-new-tokens", "8", "--temperature", "0")
     assert r.returncode == 0 and r.stdout.startswith("the model")
 
+    # export-hf -> transformers' LlamaForCausalLM with the same logits -> import-hf gives them back
+    from lmforge.runs import load_run
+
+    r = run_cli("export-hf", str(whole), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ours = load_run(whole, device="cpu")
+    assert hf.generation_config.eos_token_id == ours.tokenizer.token_to_id("<|endoftext|>")
+    x = torch.tensor([ours.tokenizer.encode("the model reads text").ids])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours.model(x)[0], rtol=1e-5, atol=1e-5)
+    r = run_cli("import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        assert torch.equal(load_run(tmp_path / "back", device="cpu").model(x)[0], ours.model(x)[0])
+
+
+def test_import_hf_reads_a_qwen2_directory(tmp_path):
+    from lmforge.interop.hf_dir import import_hf
+    from lmforge.runs import load_run
+
+    hf, _ = tiny_pair("qwen2")
+    hf.save_pretrained(tmp_path / "qwen")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE({chr(97 + i): i for i in range(26)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.save(str(tmp_path / "qwen" / "tokenizer.json"))
+    info = import_hf(tmp_path / "qwen", tmp_path / "run")
+    assert info["model_type"] == "qwen2" and info["arch"] == "llama"
+    run = load_run(tmp_path / "run", device="cpu")
+    assert run.model.config.qkv_bias and not run.model.config.tie_embeddings
+    x = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        assert (run.model(x)[0] - hf(x).logits).abs().max() < 1e-5
+
 
 # ------------------------------------------------------------------------------ the real GGUF
 @pytest.fixture(scope="module")
@@ -196,6 +233,27 @@ def test_served_smollm2_answers_tokenizes_like_transformers_and_scores_token_id_
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@needs_smol
+def test_exported_smollm2_stops_in_transformers_where_lmforge_stops(smol, tmp_path):
+    from lmforge.chat import load_chat_template, render_chat
+    from lmforge.runs import load_run
+
+    run_dir, _ = smol
+    r = run_cli("export-hf", str(run_dir), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert tok.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True) == \
+        render_chat(load_chat_template(run_dir), CHATS[0])
+    run = load_run(run_dir, device="cpu")
+    prompt = run.tokenizer.encode(render_chat(load_chat_template(run_dir), CHATS[0]), add_special_tokens=False).ids
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, len(prompt):].tolist()
+    assert tok.decode(out) == "The capital of France is Paris.<|im_end|>"  # stopped at the end of turn
+    r = run_cli("chat", str(run_dir), "--temperature", "0", "--max-tokens", "40", input="What is the capital of "
+                "France?\n")
+    assert r.returncode == 0 and r.stdout.strip() == "The capital of France is Paris.", r.stderr
 
 
 def _gguf(path: Path, arch: str = "llama", tokenizer: str = "gpt2"):

@@ -3,7 +3,8 @@
 
 GPT-2: our parameter names are HF's ``GPT2LMHeadModel`` names; the only difference is that HF
 keeps its projections in ``Conv1D`` modules whose weight is the transpose of ``nn.Linear``'s.
-BERT: our names are HF's ``BertFor*`` names. ``transformers`` is imported only inside the
+BERT: our names are HF's ``BertFor*`` names. Llama / Qwen2: our names are HF's
+``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` names. ``transformers`` is imported only inside the
 functions that build HF objects. A new family adds its mapping here and one row in the table.
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.models.llama import Llama, LlamaConfig
 
 # Weights stored as Conv1D (in, out) by HF and as nn.Linear (out, in) by us.
 _GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -193,6 +195,86 @@ def _load_bert_state(model: Bert, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
 
 
+# ------------------------------------------------------------------------------- Llama, Qwen2
+def llama_config_from_hf(hf_config) -> LlamaConfig:
+    """Our :class:`LlamaConfig` from a HF Llama or Qwen2 ``config.json`` dict (or config object);
+    RoPE settings from transformers 5's ``rope_parameters`` or the older ``rope_theta``/``rope_scaling``."""
+    get = hf_config.get if isinstance(hf_config, dict) else lambda k, d=None: getattr(hf_config, k, d)
+    qwen = get("model_type") == "qwen2"
+    if get("hidden_act", "silu") != "silu":
+        raise ValueError(f"activation {get('hidden_act')!r} is not supported (silu only)")
+    if get("mlp_bias") or (not qwen and get("attention_bias")):
+        raise ValueError("biases on the output or MLP projections are not supported")
+    if qwen and get("use_sliding_window"):
+        raise ValueError("Qwen2 sliding-window attention is not supported")
+    rope = dict(get("rope_parameters") or get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", None) or get("rope_theta", 10000.0)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = {} if kind == "default" else {"rope_type": kind, **{k: v for k, v in rope.items() if k not in
+                                                                 ("type", "rope_type")}}
+    n_embd, n_head = get("hidden_size"), get("num_attention_heads")
+    archs = get("architectures") or []
+    classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    return LlamaConfig(vocab_size=get("vocab_size"), block_size=get("max_position_embeddings"),
+                       n_layer=get("num_hidden_layers"), n_head=n_head,
+                       n_kv_head=get("num_key_value_heads") or n_head, n_embd=n_embd,
+                       head_dim=get("head_dim") or n_embd // n_head, n_inner=get("intermediate_size"),
+                       rope_theta=float(theta), rope_scaling=scaling, rms_norm_eps=get("rms_norm_eps", 1e-6),
+                       tie_embeddings=bool(get("tie_word_embeddings", False)), qkv_bias=qwen,
+                       num_labels=(len(get("id2label") or {}) or get("num_labels", 2)) if classifier else 0)
+
+
+def hf_state_to_llama(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF Llama/Qwen2 state -> ours: the same names, without old checkpoints' RoPE buffers."""
+    return {k: v.contiguous() for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def _load_llama_state(model: Llama, state: dict[str, torch.Tensor]) -> None:
+    if model.config.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    model.load_saved_state(state)
+
+
+def llama_config_to_hf(config: LlamaConfig, **overrides):
+    """The ``transformers`` Llama (or, with q/k/v biases, Qwen2) config of the same shape."""
+    import transformers
+
+    rope = {"rope_theta": config.rope_theta, "rope_type": "default", **config.rope_scaling}
+    cls = transformers.Qwen2Config if config.qkv_bias else transformers.LlamaConfig
+    return cls(vocab_size=config.vocab_size, max_position_embeddings=config.block_size,
+               num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+               num_key_value_heads=config.n_kv_head, hidden_size=config.n_embd, head_dim=config.head_dim,
+               intermediate_size=config.n_inner, rms_norm_eps=config.rms_norm_eps, rope_parameters=rope,
+               tie_word_embeddings=config.tie_embeddings, hidden_act="silu", attention_dropout=config.dropout,
+               **{"bos_token_id": None, "eos_token_id": None, **overrides})
+
+
+def to_hf_llama(model: Llama, attn_implementation: str = "sdpa", pad_token_id: int = 0):
+    """A ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` with q/k/v biases; ``...ForSequenceClassification``
+    for a classifier) holding ``model``'s weights, on its device and in its dtype."""
+    import transformers
+
+    c = model.config
+    family = "Qwen2" if c.qkv_bias else "Llama"
+    if c.num_labels:
+        cls = getattr(transformers, f"{family}ForSequenceClassification")
+        hf = cls(llama_config_to_hf(c, attn_implementation=attn_implementation, num_labels=c.num_labels,
+                                    pad_token_id=pad_token_id, architectures=[cls.__name__]))
+    else:
+        cls = getattr(transformers, f"{family}ForCausalLM")
+        hf = cls(llama_config_to_hf(c, attn_implementation=attn_implementation, architectures=[cls.__name__]))
+    state = model.state_dict_for_save()
+    if c.tie_embeddings and not c.num_labels:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    if c.num_labels:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{family} conversion mismatch: missing {missing}, unexpected {unexpected}")
+    p = next(model.parameters())
+    return hf.to(device=p.device, dtype=p.dtype).eval()
+
+
 # ------------------------------------------------------------------- run directories <-> HF dirs
 
 
@@ -216,6 +298,8 @@ class HFFamily:
 HF_FAMILIES: dict[str, HFFamily] = {
     "gpt2": HFFamily("gpt", "gpt2", gpt_config_from_hf, hf_state_to_gpt, _load_gpt_state, to_hf_gpt2,
                      {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}),
+    "llama": HFFamily("llama", "llama", llama_config_from_hf, hf_state_to_llama, _load_llama_state, to_hf_llama, {}),
+    "qwen2": HFFamily("llama", "qwen2", llama_config_from_hf, hf_state_to_llama, _load_llama_state, to_hf_llama, {}),
     "bert": HFFamily("bert", "bert", bert_config_from_hf, hf_state_to_bert, _load_bert_state, to_hf_bert,
                      {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                       "mask_token": "[MASK]"}),

@@ -122,7 +122,9 @@ def default_encoder_dir() -> Path:
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
-    """Turn a Hugging Face GPT-2 or BERT directory into an lmforge run directory (written atomically)."""
+    """Turn a Hugging Face GPT-2, BERT, Llama or Qwen2 directory into an lmforge run directory (written
+    atomically). A generator's chat template (``tokenizer_config.json``'s ``chat_template``) and end
+    token come along when the directory has them."""
     from lmforge import config as cfgmod
     from lmforge.fsutil import atomic_dir, write_json
     from lmforge.tasks import TASKS, task_for
@@ -149,10 +151,31 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
         if model.can_generate and labels is None:
             from lmforge.chat import save_chat_template
 
-            save_chat_template(tmp)
+            save_chat_template(tmp, _hf_chat_template(hf_dir))
     return {"run_dir": str(run_dir), "model_type": hf_config["model_type"], "arch": arch,
             "params": model.num_params(), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
             "vocab_size": model.config.vocab_size, "block_size": model.config.block_size, "labels": labels}
+
+
+def _hf_chat_template(hf_dir: Path) -> dict | None:
+    """The Jinja chat template and special tokens of ``tokenizer_config.json`` as a
+    ``chat_template.json`` (None without a template: lmforge's default is used)."""
+    path = hf_dir / "tokenizer_config.json"
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot parse {path}: {e}") from None
+    source = settings.get("chat_template")
+    if isinstance(source, list):  # several named templates: the default one
+        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+    if not isinstance(source, str):
+        return None
+
+    def token(key):
+        value = settings.get(key)
+        return (value.get("content") if isinstance(value, dict) else value) or ""
+    return {"jinja": source, "bos_token": token("bos_token"), "eos_token": token("eos_token"),
+            "end_token": token("eos_token") or None, "stop": []}
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
@@ -177,12 +200,28 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
         labels = run.labels
         hf.config.id2label = dict(enumerate(labels))
         hf.config.label2id = {v: i for i, v in enumerate(labels)}
+    generator = run.model.can_generate and not run.model.config.num_labels
+    special = {k: v for k, v in fam.special_tokens.items() if run.tokenizer.token_to_id(v) is not None}
+    if generator:
+        # The token lmforge stops at ends transformers' generate too (config and generation config).
+        from transformers import GenerationConfig
+
+        from lmforge.chat import end_token_id
+
+        template = load_chat_template(run.path)
+        special["chat_template"] = jinja_chat_template(template)
+        end = end_token_id(template, run.tokenizer)
+        if end is not None:
+            special["eos_token"] = run.tokenizer.id_to_token(end)
+        bos = template.get("bos_token") or special.get("bos_token")
+        hf.config.eos_token_id = end
+        hf.config.bos_token_id = run.tokenizer.token_to_id(bos) if bos else None
+        if bos:
+            special["bos_token"] = bos
+        hf.generation_config = GenerationConfig.from_model_config(hf.config)
     with atomic_dir(out_dir) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         shutil.copyfile(run.path / "tokenizer.json", tmp / "tokenizer.json")
-        special = {k: v for k, v in fam.special_tokens.items() if run.tokenizer.token_to_id(v) is not None}
-        if run.model.can_generate and not run.model.config.num_labels:  # a generator: its chat template too
-            special["chat_template"] = jinja_chat_template(load_chat_template(run.path))
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": run.model.config.block_size,
              **special}, indent=2) + "\n", encoding="utf-8")
