@@ -238,9 +238,12 @@ def bench_train(config: GPTConfig, batch_size: int, steps: int = 10, rounds: int
 def bench_generate(config: GPTConfig, batch_size: int = 1, prompt_tokens: int = 32, new_tokens: int = 256,
                    rounds: int = 5, warmup: int = 2, device: str = "cpu", dtype: str = "auto",
                    compile: bool | None = None, reference: bool = True, reference_cache: str = "static",
-                   reference_dtype: str | None = None, seed: int = 0) -> dict:
-    """Greedy decoding tokens per second (prefill included) with the same weights in both."""
+                   reference_dtype: str | None = None, seed: int = 0, model: torch.nn.Module | None = None,
+                   arch: str = "gpt") -> dict:
+    """Greedy decoding tokens per second (prefill included) with the same weights in both: a random
+    GPT of ``config``, or ``model`` (a run's decoder of family ``arch``)."""
     from lmforge.generate import generate_ids
+    from lmforge.interop.hf import hf_family
 
     dev = torch.device(device)
     compile = dev.type == "cuda" if compile is None else compile
@@ -252,11 +255,15 @@ def bench_generate(config: GPTConfig, batch_size: int = 1, prompt_tokens: int = 
         raise ValueError(f"prompt + new tokens ({prompt_tokens + new_tokens}) exceed block_size {config.block_size}")
     reference = reference and reference_available()
     torch.manual_seed(seed)
-    ours = GPT(config)
-    # Random weights give near-uniform next-token distributions whose top two logits differ by
-    # less than bf16 rounding, so greedy choices would flip between two correct implementations.
-    # Sharpening the final norm (the residual stream is untouched) makes the comparison meaningful.
-    ours.transformer.ln_f.weight.data.mul_(8.0)
+    if model is None:
+        ours = GPT(config)
+        # Random weights give near-uniform next-token distributions whose top two logits differ by
+        # less than bf16 rounding, so greedy choices would flip between two correct implementations.
+        # Sharpening the final norm (the residual stream is untouched) makes the comparison meaningful.
+        ours.transformer.ln_f.weight.data.mul_(8.0)
+    else:
+        ours = model
+    to_hf = hf_family(arch).to_hf
     ours = ours.to(device=dev, dtype=wdtype).eval()
     prompt = torch.randint(0, config.vocab_size, (batch_size, prompt_tokens), device=dev)
 
@@ -265,9 +272,7 @@ def bench_generate(config: GPTConfig, batch_size: int = 1, prompt_tokens: int = 
 
     impls = [_Impl(LMFORGE, run_ours, _bytes(ours.parameters()))]
     if reference:
-        from lmforge.interop.hf import to_hf_gpt2
-
-        hf = to_hf_gpt2(ours).to(ref_dtype)
+        hf = to_hf(ours).to(ref_dtype)
         mask = torch.ones_like(prompt)
 
         def run_hf():
@@ -279,7 +284,7 @@ def bench_generate(config: GPTConfig, batch_size: int = 1, prompt_tokens: int = 
         impls.append(_Impl(REFERENCE, run_hf, _bytes(hf.parameters())))
     _rounds(impls, dev, warmup, rounds, 1, "bench generate")
     result = {"benchmark": "generate", **_environment(dev),
-              "settings": {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+              "settings": {"arch": arch, "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
                            "block_size": config.block_size, "vocab_size": config.vocab_size,
                            "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                            "rounds": rounds, "warmup": warmup, "dtype": str(wdtype).replace("torch.", ""),
@@ -295,7 +300,7 @@ def bench_generate(config: GPTConfig, batch_size: int = 1, prompt_tokens: int = 
         # timed runs' agreement is reported as information only.
         a, b = impls[0].outputs, impls[1].outputs
         result["timed_sequences_identical"] = round((a == b).all(dim=1).float().mean().item(), 4)
-        result.update(_greedy_check(ours, prompt, min(new_tokens, 64)))
+        result.update(_greedy_check(ours, prompt, min(new_tokens, 64), to_hf))
     else:
         result["note"] = _no_reference_note()
     return _finish(result)
@@ -306,18 +311,17 @@ def _no_reference_note() -> str:
             else "transformers is not installed: lmforge alone")
 
 
-def _greedy_check(model: GPT, prompt: torch.Tensor, new_tokens: int) -> dict:
-    """Greedy tokens of lmforge and of HF GPT-2 with the same weights, in float32."""
+def _greedy_check(model, prompt: torch.Tensor, new_tokens: int, to_hf) -> dict:
+    """Greedy tokens of lmforge and of its HF counterpart (``to_hf``) with the same weights, in float32."""
     import copy
 
     from lmforge.generate import generate_ids
-    from lmforge.interop.hf import to_hf_gpt2
 
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         ours = copy.deepcopy(model).float()
-        hf = to_hf_gpt2(ours)
+        hf = to_hf(ours)
         a = torch.stack(list(generate_ids(ours, prompt, new_tokens, temperature=0, cuda_graph=False)), dim=1)
         b = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[:, prompt.size(1):]

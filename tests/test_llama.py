@@ -128,6 +128,13 @@ def test_a_llama_trains_resumes_and_generates_on_the_one_spine(tmp_path, data_di
     with torch.no_grad():
         assert torch.equal(load_run(tmp_path / "back", device="cpu").model(x)[0], ours.model(x)[0])
 
+    # bench generate --run: the run's own weights in lmforge and in transformers, same run
+    r = run_cli("bench", "generate", "--run", str(whole), "--rounds", "1", "--prompt-tokens", "8",
+                "--new-tokens", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    bench = json.loads(r.stdout)
+    assert bench["settings"]["arch"] == "llama" and bench["greedy_match"] is True and bench["ratio"] > 0
+
 
 def test_import_hf_reads_a_qwen2_directory(tmp_path):
     from lmforge.interop.hf_dir import import_hf

@@ -1,7 +1,7 @@
 """lmforge bench: lmforge against the reference implementation on the same work, in the same run.
 
 ``train`` and ``generate`` compare lmforge's GPT with Hugging Face transformers' GPT-2 of the same
-shape; ``serve`` measures ``lmforge serve`` under load at several concurrency levels.
+shape (``generate --run``: a run's own GPT or Llama weights in both); ``serve`` measures ``lmforge serve`` under load at several concurrency levels.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ class TrainBenchOptions(ModelBenchOptions):
 
 @dataclass
 class GenerateBenchOptions(ModelBenchOptions):
+    run: str | None = flag(metavar="RUN_DIR", help="a decoder run (GPT or Llama, trained or imported): its weights "
+                           "in lmforge and in transformers, instead of a random GPT of --preset's shape")
     prompt_tokens: int = flag(32)
     new_tokens: int | None = flag(help="default: 256, or what the context leaves after the prompt")
     reference_cache: str = flag("static", choices=["static", "dynamic"],
@@ -66,10 +68,22 @@ def _model_bench(o: ModelBenchOptions, what: str) -> int:
     from lmforge import config as cfgmod
     from lmforge.device import resolve_device
 
-    cfg = cfgmod.build_config(o.preset, None, o.set or [])
-    vocab = cfg.model.vocab_size or (50304 if o.preset == "gpt2-124m" else 8192)
-    model = cfgmod.replace(cfg, model={"vocab_size": vocab}).model
     device = str(resolve_device(o.device))
+    decoder, arch = None, "gpt"
+    if getattr(o, "run", None):
+        from lmforge.runs import load_run
+
+        if o.preset or o.set:
+            raise UserError("--run benchmarks that run's model; --preset and --set do not apply")
+        loaded = load_run(o.run, device="cpu")
+        if not loaded.model.can_generate or loaded.model.config.num_labels:
+            raise UserError(f"{o.run} is not a text generator; bench generate --run needs a GPT or Llama run")
+        decoder, arch, cfg = loaded.model, loaded.config.arch, loaded.config
+        model = decoder.config
+    else:
+        cfg = cfgmod.build_config(o.preset, None, o.set or [])
+        vocab = cfg.model.vocab_size or (50304 if o.preset == "gpt2-124m" else 8192)
+        model = cfgmod.replace(cfg, model={"vocab_size": vocab}).model
     loss_chunk = cfgmod.loss_chunk_for(cfg.train.loss_chunk, device.split(":")[0])
     batch = o.batch_size
     if batch is None:
@@ -93,7 +107,8 @@ def _model_bench(o: ModelBenchOptions, what: str) -> int:
                             f"the context ({model.block_size})")
         result = bench.bench_generate(model, batch, o.prompt_tokens, new_tokens, rounds=o.rounds, device=device,
                                       dtype=cfg.train.dtype, compile=o.compile, reference=not o.no_reference,
-                                      reference_cache=o.reference_cache, reference_dtype=o.reference_dtype)
+                                      reference_cache=o.reference_cache, reference_dtype=o.reference_dtype,
+                                      model=decoder, arch=arch)
     return emit(o.json, result, bench.format_result)
 
 
