@@ -144,6 +144,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": dict(batch_size=8, lr=1e-2, warmup_steps=30, max_steps=1000, beta2=0.99, optimizer="muon",
                       muon_lr=4e-3),
     },
+    # Llama-family decoders (`--task lm`); real ones come from `import-gguf` / `import-hf`.
+    "llama-debug": {
+        "arch": "llama", "task": "lm",
+        "model": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, dropout=0.0),
+        "train": dict(batch_size=4, lr=3e-3, warmup_steps=5, max_steps=40, eval_interval=20,
+                      eval_batches=2, log_interval=1),
+    },
     # Encoders (masked-LM pretraining: `lmforge train --task mlm` on `prepare --tokenizer wordpiece` data).
     "bert-debug": {
         "arch": "bert", "task": "mlm",

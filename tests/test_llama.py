@@ -93,10 +93,8 @@ def test_bad_shapes_are_config_errors(tmp_path, data_dir):
 
 
 def test_a_llama_trains_resumes_and_generates_on_the_one_spine(tmp_path, data_dir):
-    sets = ["model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.n_embd=64", "model.block_size=64",
-            "train.batch_size=4", "train.eval_interval=5", "train.log_interval=1"]
-    args = ["train", "--data", str(data_dir), "--model", "llama", "--max-steps", "10",
-            *[a for s in sets for a in ("--set", s)]]
+    args = ["train", "--data", str(data_dir), "--preset", "llama-debug", "--max-steps", "10",
+            "--set", "train.eval_interval=5"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert run_cli(*args, "--out", str(whole)).returncode == 0
     r = run_cli(*args, "--out", str(part), "--stop-at", "5")
