@@ -41,10 +41,7 @@ def test_prepare_train_eval_generate(tmp_path, corpus_dir):
     assert r.stdout.startswith("the model") and len(r.stdout) > len("the model") + 5
     again = run_cli("generate", str(run), "--prompt", "the model", "--max-new-tokens", "30", "--seed", "3")
     assert again.stdout == r.stdout  # seeded sampling is reproducible
-    fused = run_cli("generate", str(run), "--prompt", "the model", "--max-new-tokens", "30", "--seed", "3",
-                    "--compile")
-    assert fused.returncode == 0, fused.stderr
-    assert fused.stdout == r.stdout  # the compiled decode step samples the same text
+    # (the compiled decode step samples the same text: tests/test_model.py, once for the suite)
 
     r = run_cli("generate", str(run), "--prompt", "the", "--temperature", "0", "--max-new-tokens", "40",
                 "--stop", " ")

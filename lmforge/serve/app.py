@@ -63,7 +63,8 @@ class Engine:
             self.run.model.to(torch.bfloat16)  # serving reads every weight per token: half the bytes
         # The longest prompt + answer served: the model's context, capped so that the batcher's cache
         # (max_batch rows of it, allocated up front) stays small for long-context checkpoints.
-        self.context = min(model.config.block_size, max_context or DEFAULT_MAX_CONTEXT)
+        block = getattr(model.config, "block_size", 0)  # image classifiers have no token context
+        self.context = min(block, max_context or DEFAULT_MAX_CONTEXT)
         self.batcher = ContinuousBatcher(self.run.model, max_batch, compile, max_len=self.context) \
             if self.kind == "generator" else None
         self.encoder_lock = threading.Lock()  # encoder forwards share the tokenizer's padding state
