@@ -74,18 +74,20 @@ def save_chat_template(run_dir: str | Path, template: dict | None = None) -> Non
     write_json(Path(run_dir) / "chat_template.json", template or DEFAULT_CHAT_TEMPLATE)
 
 
-def render_chat(template: dict, messages: list[dict]) -> str:
-    """The prompt for ``messages`` (dicts with ``role`` and ``content``), ending with the answer's opening."""
+def render_chat(template: dict, messages: list[dict], generation_prompt: bool = True) -> str:
+    """The prompt for ``messages`` (dicts with ``role`` and ``content``), ending with the answer's
+    opening (without it when ``generation_prompt`` is false: a finished conversation, to train on)."""
     if "jinja" in template:
         try:
             return _compiled(template["jinja"]).render(
-                messages=messages, add_generation_prompt=True, tools=None, documents=None,
+                messages=messages, add_generation_prompt=generation_prompt, tools=None, documents=None,
                 **{k: template.get(k, "") for k in ("bos_token", "eos_token")})
         except UserError:
             raise
         except Exception as e:  # the template's own raise_exception, or a bad field it reads
             raise UserError(f"the chat template cannot render these messages: {e}") from None
-    return "".join(template[m["role"]].format(content=m["content"]) for m in messages) + template["generation_prompt"]
+    return "".join(template[m["role"]].format(content=m["content"]) for m in messages) + \
+        (template["generation_prompt"] if generation_prompt else "")
 
 
 def end_token_id(template: dict, tokenizer) -> int | None:

@@ -261,6 +261,36 @@ def test_exported_smollm2_stops_in_transformers_where_lmforge_stops(smol, tmp_pa
     assert r.returncode == 0 and r.stdout.strip() == "The capital of France is Paris.", r.stderr
 
 
+@needs_smol
+def test_eval_sft_on_the_imported_model_is_the_mean_loss_over_its_answers(smol, reference, tmp_path):
+    run_dir, _ = smol
+    tok, hf = reference
+    chats = [CHATS[0] + [{"role": "assistant", "content": "The capital of France is Paris."}],
+             CHATS[1] + [{"role": "assistant", "content": "4"}]]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats), encoding="utf-8")
+    r = run_cli("eval", str(run_dir), "--task", "sft", "--data", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    # By hand with transformers: each answer's tokens (its text and <|im_end|>) after its prompt.
+    total, count = 0.0, 0
+    for messages in chats:
+        ids = tok.apply_chat_template(messages, tokenize=False)
+        ids = tok(ids, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(tok(tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True),
+                            add_special_tokens=False).input_ids)
+            answer = tok(m["content"] + "<|im_end|>", add_special_tokens=False).input_ids
+            assert ids[start:start + len(answer)] == answer
+            total -= sum(logp[start + j - 1, t].item() for j, t in enumerate(answer))
+            count += len(answer)
+    assert got["assistant_tokens"] == count and math.isclose(got["val_loss"], total / count, abs_tol=1e-4)
+
+
 def _gguf(path: Path, arch: str = "llama", tokenizer: str = "gpt2"):
     """A small GGUF file with metadata only (enough to be refused before any tensor is read)."""
     import gguf

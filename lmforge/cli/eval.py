@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ class Options:
     text_column: str = flag("text", help="classifier runs: text column of --data")
     label_column: str = flag("label", help="classifier runs: label column of --data")
     max_length: int = flag(128, help="classifier runs: tokens per text")
+    task: str | None = flag(choices=["sft"], help="sft: the mean loss over the assistant tokens of the "
+                            "conversations in --data (JSONL), for any decoder run")
     split: str = flag("test", choices=["test", "val", "train"],
                       help="image classifier runs: the split of the data directory to evaluate")
     json: bool = flag(False)
@@ -48,6 +51,31 @@ def eval_classifier(o: Options, run) -> int:
               f"ROC-AUC {m['roc_auc']:.4f}  ({m['n']} examples; largest class {m['majority_baseline_accuracy']:.4f})"
               if m["roc_auc"] is not None else f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}")
         print(f"report: {run.path / 'report.md'} (plots/confusion.png, plots/roc.png, plots/pr.png)")
+    return 0
+
+
+def eval_sft(o: Options, run) -> int:
+    """A decoder on conversations: the mean loss over their assistant tokens (what SFT lowers)."""
+    from lmforge.chat import load_chat_template
+    from lmforge.device import autocast_for
+    from lmforge.tasks.sft import assistant_loss, encode_all, pack, read_conversations
+
+    if not run.model.can_generate or getattr(run.model.config, "num_labels", 0):
+        raise UserError(f"{o.run_dir} is not a decoder run; --task sft evaluates GPT or Llama runs")
+    if not o.data:
+        raise UserError("--task sft evaluates conversations: --data FILE.jsonl")
+    conversations = read_conversations(o.data)
+    encoded = encode_all(load_chat_template(run.path), run.tokenizer, conversations)
+    length = min(run.model.config.block_size, 1024)
+    x, y, segments, cut = pack(encoded, length)
+    loss, tokens = assistant_loss(run.model, x, y, segments, run.device, autocast_for(run.device, "auto"), o.batch_size)
+    m = {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 50 else None, "conversations": len(conversations),
+         "assistant_tokens": tokens, "cut_conversations": cut, "data": str(o.data), "run_dir": str(o.run_dir)}
+    if o.json:
+        print_json(m)
+    else:
+        print(f"val_loss {loss:.4f} over {tokens:,} assistant tokens of {len(conversations)} conversations"
+              + (f" ({cut} cut at {length} tokens)" if cut else ""))
     return 0
 
 
@@ -98,12 +126,15 @@ def run(o: Options) -> int:
     """Validation loss, perplexity, bits per byte and the lzma baseline; writes report.md. For a
     classifier run: accuracy, precision/recall/F1, ROC-AUC, confusion matrix and plots on --data
     (an image classifier: on its data directory's test split, with a grid of the most confident
-    mistakes); for an encoder: masked-token loss and accuracy."""
+    mistakes); for an encoder: masked-token loss and accuracy; with --task sft (and for an
+    instruction-tuned run): the loss over the assistant tokens of --data's conversations."""
     from lmforge.runs import RunDir, load_run
 
     if o.dynamic_lr is not None and not o.dynamic_lr > 0:  # flags are checked before anything is loaded
         raise UserError(f"--dynamic-lr must be positive, got {o.dynamic_lr}")
     kind = RunDir(o.run_dir).kind()
+    if o.task == "sft" or kind == "sft":
+        return eval_sft(o, load_run(o.run_dir))
     verbs = {"classify": eval_classifier, "mlm": eval_mlm, "image-classify": eval_images}
     if kind in verbs:
         return verbs[kind](o, load_run(o.run_dir))

@@ -151,13 +151,13 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> dict:
         if model.can_generate and labels is None:
             from lmforge.chat import save_chat_template
 
-            save_chat_template(tmp, _hf_chat_template(hf_dir))
+            save_chat_template(tmp, hf_chat_template(hf_dir))
     return {"run_dir": str(run_dir), "model_type": hf_config["model_type"], "arch": arch,
             "params": model.num_params(), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
             "vocab_size": model.config.vocab_size, "block_size": model.config.block_size, "labels": labels}
 
 
-def _hf_chat_template(hf_dir: Path) -> dict | None:
+def hf_chat_template(hf_dir: Path) -> dict | None:
     """The Jinja chat template and special tokens of ``tokenizer_config.json`` as a
     ``chat_template.json`` (None without a template: lmforge's default is used)."""
     path = hf_dir / "tokenizer_config.json"

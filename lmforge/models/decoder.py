@@ -69,6 +69,19 @@ class KVCache:
         return k, v
 
 
+def packed_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of packed sequences, ``segments`` (B, T) numbering the sequence of each position:
+    the positions within each sequence (B, T), restarting at 0, and the attention mask
+    (B, 1, T, T) that keeps every query inside its own sequence and causal."""
+    T = segments.size(1)
+    i = torch.arange(T, device=segments.device)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    pos = i - torch.where(starts, i, 0).cummax(dim=1).values
+    same = segments[:, :, None] == segments[:, None, :]
+    return pos, (same & (i[:, None] >= i[None, :]))[:, None]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
            input_pos: torch.Tensor | None, mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
     """Causal SDPA of ``q`` (B, nh, T, hs) over ``k``, ``v`` (B, n_kv_head, T, hs), through the
@@ -105,7 +118,7 @@ class Decoder(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False, loss_chunk: int = 0,
-                input_pos: torch.Tensor | None = None):
+                input_pos: torch.Tensor | None = None, segments: torch.Tensor | None = None):
         """``idx`` (B, T) token ids -> (logits, loss).
 
         ``targets`` (B, T) with -1 for positions to ignore gives the mean cross-entropy. With
@@ -115,7 +128,9 @@ class Decoder(nn.Module):
         ``input_pos`` (T,), a device tensor of those positions, makes the call independent of
         ``cache.pos`` (a captured decode step passes it and leaves ``cache.pos`` alone); (B, T)
         gives every row its own positions (a batch of sequences at different lengths).
-        ``last_only`` returns logits for the last position only, (B, 1, V).
+        ``last_only`` returns logits for the last position only, (B, 1, V). ``segments`` (B, T)
+        packs several sequences in a row (:func:`packed_positions`): each attends only within
+        itself, from position 0.
         """
         B, T = idx.shape
         mask = None
@@ -134,6 +149,8 @@ class Decoder(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
+            if segments is not None:
+                pos, mask = packed_positions(segments)
         x = self._trunk(idx, pos, cache, mask)
         if targets is not None and loss_chunk > 0:
             return None, linear_cross_entropy(x, self.lm_head.weight, targets, loss_chunk)

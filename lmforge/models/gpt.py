@@ -167,7 +167,7 @@ class GPT(Decoder):
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each block's input; recompute its activations in the backward pass.
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, i, pos, mask, use_reentrant=False)
             else:
                 x = block(x, cache, i, pos, mask)
         return self.transformer.ln_f(x)

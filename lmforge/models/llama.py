@@ -229,7 +229,7 @@ class Llama(Decoder):
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs): broadcast over heads
         for i, block in enumerate(self.model.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, None, i, pos, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache, i, pos, mask)
         return self.model.norm(x)

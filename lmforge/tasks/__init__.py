@@ -10,9 +10,10 @@ from lmforge.tasks.classify import ClassifyTask
 from lmforge.tasks.images import ImageClassifyTask
 from lmforge.tasks.lm import LMTask
 from lmforge.tasks.mlm import MLMTask
+from lmforge.tasks.sft import SFTTask
 
 TASKS: dict[str, type[Task]] = {"lm": LMTask, "mlm": MLMTask, "classify": ClassifyTask,
-                                "image-classify": ImageClassifyTask}
+                                "image-classify": ImageClassifyTask, "sft": SFTTask}
 
 
 def task_for(model) -> str:

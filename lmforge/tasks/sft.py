@@ -1,0 +1,316 @@
+"""Instruction tuning (supervised fine-tuning) of a decoder on conversations: ``--task sft``.
+
+Data is JSONL: OpenAI-style ``{"messages": [{"role", "content"}, ...]}`` rows or Alpaca
+``{"instruction", "input", "output"}`` rows. Each conversation is rendered with the run's own chat
+template (:func:`~lmforge.chat.render_chat`) and only the assistant's tokens — its answer and the
+template's end of turn — are targets; the system and user turns are context. Conversations are
+packed into rows of ``task.max_length`` tokens; attention stays inside each conversation and its
+positions restart at 0 (``segments`` in :meth:`~lmforge.models.decoder.Decoder.forward`), so a
+packed row trains what the conversations alone would. A held-out share of the conversations
+(``task.val_fraction``) gives the validation loss: the mean over their assistant tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge import config as cfgmod
+from lmforge.errors import UserError
+from lmforge.models import build_model
+from lmforge.tasks.epochs import EpochTask
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class SFTOptions:
+    name: str = "sft"
+    init: str | None = None  # the decoder run (or Hugging Face directory) to fine-tune
+    val_fraction: float = 0.1  # without data.val: the share of conversations held out
+    epochs: int = 3  # the schedule's length when train.max_steps is not given
+    max_length: int = 512  # tokens per packed row (at most the model's context)
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    """The conversations of a JSONL file, each a list of ``{"role", "content"}`` with at least one
+    assistant message; a bad row is one error line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{path}:{n}: not JSON ({e})") from None
+        out.append(_conversation(row, f"{path}:{n}"))
+    if not out:
+        raise UserError(f"{path}: no conversations")
+    return out
+
+
+def _conversation(row, where: str) -> list[dict]:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: a row must be a JSON object")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise UserError(f"{where}: 'messages' must be a non-empty list")
+        for k, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise UserError(f"{where}: message {k} needs a role ({', '.join(ROLES)}) and a string content")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    elif "instruction" in row and "output" in row:
+        if not all(isinstance(row.get(k, ""), str) for k in ("instruction", "input", "output", "system")):
+            raise UserError(f"{where}: instruction, input and output must be strings")
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        messages = ([{"role": "system", "content": row["system"]}] if row.get("system") else []) + \
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    else:
+        raise UserError(f"{where}: expected {{\"messages\": [...]}} or {{\"instruction\", \"input\", \"output\"}}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where}: no assistant message to learn from")
+    return messages
+
+
+def encode_conversation(template: dict, tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids of the whole conversation and, per token, whether it is the assistant's (a target).
+
+    Assistant message k spans the characters between the prompt for ``messages[:k]`` (which ends
+    with the template's opening of an answer) and the rendering of ``messages[:k + 1]``, or its
+    template's end-of-turn token (``<|im_end|>``) if that comes first; a token is the assistant's
+    when it starts inside such a span. A template without an end-of-turn token
+    of its own ends each answer with the end-of-text token, which is then a target too.
+    """
+    from lmforge.chat import end_token_id, render_chat
+
+    text = render_chat(template, messages, generation_prompt=False)
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render_chat(template, messages[:k]))
+        stop = len(render_chat(template, messages[:k + 1], generation_prompt=False))
+        end = text.find(template["end_token"], start, stop) if template.get("end_token") else -1
+        if end >= 0:  # the answer ends with the end-of-turn token; what the template adds after it is context
+            stop = end + len(template["end_token"])
+        spans.append((start, stop))
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    ids, trained = list(enc.ids), [any(a <= s < b for a, b in spans) for s, _ in enc.offsets]
+    if "jinja" not in template:  # the default template's answers end with the end-of-text token
+        end = end_token_id(template, tokenizer)
+        if end is not None and messages[-1]["role"] == "assistant":
+            ids.append(end)
+            trained.append(True)
+    return ids, trained
+
+
+def check_incremental(template: dict, messages: list[dict]) -> None:
+    """The spans above assume each prompt renders as the start of the whole conversation."""
+    from lmforge.chat import render_chat
+
+    whole = render_chat(template, messages, generation_prompt=False)
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant" and not whole.startswith(render_chat(template, messages[:k])):
+            raise UserError("the chat template does not render a conversation's prompt as the start of the "
+                            "conversation; assistant turns cannot be located")
+
+
+def pack(conversations: list[tuple[list[int], list[bool]]], length: int):
+    """Conversations packed in order into rows of ``length`` positions: (x, y, segments), each
+    (rows, length) int64. A conversation of n tokens fills n - 1 positions (its last token is only
+    a target); ``y`` is the next token where that token is a target, else -1; ``segments``
+    numbers the conversations (padding is a segment of its own). A conversation longer than a row
+    is cut. Also returns how many were cut."""
+    xs, ys, segs, cut = [], [], [], 0
+    x, y, seg, n_seg = [], [], [], 0
+
+    def flush():
+        pad = length - len(x)
+        xs.append(x + [0] * pad)
+        ys.append(y + [-1] * pad)
+        segs.append(seg + [n_seg] * pad)
+    for ids, trained in conversations:
+        if len(ids) > length + 1:
+            ids, trained, cut = ids[:length + 1], trained[:length + 1], cut + 1
+        if len(ids) < 2:
+            continue
+        if len(x) + len(ids) - 1 > length:
+            flush()
+            x, y, seg = [], [], []
+        x += ids[:-1]
+        y += [t if m else -1 for t, m in zip(ids[1:], trained[1:])]
+        seg += [n_seg] * (len(ids) - 1)
+        n_seg += 1
+    if x:
+        flush()
+    as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long).view(-1, length)  # noqa: E731
+    return as_tensor(xs), as_tensor(ys), as_tensor(segs), cut
+
+
+def load_chat_base(init: str | Path):
+    """(model, tokenizer, chat template) of the decoder ``init`` names: a run directory or a Hugging
+    Face directory."""
+    from lmforge.chat import DEFAULT_CHAT_TEMPLATE, load_chat_template
+    from lmforge.interop.hf_dir import hf_chat_template
+    from lmforge.runs import RunDir
+    from lmforge.tasks.classify import load_base
+
+    model, tokenizer = load_base(init)
+    if not model.can_generate or getattr(model.config, "num_labels", 0):
+        raise UserError(f"--init {init}: --task sft fine-tunes a decoder (a GPT or Llama run), not this model")
+    if RunDir(init).is_run():
+        return model, tokenizer, load_chat_template(init)
+    return model, tokenizer, hf_chat_template(Path(init)) or DEFAULT_CHAT_TEMPLATE
+
+
+def encode_all(template: dict, tokenizer, conversations: list[list[dict]]):
+    for messages in conversations:
+        check_incremental(template, messages)
+    return [encode_conversation(template, tokenizer, m) for m in conversations]
+
+
+@torch.no_grad()
+def assistant_loss(model, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor, device, ctx,
+                   batch_size: int = 4) -> tuple[float, int]:
+    """(mean loss over the target tokens, their number) of packed rows, ``batch_size`` rows at a time."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for s in range(0, x.size(0), batch_size):
+        xb, yb, sb = (t[s:s + batch_size].to(device) for t in (x, y, segments))
+        with ctx:
+            logits, _ = model(xb, segments=sb)
+        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), yb.view(-1), ignore_index=-1,
+                                 reduction="sum").item()
+        count += int((yb >= 0).sum())
+    model.train(was_training)
+    return (total / count if count else math.nan), count
+
+
+class SFTTask(EpochTask):
+    name = "sft"
+    ARCHS = ("gpt", "llama")  # the family of --init
+    Options = SFTOptions
+    unit = "tokens"
+    # Fine-tuning defaults (flags, the config file and --set override them): a small rate, the
+    # schedule from the epochs, every step logged, one evaluation per epoch, the best checkpoint
+    # by validation loss.
+    DEFAULTS = {"train": dict(lr=2e-5, batch_size=4, max_steps=None, eval_interval=None, log_interval=1,
+                              warmup_steps=10, early_stop="loss", keep_best=True)}
+
+    @staticmethod
+    def base_model(init):
+        from lmforge.tasks.classify import base_model
+
+        return base_model(init)
+
+    @classmethod
+    def validate_options(cls, cfg) -> None:
+        o = cfg.task
+        if not 0.0 <= o.val_fraction < 0.5:
+            raise UserError(f"--val-fraction must be in [0, 0.5), got {o.val_fraction}")
+        for key in ("epochs", "max_length"):
+            if getattr(o, key) <= 0:
+                raise UserError(f"task.{key} must be positive, got {getattr(o, key)}")
+
+    def __init__(self, cfg, run=None):
+        from lmforge.chat import load_chat_template
+        from lmforge.data.tokenizer import load_tokenizer
+
+        super().__init__(cfg, run)
+        o, d = cfg.task, cfg.data
+        if not o.init or not d.path:
+            raise UserError("--task sft needs --init RUN_OR_HF_DIR (a decoder) and --data FILE.jsonl (conversations)")
+        if cfg.preset:
+            raise UserError("--task sft takes its model from --init; --preset does not apply")
+        train_c = read_conversations(d.path)
+        if d.val is not None:
+            val_c = read_conversations(d.val)
+        elif o.val_fraction > 0 and len(train_c) >= 2:
+            order = torch.randperm(len(train_c), generator=torch.Generator().manual_seed(0)).tolist()
+            n_val = max(1, round(len(train_c) * o.val_fraction))
+            val_c = [train_c[i] for i in order[:n_val]]
+            train_c = [train_c[i] for i in order[n_val:]]
+        else:
+            val_c = None
+        if self.resume:  # the model is the checkpoint's; tokenizer and template are the run's own
+            self.base, self.tokenizer, self.template = None, load_tokenizer(run.tokenizer), load_chat_template(run.path)
+        else:
+            self.base, self.tokenizer, self.template = load_chat_base(o.init)
+        self.train_enc = encode_all(self.template, self.tokenizer, train_c)
+        self.val_enc = encode_all(self.template, self.tokenizer, val_c) if val_c else None
+        self.n_conversations = (len(train_c), len(val_c) if val_c else 0)
+
+    def resolve(self, cfg, world):
+        if not self.resume:
+            length = min(cfg.task.max_length, cfg.model.block_size)
+            abspath = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
+            cfg = cfgmod.replace(cfg, task={"max_length": length, "init": abspath(cfg.task.init)},
+                                 data={k: abspath(getattr(cfg.data, k)) for k in ("path", "val", "test")})
+        length = cfg.task.max_length
+        self.x, self.y, self.segments, self.cut = pack(self.train_enc, length)
+        if not len(self.x):
+            raise UserError(f"{cfg.data.path}: no conversation has an assistant token within {length} tokens")
+        self.val = pack(self.val_enc, length)[:3] if self.val_enc else None
+        self.plan_epochs(cfg, world, len(self.x))
+        return cfg if self.resume else self.epoch_schedule(cfg)
+
+    def build_model(self, cfg):
+        model = build_model(cfg.arch, cfg.model)
+        if not self.resume:
+            try:
+                model.load_saved_state(self.base.state_dict_for_save())
+            except ValueError as e:
+                raise UserError(f"--init {cfg.task.init} does not fit the model settings given: {e}") from None
+        return model
+
+    def write_files(self, run, model) -> None:
+        from lmforge.chat import save_chat_template
+
+        self.tokenizer.save(str(run.tokenizer))
+        save_chat_template(run.path, self.template)
+
+    def to(self, device):
+        super().to(device)
+        self.loss_chunk = cfgmod.loss_chunk_for(self.cfg.train.loss_chunk, device.type)
+
+    def units_per_step(self, cfg, world) -> int:
+        return self.B * cfg.task.max_length * cfg.train.grad_accum * world.size
+
+    def eval_cost(self, cfg) -> float:
+        return 0.0 if self.val is None else len(self.val[0]) / (3 * self.B * cfg.train.grad_accum)
+
+    def batch(self, step, micro):
+        b = self.batch_indices(step, micro)
+        return self.x[b], self.y[b], self.segments[b]
+
+    def loss(self, call, model, batch):
+        x, y, segments = batch
+        _, loss = call(x, y, segments=segments, loss_chunk=self.loss_chunk)
+        return loss
+
+    def evaluate(self, model, ctx):
+        if self.val is None:
+            return {}
+        loss, _ = assistant_loss(model, *self.val, self.device, ctx, self.B)
+        return {"val_loss": loss}
+
+    def finish(self, run, model, ctx):
+        out = {"arch": self.cfg.arch, "train_conversations": self.n_conversations[0],
+               "val_conversations": self.n_conversations[1], "train_rows": len(self.x), "cut_conversations": self.cut}
+        if self.val is not None:
+            out["val_loss"], out["val_assistant_tokens"] = assistant_loss(model, *self.val, self.device, ctx, self.B)
+        return out

@@ -1,0 +1,122 @@
+"""Instruction tuning (``--task sft``): assistant-only targets, packing that keeps conversations
+apart, exact resume, evaluation on any decoder run, bad chat files."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.chat import DEFAULT_CHAT_TEMPLATE
+from lmforge.tasks.sft import assistant_loss, encode_conversation, pack, read_conversations
+from tests.conftest import run_cli
+
+CHATS = [
+    {"messages": [{"role": "system", "content": "You answer briefly."},
+                  {"role": "user", "content": "what does the model read?"},
+                  {"role": "assistant", "content": "the model reads text"}]},
+    {"messages": [{"role": "user", "content": "and then?"}, {"role": "assistant", "content": "it learns"},
+                  {"role": "user", "content": "what splits words?"}, {"role": "assistant", "content": "a tokenizer"}]},
+    {"instruction": "Say what lowers the loss.", "input": "", "output": "training lowers the loss"},
+    {"instruction": "Repeat:", "input": "validation checks", "output": "validation checks"},
+] * 3
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, data_dir):
+    """A tiny Llama language model (the run to fine-tune)."""
+    run = tmp_path_factory.mktemp("sft") / "base"
+    r = run_cli("train", "--data", str(data_dir), "--preset", "llama-debug", "--max-steps", "20", "--out", str(run),
+                "--set", "model.block_size=256")
+    assert r.returncode == 0, r.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in CHATS), encoding="utf-8")
+    return path
+
+
+def test_only_assistant_tokens_are_targets(base_run):
+    from lmforge.runs import load_run
+
+    run = load_run(base_run, device="cpu")
+    messages = read_conversations_from(CHATS[1])
+    ids, trained = encode_conversation(DEFAULT_CHAT_TEMPLATE, run.tokenizer, messages)
+    target_text = run.tokenizer.decode([t for t, m in zip(ids, trained) if m], skip_special_tokens=False)
+    # the two answers (each closed by the template's blank line) and the end-of-text token, nothing else
+    assert target_text == "it learns\n\na tokenizer\n\n<|endoftext|>"
+    prompt_text = run.tokenizer.decode([t for t, m in zip(ids, trained) if not m])
+    assert "and then?" in prompt_text and "it learns" not in prompt_text
+
+
+def read_conversations_from(row, tmp=None):
+    from lmforge.tasks.sft import _conversation
+
+    return _conversation(row, "test")
+
+
+def test_packed_rows_score_each_conversation_as_if_alone(base_run):
+    """The loss over packed rows equals a hand computation over each conversation alone, with only
+    its assistant tokens counted (it would differ if prompt tokens counted or attention leaked)."""
+    from lmforge.runs import load_run
+
+    run = load_run(base_run, device="cpu")
+    encoded = [encode_conversation(DEFAULT_CHAT_TEMPLATE, run.tokenizer, read_conversations_from(c)) for c in CHATS[:4]]
+    x, y, seg, cut = pack(encoded, 256)
+    assert cut == 0 and len(x) < 4  # several conversations share a row
+    total, count, every, n_every = 0.0, 0, 0.0, 0
+    with torch.no_grad():
+        for ids, trained in encoded:
+            logits = run.model(torch.tensor([ids[:-1]]))[0][0]
+            target = torch.tensor([t if m else -1 for t, m in zip(ids[1:], trained[1:])])
+            total += F.cross_entropy(logits, target, ignore_index=-1, reduction="sum").item()
+            count += int((target >= 0).sum())
+            every += F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+            n_every += len(ids) - 1
+        packed, n = assistant_loss(run.model, x, y, seg, "cpu", torch.no_grad())
+    assert n == count and abs(packed - total / count) < 1e-5
+    assert abs(every / n_every - packed) > 1e-3  # counting the prompt's tokens too is a different figure
+
+
+def test_sft_trains_resumes_exactly_and_evaluates(base_run, chat_file, tmp_path):
+    args = ["train", "--task", "sft", "--init", str(base_run), "--data", str(chat_file), "--max-steps", "6",
+            "--set", "train.batch_size=2"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    r = run_cli(*args, "--out", str(whole), "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["val_conversations"] == 1 and summary["train_conversations"] == 11
+    assert run_cli(*args, "--out", str(part), "--stop-at", "3").returncode == 0
+    r = run_cli("train", "--out", str(part), "--resume", "--data", str(chat_file))
+    assert r.returncode == 0, r.stderr
+
+    def losses(run):
+        return [(m["step"], m["loss"]) for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in m]
+    assert losses(part) == losses(whole) and len(losses(whole)) == 6
+    # fine-tuning lowers the assistant-token loss on these conversations; eval works on any decoder run
+    before = json.loads(run_cli("eval", str(base_run), "--task", "sft", "--data", str(chat_file), "--json").stdout)
+    after = run_cli("eval", str(whole), "--task", "sft", "--data", str(chat_file), "--json")
+    assert after.returncode == 0, after.stderr
+    after = json.loads(after.stdout)
+    assert after["val_loss"] < before["val_loss"] and after["assistant_tokens"] == before["assistant_tokens"] > 0
+    assert (whole / "chat_template.json").is_file() and (whole / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, "needs a role"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
+    ({"prompt": "x"}, "expected"),
+])
+def test_bad_chat_files_are_one_error_line(base_run, tmp_path, row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(CHATS[0]) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+    r = run_cli("train", "--task", "sft", "--init", str(base_run), "--data", str(path), "--max-steps", "1",
+                "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and message in r.stderr and f"{path}:2" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    with pytest.raises(Exception):
+        read_conversations(path)
