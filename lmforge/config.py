@@ -23,9 +23,11 @@ from lmforge import __version__
 from lmforge.errors import UserError
 from lmforge.models import MODELS
 from lmforge.models.gpt import GPTConfig
+from lmforge.models.lora import LoRAConfig
+from lmforge.models.lora import check_config as check_lora
 from lmforge.train.optim import OPTIMIZERS, SCHEDULES
 
-SECTIONS = ("task", "model", "data", "train")
+SECTIONS = ("task", "model", "data", "train", "finetune")
 
 
 @dataclass
@@ -98,6 +100,14 @@ class DataConfig:
     test: str | None = None  # a test file, evaluated once at the end (classify)
 
 
+@dataclass
+class FinetuneConfig:
+    """How pretrained weights are adapted, for any task: LoRA adapters (``finetune.lora.r`` > 0)
+    train instead of the whole model."""
+
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
 def _default_task():
     from lmforge.tasks import TASKS
 
@@ -112,6 +122,7 @@ class RunConfig:
     model: Any = field(default_factory=GPTConfig)  # the family's config dataclass (MODELS[arch].config)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     preset: str | None = None
     arch: str = "gpt"  # a row of lmforge.models.MODELS
 
@@ -267,9 +278,18 @@ def _apply(section_obj: Any, section: str, values: dict[str, Any], source: str) 
     hints = typing.get_type_hints(type(section_obj))
     names = {f.name for f in dataclasses.fields(section_obj)}
     for k, v in values.items():
+        k, _, rest = k.partition(".")  # "lora.r": a key of the nested section "lora"
         if k not in names:
             raise UserError(f"{source}: unknown config key '{section}.{k}' (known: {', '.join(sorted(names))})")
-        setattr(section_obj, k, _coerce(v, hints[k], f"{section}.{k}"))
+        if dataclasses.is_dataclass(hints[k]):
+            nested = {rest: v} if rest else v
+            if not isinstance(nested, dict):
+                raise UserError(f"{source}: config key '{section}.{k}' is a section; give its keys ({section}.{k}.KEY)")
+            _apply(getattr(section_obj, k), f"{section}.{k}", nested, source)
+        elif rest:
+            raise UserError(f"{source}: unknown config key '{section}.{k}.{rest}'")
+        else:
+            setattr(section_obj, k, _coerce(v, hints[k], f"{section}.{k}"))
 
 
 def apply_dict(cfg: RunConfig, data: dict[str, Any], source: str) -> None:
@@ -425,6 +445,7 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("train.patience and train.keep_best need train.early_stop (the metric to watch)")
     if cfg.arch not in task.ARCHS:
         raise UserError(f"the {cfg.task.name} task trains {' or '.join(task.ARCHS)} models, not {cfg.arch!r}")
+    check_lora(cfg.finetune.lora)
     check = getattr(MODELS[cfg.arch].model, "check_config", None)
     if check is not None:
         check(m)
@@ -456,7 +477,7 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     """Plain-data view for ``config.yaml``."""
     return {"preset": cfg.preset, "arch": cfg.arch, "task": dataclasses.asdict(cfg.task),
             "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
-            "train": dataclasses.asdict(cfg.train)}
+            "train": dataclasses.asdict(cfg.train), "finetune": dataclasses.asdict(cfg.finetune)}
 
 
 def _legacy_task(data: dict[str, Any]) -> str:

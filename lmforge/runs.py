@@ -146,7 +146,10 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
     rd.require()
     cfg = rd.load_config()
     dev = resolve_device(device)
+    from lmforge.models.lora import apply_lora
+
     model = build_model(cfg.arch, cfg.model)
+    apply_lora(model, cfg.finetune.lora)  # a LoRA run's weights hold its adapters beside the frozen base
     model.load_saved_state(load_model_state(rd.model))
     model.to(dev).eval()
     tokenizer = load_tokenizer(rd.tokenizer) if rd.tokenizer.is_file() or cfg.task.name != "image-classify" else None

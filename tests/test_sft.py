@@ -120,3 +120,61 @@ def test_bad_chat_files_are_one_error_line(base_run, tmp_path, row, message):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
     with pytest.raises(Exception):
         read_conversations(path)
+
+
+def test_lora_starts_as_a_no_op_and_merging_changes_no_output():
+    from lmforge.models.llama import Llama, LlamaConfig
+    from lmforge.models.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32)).eval()
+    x = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        before = model(x)[0]
+        counts = apply_lora(model, LoRAConfig(r=4, alpha=8))
+        assert torch.equal(model(x)[0], before)  # B starts at zero
+        assert counts["lora_layers"] == 4 and counts["trainable_params"] == 2 * (4 * 32 + 32 * 4 + 4 * 32 + 16 * 4)  # q (32 out), v (16 out), 2 layers
+        assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(0, 0.5)
+        adapted = model(x)[0]
+        assert not torch.allclose(adapted, before)
+        assert merge_lora(model) == 4 and not any(isinstance(m, LoRALinear) for m in model.modules())
+        torch.testing.assert_close(model(x)[0], adapted, rtol=1e-5, atol=1e-5)
+    assert "model.layers.0.self_attn.q_proj.weight" in model.state_dict_for_save()  # the base's names
+
+
+def test_lora_fine_tuning_resumes_exactly_and_merges(base_run, chat_file, tmp_path):
+    from lmforge.runs import load_run
+
+    args = ["train", "--task", "sft", "--init", str(base_run), "--data", str(chat_file), "--max-steps", "4",
+            "--set", "train.batch_size=2", "--set", "finetune.lora.r=4", "--set", "train.lr=1e-2"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    r = run_cli(*args, "--out", str(whole), "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert 0 < summary["trainable_params"] < summary["params"] / 10
+    assert run_cli(*args, "--out", str(part), "--stop-at", "2").returncode == 0
+    assert run_cli("train", "--out", str(part), "--resume", "--data", str(chat_file)).returncode == 0
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for run in (whole, part)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    # only the adapters moved
+    base, tuned = load_run(base_run, device="cpu").model, load_run(whole, device="cpu").model
+    assert torch.equal(tuned.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert tuned.model.layers[0].self_attn.q_proj.lora_B.weight.abs().sum() > 0
+    r = run_cli("merge-lora", str(whole), "--out", str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr
+    merged = load_run(tmp_path / "merged", device="cpu")
+    x = torch.randint(0, 400, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(x)[0], tuned(x)[0], rtol=1e-5, atol=1e-5)
+    assert merged.config.finetune.lora.r == 0 and (tmp_path / "merged" / "chat_template.json").is_file()
+
+
+def test_a_lora_target_that_does_not_exist_is_one_error_line(base_run, chat_file, tmp_path):
+    r = run_cli("train", "--task", "sft", "--init", str(base_run), "--data", str(chat_file), "--max-steps", "1",
+                "--set", "finetune.lora.r=4", "--set", "finetune.lora.targets=[nope]", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no linear layer named nope" in r.stderr and "q_proj" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

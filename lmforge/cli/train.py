@@ -97,8 +97,8 @@ def build_config(o: Options):
             if given != saved:
                 raise UserError(f"--resume continues the saved config: {section}.{key} is {saved!r}, not {given!r}")
     patch = cfgmod.parse_overrides(o.set or [])
-    if "model" in patch:
-        raise UserError("--resume cannot change model.* settings")
+    if "model" in patch or "finetune" in patch:
+        raise UserError("--resume cannot change model.* or finetune.* settings")
     for section, kv in values.items():
         patch.setdefault(section, {}).update(kv)
     if patch:

@@ -93,6 +93,7 @@ class Block(nn.Module):
 
 
 class GPT(Decoder):
+    lora_targets = ("c_attn",)  # finetune.lora's default: the query/key/value projection (as PEFT's)
     def __init__(self, config: GPTConfig):
         super().__init__()
         if config.vocab_size is None:

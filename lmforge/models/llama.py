@@ -159,6 +159,7 @@ class Block(nn.Module):
 
 class Llama(Decoder):
     check_config = staticmethod(check_config)
+    lora_targets = ("q_proj", "v_proj")  # finetune.lora's default (as PEFT's for Llama)
 
     def __init__(self, config: LlamaConfig):
         super().__init__()

@@ -28,6 +28,7 @@ from lmforge.fsutil import write_json
 from lmforge.progress import progress, status
 from lmforge.runs import RunDir
 from lmforge.tasks import TASKS
+from lmforge.models.lora import apply_lora
 from lmforge.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint, save_model
 from lmforge.train.distributed import (World, accumulating, gather_state, is_sharded, load_optimizer_state, setup,
                                        shard, teardown, world_from_env, wrap)
@@ -165,7 +166,12 @@ def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device) -> dic
         torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(t.seed)
-    model = task.build_model(cfg).to(device)
+    model = task.build_model(cfg)
+    adapters = apply_lora(model, cfg.finetune.lora)  # {} without LoRA; on --resume, before the checkpoint loads
+    if adapters and world.main:
+        status(f"LoRA r={cfg.finetune.lora.r} on {adapters['lora_layers']} layers: {adapters['trainable_params']:,} "
+               f"trainable of {adapters['total_params']:,} parameters")
+    model = model.to(device)
     sharded = world.active and t.fsdp  # the optimizer is built on the shards, after sharding
 
     def make_optimizer():
@@ -390,7 +396,9 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
     units_this_session = (step - start_step) * units_per_step
     summary = {
         "run_dir": str(run), "step": step, "steps": step, "max_steps": max_steps, "stopped_by": reason,
-        seen: state[seen], "params": params, "val_loss": last_val.get("val_loss"),
+        seen: state[seen], "params": params,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "val_loss": last_val.get("val_loss"),
         **{k: v for k, v in last_val.items() if k != "val_loss"},
         "seconds": round(seconds, 2), f"{unit}_per_second": round(units_this_session / max(seconds, 1e-9), 1),
         "device": str(device), "processes": world.size, "rank": world.rank,
