@@ -171,6 +171,17 @@ def test_lora_fine_tuning_resumes_exactly_and_merges(base_run, chat_file, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(merged.model(x)[0], tuned(x)[0], rtol=1e-5, atol=1e-5)
     assert merged.config.finetune.lora.r == 0 and (tmp_path / "merged" / "chat_template.json").is_file()
+    # unmerged, in PEFT's format: peft loads the adapters onto the exported base with the same logits
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    r = run_cli("export-hf", str(whole), "--out", str(tmp_path / "hf"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["peft_adapter"] == str(tmp_path / "hf" / "lora")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, load_run(base_run, device="cpu").model(x)[0], rtol=1e-5, atol=1e-5)
+        adapted = peft.PeftModel.from_pretrained(hf, tmp_path / "hf" / "lora").eval()
+        torch.testing.assert_close(adapted(x).logits, tuned(x)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_a_lora_target_that_does_not_exist_is_one_error_line(base_run, chat_file, tmp_path):

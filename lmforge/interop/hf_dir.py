@@ -13,6 +13,9 @@ import torch
 from lmforge.errors import UserError
 from lmforge.interop.hf import HF_FAMILIES, hf_family
 
+PEFT_ADAPTER_DIR = "lora"  # export-hf of a LoRA run: the adapters, in PEFT's format, in this subdirectory
+
+
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     """``model.safetensors``, else ``pytorch_model.bin`` loaded with ``weights_only=True`` (no code runs)."""
     from safetensors.torch import load_file
@@ -179,7 +182,9 @@ def hf_chat_template(hf_dir: Path) -> dict | None:
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
-    """Write a run's model as a directory that ``transformers`` loads with ``from_pretrained``."""
+    """Write a run's model as a directory that ``transformers`` loads with ``from_pretrained``; a LoRA
+    run's base goes there and its adapters into ``lora/`` (``adapter_config.json`` +
+    ``adapter_model.safetensors``), which ``peft.PeftModel.from_pretrained`` loads onto it."""
     import shutil
 
     from lmforge.chat import jinja_chat_template, load_chat_template
@@ -190,10 +195,15 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"output directory {out_dir} is not empty")
     fam = hf_family(run.config.arch)
+    base, adapter = run.model, None
+    if run.config.finetune.lora.r:  # the base as the HF model, the adapters beside it in PEFT's format
+        from lmforge.models.lora import split_adapter
+
+        base, adapter = split_adapter(run.model, run.config.arch)
     try:
         # A GPT classifier pads (and so pools) as lmforge.data.tokenizer.encode_batch does.
         pad = run.tokenizer.token_to_id("[PAD]")
-        hf = fam.to_hf(run.model, pad_token_id=pad or 0)
+        hf = fam.to_hf(base, pad_token_id=pad or 0)
     except ValueError as e:
         raise UserError(str(e)) from None
     if run.model.config.num_labels and run.labels is not None:
@@ -225,4 +235,12 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": run.model.config.block_size,
              **special}, indent=2) + "\n", encoding="utf-8")
-    return {"hf_dir": str(out_dir), "architecture": type(hf).__name__, "params": run.model.num_params()}
+        if adapter is not None:
+            from lmforge.models.lora import write_peft_adapter
+
+            write_peft_adapter(tmp / PEFT_ADAPTER_DIR, adapter, run.config.finetune.lora, run.model,
+                               base_path=str(out_dir.resolve()), classifier=bool(run.model.config.num_labels))
+    out = {"hf_dir": str(out_dir), "architecture": type(hf).__name__, "params": run.model.num_params()}
+    if adapter is not None:
+        out["peft_adapter"] = str(out_dir / PEFT_ADAPTER_DIR)
+    return out

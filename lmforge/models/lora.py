@@ -133,3 +133,35 @@ def merge_run(run_dir, out_dir) -> dict:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
     return {"run_dir": str(out_dir), "merged_layers": merged, "params": run.model.num_params()}
+
+
+def split_adapter(model: nn.Module, arch: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """(the base as a plain model of family ``arch``, the adapters' tensors by our names)."""
+    from lmforge.models import build_model
+
+    state = model.state_dict_for_save()
+    base = build_model(arch, model.config)
+    base.load_saved_state({k: v for k, v in state.items() if ".lora_" not in k})
+    return base.eval(), {k: v for k, v in state.items() if ".lora_" in k}
+
+
+def write_peft_adapter(path, adapter: dict[str, torch.Tensor], config: LoRAConfig, model: nn.Module,
+                       base_path: str, classifier: bool = False) -> None:
+    """``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT writes them: keys
+    ``base_model.model.<HF module name>.lora_A.weight`` (our names are the HF names)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    targets = config.targets or list(model.lora_targets)
+    settings = {"peft_type": "LORA", "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM", "r": config.r,
+                "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": sorted(targets),
+                "bias": "none", "fan_in_fan_out": type(model).__name__ == "GPT",  # HF GPT-2's Conv1D
+                "base_model_name_or_path": base_path, "inference_mode": True, "init_lora_weights": True,
+                "modules_to_save": None, "use_rslora": False, "use_dora": False}
+    (path / "adapter_config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in adapter.items()},
+              str(path / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -20,7 +20,6 @@ and stop after ``train.patience`` evaluations without improvement. Without valid
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from lmforge.errors import UserError
 from lmforge.evaluate.classify import classification_metrics, write_report
 from lmforge.fsutil import write_json
 from lmforge.models import MODELS, build_model
-from lmforge.tasks.epochs import EpochTask
+from lmforge.tasks.finetune import FineTuneTask, load_base
 
 EARLY_STOP_METRICS = ("macro_f1", "accuracy", "weighted_f1", "roc_auc", "loss")
 MEGA_BATCHES = 50  # batches sorted by length together
@@ -55,22 +54,6 @@ class ClassifyOptions:
     # The target puts 1 - label_smoothing on the true class and spreads the rest evenly over all
     # classes (F.cross_entropy's label_smoothing).
     label_smoothing: float = 0.0
-
-
-def load_base(init: str | Path):
-    """(model, tokenizer) from a run directory or a Hugging Face directory."""
-    from lmforge.interop.hf_dir import load_hf_model, read_hf_tokenizer
-    from lmforge.runs import RunDir, load_run
-
-    init = Path(init)
-    if RunDir(init).is_run():
-        run = load_run(init, device="cpu")
-        return run.model, run.tokenizer
-    if (init / "config.json").is_file():
-        hf_config = json.loads((init / "config.json").read_text(encoding="utf-8"))
-        _, model, _ = load_hf_model(init, hf_config)
-        return model, read_hf_tokenizer(init)
-    raise UserError(f"--init {init}: not a run directory (config.yaml) or a Hugging Face directory (config.json)")
 
 
 def with_head(base: torch.nn.Module, config, seed: int) -> torch.nn.Module:
@@ -127,21 +110,7 @@ def write_classification_report(run_dir: Path, model, tokenizer, ex: Examples, n
     return write_report(run_dir, y, probs, names, split, source, [{"text": t} for t in ex.texts])
 
 
-def base_model(init: str | Path):
-    """(family, model config) of the model ``init`` names, read from its config file alone."""
-    from lmforge.interop.hf_dir import hf_model_config
-    from lmforge.runs import RunDir
-
-    run = RunDir(init)
-    if run.is_run():
-        cfg = run.load_config()
-        return cfg.arch, cfg.model
-    if (Path(init) / "config.json").is_file():
-        return hf_model_config(Path(init))
-    raise UserError(f"--init {init}: not a run directory (config.yaml) or a Hugging Face directory (config.json)")
-
-
-class ClassifyTask(EpochTask):
+class ClassifyTask(FineTuneTask):
     name = "classify"
     ARCHS = ("bert", "gpt", "llama")  # the family of --init
     Options = ClassifyOptions
@@ -152,28 +121,20 @@ class ClassifyTask(EpochTask):
     DEFAULTS = {"train": dict(lr=5e-5, batch_size=16, max_steps=None, eval_interval=None, log_interval=1,
                               early_stop="macro_f1", patience=3, keep_best=True)}
     method = "classify"
-    base_model = staticmethod(base_model)  # the model comes from --init
+    DATA = "FILE (.csv or .jsonl)"
 
     @classmethod
     def validate_options(cls, cfg) -> None:
+        super().validate_options(cfg)
         o = cfg.task
-        if not 0.0 <= o.val_fraction < 0.5:
-            raise UserError(f"--val-fraction must be in [0, 0.5), got {o.val_fraction}")
         if o.class_weights not in (None, "auto", "none"):
             raise UserError("--class-weights takes 'auto' (inverse class frequency) or 'none'")
         if not 0.0 <= o.label_smoothing < 1.0:
             raise UserError(f"task.label_smoothing must be in [0, 1), got {o.label_smoothing}")
-        for key in ("epochs", "max_length"):
-            if getattr(o, key) <= 0:
-                raise UserError(f"task.{key} must be positive, got {getattr(o, key)}")
 
     def __init__(self, cfg, run=None):
         super().__init__(cfg, run)
         o, d = cfg.task, cfg.data
-        if not o.init or not d.path:
-            raise UserError("--task classify needs --init RUN_OR_HF_DIR and --data FILE (.csv or .jsonl)")
-        if cfg.preset:
-            raise UserError("--task classify takes its model from --init; --preset does not apply")
         train_ex = read_examples(d.path, o.text_column, o.label_column)
         self.names = label_names(train_ex.labels)
         if len(self.names) < 2:

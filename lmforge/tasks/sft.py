@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lmforge import config as cfgmod
 from lmforge.errors import UserError
 from lmforge.models import build_model
-from lmforge.tasks.epochs import EpochTask
+from lmforge.tasks.finetune import FineTuneTask, load_base
 
 ROLES = ("system", "user", "assistant")
 
@@ -166,8 +166,6 @@ def load_chat_base(init: str | Path):
     from lmforge.chat import DEFAULT_CHAT_TEMPLATE, load_chat_template
     from lmforge.interop.hf_dir import hf_chat_template
     from lmforge.runs import RunDir
-    from lmforge.tasks.classify import load_base
-
     model, tokenizer = load_base(init)
     if not model.can_generate or getattr(model.config, "num_labels", 0):
         raise UserError(f"--init {init}: --task sft fine-tunes a decoder (a GPT or Llama run), not this model")
@@ -200,7 +198,7 @@ def assistant_loss(model, x: torch.Tensor, y: torch.Tensor, segments: torch.Tens
     return (total / count if count else math.nan), count
 
 
-class SFTTask(EpochTask):
+class SFTTask(FineTuneTask):
     name = "sft"
     ARCHS = ("gpt", "llama")  # the family of --init
     Options = SFTOptions
@@ -211,20 +209,7 @@ class SFTTask(EpochTask):
     DEFAULTS = {"train": dict(lr=2e-5, batch_size=4, max_steps=None, eval_interval=None, log_interval=1,
                               warmup_steps=10, early_stop="loss", keep_best=True)}
 
-    @staticmethod
-    def base_model(init):
-        from lmforge.tasks.classify import base_model
-
-        return base_model(init)
-
-    @classmethod
-    def validate_options(cls, cfg) -> None:
-        o = cfg.task
-        if not 0.0 <= o.val_fraction < 0.5:
-            raise UserError(f"--val-fraction must be in [0, 0.5), got {o.val_fraction}")
-        for key in ("epochs", "max_length"):
-            if getattr(o, key) <= 0:
-                raise UserError(f"task.{key} must be positive, got {getattr(o, key)}")
+    DATA = "FILE.jsonl (conversations)"
 
     def __init__(self, cfg, run=None):
         from lmforge.chat import load_chat_template
@@ -232,10 +217,6 @@ class SFTTask(EpochTask):
 
         super().__init__(cfg, run)
         o, d = cfg.task, cfg.data
-        if not o.init or not d.path:
-            raise UserError("--task sft needs --init RUN_OR_HF_DIR (a decoder) and --data FILE.jsonl (conversations)")
-        if cfg.preset:
-            raise UserError("--task sft takes its model from --init; --preset does not apply")
         train_c = read_conversations(d.path)
         if d.val is not None:
             val_c = read_conversations(d.val)
