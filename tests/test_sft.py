@@ -2,6 +2,7 @@
 apart, exact resume, evaluation on any decoder run, bad chat files."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -189,3 +190,54 @@ def test_a_lora_target_that_does_not_exist_is_one_error_line(base_run, chat_file
                 "--set", "finetune.lora.r=4", "--set", "finetune.lora.targets=[nope]", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "no linear layer named nope" in r.stderr and "q_proj" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------- DPO
+PAIRS = [{"prompt": "what does the model read?", "chosen": "the model reads text", "rejected": "nothing at all"},
+         {"prompt": "what splits words?", "chosen": "a tokenizer", "rejected": "the loss"},
+         {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what lowers the loss?"}],
+          "chosen": "training", "rejected": "validation"}] * 4
+
+
+def test_dpo_loss_is_the_papers_formula():
+    from lmforge.tasks.dpo import dpo_loss, sequence_logp
+
+    pc, pr, rc, rr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0]), torch.tensor([-3.5, -4.0]), \
+        torch.tensor([-3.5, -3.0])
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    by_hand = [math.log1p(math.exp(-0.5 * ((a - c) - (b - d)))) for a, b, c, d in zip(*(t.tolist() for t in
+                                                                                       (pc, pr, rc, rr)))]
+    assert abs(loss.item() - sum(by_hand) / 2) < 1e-6
+    assert torch.allclose(chosen, torch.tensor([0.25, -0.5])) and torch.allclose(rejected, torch.tensor([-0.25, 0.5]))
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # (1, 2, 3)
+    y = torch.tensor([[0, -1]])  # only the first position is scored
+    assert abs(sequence_logp(logits, y).item() - torch.log_softmax(logits[0, 0], -1)[0].item()) < 1e-6
+
+
+def test_dpo_prefers_the_chosen_answers_and_resumes_exactly(base_run, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS), encoding="utf-8")
+    args = ["train", "--task", "dpo", "--init", str(base_run), "--data", str(path), "--max-steps", "8",
+            "--set", "train.batch_size=2", "--set", "train.lr=3e-3", "--set", "task.beta=0.5",
+            "--val-fraction", "0.25"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    r = run_cli(*args, "--out", str(whole), "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["train_pairs"] == 9 and summary["val_pairs"] == 3
+    # the held-out pairs repeat training pairs here: the policy learns to prefer the chosen answers
+    assert summary["val_reward_accuracy"] == 1.0 and summary["val_reward_margin"] > 0
+    assert run_cli(*args, "--out", str(part), "--stop-at", "4").returncode == 0
+    assert run_cli("train", "--out", str(part), "--resume", "--data", str(path)).returncode == 0
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for run in (whole, part)]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
+
+
+def test_a_pair_without_a_rejected_answer_is_one_error_line(base_run, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps({"prompt": "x", "chosen": "y"}) + "\n", encoding="utf-8")
+    r = run_cli("train", "--task", "dpo", "--init", str(base_run), "--data", str(path), "--max-steps", "1",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and f"{path}:2" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()

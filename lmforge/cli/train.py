@@ -11,8 +11,8 @@ from lmforge.cli.common import print_json
 from lmforge.cli.options import config_values, flag
 from lmforge.errors import UserError
 
-HELP = "train or resume a model on a task (lm, mlm, classify, image-classify, sft)"
-CLASSIFY = "fine-tuning (--task classify; --init, --val, --val-fraction, --epochs, --max-length also --task sft)"
+HELP = "train or resume a model on a task (lm, mlm, classify, image-classify, sft, dpo)"
+CLASSIFY = "fine-tuning (--task classify; --init, --val, --val-fraction, --epochs, --max-length also sft and dpo)"
 
 
 @dataclass
@@ -32,10 +32,11 @@ class Options:
     stop_at: int | None = flag(help="stop this invocation at this step (checkpointed; --resume continues)")
     resume: bool = flag(False, help="continue from the run directory's checkpoint")
     json: bool = flag(False)
-    task: str | None = flag(choices=["lm", "mlm", "classify", "image-classify", "sft"],
+    task: str | None = flag(choices=["lm", "mlm", "classify", "image-classify", "sft", "dpo"],
                             help="lm: next-token (GPT, the default); mlm: masked-token (BERT presets); classify: "
                             "fine-tune a text classifier; image-classify: a CNN or MLP on images; sft: instruction-"
-                            "tune a decoder (--init) on conversations (JSONL)")
+                            "tune a decoder (--init) on conversations (JSONL); dpo: preference-tune it on "
+                            "prompt/chosen/rejected pairs (JSONL)")
     early_stop: str | None = flag(config="train.early_stop", help="validation metric that picks the best "
                                   "checkpoint and stops early (classify: macro_f1 (default), accuracy, weighted_f1, "
                                   "roc_auc, loss)")

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from lmforge.tasks.base import Task
 from lmforge.tasks.classify import ClassifyTask
+from lmforge.tasks.dpo import DPOTask
 from lmforge.tasks.images import ImageClassifyTask
 from lmforge.tasks.lm import LMTask
 from lmforge.tasks.mlm import MLMTask
 from lmforge.tasks.sft import SFTTask
 
 TASKS: dict[str, type[Task]] = {"lm": LMTask, "mlm": MLMTask, "classify": ClassifyTask,
-                                "image-classify": ImageClassifyTask, "sft": SFTTask}
+                                "image-classify": ImageClassifyTask, "sft": SFTTask,
+                                "dpo": DPOTask}
 
 
 def task_for(model) -> str:

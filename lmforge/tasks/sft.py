@@ -85,13 +85,15 @@ def _conversation(row, where: str) -> list[dict]:
     return messages
 
 
-def encode_conversation(template: dict, tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+def encode_conversation(template: dict, tokenizer, messages: list[dict],
+                        last_only: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of the whole conversation and, per token, whether it is the assistant's (a target).
 
     Assistant message k spans the characters between the prompt for ``messages[:k]`` (which ends
     with the template's opening of an answer) and the rendering of ``messages[:k + 1]``, or its
     template's end-of-turn token (``<|im_end|>``) if that comes first; a token is the assistant's
-    when it starts inside such a span. A template without an end-of-turn token
+    when it starts inside such a span (``last_only``: the last assistant message's span only, as
+    preference tuning scores a response). A template without an end-of-turn token
     of its own ends each answer with the end-of-text token, which is then a target too.
     """
     from lmforge.chat import end_token_id, render_chat
@@ -107,6 +109,7 @@ def encode_conversation(template: dict, tokenizer, messages: list[dict]) -> tupl
         if end >= 0:  # the answer ends with the end-of-turn token; what the template adds after it is context
             stop = end + len(template["end_token"])
         spans.append((start, stop))
+    spans = spans[-1:] if last_only else spans
     enc = tokenizer.encode(text, add_special_tokens=False)
     ids, trained = list(enc.ids), [any(a <= s < b for a, b in spans) for s, _ in enc.offsets]
     if "jinja" not in template:  # the default template's answers end with the end-of-text token
