@@ -112,3 +112,33 @@ def test_a_diverging_loss_stops_training_with_an_error(data_dir, tmp_path):
     r = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path / "r2"), "--preset", "debug",
                 "--stop-at", "-1")
     assert r.returncode == 2 and "--stop-at" in r.stderr
+
+
+def test_a_server_on_a_busy_port_is_one_error_line_before_its_banner(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for args in (["serve", str(tmp_path / "run")], ["support", "serve", str(tmp_path / "app")]):
+            r = run_cli(*args, "--port", port)
+            assert r.returncode == 2, r.stderr
+            assert r.stderr.startswith("lmforge: error: cannot listen on 127.0.0.1:" + port), r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1  # no banner, no fresh agent key
+
+
+def test_resume_on_a_finished_run_says_it_is_complete(tmp_path, data_dir):
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", str(data_dir), "--preset", "debug", "--max-steps", "2", "--out", str(run)) \
+        .returncode == 0
+    r = run_cli("train", "--data", str(data_dir), "--out", str(run), "--resume")
+    assert r.returncode == 0 and "already complete (step 2/2)" in r.stdout, r.stdout + r.stderr
+
+
+def test_generate_on_a_classifier_names_the_verbs_that_serve_it(tmp_path):
+    from tests.test_serve import _tiny_encoder_run
+
+    run = _tiny_encoder_run(tmp_path / "clf", num_labels=2)
+    assert_clean_failure(run_cli("generate", str(run), "--prompt", "x"), "not a text generator")
+    assert "predict" in run_cli("generate", str(run), "--prompt", "x").stderr

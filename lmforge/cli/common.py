@@ -59,6 +59,24 @@ def input_texts(texts: list[str] | None, input_file: str | None, text_column: st
     return out
 
 
-def check_port(port: int) -> None:
+def check_port(port: int, host: str | None = None) -> None:
+    """A port in range and, given the ``host`` to bind, free: a server refuses a busy port with one
+    error line before it prints its banner or creates anything."""
+    import socket
+
     if not 0 < port < 65536:
         raise UserError(f"--port must be in 1..65535, got {port}")
+    if host is None:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: only a listener blocks
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror} (another server is using the port? "
+                            f"choose another with --port)") from None

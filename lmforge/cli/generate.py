@@ -38,6 +38,11 @@ def run(o: Options) -> int:
     if o.top_p is not None and not 0 < o.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
     loaded = load_run(o.run_dir)
+    if not loaded.model.can_generate or getattr(loaded.model.config, "num_labels", 0):
+        kind = loaded.config.task.name
+        verbs = "predict, eval and serve (/v1/classify)" if "classify" in kind else "embed, eval and serve"
+        raise UserError(f"{o.run_dir} is a {kind} run ({loaded.config.arch}), not a text generator: "
+                        f"it is served by {verbs}")
     sys.stdout.write(o.prompt)
     for piece in stream_text(loaded.model, loaded.tokenizer, o.prompt, o.max_new_tokens, o.temperature, o.top_k,
                              o.top_p, o.seed, o.stop, eot_id(loaded.tokenizer), compile=o.compile):

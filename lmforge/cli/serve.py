@@ -33,7 +33,7 @@ def run(o: Options) -> int:
     from lmforge.serve.app import serve
 
     key = o.api_key or os.environ.get("LMFORGE_API_KEY") or None
-    check_port(o.port)
+    check_port(o.port, o.host)
     if o.max_tokens_cap <= 0:
         raise UserError("--max-tokens-cap must be positive")
     if o.max_concurrency <= 0 or o.max_batch <= 0 or (o.max_context is not None and o.max_context < 2):

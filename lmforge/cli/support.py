@@ -154,7 +154,7 @@ def run_serve(o: ServeOptions) -> int:
     """The customer page (/), the agent page (/agent), the JSON API, /health and /metrics."""
     from lmforge.apps.support.app import serve
 
-    check_port(o.port)
+    check_port(o.port, o.host)
     if o.max_concurrency <= 0:
         raise UserError("--max-concurrency must be positive")
     if not (Path(o.app_dir) / "support.sqlite").is_file():

@@ -119,6 +119,24 @@ def print_classifier_summary(s: dict) -> None:
         print(f"report: {Path(s['run_dir']) / 'report.md'}")
 
 
+def _already_complete(o: Options, cfg) -> bool:
+    """Say so (and do nothing) when --resume meets a run that reached the end of its schedule."""
+    import json
+
+    from lmforge.runs import RunDir
+
+    state = RunDir(o.out) / RunDir.STATE_JSON
+    step = json.loads(state.read_text(encoding="utf-8")).get("step") if state.is_file() else None
+    if step is None or cfg.train.max_steps is None or step < cfg.train.max_steps:
+        return False
+    if o.json:
+        print_json({"run_dir": o.out, "step": step, "max_steps": cfg.train.max_steps, "stopped_by": "complete"})
+    else:
+        print(f"{o.out} is already complete (step {step}/{cfg.train.max_steps}): nothing to resume; "
+              "give a larger --max-steps with --resume to train on, or start a new run")
+    return True
+
+
 def run(o: Options) -> int:
     """Train (or --resume) a model on a task: lm (next-token, GPT presets) or mlm (masked-token,
     BERT presets) on a prepared data directory, or classify: fine-tune a classifier from --init on
@@ -128,6 +146,8 @@ def run(o: Options) -> int:
     from lmforge.train.trainer import train
 
     cfg = build_config(o)
+    if o.resume and _already_complete(o, cfg):
+        return 0
     summary = train(cfg, run_dir=o.out, resume=o.resume, stop_at=o.stop_at)
     if summary.get("rank", 0) != 0:  # under torchrun, process 0 speaks for all
         return 130 if summary["stopped_by"] == "interrupted" else 0
