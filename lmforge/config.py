@@ -371,6 +371,10 @@ def build_config(preset: str | None = None, config_file: str | Path | None = Non
     for data, source in layers:
         apply_dict(cfg, data, source)
     base_model = getattr(TASKS[task], "base_model", None)
+    default_init = getattr(TASKS[task], "default_init", None)
+    if base_model is not None and not getattr(cfg.task, "init", None) and default_init is not None \
+            and not cfg.preset:
+        cfg.task.init = default_init()  # the task says so when it starts
     if base_model is not None and getattr(cfg.task, "init", None):
         # The model is --init's (a fine-tuning task); model settings given apply on top of it.
         cfg.arch, cfg.model = base_model(cfg.task.init)

