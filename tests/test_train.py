@@ -5,11 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from lmforge import config as cfgmod
 from lmforge.train.trainer import train
-from tests.conftest import interrupt_training
+from tests.conftest import interrupt_training, run_cli
 
 GOLDEN = Path(__file__).parent / "golden" / "debug_loss.json"
 
@@ -142,3 +143,34 @@ def test_micro_optimizer_settings_learn_faster_than_adamw(tmp_path, data_dir):
     val = {name: train(debug_cfg("train.max_steps=100", *s), data_dir, tmp_path / name)["val_loss"]
            for name, s in sets.items()}
     assert val["micro"] < val["hidden_frozen"] - 0.05 and val["micro"] < val["adamw"] - 0.1, val
+
+
+def test_continued_pretraining_starts_from_the_given_run(tmp_path, data_dir, corpus_dir):
+    """`train --task lm --init RUN`: the first step's loss is the run's own loss on that batch; data
+    tokenized with another tokenizer is refused, `prepare --tokenizer RUN` makes fitting data."""
+    from lmforge.data.tokens import TokenFile
+    from lmforge.runs import load_run
+
+    base = tmp_path / "base"
+    assert run_cli("train", "--data", str(data_dir), "--preset", "debug", "--max-steps", "10",
+                   "--out", str(base)).returncode == 0
+    other = tmp_path / "other"
+    assert run_cli("prepare", "--input", str(corpus_dir), "--out", str(other), "--vocab-size", "300").returncode == 0
+    r = run_cli("train", "--task", "lm", "--init", str(base), "--data", str(other), "--max-steps", "2",
+                "--out", str(tmp_path / "refused"))
+    assert r.returncode == 2 and "another tokenizer" in r.stderr and f"--tokenizer {base}" in r.stderr, r.stderr
+    same = tmp_path / "same"
+    r = run_cli("prepare", "--input", str(corpus_dir), "--out", str(same), "--tokenizer", str(base))
+    assert r.returncode == 0, r.stderr
+    cont = tmp_path / "cont"
+    r = run_cli("train", "--task", "lm", "--init", str(base), "--data", str(same), "--max-steps", "2",
+                "--set", "train.log_interval=1", "--out", str(cont))
+    assert r.returncode == 0, r.stderr
+    first = json.loads((cont / "metrics.jsonl").read_text().splitlines()[0])
+    run, cfg = load_run(base, device="cpu"), load_run(cont, device="cpu").config
+    x, y = TokenFile(same / "train.bin", "uint16").random_batch(cfg.train.batch_size, cfg.model.block_size,
+                                                               cfg.train.seed, 0, 0, 0)  # the first step's batch
+    with torch.no_grad():
+        expected = run.model(x, y)[1].item()
+    assert first["step"] == 1 and abs(first["loss"] - expected) < 1e-5
+    assert cfg.model == run.config.model  # the given run's own shape

@@ -22,8 +22,9 @@ class Options:
     kind: str = flag("text", choices=["text", "images"], help="what the input holds")
     overwrite: bool = flag(False, help="replace an existing data directory that prepare wrote")
     vocab_size: int = flag(4096)
-    tokenizer: str = flag("bpe", choices=["bpe", "wordpiece"],
-                          help="byte-level BPE (decoders) or WordPiece with [CLS] [SEP] [PAD] [MASK] [UNK] (encoders)")
+    tokenizer: str = flag("bpe", help="bpe: train a byte-level BPE (decoders); wordpiece: train WordPiece with [CLS] "
+                          "[SEP] [PAD] [MASK] [UNK] (encoders); or a tokenizer.json or run directory to reuse "
+                          "(continued training with --init needs the run's own)")
     val_fraction: float | None = flag(help="share held out for validation (text: 0.05; images: 0.1 of the "
                                       "training split, stratified)")
     seed: int = flag(1337)

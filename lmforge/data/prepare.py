@@ -19,7 +19,7 @@ import numpy as np
 
 from lmforge.data.corpus import (STDLIB_CORPUS_VERSION, Document, ReadReport, clean, python_version,
                                   read_documents)
-from lmforge.data.tokenizer import BERT_SPECIALS, separator_id, train_bpe, train_wordpiece
+from lmforge.data.tokenizer import BERT_SPECIALS, load_tokenizer, separator_id, train_bpe, train_wordpiece
 from lmforge.errors import UserError
 from lmforge.fsutil import check_output_dir, replace_dir, write_json, write_text
 from lmforge.progress import progress, status
@@ -104,8 +104,12 @@ def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 4096, val_
         raise UserError("no --input given")
     if not 0.0 < val_fraction < 0.5:
         raise UserError(f"--val-fraction must be in (0, 0.5), got {val_fraction}")
+    given = None  # an existing tokenizer (a file or a run directory's): continued training needs the run's own
     if tokenizer not in ("bpe", "wordpiece"):
-        raise UserError(f"--tokenizer must be bpe or wordpiece, got {tokenizer!r}")
+        given = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
+        if not given.is_file():
+            raise UserError(f"--tokenizer takes bpe, wordpiece, or a tokenizer.json or run directory to reuse; "
+                            f"no such file: {given}")
     if vocab_size < 257 or vocab_size > 2**20:
         raise UserError(f"--vocab-size must be between 257 and {2**20}, got {vocab_size}")
     out_dir = Path(out_dir)
@@ -123,10 +127,15 @@ def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 4096, val_
                         + (f" (skipped: {reasons})" if reasons else " (all empty)"))
     train_docs, val_docs, split_unit = split_by_unit(docs, val_fraction, seed)
 
-    kind = "byte-level BPE" if tokenizer == "bpe" else "WordPiece"
-    status(f"training a {kind} tokenizer (vocab {vocab_size}) on {len(train_docs)} documents")
-    train = train_bpe if tokenizer == "bpe" else train_wordpiece
-    tok = train((d.text for d in train_docs), vocab_size)
+    if given is not None:
+        tok = load_tokenizer(given)
+        tokenizer = "wordpiece" if type(tok.model).__name__ == "WordPiece" else "bpe"
+        status(f"using the tokenizer of {given} ({tok.get_vocab_size():,} tokens)")
+    else:
+        kind = "byte-level BPE" if tokenizer == "bpe" else "WordPiece"
+        status(f"training a {kind} tokenizer (vocab {vocab_size}) on {len(train_docs)} documents")
+        train = train_bpe if tokenizer == "bpe" else train_wordpiece
+        tok = train((d.text for d in train_docs), vocab_size)
     eot = separator_id(tok)
     dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
 
@@ -147,7 +156,8 @@ def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 4096, val_
             "inputs": inputs, "python": python_version(),
             "stdlib_corpus_version": STDLIB_CORPUS_VERSION if "stdlib" in inputs else None,
             "seed": seed, "val_fraction": val_fraction, "split_unit": split_unit,
-            "tokenizer": tokenizer, "vocab_size": tok.get_vocab_size(), "eot_id": eot,
+            "tokenizer": tokenizer, "tokenizer_from": str(given.resolve()) if given else None,
+            "vocab_size": tok.get_vocab_size(), "eot_id": eot,
             "special_ids": {t: tok.token_to_id(t) for t in BERT_SPECIALS if tok.token_to_id(t) is not None},
             "dtype": np.dtype(dtype).name,
             "documents": len(docs), "bytes": total_bytes, "tokens": total_tokens,

@@ -18,12 +18,17 @@ from lmforge import config as cfgmod
 from lmforge.data.tokens import TokenFile, load_meta
 from lmforge.errors import UserError
 from lmforge.models import MODELS, build_model
+from lmforge.data.tokenizer import load_tokenizer
 from lmforge.tasks.base import Task
+from lmforge.tasks.finetune import base_model, load_base
 
 
 @dataclass
 class LMOptions:
     name: str = "lm"
+    # A decoder run (or Hugging Face directory) to continue training from, on data prepared with
+    # its tokenizer (`prepare --tokenizer RUN`); None: fresh weights.
+    init: str | None = None
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -106,17 +111,38 @@ class LMTask(TokenTask):
     name = "lm"
     ARCHS = ("gpt", "llama")
     Options = LMOptions
+    base_model = staticmethod(base_model)  # with --init, the model's family and shape are the run's
 
     def __init__(self, cfg, run=None):
         if not MODELS[cfg.arch].model.can_generate:
             raise UserError(f"{cfg.preset or 'this config'} is an encoder: train it with --task mlm")
         super().__init__(cfg, run)
+        self.base = None
+        if cfg.task.init and not self.resume:  # continued pretraining
+            if cfg.preset:
+                raise UserError("--init continues that run's model; --preset does not apply")
+            self.base, tokenizer = load_base(cfg.task.init)
+            data_vocab = load_tokenizer(self.data_dir / "tokenizer.json").get_vocab()
+            if tokenizer.get_vocab() != data_vocab:
+                raise UserError(f"{self.data_dir} was tokenized with another tokenizer than {cfg.task.init}'s; "
+                                f"prepare it with `lmforge prepare --tokenizer {cfg.task.init} ...`")
+
+    def resolve(self, cfg, world):
+        cfg = super().resolve(cfg, world)
+        return cfgmod.replace(cfg, task={"init": str(Path(cfg.task.init).resolve())}) if cfg.task.init else cfg
+
+    def build_model(self, cfg):
+        model = super().build_model(cfg)
+        if self.base is not None:
+            model.load_saved_state(self.base.state_dict_for_save())
+            self.base = None
+        return model
 
     def write_files(self, run, model) -> None:
-        from lmforge.chat import save_chat_template
+        from lmforge.chat import load_chat_template, save_chat_template
 
         super().write_files(run, model)
-        save_chat_template(run.path)
+        save_chat_template(run.path, load_chat_template(self.cfg.task.init) if self.cfg.task.init else None)
 
     def loss_and_metrics(self, call, model, batch):
         x, y = batch
