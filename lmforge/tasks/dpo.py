@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmforge import config as cfgmod
 from lmforge.errors import UserError
 from lmforge.models import build_model
 from lmforge.tasks.finetune import FineTuneTask
@@ -110,19 +109,9 @@ class DPOTask(FineTuneTask):
 
     def __init__(self, cfg, run=None):
         super().__init__(cfg, run)
-        o, d = cfg.task, cfg.data
-        pairs = read_pairs(d.path)
-        if d.val is not None:
-            val = read_pairs(d.val)
-        elif o.val_fraction > 0 and len(pairs) >= 2:
-            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()
-            n_val = max(1, round(len(pairs) * o.val_fraction))
-            pairs, val = [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
-        else:
-            val = None
+        self.pairs, self.val_pairs = self.train_and_val(read_pairs)
         # The initial weights are the reference, on --resume too (their scores are recomputed).
-        self.base, self.tokenizer, self.template = load_chat_base(o.init)
-        self.pairs, self.val_pairs = pairs, val
+        self.base, self.tokenizer, self.template = load_chat_base(cfg.task.init)
 
     def _encode(self, pairs, length):
         def responses(k):
@@ -132,10 +121,7 @@ class DPOTask(FineTuneTask):
 
     def resolve(self, cfg, world):
         if not self.resume:
-            abspath = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
-            cfg = cfgmod.replace(cfg, task={"max_length": min(cfg.task.max_length, cfg.model.block_size),
-                                            "init": abspath(cfg.task.init)},
-                                 data={k: abspath(getattr(cfg.data, k)) for k in ("path", "val", "test")})
+            cfg = self.absolute_paths(cfg, max_length=min(cfg.task.max_length, cfg.model.block_size))
         length = cfg.task.max_length
         self.train = self._encode(self.pairs, length)
         self.val = self._encode(self.val_pairs, length) if self.val_pairs else None

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from lmforge import config as cfgmod
 from lmforge.errors import UserError
 from lmforge.tasks.epochs import EpochTask
 
@@ -65,3 +68,22 @@ class FineTuneTask(EpochTask):
             raise UserError(f"--task {self.name} needs --init RUN_OR_HF_DIR and --data {self.DATA}")
         if cfg.preset:
             raise UserError(f"--task {self.name} takes its model from --init; --preset does not apply")
+
+    def train_and_val(self, read):
+        """(training items, validation items or None) of ``read(path)``: ``data.val`` when given,
+        else a seeded ``task.val_fraction`` of ``data.path`` held out (none with 0)."""
+        items = read(self.cfg.data.path)
+        if self.cfg.data.val is not None:
+            return items, read(self.cfg.data.val)
+        if self.cfg.task.val_fraction <= 0 or len(items) < 2:
+            return items, None
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
+        n_val = max(1, round(len(items) * self.cfg.task.val_fraction))
+        return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+    @staticmethod
+    def absolute_paths(cfg, **task):
+        """``cfg`` with ``--init`` and the data files as absolute paths (and ``task`` values set)."""
+        absolute = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
+        return cfgmod.replace(cfg, task={**task, "init": absolute(cfg.task.init)},
+                              data={k: absolute(getattr(cfg.data, k)) for k in ("path", "val", "test")})

@@ -136,7 +136,7 @@ def pack(conversations: list[tuple[list[int], list[bool]]], length: int):
     (rows, length) int64. A conversation of n tokens fills n - 1 positions (its last token is only
     a target); ``y`` is the next token where that token is a target, else -1; ``segments``
     numbers the conversations (padding is a segment of its own). A conversation longer than a row
-    is cut. Also returns how many were cut."""
+    is cut (and left out if no answer token is left). Also returns how many were cut."""
     xs, ys, segs, cut = [], [], [], 0
     x, y, seg, n_seg = [], [], [], 0
 
@@ -148,7 +148,7 @@ def pack(conversations: list[tuple[list[int], list[bool]]], length: int):
     for ids, trained in conversations:
         if len(ids) > length + 1:
             ids, trained, cut = ids[:length + 1], trained[:length + 1], cut + 1
-        if len(ids) < 2:
+        if not any(trained[1:]):  # cut before its first answer: nothing to learn from it
             continue
         if len(x) + len(ids) - 1 > length:
             flush()
@@ -169,9 +169,10 @@ def load_chat_base(init: str | Path):
     from lmforge.chat import DEFAULT_CHAT_TEMPLATE, load_chat_template
     from lmforge.interop.hf_dir import hf_chat_template
     from lmforge.runs import RunDir
+
     model, tokenizer = load_base(init)
     if not model.can_generate or getattr(model.config, "num_labels", 0):
-        raise UserError(f"--init {init}: --task sft fine-tunes a decoder (a GPT or Llama run), not this model")
+        raise UserError(f"--init {init}: instruction and preference tuning need a decoder (a GPT or Llama run)")
     if RunDir(init).is_run():
         return model, tokenizer, load_chat_template(init)
     return model, tokenizer, hf_chat_template(Path(init)) or DEFAULT_CHAT_TEMPLATE
@@ -219,31 +220,18 @@ class SFTTask(FineTuneTask):
         from lmforge.data.tokenizer import load_tokenizer
 
         super().__init__(cfg, run)
-        o, d = cfg.task, cfg.data
-        train_c = read_conversations(d.path)
-        if d.val is not None:
-            val_c = read_conversations(d.val)
-        elif o.val_fraction > 0 and len(train_c) >= 2:
-            order = torch.randperm(len(train_c), generator=torch.Generator().manual_seed(0)).tolist()
-            n_val = max(1, round(len(train_c) * o.val_fraction))
-            val_c = [train_c[i] for i in order[:n_val]]
-            train_c = [train_c[i] for i in order[n_val:]]
-        else:
-            val_c = None
+        train_c, val_c = self.train_and_val(read_conversations)
         if self.resume:  # the model is the checkpoint's; tokenizer and template are the run's own
             self.base, self.tokenizer, self.template = None, load_tokenizer(run.tokenizer), load_chat_template(run.path)
         else:
-            self.base, self.tokenizer, self.template = load_chat_base(o.init)
+            self.base, self.tokenizer, self.template = load_chat_base(cfg.task.init)
         self.train_enc = encode_all(self.template, self.tokenizer, train_c)
         self.val_enc = encode_all(self.template, self.tokenizer, val_c) if val_c else None
         self.n_conversations = (len(train_c), len(val_c) if val_c else 0)
 
     def resolve(self, cfg, world):
         if not self.resume:
-            length = min(cfg.task.max_length, cfg.model.block_size)
-            abspath = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
-            cfg = cfgmod.replace(cfg, task={"max_length": length, "init": abspath(cfg.task.init)},
-                                 data={k: abspath(getattr(cfg.data, k)) for k in ("path", "val", "test")})
+            cfg = self.absolute_paths(cfg, max_length=min(cfg.task.max_length, cfg.model.block_size))
         length = cfg.task.max_length
         self.x, self.y, self.segments, self.cut = pack(self.train_enc, length)
         if not len(self.x):
