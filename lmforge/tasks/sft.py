@@ -103,7 +103,11 @@ def encode_conversation(template: dict, tokenizer, messages: list[dict],
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(render_chat(template, messages[:k]))
+        prompt = render_chat(template, messages[:k])
+        if not text.startswith(prompt):  # the spans assume each prompt renders as the conversation's start
+            raise UserError("the chat template does not render a conversation's prompt as the start of the "
+                            "conversation; assistant turns cannot be located")
+        start = len(prompt)
         stop = len(render_chat(template, messages[:k + 1], generation_prompt=False))
         end = text.find(template["end_token"], start, stop) if template.get("end_token") else -1
         if end >= 0:  # the answer ends with the end-of-turn token; what the template adds after it is context
@@ -118,17 +122,6 @@ def encode_conversation(template: dict, tokenizer, messages: list[dict],
             ids.append(end)
             trained.append(True)
     return ids, trained
-
-
-def check_incremental(template: dict, messages: list[dict]) -> None:
-    """The spans above assume each prompt renders as the start of the whole conversation."""
-    from lmforge.chat import render_chat
-
-    whole = render_chat(template, messages, generation_prompt=False)
-    for k, m in enumerate(messages):
-        if m["role"] == "assistant" and not whole.startswith(render_chat(template, messages[:k])):
-            raise UserError("the chat template does not render a conversation's prompt as the start of the "
-                            "conversation; assistant turns cannot be located")
 
 
 def pack(conversations: list[tuple[list[int], list[bool]]], length: int):
@@ -179,8 +172,6 @@ def load_chat_base(init: str | Path):
 
 
 def encode_all(template: dict, tokenizer, conversations: list[list[dict]]):
-    for messages in conversations:
-        check_incremental(template, messages)
     return [encode_conversation(template, tokenizer, m) for m in conversations]
 
 
