@@ -13,13 +13,13 @@ response is higher) and the mean reward margin.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.labeled import jsonl_objects, read_utf8
 from lmforge.errors import UserError
 from lmforge.models import build_model
 from lmforge.tasks.finetune import FineTuneTask
@@ -39,21 +39,9 @@ class DPOOptions:
 def read_pairs(path: str | Path) -> list[tuple[list[dict], str, str]]:
     """(prompt messages, chosen, rejected) of each JSONL row; a bad row is one error line."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no such file: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     pairs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e})") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):
+    for n, row in jsonl_objects(path, read_utf8(path, "preference pairs file")):
+        if not all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):
             raise UserError(f"{path}:{n}: expected {{\"prompt\", \"chosen\", \"rejected\"}} with string responses")
         prompt = row.get("prompt")
         if isinstance(prompt, str):

@@ -12,7 +12,6 @@ packed row trains what the conversations alone would. A held-out share of the co
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge import config as cfgmod
+from lmforge.data.labeled import jsonl_objects, read_utf8
 from lmforge.errors import UserError
 from lmforge.models import build_model
 from lmforge.tasks.finetune import FineTuneTask, load_base
@@ -41,29 +41,13 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     """The conversations of a JSONL file, each a list of ``{"role", "content"}`` with at least one
     assistant message; a bad row is one error line naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no such file: {path}")
-    out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e})") from None
-        out.append(_conversation(row, f"{path}:{n}"))
+    out = [_conversation(row, f"{path}:{n}") for n, row in jsonl_objects(path, read_utf8(path, "conversations file"))]
     if not out:
         raise UserError(f"{path}: no conversations")
     return out
 
 
 def _conversation(row, where: str) -> list[dict]:
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: a row must be a JSON object")
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
