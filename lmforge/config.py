@@ -162,6 +162,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": dict(batch_size=4, lr=3e-3, warmup_steps=5, max_steps=40, eval_interval=20,
                       eval_batches=2, log_interval=1),
     },
+    # LSTM language models (`--task lm` on the same prepared token data as a GPT).
+    "lstm-debug": {
+        "arch": "lstm", "task": "lm",
+        "model": dict(n_layer=2, n_embd=32, n_hidden=48, block_size=64, dropout=0.0),
+        "train": dict(batch_size=4, lr=3e-3, warmup_steps=5, max_steps=40, eval_interval=20,
+                      eval_batches=2, log_interval=1),
+    },
+    "lstm": {  # the Keras program's Embedding -> LSTM -> Dense, two layers deep, at `micro`'s budget
+        "arch": "lstm", "task": "lm",
+        "model": dict(n_layer=2, n_embd=256, n_hidden=512, block_size=128, dropout=0.1),
+        "train": dict(batch_size=16, lr=3e-3, warmup_steps=30, max_steps=1000, beta2=0.99, grad_clip=1.0),
+    },
     # Encoders (masked-LM pretraining: `lmforge train --task mlm` on `prepare --tokenizer wordpiece` data).
     "bert-debug": {
         "arch": "bert", "task": "mlm",

@@ -1,4 +1,4 @@
-"""Sampling from a decoder (GPT, Llama): greedy, temperature, top-k, top-p; KV cache; streaming
+"""Sampling from a decoder (GPT, Llama, LSTM): greedy, temperature, top-k, top-p; KV cache; streaming
 text with stop strings.
 
 The token loop (:func:`generate_ids`) is batched and yields one (B,) tensor of new ids per step;
@@ -77,8 +77,7 @@ class DecodeStep:
 
     def __init__(self, model: Decoder, cache, pos: int, compile: bool = False, cuda_graph: bool | None = None,
                  per_row: bool = False):
-        device = cache.k[0].device
-        batch = cache.k[0].size(0)
+        device, batch = cache.device, cache.batch_size
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         # One position for the whole batch, or (per_row) one per row: rows at different lengths.
         self.pos = torch.full((batch, 1) if per_row else (1,), pos, dtype=torch.long, device=device)

@@ -85,6 +85,19 @@ def hardware() -> str:
     return desc
 
 
+def describe_model(arch: str, m: dict) -> str:
+    """One line of a token model's shape, e.g. ``gpt: 2 layers, 3 heads, width 192, context 256, ...``."""
+    parts = [f"{m['n_layer']} layers"]
+    if "n_head" in m:
+        parts.append(f"{m['n_head']} heads")
+    parts.append(f"width {m['n_embd']}")
+    if "n_hidden" in m:  # recurrent: the window gradients flow through, not a context limit
+        parts += [f"hidden {m['n_hidden']}", f"training window {m['block_size']}"]
+    else:
+        parts.append(f"context {m['block_size']}")
+    return f"{arch}: " + ", ".join(parts + [f"vocabulary {m['vocab_size']:,}"])
+
+
 def write_report(run_dir: str | Path, *, metrics: dict, params: int, data_meta: dict | None,
                  train_state: dict, config: dict, samples: list[tuple[str, str]]) -> Path:
     """Write ``report.md``: data, model, hardware, time, metrics beside the lzma baseline, samples."""
@@ -101,8 +114,7 @@ def write_report(run_dir: str | Path, *, metrics: dict, params: int, data_meta: 
                   f"- validation: {val['documents']:,} documents ({val['bytes']:,} bytes), split "
                   f"{data_meta['split_unit']} — never seen in training", ""]
     lines += ["## Model and training", "",
-              f"- GPT: {m['n_layer']} layers, {m['n_head']} heads, width {m['n_embd']}, context "
-              f"{m['block_size']}, vocabulary {m['vocab_size']:,}: {params:,} parameters",
+              f"- {describe_model(config.get('arch', 'gpt'), m)}: {params:,} parameters",
               f"- {train_state['step']:,} steps of {t['batch_size']}×{t['grad_accum']} sequences, "
               f"{train_state['tokens_seen']:,} tokens seen, {train_state.get('train_seconds', 0):.0f} s of training",
               f"- hardware: {hardware()}", "",

@@ -15,6 +15,7 @@ import torch.nn as nn
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.llama import Llama, LlamaConfig
+from lmforge.models.lstm import LSTM, LSTMConfig
 from lmforge.models.vision import CNN, MLP, CNNConfig, MLPConfig
 
 
@@ -29,6 +30,7 @@ MODELS: dict[str, ModelSpec] = {
     "gpt": ModelSpec(GPTConfig, GPT, "GPT-2-style decoder (next-token LM, generation, last-token classifier)"),
     "llama": ModelSpec(LlamaConfig, Llama, "Llama-family decoder (RoPE, RMSNorm, SwiGLU, grouped-query "
                                            "attention; Llama, SmolLM, Qwen2 checkpoints)"),
+    "lstm": ModelSpec(LSTMConfig, LSTM, "LSTM language model (embedding, stacked LSTM, tied output weights)"),
     "bert": ModelSpec(BertConfig, Bert, "BERT-style encoder (masked LM, embeddings, [CLS] classifier)"),
     "cnn": ModelSpec(CNNConfig, CNN, "convolutional image classifier (conv blocks, optional residual, dense head)"),
     "mlp": ModelSpec(MLPConfig, MLP, "multilayer perceptron on flattened pixels"),

@@ -23,6 +23,9 @@ class KVCache:
     attends over the whole buffer with a mask of the positions filled so far, so one decode step
     is the same computation every time (what CUDA graphs and ``torch.compile`` need).
     ``pos`` is the number of positions already filled; :meth:`Decoder.forward` advances it.
+    What the decoding engine and the batcher use of a cache (``pos``, ``max_len``, ``batch_size``,
+    ``device``, :meth:`rows`, :meth:`write_rows`) is all a recurrent family's state needs to offer
+    (``models/lstm.py``).
     """
 
     def __init__(self, n_layer: int, n_kv_head: int, head_dim: int, batch_size: int, max_len: int,
@@ -42,6 +45,20 @@ class KVCache:
         if input_pos.dim() == 2:
             return (input_pos[:, :, None] >= self.key_pos)[:, None]
         return input_pos[:, None] >= self.key_pos[None, :]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].size(0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
+
+    def write_rows(self, slots: torch.Tensor, other: "KVCache") -> None:
+        """Put ``other``'s rows (one per slot, its positions from 0) into rows ``slots`` of this cache."""
+        for mine, theirs in ((self.k, other.k), (self.v, other.v)):
+            for layer in range(len(mine)):
+                mine[layer][slots, :, :theirs[layer].size(2)] = theirs[layer]
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """The cache of rows ``start:stop`` as views of this one (writes land here)."""
@@ -151,7 +168,11 @@ class Decoder(nn.Module):
             pos = torch.arange(T, device=idx.device)
             if segments is not None:
                 pos, mask = packed_positions(segments)
-        x = self._trunk(idx, pos, cache, mask)
+        return self.logits_and_loss(self._trunk(idx, pos, cache, mask), targets, last_only, loss_chunk)
+
+    def logits_and_loss(self, x: torch.Tensor, targets: torch.Tensor | None = None, last_only: bool = False,
+                        loss_chunk: int = 0):
+        """Hidden states (B, T, C) -> (logits, loss), as :meth:`forward` returns them."""
         if targets is not None and loss_chunk > 0:
             return None, linear_cross_entropy(x, self.lm_head.weight, targets, loss_chunk)
         if last_only:

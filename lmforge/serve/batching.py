@@ -254,8 +254,8 @@ class ContinuousBatcher:
         return int(token[0]) if seq.logprobs is None else score_rows(scores, token, seq.logprobs)[0]
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
-        """All newly admitted prompts in one forward pass (right-padded to the longest), their keys
-        and values copied into their slots, and each one's first token sampled."""
+        """All newly admitted prompts in one forward pass (right-padded to the longest), their caches
+        (keys and values, or a recurrent state) copied into their slots, and each one's first token sampled."""
         lengths = [len(s.prompt) for s in seqs]
         x = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -264,9 +264,7 @@ class ContinuousBatcher:
         logits, hidden = self.model.prefill(x.to(self.device), torch.tensor(lengths, device=self.device), scratch,
                                             return_hidden=True)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        for big, small in ((self.cache.k, scratch.k), (self.cache.v, scratch.v)):
-            for layer in range(len(big)):
-                big[layer][slots, :, :small[layer].size(2)] = small[layer]
+        self.cache.write_rows(slots, scratch)
         for i, seq in enumerate(seqs):
             seq.pos = lengths[i]
             if seq.prompt_logprobs:  # token j scored by the logits at j - 1

@@ -109,7 +109,7 @@ class TokenTask(Task):
 
 class LMTask(TokenTask):
     name = "lm"
-    ARCHS = ("gpt", "llama")
+    ARCHS = ("gpt", "llama", "lstm")
     Options = LMOptions
     base_model = staticmethod(base_model)  # with --init, the model's family and shape are the run's
 
