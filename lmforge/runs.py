@@ -152,5 +152,5 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
     apply_lora(model, cfg.finetune.lora)  # a LoRA run's weights hold its adapters beside the frozen base
     model.load_saved_state(load_model_state(rd.model))
     model.to(dev).eval()
-    tokenizer = load_tokenizer(rd.tokenizer) if rd.tokenizer.is_file() or cfg.task.name != "image-classify" else None
+    tokenizer = load_tokenizer(rd.tokenizer) if rd.tokenizer.is_file() or cfg.task.name not in ("image-classify", "gan") else None
     return Run(rd.path, cfg, model, tokenizer, dev, rd.label_names())

@@ -101,6 +101,30 @@ def eval_images(o: Options, run) -> int:
     return 0
 
 
+def eval_gan(o: Options, run) -> int:
+    """A generator's quality figures (``evaluate/gan.py``) on its data directory (or --data), with a
+    grid of samples."""
+    from lmforge import config as cfgmod
+    from lmforge.device import autocast_for
+    from lmforge.tasks.gan import GANTask
+    from lmforge.train.distributed import World
+
+    cfg = cfgmod.replace(run.config, data={"path": o.data}) if o.data else run.config
+    task = GANTask(cfg, run)  # reads and checks the images and the feature classifier
+    task.plan_epochs(cfg, World(), len(task.x))
+    task.to(run.device)
+    m = task.finish(run, run.model, autocast_for(run.device, "auto"))
+    m.update(run_dir=str(o.run_dir), data=str(cfg.data.path))
+    if o.json:
+        print_json(m)
+    else:
+        print(f"Fréchet distance {m['fid']:.3f} (held-out real images: {m['fid_real']:.3f}), label entropy "
+              f"{m['label_entropy']:.3f} bits (real {m['label_entropy_real']:.3f}), class entropy "
+              f"{m['class_entropy']:.3f} bits (real {m['class_entropy_real']:.3f}); {m['scored_images']} images")
+        print(f"samples: {m['samples']}")
+    return 0
+
+
 def eval_mlm(o: Options, run) -> int:
     """Masked-token loss and accuracy of an encoder run on its data directory's validation split."""
     from lmforge import config as cfgmod
@@ -126,7 +150,8 @@ def run(o: Options) -> int:
     """Validation loss, perplexity, bits per byte and the lzma baseline; writes report.md. For a
     classifier run: accuracy, precision/recall/F1, ROC-AUC, confusion matrix and plots on --data
     (an image classifier: on its data directory's test split, with a grid of the most confident
-    mistakes); for an encoder: masked-token loss and accuracy; with --task sft (and for an
+    mistakes); for a GAN: the Fréchet distance of its samples in a classifier's features beside
+    the real-vs-real figure, and label entropies; for an encoder: masked-token loss and accuracy; with --task sft (and for an
     instruction-tuned run): the loss over the assistant tokens of --data's conversations."""
     from lmforge.runs import RunDir, load_run
 
@@ -135,7 +160,7 @@ def run(o: Options) -> int:
     kind = RunDir(o.run_dir).kind()
     if o.task == "sft" or kind == "sft":
         return eval_sft(o, load_run(o.run_dir))
-    verbs = {"classify": eval_classifier, "mlm": eval_mlm, "image-classify": eval_images}
+    verbs = {"classify": eval_classifier, "mlm": eval_mlm, "image-classify": eval_images, "gan": eval_gan}
     if kind in verbs:
         return verbs[kind](o, load_run(o.run_dir))
     from lmforge.evaluate.run import evaluate_run

@@ -1,21 +1,22 @@
-"""lmforge generate: stream a continuation of a prompt."""
+"""lmforge generate: stream a continuation of a prompt, or sample a GAN run's images into a grid."""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from lmforge.cli.common import DECODE_COMPILE_HELP
 from lmforge.cli.options import flag
 from lmforge.errors import UserError
 
-HELP = "stream a continuation of a prompt"
+HELP = "stream a continuation of a prompt (a GAN run: a grid of sampled images)"
 
 
 @dataclass
 class Options:
     run_dir: str = flag(positional=True)
-    prompt: str = flag(None, required=True)
+    prompt: str | None = flag(help="the text to continue (text generators)")
     max_new_tokens: int = flag(200)
     temperature: float = flag(0.8, help="0 for greedy")
     top_k: int | None = flag()
@@ -23,6 +24,25 @@ class Options:
     seed: int | None = flag()
     stop: list[str] | None = flag(append=True, metavar="STR", help="stop before this string (repeatable)")
     compile: bool = flag(False, help=DECODE_COMPILE_HELP)
+    n: int = flag(64, help="GAN runs: images to sample")
+    out: str | None = flag(help="GAN runs: the PNG grid of the samples to write")
+
+
+def sample_images(o: Options, loaded) -> int:
+    """A GAN run: ``--n`` samples (from ``--seed``) as a PNG grid at ``--out``."""
+    import torch
+
+    from lmforge.tasks.gan import sample_grid
+
+    if not o.out:
+        raise UserError(f"{o.run_dir} is a GAN run: give --out GRID.png (and --n, --seed) to sample images")
+    if not 1 <= o.n <= 4096:
+        raise UserError(f"--n must be in 1..4096, got {o.n}")
+    gen = torch.Generator().manual_seed(o.seed if o.seed is not None else 0)
+    sample_grid(loaded.model, loaded.model.noise(o.n, gen), Path(o.out), f"{o.n} samples of {o.run_dir}"
+                + (f" (seed {o.seed})" if o.seed is not None else ""))
+    print(f"wrote {o.n} samples to {o.out}")
+    return 0
 
 
 def run(o: Options) -> int:
@@ -38,6 +58,10 @@ def run(o: Options) -> int:
     if o.top_p is not None and not 0 < o.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
     loaded = load_run(o.run_dir)
+    if getattr(loaded.model, "can_sample_images", False):
+        return sample_images(o, loaded)
+    if o.prompt is None:
+        raise UserError("--prompt is required (the text to continue)")
     if not loaded.model.can_generate or getattr(loaded.model.config, "num_labels", 0):
         kind = loaded.config.task.name
         verbs = "predict, eval and serve (/v1/classify)" if "classify" in kind else "embed, eval and serve"

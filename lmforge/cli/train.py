@@ -32,11 +32,11 @@ class Options:
     stop_at: int | None = flag(help="stop this invocation at this step (checkpointed; --resume continues)")
     resume: bool = flag(False, help="continue from the run directory's checkpoint")
     json: bool = flag(False)
-    task: str | None = flag(choices=["lm", "mlm", "classify", "image-classify", "sft", "dpo"],
+    task: str | None = flag(choices=["lm", "mlm", "classify", "image-classify", "sft", "dpo", "gan"],
                             help="lm: next-token (GPT, the default); mlm: masked-token (BERT presets); classify: "
                             "fine-tune a text classifier; image-classify: a CNN or MLP on images; sft: instruction-"
                             "tune a decoder (--init) on conversations (JSONL); dpo: preference-tune it on "
-                            "prompt/chosen/rejected pairs (JSONL)")
+                            "prompt/chosen/rejected pairs (JSONL); gan: a DCGAN on images")
     early_stop: str | None = flag(config="train.early_stop", help="validation metric that picks the best "
                                   "checkpoint and stops early (classify: macro_f1 (default), accuracy, weighted_f1, "
                                   "roc_auc, loss)")
@@ -156,10 +156,15 @@ def run(o: Options) -> int:
     elif cfg.task.name in ("classify", "image-classify") and summary["stopped_by"] not in ("stop_at", "interrupted"):
         print_classifier_summary(summary)
     else:
-        val = f"{summary['val_loss']:.4f}" if summary["val_loss"] is not None else "n/a"
+        from lmforge.tasks import TASKS
+
+        # The loss, or the task's first validation figure when it has no validation loss (a GAN's).
+        key = next((f"val_{m}" for m in ("loss",) + TASKS[cfg.task.name].METRICS
+                    if summary.get(f"val_{m}") is not None), "val_loss")
+        val = f"{summary[key]:.4f}" if summary.get(key) is not None else "n/a"
         unit = "tokens" if "tokens_seen" in summary else "examples"
         print(f"trained {summary['run_dir']}: step {summary['step']}/{summary['max_steps']} "
-              f"({summary['stopped_by']}), val_loss {val}, {summary[unit + '_seen']:,} {unit}, "
+              f"({summary['stopped_by']}), {key} {val}, {summary[unit + '_seen']:,} {unit}, "
               f"{summary[unit + '_per_second']:,.0f} {unit}/s, {summary['params']:,} params")
     if summary["stopped_by"] == "interrupted":
         print(f"interrupted at step {summary['step']}: checkpoint saved; continue with "

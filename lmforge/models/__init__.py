@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.gan import GAN, GANConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.llama import Llama, LlamaConfig
 from lmforge.models.lstm import LSTM, LSTMConfig
@@ -34,6 +35,7 @@ MODELS: dict[str, ModelSpec] = {
     "bert": ModelSpec(BertConfig, Bert, "BERT-style encoder (masked LM, embeddings, [CLS] classifier)"),
     "cnn": ModelSpec(CNNConfig, CNN, "convolutional image classifier (conv blocks, optional residual, dense head)"),
     "mlp": ModelSpec(MLPConfig, MLP, "multilayer perceptron on flattened pixels"),
+    "gan": ModelSpec(GANConfig, GAN, "DCGAN generator and discriminator (images from noise, --task gan)"),
 }
 
 

@@ -129,16 +129,26 @@ class ImageClassifier(nn.Module):
     forward = classify
 
     def state_dict_for_save(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        return plain_state(self)
 
     def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
-        ours = self.state_dict()
-        missing, extra = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-        wrong = [k for k in ours if k in state and tuple(state[k].shape) != tuple(ours[k].shape)]
-        if missing or extra or wrong:
-            raise UserError(f"the weights do not fit this {type(self).__name__} (missing {missing[:3]}, "
-                            f"unexpected {extra[:3]}, other shapes {wrong[:3]})")
-        self.load_state_dict(state)
+        load_exact(self, state)
+
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as plain contiguous tensors (what a safetensors file holds)."""
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def load_exact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state``, refusing (one line) weights that miss, add or reshape any tensor."""
+    ours = model.state_dict()
+    missing, extra = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    wrong = [k for k in ours if k in state and tuple(state[k].shape) != tuple(ours[k].shape)]
+    if missing or extra or wrong:
+        raise UserError(f"the weights do not fit this {type(model).__name__} (missing {missing[:3]}, "
+                        f"unexpected {extra[:3]}, other shapes {wrong[:3]})")
+    model.load_state_dict(state)
 
 
 class ConvBlock(nn.Module):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from lmforge.tasks.base import Task
 from lmforge.tasks.classify import ClassifyTask
 from lmforge.tasks.dpo import DPOTask
+from lmforge.tasks.gan import GANTask
 from lmforge.tasks.images import ImageClassifyTask
 from lmforge.tasks.lm import LMTask
 from lmforge.tasks.mlm import MLMTask
@@ -15,11 +16,13 @@ from lmforge.tasks.sft import SFTTask
 
 TASKS: dict[str, type[Task]] = {"lm": LMTask, "mlm": MLMTask, "classify": ClassifyTask,
                                 "image-classify": ImageClassifyTask, "sft": SFTTask,
-                                "dpo": DPOTask}
+                                "dpo": DPOTask, "gan": GANTask}
 
 
 def task_for(model) -> str:
     """The task a model was made for, when nothing else says (an imported checkpoint)."""
+    if getattr(model, "can_sample_images", False):
+        return "gan"
     if hasattr(model.config, "in_channels"):
         return "image-classify"
     if getattr(model.config, "num_labels", 0):

@@ -15,7 +15,8 @@ Life of a task in ``train()``::
     model = task.build_model(cfg)   fresh or pretrained weights (on --resume: the checkpoint's)
     task.write_files(run, model)    a new run directory only
     task.to(device)
-    loop: task.batch(step, micro) -> loss(call, batch) -> evaluate(model, ctx) every eval_interval
+    loop: task.batch(step, micro) -> phase_loss(call, model, batch, phase) per phase -> evaluate(model, ctx)
+          every eval_interval
     task.finish(run, model, ctx)    final reports; extra summary keys
 """
 
@@ -33,6 +34,7 @@ class Task:
     DEFAULTS: dict[str, dict[str, Any]] = {}
     # Validation metrics it reports (as ``val_<name>``): what ``train.early_stop`` may watch.
     METRICS: tuple[str, ...] = ("loss",)
+    LOWER_IS_BETTER: tuple[str, ...] = ("loss",)  # of METRICS; the others are better higher
     ARCHS: tuple[str, ...] = ("gpt",)  # the model families it trains; the first is the default
     method = "forward"  # the model method the loss calls (run through DDP/FSDP as the forward)
     unit = "tokens"  # what a step's throughput counts: tokens or examples
@@ -76,6 +78,16 @@ class Task:
     def loss(self, call: Callable, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
         """The batch's mean loss. ``call`` runs ``model.<method>`` (through DDP when wrapped)."""
         raise NotImplementedError
+
+    def phases(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """The parts of the model trained one after the other in each step, each by its own
+        optimizer on its own loss (a GAN: the discriminator, then the generator), as (name,
+        module); one phase, the whole model, for most tasks. Each gets the task's schedule."""
+        return [("", model)]
+
+    def phase_loss(self, call: Callable, model: torch.nn.Module, batch: tuple, phase: str) -> torch.Tensor:
+        """The loss of ``phase`` (a name from :meth:`phases`) on the batch; :meth:`loss` by default."""
+        return self.loss(call, model, batch)
 
     def evaluate(self, model: torch.nn.Module, ctx) -> dict[str, float]:
         """``val_<metric>`` figures on the validation split ({} when there is none)."""

@@ -33,7 +33,7 @@ from lmforge.train.checkpoint import load_checkpoint, load_model_state, save_che
 from lmforge.train.distributed import (World, accumulating, gather_state, is_sharded, load_optimizer_state, setup,
                                        shard, teardown, world_from_env, wrap)
 from lmforge.train.metrics_log import MetricsLog
-from lmforge.train.optim import build_optimizer, lr_at, set_lr
+from lmforge.train.optim import Optimizers, build_optimizer, lr_at, set_lr
 
 CALIBRATION_STEPS = 8  # steps timed to plan max_steps from a time budget (after WARM_STEPS)
 WARM_STEPS = 2  # first steps are slow (allocator, kernel selection) and are not timed
@@ -106,10 +106,11 @@ class _StopFlag:
 
 class BestTracker:
     """Early stopping and best-checkpoint selection on one validation metric (``val_<metric>``;
-    lower is better for ``loss``, higher for the rest). Its state is part of the checkpoint."""
+    better when lower if ``lower``, else higher). Its state is part of the checkpoint."""
 
-    def __init__(self, metric: str | None, patience: int, keep_best: bool, saved: dict | None = None):
-        self.metric, self.patience, self.keep_best = metric, patience, keep_best
+    def __init__(self, metric: str | None, patience: int, keep_best: bool, saved: dict | None = None,
+                 lower: bool = False):
+        self.metric, self.patience, self.keep_best, self.lower = metric, patience, keep_best, lower
         saved = saved or {}
         self.score, self.step, self.bad = saved.get("score"), saved.get("step"), saved.get("bad_evals", 0)
 
@@ -121,8 +122,8 @@ class BestTracker:
         if self.metric is None or f"val_{self.metric}" not in val:
             return False, False
         value = val[f"val_{self.metric}"]
-        score = -value if self.metric == "loss" else (value if value is not None else -1.0)
-        if self.score is None or score > self.score:
+        score = None if value is None else -value if self.lower else value  # None (e.g. no ROC-AUC): never a best
+        if score is not None and (self.score is None or score > self.score):
             self.score, self.step, self.bad = score, step, 0
             return True, False
         self.bad += 1
@@ -174,9 +175,15 @@ def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device) -> dic
     model = model.to(device)
     sharded = world.active and t.fsdp  # the optimizer is built on the shards, after sharding
 
-    def make_optimizer():
-        return build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type, t.optimizer,
-                               t.muon_lr, t.layer_lr_decay, t.momentum, t.nesterov)
+    phases = task.phases(model)
+    if len(phases) > 1 and world.active:
+        raise UserError(f"the {cfg.task.name} task trains in one process (its phases update different parts "
+                        "of the model in turn)")
+
+    def make_optimizer():  # one per phase; saved and scheduled as one
+        optimizers = [build_optimizer(module, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type, t.optimizer,
+                                      t.muon_lr, t.layer_lr_decay, t.momentum, t.nesterov) for _, module in phases]
+        return optimizers[0] if len(optimizers) == 1 else Optimizers(*optimizers)
     optimizer = None if sharded else make_optimizer()
     state = {"step": 0, f"{task.unit}_seen": 0, "train_seconds": 0.0}
     created = False
@@ -237,7 +244,8 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
     # A schedule still to be planned from max_seconds (each plan is saved: --resume replays it).
     budget = (TimeBudget(t.max_seconds, session_t0, start_step, cap=task.step_cap)
               if max_steps is None and t.max_seconds is not None else None)
-    tracker = BestTracker(t.early_stop, t.patience, t.keep_best, state.get("best"))
+    tracker = BestTracker(t.early_stop, t.patience, t.keep_best, state.get("best"),
+                          lower=t.early_stop in task.LOWER_IS_BETTER)
     seen = f"{unit}_seen"
 
     def gathered_weights() -> dict | None:
@@ -268,7 +276,9 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
         return stop_early
 
     last_val, last_eval_step = {}, None
-    interval_loss, interval_steps = torch.zeros((), device=device), 0
+    phases = task.phases(model)
+    phase_optimizers = optimizer.optimizers if len(phases) > 1 else [optimizer]
+    interval_loss, interval_steps = torch.zeros(len(phases), device=device), 0
     interval_t0 = time.perf_counter()
     bar = progress(total=max_steps, initial=step, desc="training", unit="step", disable=None if world.main else True)
     model.train()
@@ -291,22 +301,26 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
             lr = lr_at(step, t.lr, t.warmup_steps, max_steps, t.min_lr_ratio, t.schedule, tuple(t.lr_milestones),
                        t.lr_gamma)
             set_lr(optimizer, lr)
-            loss_sum = torch.zeros((), device=device)
+            loss_sum = torch.zeros(len(phases), device=device)  # per phase
+            batches = []
             for micro in range(accum):
                 # Process r takes micro-batches r*A..r*A+A-1: W processes = one with W*A.
                 batch = task.batch(step, world.rank * accum + micro)
                 if device.type == "cuda":  # pinned pages: the copy runs asynchronously
                     batch = tuple(b.pin_memory() for b in batch)
-                batch = tuple(b.to(device, non_blocking=True) for b in batch)
-                # Gradients are averaged across processes once per step, after the last micro-batch.
-                with accumulating(trained, world, last=micro == accum - 1), ctx:
-                    loss = task.loss(fwd, model, batch)
-                    (loss / accum).backward()
-                loss_sum += loss.detach()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                         if t.grad_clip > 0 else None)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                batches.append(tuple(b.to(device, non_blocking=True) for b in batch))
+            grad_norms = []
+            for i, ((name, module), phase_optimizer) in enumerate(zip(phases, phase_optimizers)):
+                for micro, batch in enumerate(batches):
+                    # Gradients are averaged across processes once per step, after the last micro-batch.
+                    with accumulating(trained, world, last=micro == accum - 1), ctx:
+                        loss = task.phase_loss(fwd, model, batch, name)
+                        (loss / accum).backward()
+                    loss_sum[i] += loss.detach()
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(module.parameters(), t.grad_clip)
+                                  if t.grad_clip > 0 else None)
+                phase_optimizer.step()
+                model.zero_grad(set_to_none=True)  # also what this phase's loss left on other phases' parts
             step += 1
             state[seen] += units_per_step
 
@@ -330,13 +344,17 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = (time.perf_counter() - interval_t0) / interval_steps  # seconds per step
-                # Mean training loss over the steps since the last line, not one noisy batch.
-                record = {"step": step, unit: state[seen],
-                          "loss": world.mean(interval_loss).item() / (accum * interval_steps),
+                # Mean training loss over the steps since the last line, not one noisy batch (with
+                # several phases: their sum, and each as loss_<phase>).
+                losses = [v / (accum * interval_steps) for v in world.mean(interval_loss).tolist()]
+                record = {"step": step, unit: state[seen], "loss": sum(losses),
                           "lr": lr, f"{unit}_per_second": round(units_per_step / dt, 1)}
-                if grad_norm is not None:  # a DTensor when sharded
-                    record["grad_norm"] = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
-                                           else grad_norm).item()
+                for (name, _), phase_loss, grad_norm in zip(phases, losses, grad_norms):
+                    if name:
+                        record[f"loss_{name}"] = phase_loss
+                    if grad_norm is not None:  # a DTensor when sharded
+                        record["grad_norm" + (f"_{name}" if name else "")] = (
+                            grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
                 postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}",
                            f"{unit[:3]}/s": f"{record[f'{unit}_per_second']:,.0f}"}
                 if peak:
@@ -349,7 +367,7 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
                                     + (f", or --resume from the last checkpoint (step {state['step']})"
                                        if run.has_checkpoint() else ""))
                 bar.set_postfix(postfix, refresh=False)
-                interval_loss, interval_steps = torch.zeros((), device=device), 0
+                interval_loss, interval_steps = torch.zeros(len(phases), device=device), 0
             if t.eval_interval and step % t.eval_interval == 0 and step != max_steps:
                 last_val, last_eval_step = evaluate(), step
                 if last_val and bar.disable:  # no bar (stderr is not a terminal): leave a line instead
