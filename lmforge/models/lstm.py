@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder
 
-INITS = ("orthogonal", "default")
+INITS = ("default", "orthogonal")
 
 # Dynamo refuses to look inside an ``nn.LSTM`` unless told to; the decode step only reads the
 # layers' weights (:func:`cell_step`), and a compiled training step traces their forward as any op.
@@ -41,9 +41,11 @@ class LSTMConfig:
     dropout: float = 0.0  # on the embeddings, between layers and on the output
     tie_embeddings: bool = True
     num_labels: int = 0  # > 0: a classification head (``score``) on the last real token's state
-    # orthogonal: recurrent matrices orthogonal, input matrices Glorot-uniform, forget-gate bias 1
-    # (Jozefowicz et al. 2015); default: PyTorch's uniform(+-1/sqrt(hidden)).
-    init: str = "orthogonal"
+    # default: PyTorch's uniform(+-1/sqrt(hidden)); orthogonal: recurrent matrices orthogonal,
+    # input matrices Glorot-uniform, forget-gate bias 1 (Jozefowicz et al. 2015) — 0.1 nats worse
+    # after 150 and 300 steps on the quickstart corpus (bench/RESULTS.md section 25).
+    init: str = "default"
+    embedding_std: float = 1.0
 
 
 class LSTMState:
@@ -111,7 +113,9 @@ class LSTM(Decoder):
         if c.num_labels:
             self.score = nn.Linear(sizes[-1], c.num_labels, bias=False)
         self.activation_checkpointing = False  # set by the trainer; not used (the LSTM is one kernel)
-        nn.init.uniform_(self.wte.weight, -0.1, 0.1)
+        # N(0, 1) embeddings (PyTorch's default): AWD-LSTM's uniform(+-0.1) learns nothing beyond
+        # unigram frequencies for hundreds of steps at Adam's rates (bench/RESULTS.md section 25).
+        nn.init.normal_(self.wte.weight, std=c.embedding_std)
         if not c.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=0.02)
         if c.init == "orthogonal":
