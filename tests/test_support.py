@@ -19,14 +19,14 @@ AGENT_KEY, API_KEY = "agent-secret", "customer-key"
 
 # ------------------------------------------------------------------------------------------ unit
 def test_masking_emails_phones_and_luhn_valid_cards_only():
-    from lmforge.apps.support.privacy import mask
+    from lmforge.data.pii import mask
 
     text = ("mail ana.b@example.co.uk, call +44 20 7946 0958 or (555) 123-4567; card 4111 1111 1111 1111, "
             "not a card 4111111111111112, order 12345, on 2026-11-23, version 2.13.0")
     out = mask(text)
-    assert out == ("mail [EMAIL], call [PHONE] or [PHONE]; card [CARD], not a card 4111111111111112, order 12345, "
+    assert out == ("mail <EMAIL>, call <PHONE> or <PHONE>; card <CARD>, not a card 4111111111111112, order 12345, "
                    "on 2026-11-23, version 2.13.0")
-    assert mask(text, ["email"]).count("[") == 1 and "4111 1111 1111 1111" in mask(text, ["email"])
+    assert mask(text, ["email"]).count("<") == 1 and "4111 1111 1111 1111" in mask(text, ["email"])
 
 
 def test_faq_formats_and_custom_columns(tmp_path):
@@ -220,12 +220,12 @@ def test_personal_data_is_masked_in_storage_and_export(api, app_dir, tmp_path):
         "customer_id": "pii-1", "text": "my email is bob@example.com and card 4111-1111-1111-1111, how do I install it?"})
     cid = r.json()["conversation_id"]
     stored = api.get(f"/api/conversations/{cid}", headers=C, params={"customer_id": "pii-1"}).json()["messages"][0]
-    assert stored["text"] == "my email is [EMAIL] and card [CARD], how do I install it?"
+    assert stored["text"] == "my email is <EMAIL> and card <CARD>, how do I install it?"
     out = tmp_path / "export.json"
     r = run_cli("support", "export", str(app_dir[0]), "--conversation", cid, "--out", str(out))
     assert r.returncode == 0, r.stderr
     exported = json.loads(out.read_text())["conversations"][0]
-    assert "bob@example.com" not in out.read_text() and exported["messages"][0]["text"].startswith("my email is [EMAIL]")
+    assert "bob@example.com" not in out.read_text() and exported["messages"][0]["text"].startswith("my email is <EMAIL>")
     assert run_cli("support", "export", str(app_dir[0]), "--conversation", "no-such-id").returncode == 2
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from lmforge.cli.common import print_json
 from lmforge.cli.options import flag
+from lmforge.errors import UserError
 
 HELP = "clean a corpus and train a tokenizer, or prepare labelled images (--kind images)"
 IMAGES = "images (--kind images)"
@@ -28,6 +29,11 @@ class Options:
     val_fraction: float | None = flag(help="share held out for validation (text: 0.05; images: 0.1 of the "
                                       "training split, stratified)")
     seed: int = flag(1337)
+    scrub_pii: str | None = flag(metavar="KINDS", help="text: mask personal data before tokenizing, with typed "
+                                 "placeholders (<EMAIL> ...): all, or a comma-separated list of email, phone, card, "
+                                 "iban, ip, url; counts per kind in data_report.md")
+    pii_patterns: str | None = flag(metavar="FILE", help="text: your own patterns to mask too, one NAME=REGEX per "
+                                    "line (each match becomes <NAME>)")
     text_field: str = flag("text", help="JSONL field holding the text")
     text_column: str = flag("text", help="CSV column holding the text")
     test_fraction: float = flag(0.2, group=IMAGES, help="share of each class held out for testing when the input "
@@ -42,12 +48,17 @@ class Options:
 def run(o: Options) -> int:
     """Prepare a data directory: a tokenized corpus, or (--kind images) labelled images."""
     if o.kind == "images":
+        if o.scrub_pii or o.pii_patterns:
+            raise UserError("--scrub-pii and --pii-patterns apply to text (images carry no text to scrub)")
         return run_images(o)
+    from lmforge.data.pii import parse_kinds
     from lmforge.data.prepare import prepare
 
     meta = prepare(o.input, o.out, vocab_size=o.vocab_size,
                    val_fraction=0.05 if o.val_fraction is None else o.val_fraction, seed=o.seed,
-                   text_field=o.text_field, text_column=o.text_column, tokenizer=o.tokenizer, overwrite=o.overwrite)
+                   text_field=o.text_field, text_column=o.text_column, tokenizer=o.tokenizer, overwrite=o.overwrite,
+                   scrub_pii=parse_kinds(o.scrub_pii, "--scrub-pii") if o.scrub_pii else None,
+                   pii_patterns=o.pii_patterns)
     if o.json:
         print_json({**meta, "data_dir": str(o.out)})
     else:
@@ -55,7 +66,8 @@ def run(o: Options) -> int:
         print(f"prepared {o.out}: {meta['documents']:,} documents, {meta['bytes']:,} bytes -> "
               f"{meta['tokens']:,} tokens ({meta['bytes_per_token']} bytes/token); "
               f"train {s['train']['tokens']:,} / val {s['val']['tokens']:,} tokens; "
-              f"{len(meta['skipped'])} skipped; vocabulary {meta['vocab_size']:,}")
+              f"{len(meta['skipped'])} skipped; vocabulary {meta['vocab_size']:,}"
+              + (f"; personal data masked: {sum(meta['pii']['masked'].values()):,}" if meta["pii"] else ""))
     return 0
 
 

@@ -19,7 +19,8 @@ from lmforge.errors import UserError
 HELP = "the customer-service assistant (FAQ answers, memory, human handoff)"
 SUPPORT_DATA = Path(__file__).resolve().parent.parent / "apps" / "support" / "data"
 ENCODER_HELP = "an lmforge encoder run (default: all-MiniLM-L6-v2, imported into the app)"
-MASK_HELP = "personal data masked in stored messages: email,phone,card (default) or none"
+MASK_HELP = ("personal data masked in stored messages (lmforge/data/pii.py): a comma-separated list of "
+             "email, phone, card, iban, ip, url; all (the default) or none")
 
 
 @dataclass
@@ -81,7 +82,7 @@ def summary_line(r: dict) -> str:
 
 def _init(faq, out: str, encoder, mask, columns, as_json: bool, evaluate: bool) -> int:
     from lmforge.apps.support.assistant import init_app
-    from lmforge.apps.support.privacy import parse_kinds
+    from lmforge.data.pii import parse_kinds
 
     r = init_app(faq, out, encoder, parse_kinds(mask) if mask else None, columns)
     if evaluate:

@@ -28,11 +28,14 @@ ENCODE_CHUNK = 512  # documents per encode_batch call
 FILES = {"tokenizer.json", "train.bin", "val.bin", "meta.json", "data_report.md"}  # all prepare writes
 
 
-def _dedup_and_clean(docs, stats: dict) -> list[Document]:
+def _dedup_and_clean(docs, stats: dict, scrub=None) -> list[Document]:
+    """Cleaned documents (``scrub``: then personal data masked), empty ones and exact duplicates dropped."""
     seen: set[bytes] = set()
     out = []
     for d in docs:
-        text = clean(d.text)
+        text = clean(d.text)  # normalised first: what is scrubbed is what the tokenizer will see
+        if scrub is not None:
+            text = scrub(text)
         if not text.strip():
             stats["empty_skipped"] += 1
             continue
@@ -98,8 +101,13 @@ def _write_tokens(tok, docs: list[Document], path: Path, dtype, eot: int, desc: 
 
 def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 4096, val_fraction: float = 0.05,
             seed: int = 1337, text_field: str = "text", text_column: str = "text",
-            tokenizer: str = "bpe", overwrite: bool = False) -> dict:
-    """Build a data directory from ``inputs``; returns the contents of ``meta.json``."""
+            tokenizer: str = "bpe", overwrite: bool = False, scrub_pii: list[str] | None = None,
+            pii_patterns: str | Path | None = None) -> dict:
+    """Build a data directory from ``inputs``; returns the contents of ``meta.json``.
+
+    ``scrub_pii`` (kinds of :mod:`lmforge.data.pii`) and ``pii_patterns`` (a file of ``NAME=REGEX``
+    lines) mask personal data in every document before anything else sees it (the tokenizer
+    included); the counts per kind go into ``meta.json`` and ``data_report.md``."""
     if not inputs:
         raise UserError("no --input given")
     if not 0.0 < val_fraction < 0.5:
@@ -115,12 +123,17 @@ def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 4096, val_
     out_dir = Path(out_dir)
     check_output_dir(out_dir, FILES, overwrite)
     t0 = time.time()
+    scrub = None
+    if scrub_pii or pii_patterns:
+        from lmforge.data.pii import Scrubber, read_patterns
+
+        scrub = Scrubber(scrub_pii or [], read_patterns(pii_patterns) if pii_patterns else None)
 
     report = ReadReport()
     stats = {"empty_skipped": 0, "duplicates_dropped": 0}
     status(f"reading {', '.join(inputs)}")
     raw = list(read_documents(inputs, text_field=text_field, text_column=text_column, report=report))
-    docs = _dedup_and_clean(raw, stats)
+    docs = _dedup_and_clean(raw, stats, scrub)
     if not docs:
         reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in report.skipped[:3])
         raise UserError(f"no usable documents in {', '.join(inputs)}"
@@ -165,6 +178,8 @@ def prepare(inputs: list[str], out_dir: str | Path, vocab_size: int = 4096, val_
             "files_read": report.files_read, "empty_skipped": stats["empty_skipped"],
             "duplicates_dropped": stats["duplicates_dropped"], "skipped": report.skipped,
             "splits": splits, "seconds": round(time.time() - t0, 2),
+            "pii": None if scrub is None else {"kinds": list(scrub.kinds), "patterns": sorted(scrub.extra),
+                                               "masked": dict(sorted(scrub.counts.items()))},
         }
         write_json(tmp / "meta.json", meta)
         write_text(tmp / "data_report.md", data_report(meta))
@@ -191,6 +206,12 @@ def data_report(meta: dict) -> str:
     for name, s in meta["splits"].items():
         lines.append(f"| {name} | {s['documents']:,} | {s['units']:,} | {s['bytes']:,} | {s['tokens']:,} "
                      f"| {s['bytes_per_token']} |")
+    pii = meta.get("pii")
+    if pii:
+        kinds = pii["kinds"] + pii["patterns"]
+        lines += ["", "## Personal data masked", "",
+                  f"Kinds scrubbed before tokenizing: {', '.join(kinds)} (`lmforge/data/pii.py`).", "",
+                  "| kind | masked |", "|---|---:|"] + [f"| {k} | {pii['masked'].get(k, 0):,} |" for k in kinds]
     if meta["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- `{s['path']}`: {s['reason']}" for s in meta["skipped"]]
     return "\n".join(lines) + "\n"

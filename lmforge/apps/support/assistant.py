@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.apps.support.faq import read_faq
-from lmforge.apps.support.privacy import KINDS, mask
+from lmforge.data.pii import KINDS, mask
 from lmforge.apps.support.retrieval import Hit, Retriever, load_encoder
 from lmforge.apps.support.store import NotFound, Store
 from lmforge.errors import UserError

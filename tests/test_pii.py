@@ -1,0 +1,80 @@
+"""Personal data scrubbed from corpora by ``prepare --scrub-pii`` (one masking module with the
+support app): planted PII comes out with none left, ordinary numbers, dates, versions and code
+stay as they were, the counts per kind are reported, and bad input is one error line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lmforge.data.pii import iban_ok, luhn_ok, mask
+from tests.conftest import run_cli
+
+# (planted value, kind): each must be gone from the prepared corpus.
+PLANTED = [("ana.b@example.co.uk", "email"), ("j.doe+news@mail.example.org", "email"),
+           ("+44 20 7946 0958", "phone"), ("(555) 123-4567", "phone"), ("555-867-5309", "phone"),
+           ("4111 1111 1111 1111", "card"), ("5500-0000-0000-0004", "card"),
+           ("GB82 WEST 1234 5698 7654 32", "iban"), ("DE89370400440532013000", "iban"),
+           ("192.168.10.20", "ip"), ("2001:db8:85a3::8a2e:370:7334", "ip"),
+           ("https://intranet.example.com/users/ana?id=7", "url"), ("www.example.net/private", "url"),
+           ("EMP-004211", "EMPLOYEE")]
+# Text that looks like numbers or addresses but is not personal data: each must survive.
+ORDINARY = ["order 12345", "released on 2026-11-23", "Python 3.11.7", "version v1.2.3.4", "at 10:30:00",
+            "pi is 3.14159", "1,000,000 rows", "not a card 4111111111111112", "bad IBAN GB82WEST12345698765433",
+            "ts 1701388800", "items[::2]", "shape (1 2 3 4 5 6 7)", "999.999.999.999", "x = y @ z"]
+
+
+def test_checksums_and_what_is_left_alone():
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    assert iban_ok("GB82 WEST 1234 5698 7654 32") and not iban_ok("GB82 WEST 1234 5698 7654 33")
+    for text in ORDINARY:
+        assert mask(text) == text, text
+    assert mask("write to ana@example.com or call +1 555 123 4567") == "write to <EMAIL> or call <PHONE>"
+    assert mask("card 4111 1111 1111 1111, ip 10.0.0.1", ["card"]) == "card <CARD>, ip 10.0.0.1"
+
+
+def test_prepare_scrubs_planted_pii_and_counts_it(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = [f"Record {i}: contact {value} about the account. " + ORDINARY[i % len(ORDINARY)]
+             for i, (value, _) in enumerate(PLANTED)]
+    for k in range(6):  # several documents, so that both splits get some
+        (corpus / f"doc{k}.txt").write_text("\n".join(lines[k::6]) + "\n" + "\n".join(ORDINARY) + "\n",
+                                            encoding="utf-8")
+    patterns = tmp_path / "patterns.txt"
+    patterns.write_text("# employee numbers\nEMPLOYEE=EMP-\\d{6}\n", encoding="utf-8")
+    data = tmp_path / "data"
+    r = run_cli("prepare", "--input", str(corpus), "--out", str(data), "--vocab-size", "300",
+                "--scrub-pii", "all", "--pii-patterns", str(patterns), "--json")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(r.stdout)
+    want = {}
+    for _, kind in PLANTED:
+        want[kind] = want.get(kind, 0) + 1
+    assert meta["pii"]["masked"] == dict(sorted(want.items()))
+    assert meta["pii"]["patterns"] == ["EMPLOYEE"]
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(data / "tokenizer.json"))
+    text = "".join(tok.decode(np.fromfile(data / f"{s}.bin", dtype=meta["dtype"]).tolist()) for s in ("train", "val"))
+    for value, kind in PLANTED:
+        assert value not in text, value
+    assert text.count("<EMAIL>") == 2 and text.count("<EMPLOYEE>") == 1
+    for ordinary in ORDINARY:
+        assert text.count(ordinary) >= 6, ordinary  # every document's copy kept
+    report = (data / "data_report.md").read_text()
+    assert "## Personal data masked" in report and "| card | 2 |" in report
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scrub-pii", "email,passport"], "unknown kind"),
+    (["--pii-patterns", "MISSING"], "not found"),
+    (["--pii-patterns", "BAD"], "bad regular expression"),
+])
+def test_bad_scrub_options_are_one_error_line_and_write_nothing(tmp_path, corpus_dir, args, message):
+    (tmp_path / "BAD").write_text("ID=[0-9\n", encoding="utf-8")
+    args = [str(tmp_path / a) if a in ("MISSING", "BAD") else a for a in args]
+    r = run_cli("prepare", "--input", str(corpus_dir), "--out", str(tmp_path / "data"), *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "data").exists()
