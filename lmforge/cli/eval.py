@@ -32,6 +32,9 @@ class Options:
                             "conversations in --data (JSONL), for any decoder run")
     split: str = flag("test", choices=["test", "val", "train"],
                       help="image classifier runs: the split of the data directory to evaluate")
+    canaries: str | None = flag(metavar="FILE", help="text generators: the exposure of each planted secret, one "
+                                "line per canary with the secret in braces ('the code is {839201}'); Carlini et al.")
+    candidates: int = flag(1000, help="--canaries: random secrets each canary is ranked among")
     json: bool = flag(False)
 
 
@@ -125,6 +128,24 @@ def eval_gan(o: Options, run) -> int:
     return 0
 
 
+def eval_canaries(o: Options, run) -> int:
+    """The exposure of planted secrets (``evaluate/canaries.py``)."""
+    from lmforge.evaluate.canaries import exposure, read_canaries
+
+    if not run.model.can_generate or getattr(run.model.config, "num_labels", 0):
+        raise UserError(f"{o.run_dir} is a {run.config.task.name} run; --canaries measures text generators")
+    m = exposure(run.model, run.tokenizer, read_canaries(o.canaries), o.candidates)
+    m.update(run_dir=str(o.run_dir), canaries_file=str(o.canaries))
+    if o.json:
+        print_json(m)
+    else:
+        for r in m["canaries"]:
+            print(f"exposure {r['exposure']:.2f} of at most {r['max_exposure']:.2f} bits (rank {r['rank']} of "
+                  f"{r['candidates'] + 1}): {r['canary']}")
+        print(f"mean exposure {m['mean_exposure']:.2f} bits over {len(m['canaries'])} canaries")
+    return 0
+
+
 def eval_mlm(o: Options, run) -> int:
     """Masked-token loss and accuracy of an encoder run on its data directory's validation split."""
     from lmforge import config as cfgmod
@@ -158,6 +179,8 @@ def run(o: Options) -> int:
     if o.dynamic_lr is not None and not o.dynamic_lr > 0:  # flags are checked before anything is loaded
         raise UserError(f"--dynamic-lr must be positive, got {o.dynamic_lr}")
     kind = RunDir(o.run_dir).kind()
+    if o.canaries:
+        return eval_canaries(o, load_run(o.run_dir))
     if o.task == "sft" or kind == "sft":
         return eval_sft(o, load_run(o.run_dir))
     verbs = {"classify": eval_classifier, "mlm": eval_mlm, "image-classify": eval_images, "gan": eval_gan}

@@ -1,6 +1,7 @@
-"""Personal data scrubbed from corpora by ``prepare --scrub-pii`` (one masking module with the
-support app): planted PII comes out with none left, ordinary numbers, dates, versions and code
-stay as they were, the counts per kind are reported, and bad input is one error line."""
+"""Privacy: personal data scrubbed from corpora by ``prepare --scrub-pii`` (one masking module with
+the support app) — planted PII comes out with none left, ordinary numbers, dates, versions and
+code stay as they were, the counts per kind are reported, bad input is one error line — and the
+exposure of planted secrets (``eval --canaries``) higher for a model trained on them."""
 
 import json
 
@@ -78,3 +79,34 @@ def test_bad_scrub_options_are_one_error_line_and_write_nothing(tmp_path, corpus
     r = run_cli("prepare", "--input", str(corpus_dir), "--out", str(tmp_path / "data"), *args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_a_canary_in_the_training_data_is_exposed_and_one_that_is_not_is_not(tmp_path, corpus_dir):
+    import shutil
+
+    from lmforge import config as cfgmod
+    from lmforge.data.prepare import prepare
+    from lmforge.evaluate.canaries import exposure, read_canaries
+    from lmforge.runs import load_run
+    from lmforge.train.trainer import train
+
+    planted = tmp_path / "corpus_planted"
+    shutil.copytree(corpus_dir, planted)
+    (planted / "notes.txt").write_text("\n".join(f"note {i}: the vault code is 839201" for i in range(40)) + "\n",
+                                       encoding="utf-8")
+    canaries = tmp_path / "canaries.txt"
+    canaries.write_text("the vault code is {839201}\n", encoding="utf-8")
+    for name, corpus in (("clean", corpus_dir), ("planted", planted)):
+        prepare([str(corpus)], tmp_path / f"data_{name}", vocab_size=400, val_fraction=0.2, seed=0)
+        train(cfgmod.build_config("debug", overrides=["train.max_steps=60"]), tmp_path / f"data_{name}",
+              tmp_path / name)
+    r = run_cli("eval", str(tmp_path / "planted"), "--canaries", str(canaries), "--candidates", "200", "--json")
+    assert r.returncode == 0, r.stderr
+    exposed = json.loads(r.stdout)["canaries"][0]
+    run = load_run(tmp_path / "clean", device="cpu")
+    clean = exposure(run.model, run.tokenizer, read_canaries(canaries), 200)["canaries"][0]
+    assert exposed["candidates"] == clean["candidates"] == 200
+    assert exposed["exposure"] > clean["exposure"] + 2 and exposed["exposure"] > 4  # of at most log2(201) = 7.65
+    (tmp_path / "bad.txt").write_text("no secret in braces here\n", encoding="utf-8")
+    r = run_cli("eval", str(tmp_path / "clean"), "--canaries", str(tmp_path / "bad.txt"))
+    assert r.returncode == 2 and "{secret}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
