@@ -25,6 +25,8 @@ from lmforge.models import MODELS
 from lmforge.models.gpt import GPTConfig
 from lmforge.models.lora import LoRAConfig
 from lmforge.models.lora import check_config as check_lora
+from lmforge.train.privacy import DPConfig
+from lmforge.train.privacy import check_config as check_dp
 from lmforge.train.optim import OPTIMIZERS, SCHEDULES
 
 SECTIONS = ("task", "model", "data", "train", "finetune")
@@ -73,6 +75,9 @@ class TrainConfig:
     patience: int = 0
     keep_best: bool = False
     log_interval: int = 10  # steps between metrics.jsonl lines and progress-bar updates
+    # Differentially private training (DP-SGD through Opacus, train/privacy.py): train.dp.epsilon
+    # (the target; None: off), train.dp.delta, train.dp.max_grad_norm (per-example clipping).
+    dp: DPConfig = field(default_factory=DPConfig)
     tensorboard: bool = False  # also write the logged scalars as TensorBoard event files
     checkpoint_interval: int = 0  # steps between checkpoints (0: only at the end / on stop)
     seed: int = 1337
@@ -465,6 +470,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.arch not in task.ARCHS:
         raise UserError(f"the {cfg.task.name} task trains {' or '.join(task.ARCHS)} models, not {cfg.arch!r}")
     check_lora(cfg.finetune.lora)
+    check_dp(t.dp)
     check = getattr(MODELS[cfg.arch].model, "check_config", None)
     if check is not None:
         check(m)

@@ -110,3 +110,88 @@ def test_a_canary_in_the_training_data_is_exposed_and_one_that_is_not_is_not(tmp
     (tmp_path / "bad.txt").write_text("no secret in braces here\n", encoding="utf-8")
     r = run_cli("eval", str(tmp_path / "clean"), "--canaries", str(tmp_path / "bad.txt"))
     assert r.returncode == 2 and "{secret}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- differential privacy
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    from lmforge.data.images import prepare_images
+
+    out = tmp_path_factory.mktemp("dp") / "digits"
+    prepare_images(["digits"], out)
+    return out
+
+
+def dp_config(*extra):
+    from lmforge import config as cfgmod
+
+    return cfgmod.build_config("mlp", overrides=["train.max_steps=12", "train.eval_interval=6", "train.log_interval=1",
+                                                 "train.dp.epsilon=3", *extra])
+
+
+def test_dp_training_resumes_exactly_and_spends_what_opacus_accounts(tmp_path, digits_dir):
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from lmforge import config as cfgmod
+    from lmforge.train.trainer import train
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    summary = train(dp_config(), digits_dir, whole)
+    train(dp_config(), digits_dir, part, stop_at=6)
+    train(cfgmod.load(part / "config.yaml"), run_dir=part, resume=True)
+
+    def rows(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows(whole) if "loss" in r] == \
+        [(r["step"], r["loss"]) for r in rows(part) if "loss" in r]
+    spent = {r["step"]: r["dp_epsilon"] for r in rows(whole) if "dp_epsilon" in r}
+    assert spent[6] < spent[12] and spent == {s: e for s, e in ((r["step"], r.get("dp_epsilon")) for r in rows(part))
+                                               if s in spent and e is not None}
+
+    q = summary["dp_sample_rate"]
+    assert q == pytest.approx(64 / summary["train_examples"])
+    sigma = get_noise_multiplier(target_epsilon=3, target_delta=1e-5, sample_rate=q, steps=12)
+    assert summary["dp_noise_multiplier"] == pytest.approx(sigma)
+    accountant = RDPAccountant()
+    for _ in range(12):
+        accountant.step(noise_multiplier=sigma, sample_rate=q)
+    assert summary["dp_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5))
+    assert summary["dp_epsilon"] <= 3 and summary["dp_epsilon"] == pytest.approx(3, abs=0.05)  # the plan is spent
+
+
+def test_dp_clips_each_example_and_refuses_what_it_cannot_guarantee(tmp_path, digits_dir, data_dir):
+    import torch
+
+    from lmforge.errors import UserError
+    from lmforge.models.vision import MLP, MLPConfig
+    from lmforge.train.privacy import DPConfig, PrivateTraining
+    from lmforge.train.trainer import train
+
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(height=8, width=8, hidden=[16], dropout=0.0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    private = PrivateTraining(model, opt, DPConfig(epsilon=3, max_grad_norm=0.01), sample_rate=0.1,
+                              planned_steps=10, expected_batch=8)
+    private.optimizer.noise_multiplier = 0.0  # the clipped sum alone
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    per_example = torch.cat([p.grad_sample.flatten(1) for p in model.parameters()], 1).norm(dim=1)
+    assert (per_example > 0.01).all()  # every example's gradient is above the bound ...
+    private.optimizer.pre_step()
+    total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert total <= 0.01 * 8 / 8 + 1e-6  # ... and the mean of the clipped ones is within it
+
+    for extra, message in ((["train.dp.epsilon=0"], "must be positive"),
+                           (["train.optimizer=muon"], "not muon")):
+        with pytest.raises(UserError, match=message):
+            train(dp_config(*extra), digits_dir, tmp_path / "x")
+    from lmforge import config as cfgmod
+
+    bn = cfgmod.build_config("cnn-small", overrides=["train.max_steps=2", "train.dp.epsilon=3"])
+    with pytest.raises(UserError, match="BatchNorm"):
+        train(bn, digits_dir, tmp_path / "bn")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "bn").exists()
+    r = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path / "lm"), "--preset", "debug",
+                "--set", "train.dp.epsilon=3")
+    assert r.returncode == 2 and "train.dp" in r.stderr and len(r.stderr.strip().splitlines()) == 1

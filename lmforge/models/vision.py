@@ -161,7 +161,7 @@ class ConvBlock(nn.Module):
             if c.batchnorm:
                 layers.append(nn.BatchNorm2d(c_out))
             if i < c.convs_per_block - 1 or not c.residual:
-                layers.append(nn.ReLU(inplace=True))
+                layers.append(nn.ReLU())
         self.body = nn.Sequential(*layers)
         self.shortcut = None
         if c.residual:
@@ -181,7 +181,7 @@ def _dense(n_in: int, sizes: list[int], dropout: float, batchnorm: bool) -> tupl
         layers.append(nn.Linear(n_in, n))
         if batchnorm:
             layers.append(nn.BatchNorm1d(n))
-        layers += [nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        layers += [nn.ReLU(), nn.Dropout(dropout)]
         n_in = n
     return nn.Sequential(*layers), n_in
 
@@ -251,7 +251,7 @@ class MLP(ImageClassifier):
             layers: list[nn.Module] = [nn.Linear(n_in, n)]
             if c.batchnorm:
                 layers.append(nn.BatchNorm1d(n))
-            layers += [nn.ReLU(inplace=True), nn.Dropout(c.dropout)]
+            layers += [nn.ReLU(), nn.Dropout(c.dropout)]
             self.features.append(nn.Sequential(*layers))
             n_in = n
         self.head = nn.Linear(n_in, c.num_labels)

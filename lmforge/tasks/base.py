@@ -38,6 +38,7 @@ class Task:
     ARCHS: tuple[str, ...] = ("gpt",)  # the model families it trains; the first is the default
     method = "forward"  # the model method the loss calls (run through DDP/FSDP as the forward)
     unit = "tokens"  # what a step's throughput counts: tokens or examples
+    supports_dp = False  # batches can be Poisson samples of examples (train.dp)
 
     @classmethod
     def validate_options(cls, cfg) -> None:

@@ -6,7 +6,8 @@ Micro-batch ``g = step * micro_per_step + micro`` is batch ``g mod batches_per_e
 ``g // batches_per_epoch``. Each epoch's order comes from a generator seeded by (seed, epoch)
 (:meth:`EpochTask.epoch_order`; a task may sort or oversample it), is cut into batches of
 ``batch_size`` (a last partial batch is dropped) and the batches are shuffled: a pure function of
-the step, as an exact ``--resume`` needs.
+the step, as an exact ``--resume`` needs. With ``train.dp`` each batch is a Poisson sample
+instead (each example in with probability ``batch_size / N``, from (seed, step)).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import numpy as np
 import torch
 
 from lmforge import config as cfgmod
+from lmforge.errors import UserError
 from lmforge.tasks.base import Task
 
 
 class EpochTask(Task):
     unit = "examples"
+    supports_dp = True  # with train.dp, batches are Poisson samples (train/privacy.py)
 
     def plan_epochs(self, cfg, world, n_train: int) -> None:
         """The shapes of the schedule that depend on the data and the number of processes."""
@@ -33,6 +36,8 @@ class EpochTask(Task):
             self.step_cap = self.epoch_steps(cfg)
         self._epoch, self._batches = None, []
         self.cfg = cfg
+        # DP-SGD's accounting assumes Poisson sampling: every example in each batch with this probability.
+        self.sample_rate = self.B / n_train if cfg.train.dp.epsilon is not None else None
 
     def epoch_steps(self, cfg) -> int:
         return max(1, math.ceil(cfg.task.epochs * self.batches_per_epoch / self.micro_per_step))
@@ -67,6 +72,12 @@ class EpochTask(Task):
 
     def batch_indices(self, step: int, micro: int) -> torch.Tensor:
         """The training examples of micro-batch ``micro`` of step ``step``."""
+        if self.sample_rate is not None:
+            rng = np.random.default_rng([self.cfg.train.seed, 13, step, micro])
+            b = np.flatnonzero(rng.random(self.n_train) < self.sample_rate)
+            if not len(b):  # about exp(-batch_size): never at the batch sizes DP is trained with
+                raise UserError(f"train.dp: the Poisson batch of step {step} is empty; raise train.batch_size")
+            return torch.from_numpy(b)
         epoch, i = divmod(step * self.micro_per_step + micro, self.batches_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, self._epoch_batches(epoch)

@@ -70,6 +70,7 @@ class GANTask(EpochTask):
     Options = GANOptions
     METRICS = ("fid", "label_entropy", "class_entropy")
     LOWER_IS_BETTER = ("fid", "label_entropy")
+    supports_dp = False  # two phases: Opacus's accounting is for one model, one optimizer
     # DCGAN's settings: Adam at 2e-4 with beta1 0.5, no decay, a constant rate; one evaluation per
     # epoch, keeping the weights with the lowest Fréchet distance.
     DEFAULTS = {"train": dict(lr=2e-4, beta1=0.5, beta2=0.999, batch_size=64, weight_decay=0.0, warmup_steps=0,

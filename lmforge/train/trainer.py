@@ -185,6 +185,20 @@ def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device) -> dic
                                       t.muon_lr, t.layer_lr_decay, t.momentum, t.nesterov) for _, module in phases]
         return optimizers[0] if len(optimizers) == 1 else Optimizers(*optimizers)
     optimizer = None if sharded else make_optimizer()
+    private = None
+    if t.dp.epsilon is not None:  # DP-SGD: the optimizer clips each example's gradient and adds noise
+        from lmforge.train.privacy import PrivateTraining, check_run
+
+        check_run(cfg, task, world, use_compile=bool(t.compile))
+        planned = t.max_steps or task.step_cap
+        if planned is None:
+            raise UserError("train.dp needs a planned number of steps (train.max_steps, or task.epochs with a time budget)")
+        private = PrivateTraining(model, optimizer, t.dp, task.sample_rate, planned, task.B)
+        optimizer = private.optimizer
+        if world.main:
+            status(f"differential privacy: epsilon {t.dp.epsilon} at delta {t.dp.delta} over {planned} steps -> "
+                   f"noise multiplier {private.noise_multiplier:.3f}, sample rate {task.sample_rate:.4f}, "
+                   f"per-example clipping at {t.dp.max_grad_norm}")
     state = {"step": 0, f"{task.unit}_seen": 0, "train_seconds": 0.0}
     created = False
     world.barrier()  # every process has checked the run directory before process 0 writes to it
@@ -207,20 +221,20 @@ def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device) -> dic
             load_optimizer_state(model, optimizer, state.pop("optimizer_state"))
     task.to(device)
     try:
-        return _loop(cfg, task, model, optimizer, state, run, device, stop_at, world)
+        return _loop(cfg, task, model, optimizer, state, run, device, stop_at, world, private)
     except BaseException:
         if created and not run.has_checkpoint():
             shutil.rmtree(run.path, ignore_errors=True)  # no half-written run directory
         raise
 
 
-def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, world: World) -> dict:
+def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, world: World, private=None) -> dict:
     t = cfg.train
     accum, unit = t.grad_accum, task.unit
     units_per_step = task.units_per_step(cfg, world)
     ctx = autocast_for(device, t.dtype)
     model.activation_checkpointing = t.activation_checkpointing
-    use_compile = t.compile if t.compile is not None else device.type == "cuda"
+    use_compile = t.compile if t.compile is not None else device.type == "cuda" and private is None
     trained, call = wrap(model, world, device, task.method)  # DDP under torchrun; the model itself otherwise
     fwd = torch.compile(call) if use_compile else call
     peak = peak_flops(device) if unit == "tokens" else None
@@ -262,6 +276,8 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
 
     def evaluate() -> dict:
         val = task.evaluate(model, ctx)  # the same figures on every process
+        if private is not None:
+            val["dp_epsilon"] = private.epsilon(step)  # spent so far
         if val and world.main:
             log.write({"step": step, unit: state[seen], **val})
         return val
@@ -317,9 +333,11 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
                         loss = task.phase_loss(fwd, model, batch, name)
                         (loss / accum).backward()
                     loss_sum[i] += loss.detach()
+                # (Under DP the optimizer clips each example's gradient instead.)
                 grad_norms.append(torch.nn.utils.clip_grad_norm_(module.parameters(), t.grad_clip)
-                                  if t.grad_clip > 0 else None)
+                                  if t.grad_clip > 0 and private is None else None)
                 phase_optimizer.step()
+                phase_optimizer.zero_grad(set_to_none=True)
                 model.zero_grad(set_to_none=True)  # also what this phase's loss left on other phases' parts
             step += 1
             state[seen] += units_per_step
@@ -423,6 +441,8 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
     }
     if tracker.metric is not None:
         summary.update(early_stop=tracker.metric, best_step=tracker.step if best is not None else step)
+    if private is not None:
+        summary.update(private.summary(step))
     if extra:
         summary.update(extra)
         write_json(run / run.SUMMARY, summary)

@@ -1,0 +1,109 @@
+"""Differentially private training (DP-SGD, Abadi et al. 2016) through Opacus, for any task that
+samples examples (``Task.supports_dp``): per-example gradients clipped to ``max_grad_norm``,
+Gaussian noise added to their sum, batches drawn by Poisson sampling (each training example in
+with probability ``batch_size / N`` at every step, from (seed, step): ``--resume`` stays exact),
+and the privacy spent tracked by Opacus's RDP accountant.
+
+``train.dp.epsilon`` is the target: the noise multiplier is the smallest that keeps the planned
+schedule (``train.max_steps``, or the epochs a time budget is capped at) within (epsilon, delta).
+The epsilon actually spent after the steps taken is logged at every evaluation (``dp_epsilon``)
+and put in the run's summary; stopping early spends less. What Opacus cannot give per-example
+gradients for (BatchNorm, which mixes examples; nn.LSTM) is refused, never trained without the
+guarantee.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import UserError
+
+
+@dataclass
+class DPConfig:
+    epsilon: float | None = None  # the target epsilon (None: no differential privacy)
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # each example's gradient is clipped to this norm
+
+
+def check_config(dp: DPConfig) -> None:
+    if dp.epsilon is None:
+        return
+    if not dp.epsilon > 0:
+        raise UserError(f"train.dp.epsilon must be positive, got {dp.epsilon}")
+    if not 0 < dp.delta < 1:
+        raise UserError(f"train.dp.delta must be in (0, 1), got {dp.delta}")
+    if not dp.max_grad_norm > 0:
+        raise UserError(f"train.dp.max_grad_norm must be positive, got {dp.max_grad_norm}")
+
+
+def check_run(cfg, task, world, use_compile: bool) -> None:
+    """Refuse what DP-SGD cannot be done with here (one line each, before anything is written)."""
+    t = cfg.train
+    if not getattr(task, "supports_dp", False):
+        raise UserError(f"train.dp needs a task that samples examples (classify, image-classify); the "
+                        f"{cfg.task.name} task does not")
+    if getattr(cfg.task, "oversample", False):
+        raise UserError("train.dp draws Poisson batches; task.oversample cannot be used with it")
+    if world.active:
+        raise UserError("train.dp trains in one process (per-example clipping across processes is not supported)")
+    if t.grad_accum != 1:
+        raise UserError("train.dp samples one Poisson batch per step: train.grad_accum must be 1")
+    if t.optimizer == "muon":
+        raise UserError("train.dp works with adamw, adam or sgd, not muon")
+    if t.fsdp or use_compile:
+        raise UserError("train.dp cannot run with train.fsdp or train.compile (Opacus hooks every layer)")
+
+
+def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """The epsilon of ``steps`` DP-SGD steps, by Opacus's RDP accountant."""
+    from opacus.accountants import RDPAccountant
+
+    if steps <= 0:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "optimal order is the largest alpha": the bound is valid, if loose
+        return float(accountant.get_epsilon(delta))
+
+
+class PrivateTraining:
+    """Wraps ``model`` for per-example gradients and ``optimizer`` for clipping and noise.
+
+    The model itself is not replaced (its parameters are shared; saving and evaluation see it
+    unchanged); ``optimizer`` becomes Opacus's ``DPOptimizer`` around it."""
+
+    def __init__(self, model: torch.nn.Module, optimizer, dp: DPConfig, sample_rate: float, planned_steps: int,
+                 expected_batch: int):
+        from opacus import GradSampleModule
+        from opacus.accountants.utils import get_noise_multiplier
+        from opacus.optimizers import DPOptimizer
+        from opacus.validators import ModuleValidator
+
+        problems = ModuleValidator.validate(model, strict=False)
+        if problems:
+            reasons = dict.fromkeys(str(p).split(". ")[0].strip() for p in problems)  # the first sentence, once
+            raise UserError("train.dp: Opacus cannot give per-example gradients for this model: "
+                            + "; ".join(reasons) + " (set model.batchnorm=false for the image networks)")
+        self.dp, self.sample_rate, self.planned_steps = dp, sample_rate, planned_steps
+        # Opacus's hooks on the first layer fire without input gradients (images need none): expected.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus warns about secure RNG: the noise is seeded for exact resume
+            self.noise_multiplier = float(get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta,
+                                                               sample_rate=sample_rate, steps=planned_steps))
+            self.module = GradSampleModule(model, loss_reduction="mean")
+            self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                                         max_grad_norm=dp.max_grad_norm, expected_batch_size=expected_batch)
+
+    def epsilon(self, steps: int) -> float:
+        return epsilon_spent(self.noise_multiplier, self.sample_rate, steps, self.dp.delta)
+
+    def summary(self, steps: int) -> dict:
+        return {"dp_epsilon": self.epsilon(steps), "dp_delta": self.dp.delta, "dp_target_epsilon": self.dp.epsilon,
+                "dp_noise_multiplier": self.noise_multiplier, "dp_sample_rate": self.sample_rate,
+                "dp_max_grad_norm": self.dp.max_grad_norm}
