@@ -52,6 +52,14 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     return save_figure(fig, Path(run_dir) / "plots" / "loss.png")
 
 
+def step_axes(*axes) -> None:
+    """Axes plotted against the training step: labelled, gridded, with their legends."""
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+
+
 def save_figure(fig, path: Path, **savefig) -> Path:
     """Lay out ``fig``, write it to ``path`` as PNG atomically (its folder made) and close it."""
     import matplotlib.pyplot as plt

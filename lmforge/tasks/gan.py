@@ -211,7 +211,7 @@ def plot_gan(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmforge.evaluate.report import read_metrics, save_figure
+    from lmforge.evaluate.report import read_metrics, save_figure, step_axes
 
     rows = read_metrics(run_dir)
     logged = [r for r in rows if "loss_generator" in r]
@@ -225,8 +225,5 @@ def plot_gan(run_dir: Path) -> Path | None:
     b.plot([r["step"] for r in evals], [r["val_fid"] for r in evals], "o-", label="generated vs training")
     b.plot([r["step"] for r in evals], [r["val_fid_real"] for r in evals], "--", label="held-out real vs training")
     b.set_title("Fréchet distance (classifier features)")
-    for ax in (a, b):
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    step_axes(a, b)
     return save_figure(fig, Path(run_dir) / "plots" / "gan.png")

@@ -84,7 +84,7 @@ def plot_curves(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmforge.evaluate.report import read_metrics, save_figure
+    from lmforge.evaluate.report import read_metrics, save_figure, step_axes
 
     rows = read_metrics(run_dir)
     evals = [r for r in rows if "val_loss" in r]
@@ -106,10 +106,7 @@ def plot_curves(run_dir: Path) -> Path | None:
     b.plot(steps, [r.get("train_accuracy") for r in evals], "o-", label="train")
     b.plot(steps, [r.get("val_accuracy") for r in evals], "o-", label="validation")
     b.set_title("accuracy")
-    for ax in (a, b):
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    step_axes(a, b)
     return save_figure(fig, Path(run_dir) / "plots" / "curves.png")
 
 

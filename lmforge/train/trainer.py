@@ -221,14 +221,15 @@ def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device) -> dic
             load_optimizer_state(model, optimizer, state.pop("optimizer_state"))
     task.to(device)
     try:
-        return _loop(cfg, task, model, optimizer, state, run, device, stop_at, world, private)
+        return _loop(cfg, task, model, optimizer, state, run, device, stop_at, world, phases, private)
     except BaseException:
         if created and not run.has_checkpoint():
             shutil.rmtree(run.path, ignore_errors=True)  # no half-written run directory
         raise
 
 
-def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, world: World, private=None) -> dict:
+def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, world: World, phases: list,
+          private=None) -> dict:
     t = cfg.train
     accum, unit = t.grad_accum, task.unit
     units_per_step = task.units_per_step(cfg, world)
@@ -292,7 +293,6 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
         return stop_early
 
     last_val, last_eval_step = {}, None
-    phases = task.phases(model)
     phase_optimizers = optimizer.optimizers if len(phases) > 1 else [optimizer]
     interval_loss, interval_steps = torch.zeros(len(phases), device=device), 0
     interval_t0 = time.perf_counter()
