@@ -22,7 +22,7 @@ import torch
 
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.train.optim import build_optimizer
-from lmforge.device import autocast_for, peak_flops
+from lmforge.device import autocast_for, compile_fn, peak_flops
 
 LMFORGE, REFERENCE = "lmforge", "hf-transformers"
 
@@ -182,7 +182,7 @@ def bench_train(config: GPTConfig, batch_size: int, steps: int = 10, rounds: int
 
     def make(name: str, model: torch.nn.Module, loss_of) -> _Impl:
         opt = build_optimizer(model, 3e-4, 0.1, (0.9, 0.95), dev.type)
-        fwd = torch.compile(model) if compile else model
+        fwd = compile_fn(model) if compile else model
         state = {"i": 0}
 
         def run_step():

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from lmforge.device import compile_fn
 from lmforge.models.decoder import Decoder, KVCache
 
 
@@ -98,7 +99,7 @@ class DecodeStep:
             # (bench/RESULTS.md section 12). :class:`MatVecLinear` turns the few-row linear layers
             # into fused reductions (section 13).
             options = {"freezing": True, "cpp_wrapper": True} if device.type == "cpu" else None
-            self.fn = torch.compile(step, fullgraph=True, dynamic=False, options=options)
+            self.fn = compile_fn(step, fullgraph=True, dynamic=False, options=options)
         else:
             self.fn = step
         self.graph = None

@@ -16,7 +16,6 @@ import sys
 from dataclasses import dataclass, replace
 
 import torch
-import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -25,10 +24,6 @@ from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder
 
 INITS = ("default", "orthogonal")
-
-# Dynamo refuses to look inside an ``nn.LSTM`` unless told to; the decode step only reads the
-# layers' weights (:func:`cell_step`), and a compiled training step traces their forward as any op.
-torch._dynamo.config.allow_rnn = True
 
 
 @dataclass

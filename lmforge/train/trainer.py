@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lmforge import config as cfgmod
-from lmforge.device import autocast_for, peak_flops, resolve_device
+from lmforge.device import autocast_for, compile_fn, peak_flops, resolve_device
 from lmforge.errors import UserError
 from lmforge.fsutil import write_json
 from lmforge.progress import progress, status
@@ -237,7 +237,7 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
     model.activation_checkpointing = t.activation_checkpointing
     use_compile = t.compile if t.compile is not None else device.type == "cuda" and private is None
     trained, call = wrap(model, world, device, task.method)  # DDP under torchrun; the model itself otherwise
-    fwd = torch.compile(call) if use_compile else call
+    fwd = compile_fn(call) if use_compile else call
     peak = peak_flops(device) if unit == "tokens" else None
     if peak:
         flops_per_step = model.flops_per_token(cfg.model.block_size) * units_per_step / world.size  # per device
