@@ -288,9 +288,9 @@ def quickstart_image(out: str | Path = "runs/quickstart-image", max_seconds: flo
     scikit-learn's logistic regression on the same split, each with its test accuracy, a 95%
     interval and the paired comparison with the CNN."""
     import numpy as np
-    from sklearn.linear_model import LogisticRegression
 
     from lmforge.data.images import ImageData, prepare_images
+    from lmforge.evaluate.baselines import fit_pixel_baseline
     from lmforge.evaluate.classify import classification_metrics, paired_comparison
     from lmforge.fsutil import write_json
     from lmforge.runs import load_run
@@ -323,11 +323,10 @@ def quickstart_image(out: str | Path = "runs/quickstart-image", max_seconds: flo
         results[arch] = {"accuracy": classification_metrics(y_te, probs, names)["accuracy"],
                          "params": summary["params"], "steps": summary["steps"],
                          "train_seconds": summary["seconds"], "preset": preset}
-    flat = lambda a: np.asarray(a, dtype=np.float64).reshape(len(a), -1) / 255.0  # noqa: E731
-    lr = LogisticRegression(max_iter=2000).fit(flat(x_tr), y_tr)
-    preds["logistic_regression"] = lr.predict(flat(x_te))
+    lr = fit_pixel_baseline(x_tr, y_tr, len(names))  # what every image classifier's report shows beside it
+    preds["logistic_regression"] = lr.probs(x_te).argmax(1)
     results["logistic_regression"] = {"accuracy": float((preds["logistic_regression"] == y_te).mean()),
-                                      "params": int(lr.coef_.size + lr.intercept_.size)}
+                                      "params": int(lr.model.coef_.size + lr.model.intercept_.size)}
     for name, r in results.items():
         r["ci95"] = accuracy_interval(preds[name] == y_te)
     result = {"task": "digits (8x8) -> digit", "labels": names, "train_images": int(len(y_tr)),

@@ -12,7 +12,10 @@ A run directory is enough to evaluate, generate, serve, explain, compress, expor
     best.safetensors              while training with keep_best: the best weights so far
     metrics.jsonl                 one JSON object per logged step or evaluation
     events.out.tfevents.*         the same scalars for TensorBoard (train.tensorboard)
-    eval.json, report.md, plots/  evaluation figures, the report and its plots
+    eval.json, report.md, plots/  evaluation figures on the validation split, the report and its plots
+    eval_test.json, report_test.md the same on the test split (plots/test_*.png)
+    predictions_<split>.jsonl     every example's label, prediction and probabilities (classifiers)
+    evaluations/<name>/           `lmforge eval --data` of other data, named after it: the same files
     train_summary.json            what the training call returned (fine-tuning runs)
 
 Nothing else in lmforge spells these names.
@@ -44,6 +47,7 @@ class RunDir:
     EVAL = "eval.json"
     REPORT = "report.md"
     PLOTS = "plots"
+    EVALUATIONS = "evaluations"
     SUMMARY = "train_summary.json"
 
     def __init__(self, path: str | Path):

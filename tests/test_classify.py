@@ -149,35 +149,74 @@ def test_fine_tune_with_a_time_budget_shortens_the_schedule_to_fit(tiny_bert, da
 
 
 def test_fine_tune_then_eval_and_predict_agree_with_scikit_learn(tiny_bert, data, tmp_path):
-    train, val, test = data
+    renamed = []  # the run's own column names, which eval must remember
+    for path in data:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        renamed.append(tmp_path / path.name)
+        renamed[-1].write_text("".join(json.dumps({"body": r["text"], "topic": r["label"]}) + "\n" for r in rows))
+    train, val, test = renamed
     run = tmp_path / "clf"
     r = run_cli("train", "--task", "classify", "--init", str(tiny_bert), "--data", str(train), "--val", str(val),
                 "--test", str(test), "--out", str(run), "--epochs", "6", "--set", "train.lr=2e-3",
-                "--class-weights", "auto", "--json")
+                "--class-weights", "auto", "--text-column", "body", "--label-column", "topic", "--json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["labels"] == ["account", "billing", "shipping"]
     history = [h for h in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in h]
     best = max(h["val_macro_f1"] for h in history)
     assert summary["validation"]["macro_f1"] == pytest.approx(best)  # the best checkpoint was kept
-    for f in ("confusion.png", "roc.png", "pr.png"):
+    # Still improving exactly when the first best evaluation was the last one; said on stderr too.
+    first_best = next(h["step"] for h in history if h["val_macro_f1"] == best)
+    assert summary["still_improving"] == (first_best == history[-1]["step"])
+    assert ("still improving" in r.stderr) == summary["still_improving"]
+    for f in ("confusion.png", "roc.png", "pr.png", "test_confusion.png"):
         assert (run / "plots" / f).stat().st_size > 1000
+    # The TF-IDF + logistic regression baseline beside the model, in the summary and both reports.
+    base = summary["test"]["baseline"]
+    assert base["method"] == "tfidf_logistic_regression" and base["accuracy"] > 0.5
+    assert "TF-IDF + logistic regression" in (run / "report.md").read_text()
+    trained = (run / "eval.json").read_text(), (run / "report_test.md").read_text()
 
-    r = run_cli("eval", str(run), "--data", str(test), "--json")
+    r = run_cli("eval", str(run), "--data", str(test), "--json")  # no --text-column/--label-column
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
     assert m["accuracy"] > m["majority_baseline_accuracy"] + 0.3  # it learned the task
-    p = run_cli("predict", str(run), "--input", str(test), "--json")
+    out = run / "evaluations" / test.stem  # beside the training's figures, which stay as they were
+    assert ((run / "eval.json").read_text(), (run / "report_test.md").read_text()) == trained
+    assert json.loads((out / "eval.json").read_text())["accuracy"] == m["accuracy"]
+    assert m["baseline"]["accuracy"] == pytest.approx(base["accuracy"])  # refitted: the same baseline
+    p = run_cli("predict", str(run), "--input", str(test), "--json")  # the run's text column
     assert p.returncode == 0, p.stderr
     preds = json.loads(p.stdout)["predictions"]
-    y = [json.loads(line)["label"] for line in test.read_text().splitlines()]
+    y = [json.loads(line)["topic"] for line in test.read_text().splitlines()]
     pred = [q["label"] for q in preds]
-    saved = [json.loads(line) for line in (run / "predictions_eval.jsonl").read_text().splitlines()]
+    saved = [json.loads(line) for line in (out / f"predictions_{test.stem}.jsonl").read_text().splitlines()]
     assert [q["predicted"] for q in saved] == pred and [q["label"] for q in saved] == y  # what eval scored
     assert m["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
     assert m["macro_f1"] == pytest.approx(sk.f1_score(y, pred, average="macro"))
     probs = np.array([[q["probabilities"][n] for n in m["labels"]] for q in preds])
     assert m["roc_auc"] == pytest.approx(sk.roc_auc_score(y, probs, multi_class="ovr", labels=m["labels"]), abs=1e-5)
+    c = m["baseline"]["model_versus_baseline"]
+    assert c["accuracy_difference"] == pytest.approx(m["accuracy"] - m["baseline"]["accuracy"])
+
+
+def test_training_verdict_reads_the_evaluations(tmp_path):
+    from lmforge.evaluate.classify import training_verdict, verdict_line
+
+    def verdict(values, lower=False):
+        rows = [{"step": 10 * (i + 1), "val_acc": v} for i, v in enumerate(values)]
+        rows.insert(1, {"step": 5, "loss": 1.0})  # training lines carry no val_ figure
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9')  # torn
+        return training_verdict(tmp_path, "acc", lower)
+
+    assert verdict([0.5, 0.7, 0.9])["still_improving"] and "train longer" in verdict_line(verdict([0.5, 0.9]))
+    assert not verdict([0.5, 0.9, 0.9])["still_improving"]  # a plateau is not an improvement
+    assert verdict([0.5, 0.9, 0.9])["best_step"] == 20
+    assert not verdict([1.0, 0.8, 0.9], lower=True)["still_improving"]
+    assert verdict([1.0, 0.9, 0.8], lower=True)["still_improving"]
+    assert "one validation only" in verdict_line(verdict([0.4]))
+    assert verdict_line(verdict([0.9, 0.5])) is None
+    assert training_verdict(tmp_path / "none", "acc", False) is None
 
 
 def test_decoder_classifier_with_oversampling_and_early_stopping(data, tmp_path):

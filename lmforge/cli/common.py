@@ -31,10 +31,10 @@ class TextInputOptions:
     run_dir: str = flag(positional=True)
     text: list[str] | None = flag(append=True, help="a text (repeatable)")
     input: str | None = flag(help=INPUT_HELP)
-    text_column: str = flag("text")
+    text_column: str | None = flag(help="--input's text column (default: text, or a classifier run's own)")
 
-    def texts(self) -> list[str]:
-        return input_texts(self.text, self.input, self.text_column)
+    def texts(self, default_column: str = "text") -> list[str]:
+        return input_texts(self.text, self.input, self.text_column or default_column)
 
 
 def input_texts(texts: list[str] | None, input_file: str | None, text_column: str) -> list[str]:

@@ -25,9 +25,9 @@ class Options:
     dynamic: bool = flag(False, help="also dynamic evaluation: one Adam step on each window after scoring it, so "
                          "the model adapts to the text as lzma does (dynamic_val_bpb)")
     dynamic_lr: float | None = flag(help="Adam learning rate for --dynamic (default 1e-4)")
-    text_column: str = flag("text", help="classifier runs: text column of --data")
-    label_column: str = flag("label", help="classifier runs: label column of --data")
-    max_length: int = flag(128, help="classifier runs: tokens per text")
+    text_column: str | None = flag(help="classifier runs: text column of --data (default: the run's)")
+    label_column: str | None = flag(help="classifier runs: label column of --data (default: the run's)")
+    max_length: int | None = flag(help="classifier runs: tokens per text (default: the run's)")
     task: str | None = flag(choices=["sft"], help="sft: the mean loss over the assistant tokens of the "
                             "conversations in --data (JSONL), for any decoder run")
     split: str = flag("test", choices=["test", "val", "train"],
@@ -38,22 +38,41 @@ class Options:
     json: bool = flag(False)
 
 
+def evaluation_dir(run, data: str | Path) -> Path:
+    """Where an evaluation of ``data`` (not one of the run's own splits) goes:
+    ``evaluations/<file or folder name>/`` beside the training's figures, which it leaves alone."""
+    from lmforge.runs import RunDir
+
+    return run.path / RunDir.EVALUATIONS / (Path(data).stem or "data")
+
+
 def eval_classifier(o: Options, run) -> int:
     from lmforge.data.labeled import read_examples
-    from lmforge.tasks.classify import write_classification_report
+    from lmforge.tasks.classify import fit_baseline, write_classification_report
 
     if not o.data:
         raise UserError("a classifier is evaluated on a labelled file: --data FILE (.csv or .jsonl)")
-    ex = read_examples(o.data, o.text_column, o.label_column)
-    m = write_classification_report(run.path, run.model, run.tokenizer, ex, run.labels, o.max_length, run.device,
-                                    "eval", source=str(o.data))
+    t = run.config.task
+    text_column, label_column = o.text_column or t.text_column, o.label_column or t.label_column
+    ex = read_examples(o.data, text_column, label_column)
+    baseline = None
+    if run.config.data.path and Path(run.config.data.path).is_file():  # refitted on the run's training file
+        baseline = fit_baseline(read_examples(run.config.data.path, t.text_column, t.label_column), run.labels)
+    out = evaluation_dir(run, o.data)
+    m = write_classification_report(run.path, run.model, run.tokenizer, ex, run.labels, o.max_length or t.max_length,
+                                    run.device, Path(o.data).stem, source=str(o.data), baseline=baseline,
+                                    out_dir=out)
+    m["report"] = str(out / "report.md")
     if o.json:
         print_json(m)
     else:
         print(f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  weighted F1 {m['weighted_f1']:.4f}  "
               f"ROC-AUC {m['roc_auc']:.4f}  ({m['n']} examples; largest class {m['majority_baseline_accuracy']:.4f})"
               if m["roc_auc"] is not None else f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}")
-        print(f"report: {run.path / 'report.md'} (plots/confusion.png, plots/roc.png, plots/pr.png)")
+        if "baseline" in m:
+            print(f"baseline ({m['baseline']['name']}): accuracy {m['baseline']['accuracy']:.4f}  macro F1 "
+                  f"{m['baseline']['macro_f1']:.4f}")
+        print(f"report: {m['report']} (plots/confusion.png, plots/roc.png, plots/pr.png)")
     return 0
 
 
@@ -83,24 +102,33 @@ def eval_sft(o: Options, run) -> int:
 
 
 def eval_images(o: Options, run) -> int:
-    """An image classifier on a split (default: test) of its data directory, or of --data."""
+    """An image classifier on a split (default: test) of its data directory, or of --data (whose
+    figures go to ``evaluations/<name>/``)."""
     from lmforge.data.images import ImageData
+    from lmforge.evaluate.baselines import fit_pixel_baseline
     from lmforge.tasks.images import write_image_report
 
-    data = ImageData.open(o.data or run.config.data.path)
+    own = run.config.data.path
+    data = ImageData.open(o.data or own)
     shape = [run.config.model.height, run.config.model.width, run.config.model.in_channels]
     if data.meta["shape"] != shape or data.names != run.labels:
         raise UserError(f"{data.path} holds {data.meta['shape']} images of classes {data.names[:5]}; the run was "
                         f"trained on {shape} images of {run.labels[:5]}")
-    m = write_image_report(run.path, run.model, data, o.split, run.device)
-    m.update(run_dir=str(o.run_dir))
+    other = o.data is not None and not (own and Path(o.data).resolve() == Path(own).resolve())
+    training = ImageData.open(own) if own and Path(own).is_dir() else None
+    baseline = fit_pixel_baseline(*training.split("train"), len(run.labels)) if training is not None else None
+    out = evaluation_dir(run, o.data) if other else None
+    m = write_image_report(run.path, run.model, data, o.split, run.device, baseline, out_dir=out)
+    report = (out / "report.md") if out else run.path / ("report.md" if o.split == "val" else f"report_{o.split}.md")
+    m.update(run_dir=str(o.run_dir), report=str(report))
     if o.json:
         print_json(m)
     else:
         print(f"accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}  weighted F1 {m['weighted_f1']:.4f}  "
               f"({m['n_examples']} {o.split} images; largest class {m['majority_baseline_accuracy']:.4f})")
-        print(f"report: {run.path / 'report.md'} (plots/confusion.png, plots/mistakes_{o.split}.png, "
-              "plots/curves.png)")
+        if "baseline" in m:
+            print(f"baseline ({m['baseline']['name']}): accuracy {m['baseline']['accuracy']:.4f}")
+        print(f"report: {report} (plots: confusion, ROC, precision-recall, mistakes_{o.split}.png)")
     return 0
 
 

@@ -15,7 +15,7 @@ HELP = "labels and probabilities from a classifier run (texts or images)"
 class Options(TextInputOptions):
     image: list[str] | None = flag(nargs="+", metavar="FILE", help="image files (image classifier runs; converted "
                                    "and resized to the run's input)")
-    max_length: int = flag(128)
+    max_length: int | None = flag(help="tokens per text (default: the run's)")
     json: bool = flag(False)
 
 
@@ -54,13 +54,14 @@ def run(o: Options) -> int:
         return predict_images(o, load_run(o.run_dir))
     if o.image:
         raise UserError(f"{o.run_dir} is not an image classifier run; --image does not apply")
-    texts = o.texts()
-    loaded = load_run(o.run_dir)
-    names = loaded.labels if loaded.config.task.name == "classify" else None
-    if names is None:
+    cfg = RunDir(o.run_dir).load_config()
+    if cfg.task.name != "classify":
         raise UserError(f"{o.run_dir} is not a classifier run (train one with --task classify)")
-    probs = predict_probs(loaded.model, loaded.tokenizer, texts, min(o.max_length, loaded.model.config.block_size),
-                          loaded.device)
+    texts = o.texts(cfg.task.text_column)
+    loaded = load_run(o.run_dir)
+    names = loaded.labels
+    probs = predict_probs(loaded.model, loaded.tokenizer, texts,
+                          min(o.max_length or cfg.task.max_length, loaded.model.config.block_size), loaded.device)
     rows = [{"text": t, "label": names[int(p.argmax())],
              "probabilities": {n: float(x) for n, x in zip(names, p)}} for t, p in zip(texts, probs)]
     print_rows(o, rows, "text")

@@ -97,8 +97,8 @@ def paired_comparison(y_true, pred_a, pred_b, n_boot: int = 2000, seed: int = 0)
             "mcnemar_p": float(p), "only_a_correct": only_a, "only_b_correct": only_b}
 
 
-def plot_classification(y_true, probs, labels: list[str], plots_dir: str | Path) -> list[str]:
-    """Write ``confusion.png``, ``roc.png`` and ``pr.png``; returns their paths."""
+def plot_classification(y_true, probs, labels: list[str], plots_dir: str | Path, prefix: str = "") -> list[str]:
+    """Write ``<prefix>confusion.png``, ``<prefix>roc.png`` and ``<prefix>pr.png``; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +113,7 @@ def plot_classification(y_true, probs, labels: list[str], plots_dir: str | Path)
     written = []
 
     def save(fig, name):
-        path = plots_dir / name
+        path = plots_dir / (prefix + name)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -151,18 +151,65 @@ def plot_classification(y_true, probs, labels: list[str], plots_dir: str | Path)
     return written
 
 
+REPORT_METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "roc_auc", "loss")
+
+
+def training_verdict(run_dir: str | Path, metric: str | None, lower: bool) -> dict | None:
+    """Did the run stop while its validation ``metric`` was still improving? From the evaluations
+    in ``metrics.jsonl`` (the last row per step, as a resumed run logs some steps twice):
+    ``{"metric", "evaluations", "best_step", "last_step", "still_improving"}``, None without any."""
+    from lmforge.evaluate.report import read_metrics
+
+    key = f"val_{metric}"
+    by_step = {r["step"]: r[key] for r in read_metrics(run_dir) if isinstance(r.get(key), (int, float))}
+    if not metric or not by_step:
+        return None
+    steps = sorted(by_step)
+    # On a tie the earlier evaluation is the best one (a plateau is not an improvement).
+    best = min(steps, key=lambda s: (by_step[s], s)) if lower else max(steps, key=lambda s: (by_step[s], -s))
+    return {"metric": metric, "evaluations": len(steps), "best_step": best, "last_step": steps[-1],
+            "still_improving": best == steps[-1]}
+
+
+def verdict_line(v: dict) -> str | None:
+    """What ``training_verdict`` means for the user, or None when training had levelled off."""
+    if not v["still_improving"]:
+        return None
+    if v["evaluations"] == 1:
+        return (f"one validation only (step {v['last_step']}): nothing shows the training had converged; train "
+                "longer, or evaluate more often (train.eval_interval), to see")
+    return (f"still improving: the best validation {v['metric']} came at the last of {v['evaluations']} evaluations "
+            f"(step {v['last_step']}); train longer (more epochs or a larger time budget)")
+
+
+def split_summary(m: dict) -> dict:
+    """The headline figures of one split's metrics (with the baseline's), for a training summary."""
+    out = {k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc")}
+    if "baseline" in m:
+        out["baseline"] = {k: m["baseline"][k] for k in ("method", "accuracy", "macro_f1")}
+    return out
+
+
 def write_report(run_dir: str | Path, y, probs, names: list[str], split: str, source: str | None = None,
-                 inputs: list[dict] | None = None, what: str = "examples") -> dict:
-    """Every figure of ``probs`` against ``y`` on a classifier run's ``split``: ``eval.json`` (or
-    ``eval_<split>.json``), ``report.md``, the plots, and ``predictions_<split>.jsonl`` (each
-    example's ``inputs`` row — its text, its index — with label, prediction and probabilities)."""
+                 inputs: list[dict] | None = None, what: str = "examples", baseline: dict | None = None,
+                 verdict: dict | None = None, out_dir: str | Path | None = None) -> dict:
+    """Every figure of ``probs`` against ``y`` on ``split``, with ``predictions_<split>.jsonl``
+    (each example's ``inputs`` row — its text, its index — with label, prediction and
+    probabilities). A run's own validation split writes ``eval.json``, ``report.md`` and
+    ``plots/``; another split of its data ``eval_<split>.json``, ``report_<split>.md`` and
+    ``plots/<split>_*.png``; with ``out_dir`` (an evaluation of other data) the plain names go
+    there. ``baseline`` (``Baseline.on``) is scored beside the model with the paired comparison;
+    ``verdict`` (``training_verdict``) says whether training stopped while still improving."""
     from lmforge.fsutil import write_json, write_text
     from lmforge.runs import RunDir
 
-    rd = RunDir(run_dir)
+    own = out_dir is None
+    out = Path(run_dir) if own else Path(out_dir)
+    plain = not own or split == "validation"
     y, probs = np.asarray(y), np.asarray(probs)
     m = classification_metrics(y, probs, names)
-    write_text(rd / f"predictions_{split}.jsonl", "".join(
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"predictions_{split}.jsonl", "".join(
         json.dumps({**(inputs[i] if inputs else {"index": i}), "label": names[int(y[i])],
                     "predicted": names[int(p.argmax())],
                     "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}) + "\n"
@@ -170,19 +217,42 @@ def write_report(run_dir: str | Path, y, probs, names: list[str], split: str, so
     majority = max(m["per_class"].values(), key=lambda c: c["support"])["support"] / max(m["n"], 1)
     m["majority_baseline_accuracy"] = majority
     m["split"], m["data"] = split, source
-    plots = plot_classification(y, probs, names, rd.plots)
-    write_json(rd / (rd.EVAL if split in ("validation", "eval") else f"eval_{split}.json"), m)
+    if baseline is not None:
+        b = classification_metrics(y, baseline["probs"], names)
+        m["baseline"] = {"method": baseline["method"], "name": baseline["name"], "fitted_on": baseline["fitted_on"],
+                         **{k: b[k] for k in REPORT_METRICS},
+                         "model_versus_baseline": paired_comparison(y, probs.argmax(1), baseline["probs"].argmax(1))}
+    if verdict is not None:
+        m["training"] = verdict
+    prefix = "" if plain else f"{split}_"
+    plots = plot_classification(y, probs, names, out / RunDir.PLOTS, prefix)
+    write_json(out / (RunDir.EVAL if plain else f"eval_{split}.json"), m)
+    names_md = {k: f"`plots/{prefix}{k}.png`" for k in ("confusion", "roc", "pr")}
     lines = [f"# Classification report ({split}{', ' + source if source else ''})", "",
              f"{m['n']} {what}, {len(names)} classes. The largest class holds {majority:.4f} of them "
-             "(the best accuracy a constant prediction could reach here).", "",
-             "| metric | value |", "|---|---:|"]
-    for k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "roc_auc", "loss"):
-        lines.append(f"| {k} | {m[k]:.4f} |" if m[k] is not None else f"| {k} | n/a |")
+             "(the best accuracy a constant prediction could reach here).", ""]
+    if verdict is not None and verdict_line(verdict):
+        lines += [f"**{verdict_line(verdict)}.**", ""]
+    columns = ["model"] + (["baseline"] if baseline is not None else [])
+    lines += ["| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for k in REPORT_METRICS:
+        cells = [m[k]] + ([m["baseline"][k]] if baseline is not None else [])
+        lines.append(f"| {k} | " + " | ".join(f"{c:.4f}" if isinstance(c, float) else "n/a" if c is None else str(c)
+                                              for c in cells) + " |")
+    if baseline is not None:
+        c = m["baseline"]["model_versus_baseline"]
+        lo, hi = c["ci95"]
+        verdict_text = ("better than" if lo > 0 else "worse than" if hi < 0 else "not distinguishable from")
+        lines += ["", f"Baseline: {baseline['name']} (scikit-learn), fitted on {baseline['fitted_on']:,} of the "
+                  f"training {what}. The model is {verdict_text} it here: accuracy difference "
+                  f"{c['accuracy_difference']:+.4f} (95% interval {lo:+.4f} to {hi:+.4f}, paired bootstrap; "
+                  f"McNemar p = {c['mcnemar_p']:.3g})."]
     lines += ["", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     for name, c in m["per_class"].items():
         lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
-    lines += ["", "Confusion matrix (rows: true, columns: predicted): `plots/confusion.png`; ROC: `plots/roc.png`; "
-              f"precision-recall: `plots/pr.png`. Every prediction: `predictions_{split}.jsonl`.", ""]
-    write_text(rd / rd.REPORT, "\n".join(lines))
+    lines += ["", f"Confusion matrix (rows: true, columns: predicted): {names_md['confusion']}; ROC: "
+              f"{names_md['roc']}; precision-recall: {names_md['pr']}. Every prediction: `predictions_{split}.jsonl`.",
+              ""]
+    write_text(out / (RunDir.REPORT if plain else f"report_{split}.md"), "\n".join(lines))
     m["plots"] = plots
     return m

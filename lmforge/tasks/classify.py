@@ -31,7 +31,7 @@ from lmforge import config as cfgmod
 from lmforge.data.labeled import Examples, label_names, read_examples, stratified_split
 from lmforge.data.tokenizer import encode_batch, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.evaluate.classify import classification_metrics, write_report
+from lmforge.evaluate.classify import classification_metrics, split_summary, write_report
 from lmforge.fsutil import write_json
 from lmforge.models import MODELS, build_model
 from lmforge.progress import status
@@ -91,24 +91,39 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, device, b
     return probs
 
 
-def evaluate_examples(model, tokenizer, ex: Examples, names: list[str], max_length: int, device) -> dict:
-    """The classification metrics (and the loss) of ``model`` on ``ex``."""
-    index = {n: i for i, n in enumerate(names)}
-    y = np.array([index[label] for label in ex.labels])
-    return classification_metrics(y, predict_probs(model, tokenizer, ex.texts, max_length, device), names)
-
-
-def write_classification_report(run_dir: Path, model, tokenizer, ex: Examples, names, max_length, device,
-                                split: str, source: str | None = None) -> dict:
-    """Metrics of ``model`` on ``ex`` with the report, plots and per-text predictions
-    (:func:`lmforge.evaluate.classify.write_report`)."""
+def label_ids(ex: Examples, names: list[str]) -> np.ndarray:
+    """``ex``'s labels as class ids; a label the run never saw is a one-line error."""
     index = {n: i for i, n in enumerate(names)}
     unseen = sorted(set(ex.labels) - set(index))
     if unseen:
         raise UserError(f"labels never seen in training: {', '.join(unseen[:10])}")
-    y = np.array([index[label] for label in ex.labels])
+    return np.array([index[label] for label in ex.labels])
+
+
+def evaluate_examples(model, tokenizer, ex: Examples, names: list[str], max_length: int, device) -> dict:
+    """The classification metrics (and the loss) of ``model`` on ``ex``."""
+    return classification_metrics(label_ids(ex, names), predict_probs(model, tokenizer, ex.texts, max_length, device),
+                                  names)
+
+
+def fit_baseline(train_ex: Examples, names: list[str]):
+    """The TF-IDF + logistic regression baseline fitted on the training examples (or None)."""
+    from lmforge.evaluate.baselines import fit_text_baseline
+
+    status(f"fitting the TF-IDF + logistic regression baseline on {len(train_ex):,} training texts")
+    return fit_text_baseline(train_ex.texts, label_ids(train_ex, names), len(names))
+
+
+def write_classification_report(run_dir: Path, model, tokenizer, ex: Examples, names, max_length, device,
+                                split: str, source: str | None = None, baseline=None, verdict: dict | None = None,
+                                out_dir: Path | None = None) -> dict:
+    """Metrics of ``model`` on ``ex`` with the report, plots and per-text predictions, beside the
+    ``baseline`` (:func:`lmforge.evaluate.classify.write_report`)."""
+    y = label_ids(ex, names)
     probs = predict_probs(model, tokenizer, ex.texts, max_length, device)
-    return write_report(run_dir, y, probs, names, split, source, [{"text": t} for t in ex.texts])
+    return write_report(run_dir, y, probs, names, split, source, [{"text": t} for t in ex.texts],
+                        baseline=baseline.on(ex.texts) if baseline is not None else None, verdict=verdict,
+                        out_dir=out_dir)
 
 
 class ClassifyTask(FineTuneTask):
@@ -238,14 +253,17 @@ class ClassifyTask(FineTuneTask):
         return {f"val_{k}": m[k] for k in EARLY_STOP_METRICS}
 
     def finish(self, run, model, ctx):
-        keys = ("accuracy", "macro_f1", "weighted_f1", "roc_auc")
         out = {"arch": self.cfg.arch, "labels": self.names, "train_examples": len(self.train_ex),
                "val_examples": len(self.val_ex) if self.val_ex is not None else 0, "validation": None}
+        baseline = fit_baseline(self.train_ex, self.names)
+        verdict = self.training_verdict(run)
+        if verdict is not None:
+            out["still_improving"] = verdict["still_improving"]
         for split, ex in (("validation", self.val_ex), ("test", self.test_ex)):
             if ex is not None:
                 m = write_classification_report(run.path, model, self.tokenizer, ex, self.names,
-                                                self.cfg.task.max_length, self.device, split)
-                out[split] = {k: m[k] for k in keys}
+                                                self.cfg.task.max_length, self.device, split, baseline=baseline,
+                                                verdict=verdict)
+                out[split] = split_summary(m)
         model.train()
         return out
-

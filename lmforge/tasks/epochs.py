@@ -82,3 +82,15 @@ class EpochTask(Task):
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, self._epoch_batches(epoch)
         return self._batches[i]
+
+    def training_verdict(self, run) -> dict | None:
+        """Did training stop while the validation ``train.early_stop`` figure was still improving
+        (:func:`~lmforge.evaluate.classify.training_verdict`)? Said on stderr when it did."""
+        from lmforge.evaluate.classify import training_verdict, verdict_line
+        from lmforge.progress import status
+
+        metric = self.cfg.train.early_stop
+        verdict = training_verdict(run.path, metric, metric in self.LOWER_IS_BETTER)
+        if verdict is not None and verdict_line(verdict):
+            status(verdict_line(verdict))
+        return verdict

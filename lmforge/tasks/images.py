@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lmforge import config as cfgmod
 from lmforge.data.images import ImageData, save_mosaic
 from lmforge.errors import UserError
-from lmforge.evaluate.classify import classification_metrics, write_report
+from lmforge.evaluate.classify import classification_metrics, split_summary, write_report
 from lmforge.fsutil import write_json
 from lmforge.models import build_model
 from lmforge.models.vision import pixels_to_input
@@ -110,16 +110,19 @@ def plot_curves(run_dir: Path) -> Path | None:
     return save_figure(fig, Path(run_dir) / "plots" / "curves.png")
 
 
-def write_image_report(run_dir: Path, model, data: ImageData, split: str, device) -> dict:
-    """Metrics of ``model`` on ``split`` of ``data`` with the classification report, its plots and
-    a grid of the most confident mistakes (``plots/mistakes_<split>.png``)."""
+def write_image_report(run_dir: Path, model, data: ImageData, split: str, device, baseline=None,
+                       verdict: dict | None = None, out_dir: Path | None = None) -> dict:
+    """Metrics of ``model`` on ``split`` of ``data`` with the classification report, its plots
+    (under ``out_dir`` for data the run was not trained on), a grid of the most confident mistakes
+    (``plots/mistakes_<split>.png``) and the ``baseline`` (``fit_pixel_baseline``) beside it."""
     x, y = data.split(split)
     if not len(y):
         raise UserError(f"{data.path}: the {split} split is empty")
     probs = predict_images(model, x, device)
     m = write_report(run_dir, y, probs, data.names, "validation" if split == "val" else split, str(data.path),
-                     what="images")
-    grid = Path(run_dir) / "plots" / f"mistakes_{split}.png"
+                     what="images", baseline=baseline.on(x) if baseline is not None else None, verdict=verdict,
+                     out_dir=out_dir)
+    grid = Path(out_dir or run_dir) / "plots" / f"mistakes_{split}.png"
     mistakes_grid(x, y, probs, data.names, grid)
     m["plots"] = m["plots"] + [str(grid)]
     return m
@@ -234,13 +237,18 @@ class ImageClassifyTask(EpochTask):
                 "train_eval_loss": fit["loss"]}
 
     def finish(self, run, model, ctx):
-        keys = ("accuracy", "macro_f1", "weighted_f1", "roc_auc")
+        from lmforge.evaluate.baselines import fit_pixel_baseline
+
         out = {"arch": self.cfg.arch, "labels": self.names, "train_examples": len(self.y),
                "val_examples": len(self.val_y), "validation": None}
+        baseline = fit_pixel_baseline(self.x, self.y, len(self.names))
+        verdict = self.training_verdict(run)
+        if verdict is not None:
+            out["still_improving"] = verdict["still_improving"]
         for split, key in (("val", "validation"), ("test", "test")):
             if self.data.meta["splits"][split]["images"]:
-                m = write_image_report(run.path, model, self.data, split, self.device)
-                out[key] = {k: m[k] for k in keys}
+                m = write_image_report(run.path, model, self.data, split, self.device, baseline, verdict)
+                out[key] = split_summary(m)
         plot_curves(run.path)
         model.train()
         return out
