@@ -223,6 +223,8 @@ def test_the_interface_from_idx_files_to_http(tmp_path):
     assert m["n_examples"] == len(y) - 1400
     assert m["accuracy"] > 0.8 and m["macro_f1"] > 0.8  # far above the largest class (~0.1)
     assert m["accuracy"] > m["majority_baseline_accuracy"] + 0.6
+    assert m["baseline"]["method"] == "pixel_logistic_regression" and m["baseline"]["accuracy"] > 0.8
+    assert "logistic regression on the pixels" in (run / "report_test.md").read_text()
     assert (run / "plots" / "mistakes_test.png").is_file() and (run / "plots" / "curves.png").is_file()
 
     png = io.BytesIO()
