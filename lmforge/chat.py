@@ -25,6 +25,29 @@ DEFAULT_CHAT_TEMPLATE = {"system": "### System:\n{content}\n\n", "user": "### Us
                          "stop": ["### User:", "### System:"]}
 
 
+# The tasks that teach a decoder to answer in its chat template.
+CHAT_TASKS = ("sft", "dpo")
+NOT_CHAT_TRAINED = ("was never trained on conversations (no --task sft or dpo in its history, no chat template of "
+                    "its own): its chat answers will read like its training text, or be empty; instruction-tune "
+                    "it first (lmforge train --task sft --init RUN --data CHATS.jsonl)")
+
+
+def chat_trained(run_dir: str | Path, depth: int = 8) -> bool:
+    """Whether a run's decoder learned to answer in its chat template: it was instruction- or
+    preference-tuned, was imported with a template of its own (an instruct model's Jinja), or
+    continues (``task.init``) a run that was."""
+    from lmforge.runs import RunDir
+
+    rd = RunDir(run_dir)
+    if not rd.is_run():
+        return False
+    cfg = rd.load_config()
+    if cfg.task.name in CHAT_TASKS or "jinja" in load_chat_template(run_dir):
+        return True
+    init = getattr(cfg.task, "init", None)
+    return bool(init) and depth > 0 and chat_trained(init, depth - 1)
+
+
 def load_chat_template(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "chat_template.json"
     if not path.is_file():
@@ -137,6 +160,10 @@ def chat_loop(run_dir: str | Path, temperature: float = 0.8, max_tokens: int = 2
     if not run.model.can_generate or getattr(run.model.config, "num_labels", 0):
         raise UserError(f"{run_dir} is not a text generator (chat needs a decoder run: GPT or Llama)")
     template = load_chat_template(run_dir)
+    if not chat_trained(run_dir):
+        from lmforge.progress import status
+
+        status(f"warning: {Path(run_dir).name} {NOT_CHAT_TRAINED}")
     eot = end_token_id(template, run.tokenizer)
     context = run.model.config.block_size
     interactive = stdin.isatty()

@@ -221,6 +221,9 @@ def test_served_smollm2_answers_tokenizes_like_transformers_and_scores_token_id_
                                       "--max-context", "512"], timeout=180)
     try:
         h = {"Authorization": "Bearer k"}
+        # An instruct model with its own chat template: no "never trained on conversations" notice.
+        assert httpx.get(base + f"/v1/models/{run_dir.name}", headers=h).json()["chat_trained"] is True
+        assert 'id="notice"' not in httpx.get(base + "/", headers=h).text
         for text in TEXTS[:3]:
             r = httpx.post(base + "/tokenize", headers=h, json={"model": run_dir.name, "prompt": text})
             assert r.json()["tokens"] == tok(text, add_special_tokens=False).input_ids

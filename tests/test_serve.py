@@ -415,6 +415,23 @@ def test_chat_page_is_served_behind_the_key(server):
     page = httpx.get(base + "/", params={"api_key": KEY})
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert name in page.text and "/v1/chat/completions" in page.text and "<script" in page.text
+    # A plain language model was never taught the chat format: the page, the card and the log say so.
+    assert 'id="notice"' in page.text and "never trained on conversations" in page.text
+    card = httpx.get(base + f"/v1/models/{name}", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert card["chat_trained"] is False
+
+
+def test_an_empty_streamed_chat_answer_still_opens_with_its_role_chunk(server):
+    base, name = server
+    c = client(base)
+    msgs = [{"role": "user", "content": "hi"}]
+    whole = c.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0).choices[0].message
+    assert whole.content  # stopping at its first character leaves nothing
+    chunks = list(c.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0,
+                                            stop=[whole.content[0]], stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert deltas[0].role == "assistant" and not "".join(d.content or "" for d in deltas)
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def _tiny_encoder_run(root, num_labels=0):
@@ -558,6 +575,7 @@ def test_terminal_chat_answers_like_the_server_and_resets(server, trained_run):
     r = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(trained_run), "--temperature", "0",
                         "--max-tokens", "8"], input=f"{question}\n/reset\n{question}\n", capture_output=True,
                        text=True, timeout=120)
+    assert "never trained on conversations" in r.stderr  # a plain language model
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"{ref}\n(new conversation)\n{ref}\n"
     fused = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(trained_run), "--temperature", "0",

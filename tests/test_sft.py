@@ -105,6 +105,9 @@ def test_sft_trains_resumes_exactly_and_evaluates(base_run, chat_file, tmp_path)
     after = json.loads(after.stdout)
     assert after["val_loss"] < before["val_loss"] and after["assistant_tokens"] == before["assistant_tokens"] > 0
     assert (whole / "chat_template.json").is_file() and (whole / "tokenizer.json").is_file()
+    from lmforge.chat import chat_trained  # what decides the chat warnings of serve and chat
+
+    assert chat_trained(whole) and not chat_trained(base_run)
 
 
 BAD_ROWS = [({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, "needs a role"),

@@ -29,7 +29,8 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from lmforge.chat import end_token_id, jinja_chat_template, load_chat_template, render_chat
+from lmforge.chat import (NOT_CHAT_TRAINED, chat_trained, end_token_id, jinja_chat_template, load_chat_template,
+                          render_chat)
 from lmforge.data.tokenizer import EOT
 from lmforge.errors import UserError
 from lmforge.generate import text_pieces
@@ -70,6 +71,7 @@ class Engine:
         self.encoder_lock = threading.Lock()  # encoder forwards share the tokenizer's padding state
         self.labels = self.run.labels if self.kind == "classifier" else None
         self.chat_template = load_chat_template(run_dir)
+        self.chat_trained = self.kind == "generator" and chat_trained(run_dir)
         # A completion ends at the end of the document; a chat answer at the template's end of turn.
         self.turn_end = end_token_id(self.chat_template, self.run.tokenizer) if self.kind == "generator" else None
         self.created = int(time.time())
@@ -335,7 +337,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
 
     def model_card() -> dict:
         return {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "lmforge",
-                "max_model_len": engine.context}
+                "max_model_len": engine.context, "chat_trained": engine.chat_trained}
 
     @app.get("/v1/models")
     async def models():
@@ -445,7 +447,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
                 async for index, item in pieces:
                     if isinstance(item, Finished):
                         completion_tokens += item.value["completion_tokens"]
-                        yield sse(make_chunk(index, None, item.value["finish_reason"], index not in started))
+                        if index not in started:  # an empty answer still opens with its role chunk
+                            yield sse(make_chunk(index, Piece(""), None, True))
+                            started.add(index)
+                        yield sse(make_chunk(index, None, item.value["finish_reason"], False))
                     elif item.text or item.tokens:
                         yield sse(make_chunk(index, item, None, index not in started))
                         started.add(index)
@@ -536,7 +541,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         if engine.kind != "generator" and engine.images:  # nothing to chat with; say what it serves
             return HTMLResponse(f"<p>{html.escape(engine.name)} is an image classifier: POST images to "
                                 "<code>/v1/classify</code>.</p>", status_code=404)
-        return CHAT_PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", html.escape(engine.name))
+        notice = "" if engine.chat_trained else \
+            f'<p id="notice" role="status">{html.escape(engine.name)} {html.escape(NOT_CHAT_TRAINED)}.</p>'
+        return CHAT_PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", html.escape(engine.name)) \
+            .replace("{{NOTICE}}", notice)
 
     return app
 
@@ -547,4 +555,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
     import uvicorn
 
     engine = Engine(run_dir, max_tokens_cap, max_batch, compile, max_context)
+    if engine.kind == "generator" and not engine.chat_trained:
+        from lmforge.progress import status
+
+        status(f"warning: {engine.name} {NOT_CHAT_TRAINED} (/v1/completions is unaffected)")
     uvicorn.run(create_app(engine, api_key, max_concurrency), host=host, port=port, log_level="warning")
