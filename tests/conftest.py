@@ -53,9 +53,10 @@ def data_dir(tmp_path_factory, corpus_dir) -> Path:
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
-            input: str | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m lmforge ARGS`` as a user would (``input`` on stdin); returns the completed process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m lmforge ARGS`` as a user would (``input`` on stdin, ``env`` added to the
+    environment); returns the completed process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout, input=input)
 

@@ -74,13 +74,40 @@ def test_checkpoint_holds_no_pickled_objects(tmp_path, data_dir):
     assert (run / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_time_budget_plans_the_schedule(tmp_path, data_dir):
+def test_time_budget_plans_the_schedule(tmp_path, data_dir, monkeypatch):
+    import io
+    import re
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     cfg = debug_cfg("train.max_steps=null", "train.max_seconds=3", "train.warmup_steps=10")
     summary = train(cfg, data_dir, tmp_path / "run")
+    monkeypatch.undo()
+    # On a terminal: one bar whose count never goes back as the plan is revised, and the re-plan
+    # messages on lines of their own above it (tqdm clears the bar first).
+    segments = re.split(r"[\r\n]", terminal.getvalue())
+    counts = [int(m.group(1)) for seg in segments if (m := re.search(r"training:.*?\| *(\d+)/\d+", seg))]
+    assert counts and counts == sorted(counts) and counts[-1] == summary["step"]
+    assert any(seg.startswith("[lmforge] planned") for seg in segments)
+    assert not [seg for seg in segments if "training:" in seg and "[lmforge]" in seg]
     saved = cfgmod.load(tmp_path / "run" / "config.yaml")
     assert saved.train.max_steps is not None and saved.train.max_steps > 8
     assert summary["stopped_by"] in ("max_steps", "max_seconds")
     assert summary["seconds"] < 3 + 5  # the budget plus the final evaluation and checkpoint
+
+
+def test_progress_off_a_terminal_is_plain_lines(tmp_path, data_dir):
+    r = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset", "debug",
+                "--max-steps", "4", env={"LMFORGE_PROGRESS_SECONDS": "0"})
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("[lmforge] training: ")]
+    assert [line.split()[2] for line in lines[:4]] == ["1/4", "2/4", "3/4", "4/4"], r.stderr
+    assert "step/s" in lines[0] and "\r" not in r.stderr  # no bar drawing in a log
 
 
 def test_time_budget_plans_from_timed_steps_and_follows_a_change_of_speed():

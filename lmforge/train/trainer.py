@@ -351,8 +351,8 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
                     cfg = cfgmod.replace(cfg, train={"max_steps": max_steps})
                     if world.main:
                         cfgmod.save(cfg, run.config)
-                    bar.reset(total=max_steps)
-                    bar.update(step)
+                    bar.total = max_steps  # the same bar, its total changed in place
+                    bar.refresh()
                     say(f"planned {max_steps} steps to fit {t.max_seconds:.0f} s "
                         f"({budget.per_step * 1000:.0f} ms/step)")
 
