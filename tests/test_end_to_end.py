@@ -28,13 +28,22 @@ def test_prepare_train_eval_generate(tmp_path, corpus_dir):
     report = (run / "report.md").read_text()
     assert "lzma" in report and "## Samples" in report and f"{m['val_bpb']:.4f}" in report
     assert (run / "plots" / "loss.png").stat().st_size > 1000
+    # The samples continue openings of validation documents, not prompts fixed in the code.
+    import numpy as np
+    from tokenizers import Tokenizer
 
-    r = run_cli("eval", str(run), "--dynamic-lr", "1e-3", "--json")  # implies --dynamic
+    val = Tokenizer.from_file(str(data / "tokenizer.json")).decode(
+        np.fromfile(data / "val.bin", dtype=json.loads((data / "meta.json").read_text())["dtype"]).tolist())
+    assert len(m["sample_prompts"]) == 3 and all(p and p in val for p in m["sample_prompts"])
+    assert len(set(m["sample_prompts"])) == 3
+
+    r = run_cli("eval", str(run), "--dynamic-lr", "1e-3", "--prompt", "the model", "--samples", "1", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["val_bpb"] == m["val_bpb"] and d["dynamic_lr"] == 1e-3
     assert d["dynamic_val_bpb"] < d["val_bpb"]  # adapting to the validation text as it is read pays
     assert f"{d['dynamic_val_bpb']:.4f}" in (run / "report.md").read_text()
+    assert d["sample_prompts"] == ["the model"] and "Prompt `'the model'`" in (run / "report.md").read_text()
 
     r = run_cli("generate", str(run), "--prompt", "the model", "--max-new-tokens", "30", "--seed", "3")
     assert r.returncode == 0, r.stderr

@@ -21,7 +21,9 @@ class Options:
     max_tokens: int | None = flag(help="score at most this many validation tokens")
     stride: int | None = flag(help="tokens between window starts (default: the context length, i.e. consecutive "
                               "windows; smaller gives each token more context at more cost)")
-    samples: int = flag(3, help="samples to put in report.md (0-3)")
+    samples: int = flag(3, help="samples in report.md, each continuing the opening of a validation document")
+    prompt: list[str] | None = flag(append=True, metavar="TEXT", help="continue this text in report.md instead "
+                                    "(repeatable)")
     dynamic: bool = flag(False, help="also dynamic evaluation: one Adam step on each window after scoring it, so "
                          "the model adapts to the text as lzma does (dynamic_val_bpb)")
     dynamic_lr: float | None = flag(help="Adam learning rate for --dynamic (default 1e-4)")
@@ -216,8 +218,10 @@ def run(o: Options) -> int:
         return verbs[kind](o, load_run(o.run_dir))
     from lmforge.evaluate.run import evaluate_run
 
+    if o.samples < 0 or o.samples > 20:
+        raise UserError(f"--samples must be in 0..20, got {o.samples}")
     m = evaluate_run(o.run_dir, o.data, o.batch_size, o.max_tokens, samples=o.samples, stride=o.stride,
-                     dynamic=o.dynamic or o.dynamic_lr is not None, dynamic_lr=o.dynamic_lr)
+                     dynamic=o.dynamic or o.dynamic_lr is not None, dynamic_lr=o.dynamic_lr, prompts=o.prompt)
     if o.json:
         print_json(m)
     else:
