@@ -92,6 +92,18 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return all((self.path / f).is_file() for f in (self.MODEL, self.STATE_TENSORS, self.STATE_JSON))
 
+    # What the trainer writes before the first checkpoint: a directory holding only these (and
+    # TensorBoard event files) is a start a kill stopped, which a new start may replace.
+    START_FILES = (CONFIG, TOKENIZER, LABELS, CHAT_TEMPLATE, METRICS)
+
+    def is_aborted_start(self) -> bool:
+        """A run directory whose training was stopped (a kill) before its first checkpoint."""
+        if not self.is_run():
+            return False
+        names = [p.name for p in self.path.iterdir()]
+        return all(n in self.START_FILES or n.startswith("events.out.tfevents.") or n.endswith(".tmp")
+                   for n in names)
+
     def require(self) -> None:
         """Raise a one-line error unless this is a run directory with weights."""
         if not self.is_run():

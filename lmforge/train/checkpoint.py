@@ -4,8 +4,13 @@
 - ``trainer_state.safetensors``: optimizer moments and RNG states as tensors.
 - ``trainer_state.json``: step, counters, hook state, optimizer hyper-parameters.
 
-Each file is written to a temporary name and renamed. The step is stored in all three so that a
-checkpoint torn by a crash between renames is detected on resume rather than silently mixed.
+A checkpoint switches atomically: its files are written and fsynced in a staging directory
+``.checkpoint-<step>.tmp/``, which is then renamed to ``.checkpoint-<step>/`` — the commit — and
+only then are its files moved over the previous checkpoint's, one rename each, and the directory
+removed. A kill before the commit leaves the previous checkpoint whole (the staging directory is
+removed at the next start); a kill after it leaves a committed directory that
+:func:`recover_checkpoint` (run before every resume) finishes moving. The step is also stored in
+all three files, so that a checkpoint mixed any other way is refused rather than loaded.
 
 When a finished run keeps its best weights (``train.keep_best``), ``model.safetensors`` holds
 those (``state["model_step"]``, the step they are from) and the last step's weights, which a
@@ -15,13 +20,15 @@ those (``state["model_step"]``, the step they are from) and the last step's weig
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import UserError
-from lmforge.fsutil import atomic_path, write_json
+from lmforge.fsutil import atomic_path
 
 from lmforge.runs import RunDir
 
@@ -54,14 +61,33 @@ def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
     return tensors, groups
 
 
+STAGING, COMMITTED = ".checkpoint-{}.tmp", ".checkpoint-{}"
+
+
+def _fault(point: str, step: str) -> None:
+    """Fault injection for the crash tests: ``LMFORGE_FAULT=<point>:<step>`` ends the process
+    there at once, as a kill -9 would (no cleanup, no flush)."""
+    if os.environ.get("LMFORGE_FAULT") == f"{point}:{step}":
+        os._exit(137)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(run_dir: str | Path, model, optimizer, state: dict, model_state: dict | None = None,
-                    optimizer_state: dict | None = None) -> None:
-    """Save model, optimizer, RNG and ``state`` (must hold ``step``) into ``run_dir``.
+                    optimizer_state: dict | None = None, model_file: str | Path | None = None) -> None:
+    """Save model, optimizer, RNG and ``state`` (must hold ``step``) into ``run_dir``, atomically.
 
     ``model_state`` / ``optimizer_state`` replace ``model.state_dict_for_save()`` and
     ``optimizer.state_dict()`` when they were gathered elsewhere (sharded training). With
-    ``state["model_step"]`` other than ``state["step"]``, ``model.safetensors`` is left alone (it
-    holds the kept best weights) and the weights go into the trainer state instead."""
+    ``state["model_step"]`` other than ``state["step"]``, the weights go into the trainer state and
+    ``model.safetensors`` keeps the kept best weights — or becomes ``model_file`` (the best weights
+    file, moved in as part of the same checkpoint)."""
     run_dir = Path(run_dir)
     step = str(state["step"])
     weights = model_state if model_state is not None else model.state_dict_for_save()
@@ -73,11 +99,60 @@ def save_checkpoint(run_dir: str | Path, model, optimizer, state: dict, model_st
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    with atomic_path(run_dir / STATE_TENSORS) as tmp:
-        save_file(tensors, str(tmp), metadata={"step": step})
+    staging, committed = run_dir / STAGING.format(step), run_dir / COMMITTED.format(step)
+    for old in (staging, committed):
+        shutil.rmtree(old, ignore_errors=True)
+    staging.mkdir()
+    save_file(tensors, str(staging / STATE_TENSORS), metadata={"step": step})
     if not separate:
-        save_model(model, run_dir / MODEL_FILE, metadata={"step": step, "format": "lmforge"}, state=weights)
-    write_json(run_dir / STATE_JSON, {**state, "param_groups": groups})
+        save_file(weights, str(staging / MODEL_FILE), metadata={"step": step, "format": "lmforge"})
+    elif model_file is not None:
+        try:  # a second name for the same bytes; a copy where links are not allowed
+            os.link(model_file, staging / MODEL_FILE)
+        except OSError:
+            shutil.copyfile(model_file, staging / MODEL_FILE)
+    (staging / STATE_JSON).write_text(json.dumps({**state, "param_groups": groups}, indent=2) + "\n", encoding="utf-8")
+    for f in staging.iterdir():
+        _fsync(f)
+    _fsync(staging)
+    _fault("checkpoint-staged", step)
+    os.replace(staging, committed)  # the commit: from here on this checkpoint is the run's
+    _fsync(run_dir)
+    _fault("checkpoint-committed", step)
+    _finish(committed, run_dir, step)
+    if model_file is not None and separate:
+        Path(model_file).unlink(missing_ok=True)
+
+
+def _finish(committed: Path, run_dir: Path, step: str) -> None:
+    """Move a committed checkpoint's files over the previous ones (the state JSON last), then
+    drop its directory."""
+    for name in (STATE_TENSORS, MODEL_FILE, STATE_JSON):
+        if (committed / name).is_file():
+            os.replace(committed / name, run_dir / name)
+            _fault(f"checkpoint-moved-{name}", step)
+    committed.rmdir()
+    _fsync(run_dir)
+
+
+def recover_checkpoint(run_dir: str | Path) -> None:
+    """Before a run directory is trained again: finish moving a checkpoint that was committed when
+    a kill stopped the writer, and remove what a kill left half-written (staging directories,
+    atomic writes' temporary files)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    committed = sorted((p for p in run_dir.glob(COMMITTED.format("*")) if p.is_dir() and p.name[12:].isdigit()),
+                       key=lambda p: int(p.name[12:]))
+    for stale in committed[:-1]:  # older commits were superseded (cannot happen but by hand)
+        shutil.rmtree(stale, ignore_errors=True)
+    if committed:
+        _finish(committed[-1], run_dir, committed[-1].name[12:])
+    for leftover in run_dir.glob(".*.tmp"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:

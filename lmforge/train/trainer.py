@@ -29,7 +29,8 @@ from lmforge.progress import progress, status
 from lmforge.runs import RunDir
 from lmforge.tasks import TASKS
 from lmforge.models.lora import apply_lora
-from lmforge.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint, save_model
+from lmforge.train.checkpoint import (load_checkpoint, load_model_state, recover_checkpoint, save_checkpoint,
+                                     save_model)
 from lmforge.train.distributed import (World, accumulating, gather_state, is_sharded, load_optimizer_state, setup,
                                        shard, teardown, world_from_env, wrap)
 from lmforge.train.metrics_log import MetricsLog
@@ -144,9 +145,18 @@ def train(cfg: cfgmod.RunConfig, data_dir: str | Path | None = None, run_dir: st
     if data_dir is not None:
         cfg = cfgmod.replace(cfg, data={"path": str(data_dir)})
     run = RunDir(run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        recover_checkpoint(run.path)  # finish a checkpoint a kill interrupted after its commit
     if resume and not run.has_checkpoint():
+        if run.is_aborted_start():
+            raise UserError(f"--resume: {run_dir} stopped before its first checkpoint, so there is nothing to "
+                            "resume; run the same command without --resume to start it again")
         raise UserError(f"--resume: no checkpoint in {run_dir}")
-    if not resume and not run.is_empty():
+    if not resume and run.is_aborted_start():
+        status(f"{run_dir} holds a start that stopped before its first checkpoint: starting it again")
+        for f in run.path.iterdir():
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    elif not resume and not run.is_empty():
         raise UserError(f"run directory {run_dir} is not empty; use --resume to continue it or choose another --out")
     task = TASKS[cfg.task.name](cfg, run if resume else None)  # reads and checks the data
     world = world_from_env()
@@ -266,13 +276,13 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
     def gathered_weights() -> dict | None:
         return gather_state(model, optimizer)[0] if is_sharded(model) else None  # all processes call
 
-    def checkpoint(model_step: int | None = None) -> None:
+    def checkpoint(model_step: int | None = None, model_file: Path | None = None) -> None:
         state["step"], state["model_step"] = step, step if model_step is None else model_step
         state["best"] = tracker.state()
         state["train_seconds"] = round(seconds_before + time.perf_counter() - session_t0, 3)
         gathered = gather_state(model, optimizer) if is_sharded(model) else (None, None)  # all processes
         if world.main:
-            save_checkpoint(run.path, model, optimizer, state, *gathered)
+            save_checkpoint(run.path, model, optimizer, state, *gathered, model_file=model_file)
         world.barrier()
 
     def evaluate() -> dict:
@@ -410,11 +420,10 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
             observe(last_val)
     best = tracker.step if tracker.keep_best and finished and (run / run.BEST).is_file() else None
     if best is not None and best != step:
-        # The last weights go into the trainer state (a --resume continues from them), then the
-        # best ones become the run's model.
-        checkpoint(model_step=best)
+        # The last weights go into the trainer state (a --resume continues from them) and the best
+        # ones become the run's model, in one checkpoint.
+        checkpoint(model_step=best, model_file=run / run.BEST)
         if world.main:
-            os.replace(run / run.BEST, run.model)
             if not is_sharded(model):  # the final reports (process 0) are on the best weights
                 model.load_saved_state(load_model_state(run.model))
     else:
