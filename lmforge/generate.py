@@ -20,10 +20,14 @@ from lmforge.device import compile_fn
 from lmforge.models.decoder import Decoder, KVCache
 
 
+GREEDY_BELOW = 1e-5  # temperatures this small sample the likeliest token anyway
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next id for each row of ``logits`` (B, V); temperature 0 means greedy."""
-    if temperature <= 0:
+    """Pick the next id for each row of ``logits`` (B, V); temperature 0 (or below
+    ``GREEDY_BELOW``, where dividing by it overflows float32) means greedy."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and 0 < top_k < logits.size(-1):
@@ -34,6 +38,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens before it already reach top_p (the first always stays).
         drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop[..., 0] = False  # rounding must not drop the likeliest token too (top_p near 0)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

@@ -158,3 +158,19 @@ def test_penalties_and_logit_bias_change_the_logits_as_openais_do():
     assert 3 not in banned and banned == reference(20, 0.0, 0.0, {3: -100.0})
     mixed = list(batcher.submit(prompt, 20, temperature=0.0, frequency_penalty=0.7, logit_bias={66: 1.0, 28: -2.0}))
     assert mixed == reference(20, 0.0, 0.7, {66: 1.0, 28: -2.0})
+
+
+def test_a_sequence_whose_sampling_fails_fails_alone():
+    import pytest
+
+    model = tiny_gpt()
+    batcher = ContinuousBatcher(model, max_batch=4)
+    fine = [batcher.submit(p, 12, temperature=0.0) for p in PROMPTS[:3]]
+    broken = batcher.submit(PROMPTS[3], 12, temperature=0.0, logit_bias={10 ** 6: 1.0})  # no such token
+    with pytest.raises(IndexError):
+        list(broken)
+    assert [list(it) for it in fine] == [alone(model, p, 12) for p in PROMPTS[:3]]
+    # Temperatures too small to divide by, and top_p near 0, sample the likeliest token.
+    assert list(batcher.submit(PROMPTS[0], 8, temperature=1e-40)) == alone(model, PROMPTS[0], 8)
+    assert list(batcher.submit(PROMPTS[1], 8, temperature=1.0, top_p=1e-46, seed=1)) == alone(model, PROMPTS[1], 8)
+    assert sorted(batcher.free) == list(range(4)) and not batcher.active

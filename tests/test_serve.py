@@ -293,6 +293,53 @@ def test_parameters_the_server_cannot_honour_are_refused_not_ignored(server):
     assert forced.logprobs.tokens == [five] * 4
 
 
+def test_hostile_requests_are_refused_up_front_and_never_hurt_a_stream_in_flight(server):
+    """Each of these once broke the batcher for everyone (tiny temperature or top_p), answered 500
+    or an empty 200 stream (seeds past 64 bits, a lone surrogate, logit_bias key '²'), amplified
+    one request into 8,000 generations, read a chunked 20 MB body on the event loop, or answered a
+    rebinding Host. Meanwhile another client's stream must finish intact."""
+    import threading
+
+    base, name = server
+    c = client(base)
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    body = {"model": name, "prompt": "the model", "max_tokens": 6}
+    greedy = c.completions.create(**body, temperature=0).choices[0].text
+    streamed = {}
+
+    def stream_meanwhile():
+        pieces = c.completions.create(model=name, prompt="a tokenizer", max_tokens=48, temperature=0, stream=True)
+        streamed["chunks"] = [(ch.choices[0].text, ch.choices[0].finish_reason) for ch in pieces if ch.choices]
+    reader = threading.Thread(target=stream_meanwhile)
+    reader.start()
+    # Tiny temperatures and top_p are greedy, not a crash of every sequence in flight.
+    assert c.completions.create(**body, temperature=1e-40).choices[0].text == greedy
+    assert c.completions.create(**body, top_p=1e-46, temperature=1.0, seed=3).choices[0].text == greedy
+    hostile = [{**body, "seed": 2 ** 70}, {**body, "seed": 2 ** 70, "stream": True}, {**body, "logit_bias": {"²": 1}},
+               {"model": name, "prompt": [[1]] * 500, "n": 16, "max_tokens": 1}]
+    for bad in hostile:
+        r = httpx.post(base + "/v1/completions", headers=h, json=bad, timeout=30)
+        assert r.status_code == 400, (bad, r.text)
+    for raw in (b'{"model": "%s", "prompt": "a\\ud800b", "max_tokens": 2}' % name.encode(),
+                b'{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}], "stream": true}' % name.encode()):
+        path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+        r = httpx.post(base + path, headers=h, content=raw, timeout=30)
+        assert r.status_code == 400 and "surrogate" in r.text, r.text
+
+    def chunked():  # no Content-Length: only counting the bytes read can stop it
+        yield b'{"model": "x", "prompt": "'
+        for _ in range(20):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+    assert httpx.post(base + "/v1/completions", headers=h, content=chunked(), timeout=60).status_code == 413
+    assert httpx.get(base + "/health", headers={"Host": "rebound.example"}).status_code == 400
+    assert httpx.get(base + "/health").status_code == 200
+    reader.join(timeout=60)
+    text = "".join(t for t, _ in streamed["chunks"])
+    assert streamed["chunks"][-1][1] in ("stop", "length") and text == c.completions.create(
+        model=name, prompt="a tokenizer", max_tokens=48, temperature=0).choices[0].text
+
+
 def test_requests_past_max_concurrency_get_429_and_the_rest_complete(trained_run):
     import threading
 
@@ -305,6 +352,8 @@ def test_requests_past_max_concurrency_get_429_and_the_rest_complete(trained_run
             r = httpx.post(base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
                            json={"model": trained_run.name, "prompt": "the", "max_tokens": 64, "temperature": 0})
             statuses.append((r.status_code, r.json()))
+            if r.status_code == 429:
+                assert r.headers["retry-after"] == "1"
 
         threads = [threading.Thread(target=one) for _ in range(8)]
         for t in threads:

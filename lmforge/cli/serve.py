@@ -24,6 +24,8 @@ class Options:
     max_concurrency: int = flag(16, help="requests in flight at once; more are answered 429 (not queued)")
     max_batch: int = flag(16, help="sequences decoded together (continuous batching); more wait for a free slot")
     compile: bool = flag(False, help=DECODE_COMPILE_HELP + "; all batch sizes are compiled before the server answers")
+    allowed_host: list[str] | None = flag(append=True, metavar="NAME", help="also answer requests whose Host is "
+                                          "NAME (bound to 127.0.0.1, only loopback names are answered otherwise)")
     max_context: int | None = flag(help="longest prompt + answer, in tokens (default: the model's context, at most "
                                    "2048; the KV cache holds max-batch sequences of this length)")
 
@@ -40,5 +42,6 @@ def run(o: Options) -> int:
         raise UserError("--max-concurrency and --max-batch must be positive, --max-context at least 2")
     print(f"lmforge serve: {o.run_dir} on http://{o.host}:{o.port}/ (chat page; API under /v1) "
           f"({'API key required' if key else 'no API key'})", file=sys.stderr, flush=True)
-    serve(o.run_dir, o.host, o.port, key, o.max_tokens_cap, o.max_concurrency, o.max_batch, o.compile, o.max_context)
+    serve(o.run_dir, o.host, o.port, key, o.max_tokens_cap, o.max_concurrency, o.max_batch, o.compile, o.max_context,
+          o.allowed_host)
     return 0

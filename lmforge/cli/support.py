@@ -61,6 +61,8 @@ class ServeOptions:
     agent_key: str | None = flag(help="the agent pages' key (default: $LMFORGE_AGENT_KEY, else a random one printed)")
     generate: str | None = flag(metavar="RUN_DIR", help="a GPT run that rephrases the FAQ answers")
     max_concurrency: int = flag(32)
+    allowed_host: list[str] | None = flag(append=True, metavar="NAME", help="also answer requests whose Host is "
+                                          "NAME (bound to 127.0.0.1, only loopback names are answered otherwise)")
 
 
 @dataclass
@@ -163,7 +165,7 @@ def run_serve(o: ServeOptions) -> int:
     key = o.api_key or os.environ.get("LMFORGE_API_KEY") or None
     agent_key = o.agent_key or os.environ.get("LMFORGE_AGENT_KEY") or None
     print(f"lmforge support: {o.app_dir} on http://{o.host}:{o.port}/ (agents: /agent)", file=sys.stderr, flush=True)
-    serve(o.app_dir, o.host, o.port, key, agent_key, o.generate, o.max_concurrency)
+    serve(o.app_dir, o.host, o.port, key, agent_key, o.generate, o.max_concurrency, o.allowed_host)
     return 0
 
 

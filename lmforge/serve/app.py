@@ -35,10 +35,11 @@ from lmforge.data.tokenizer import EOT
 from lmforge.errors import UserError
 from lmforge.generate import text_pieces
 from lmforge.serve.batching import ContinuousBatcher
-from lmforge.serve.common import APIError, Metrics, install_api_basics, key_matches, request_key, unauthorized
+from lmforge.serve.common import (APIError, Metrics, install_api_basics, key_matches, request_key, too_busy,
+                                  unauthorized)
 from lmforge.serve.logprobs import (Piece, Placer, TokenText, chat_logprobs, completion_logprobs, placed_prompt,
                                     split_by_offset)
-from lmforge.serve.protocol import (MAX_INPUTS, ChatMessage, ChatRequest, ClassifyRequest, CompletionRequest,
+from lmforge.serve.protocol import (MAX_INPUTS, MAX_SEQUENCES_PER_REQUEST, ChatMessage, ChatRequest, ClassifyRequest, CompletionRequest,
                                     DetokenizeRequest, EmbeddingRequest, SamplingRequest, TokenizeRequest)
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
@@ -106,7 +107,7 @@ class Engine:
             return None
         vocab, bias = self.run.model.config.vocab_size, {}
         for key, value in req.logit_bias.items():
-            if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab or not -100 <= value <= 100:
+            if not (key.isascii() and key.isdigit()) or not 0 <= int(key) < vocab or not -100 <= value <= 100:
                 raise APIError(400, f"logit_bias maps token ids in [0, {vocab}) to values in [-100, 100]; "
                                     f"got {key!r}: {value}", param="logit_bias")
             bias[int(key)] = value
@@ -266,7 +267,18 @@ class Failed:
     error: BaseException
 
 
-async def _iterate_in_thread(gen):
+class Live:
+    """How many generations are being driven right now (a thread each), counted thread-safely."""
+
+    def __init__(self):
+        self.n, self.lock = 0, threading.Lock()
+
+    def add(self, k: int) -> None:
+        with self.lock:
+            self.n += k
+
+
+async def _iterate_in_thread(gen, live: Live | None = None):
     """Drive a blocking generator in a worker thread; yields its items, then :class:`Finished`.
 
     If the consumer goes away (a client disconnects mid-stream), the worker stops the generator at
@@ -292,9 +304,13 @@ async def _iterate_in_thread(gen):
         except BaseException as e:  # surface errors to the request, not the thread
             loop.call_soon_threadsafe(queue.put_nowait, Failed(e))
         finally:
+            if live is not None:
+                live.add(-1)
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
     thread = threading.Thread(target=work, daemon=True)
+    if live is not None:
+        live.add(1)
     thread.start()
     try:
         while True:
@@ -308,7 +324,8 @@ async def _iterate_in_thread(gen):
         cancelled.set()
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int = 16) -> FastAPI:
+def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int = 16,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
     metrics = Metrics()
     engine.on_tokens = lambda prompt, generated: (metrics.prompt_tokens.inc(prompt),
@@ -329,7 +346,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         return None if key_matches(request_key(request, "api_key" if page else None), api_key) else \
             unauthorized("invalid or missing API key")
 
-    install_api_basics(app, metrics, check_auth, max_concurrency)
+    install_api_basics(app, metrics, check_auth, max_concurrency, allowed_hosts=allowed_hosts)
 
     @app.get("/health")
     async def health():
@@ -381,6 +398,19 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         given = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return given + list(extra)
 
+    live = Live()
+    # Sequences (prompts x n) one request may ask for, and all requests together: the amplification
+    # of one request (500 prompts x n 16 = 8,000 generations, a thread each) is refused up front.
+    max_live = MAX_SEQUENCES_PER_REQUEST * max(1, max_concurrency // 4)
+
+    def count_sequences(n_prompts: int, req) -> None:
+        k = n_prompts * req.n
+        if k > MAX_SEQUENCES_PER_REQUEST:
+            raise APIError(400, f"{n_prompts} prompt(s) x n {req.n} = {k} sequences; at most "
+                                f"{MAX_SEQUENCES_PER_REQUEST} per request", param="prompt")
+        if live.n + k > max_live:
+            raise too_busy(f"{live.n} sequences are being generated (at most {max_live}); retry shortly")
+
     def choices_of(prompts_ids, req, stop, limits, logprobs, echoes, end=None) -> list:
         """One generator of :class:`Piece` s per choice, prompt-major (choice index = prompt * n + j),
         all submitted at once so that they decode together."""
@@ -394,7 +424,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         done = object()
 
         async def drain(index, gen):
-            items = _iterate_in_thread(gen)
+            items = _iterate_in_thread(gen, live)
             try:
                 async for item in items:
                     await queue.put((index, item))
@@ -466,7 +496,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
         prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
         if not prompts or any(len(p) == 0 and not isinstance(p, str) for p in prompts):
             raise APIError(400, "prompt must not be empty", param="prompt")
-        ids = [engine.check(req, p) for p in prompts]
+        count_sequences(len(prompts), req)
+        ids = await asyncio.to_thread(lambda: [engine.check(req, p) for p in prompts])  # off the event loop
         limits = [engine.max_tokens(req, x) for x in ids]
         echoes = [(p if isinstance(p, str) else engine.run.tokenizer.decode(p)) if req.echo else None for p in prompts]
         gens = choices_of(ids, req, stops(req), limits, req.logprobs, echoes)
@@ -489,7 +520,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
     async def chat(req: ChatRequest):
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        ids = [engine.check(req, engine.render_chat(req.messages))]
+        count_sequences(1, req)
+        ids = [await asyncio.to_thread(lambda: engine.check(req, engine.render_chat(req.messages)))]
         top = (req.top_logprobs or 0) if req.logprobs else None
         # Without a limit an answer may take the rest of the context (up to the cap), as in OpenAI's API.
         limits = [engine.max_tokens(req, ids[0], default=None)]
@@ -551,12 +583,15 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_tokens_cap: int = 1024, max_concurrency: int = 16, max_batch: int = 16,
-          compile: bool = False, max_context: int | None = None) -> None:
+          compile: bool = False, max_context: int | None = None, allowed_hosts: list[str] | None = None) -> None:
     import uvicorn
+
+    from lmforge.serve.common import allowed_hosts_for
 
     engine = Engine(run_dir, max_tokens_cap, max_batch, compile, max_context)
     if engine.kind == "generator" and not engine.chat_trained:
         from lmforge.progress import status
 
         status(f"warning: {engine.name} {NOT_CHAT_TRAINED} (/v1/completions is unaffected)")
-    uvicorn.run(create_app(engine, api_key, max_concurrency), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(engine, api_key, max_concurrency, allowed_hosts_for(host, allowed_hosts)), host=host,
+                port=port, log_level="warning")

@@ -36,7 +36,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from lmforge.generate import DecodeStep, sample_next
+from lmforge.generate import GREEDY_BELOW, DecodeStep, sample_next
 from lmforge.models.decoder import Decoder
 from lmforge.progress import progress
 
@@ -200,17 +200,33 @@ class ContinuousBatcher:
                     seq.slot = heapq.heappop(self.free)
                     self.active[seq.slot] = seq
                     admitted.append(seq)
-            try:
-                with torch.no_grad():
-                    if admitted:
+            # A failure fails only the sequences it concerns (a forward pass: those in it; sampling:
+            # that sequence), and the batcher goes on serving the others.
+            with torch.no_grad():
+                if admitted:
+                    try:
                         self._prefill(admitted)
-                    if self.active:
+                    except BaseException as e:
+                        self._fail(admitted, e)
+                if self.active:
+                    try:
                         self._step()
-            except BaseException as e:  # fail the requests in flight, keep serving the next ones
-                with self.cond:
-                    for slot, seq in list(self.active.items()):
-                        seq.out.put(e)
-                        self._release(slot)
+                    except BaseException as e:
+                        self._fail(list(self.active.values()), e)
+
+    def _fail(self, seqs: list[_Sequence], error: BaseException) -> None:
+        with self.cond:
+            for seq in seqs:
+                if self.active.get(seq.slot) is seq:
+                    seq.out.put(error)
+                    self._release(seq.slot)
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Sample and emit ``seq``'s next token; a failure there fails that sequence alone."""
+        try:
+            self._emit(seq, self._sample(seq, logits, greedy))
+        except Exception as e:
+            self._fail([seq], e)
 
     def _release(self, slot: int) -> None:
         del self.active[slot]
@@ -245,7 +261,7 @@ class ContinuousBatcher:
         if seq.logit_bias:
             ids = torch.tensor(list(seq.logit_bias), device=logits.device)
             logits[0, ids] += torch.tensor(list(seq.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-        if seq.temperature <= 0 and greedy is not None:
+        if seq.temperature < GREEDY_BELOW and greedy is not None:
             if seq.logprobs is None:
                 return greedy
             token = torch.tensor([greedy])
@@ -274,7 +290,7 @@ class ContinuousBatcher:
             if seq.max_new_tokens <= 0:
                 self._finish(seq)
             else:
-                self._emit(seq, self._sample(seq, logits[i:i + 1]))
+                self._advance(seq, logits[i:i + 1])
 
     def _step(self) -> None:
         with self.cond:
@@ -291,4 +307,4 @@ class ContinuousBatcher:
         self.max_rows_seen = max(self.max_rows_seen, len(rows))
         for slot, seq in rows.items():
             seq.pos += 1
-            self._emit(seq, self._sample(seq, logits[slot:slot + 1], greedy[slot]))
+            self._advance(seq, logits[slot:slot + 1], greedy[slot])

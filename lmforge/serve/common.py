@@ -20,11 +20,18 @@ from starlette.routing import Match
 MAX_BODY_BYTES = 1_000_000
 
 
+RETRY_AFTER = {"Retry-After": "1"}  # seconds, on every 429
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def too_busy(message: str) -> APIError:
+    return APIError(429, message, "rate_limit_error", code="rate_limit_exceeded")
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -84,16 +91,74 @@ async def _after(body, done):
         done()
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def allowed_hosts_for(bind: str, extra: list[str] | None = None) -> list[str] | None:
+    """The ``Host`` names a server bound to ``bind`` answers: on a loopback address only loopback
+    names (and ``extra``), so that a web page on another site cannot reach it through DNS
+    rebinding; None (any) on a public address unless ``extra`` names them."""
+    if bind in ("127.0.0.1", "localhost", "::1") or bind.startswith("127."):
+        return list(LOOPBACK_NAMES) + [bind] + list(extra or [])
+    return list(extra) if extra else None
+
+
+def host_name(header: str) -> str:
+    """``example.com:8000`` -> ``example.com``; ``[::1]:8000`` -> ``[::1]``."""
+    if header.startswith("["):
+        return header[:header.find("]") + 1]
+    return header.split(":", 1)[0]
+
+
+class BodyLimit:
+    """ASGI middleware: reads a request's whole body before the app does and answers 413 as soon
+    as more than ``max_body`` bytes arrive — with or without a ``Content-Length`` (a chunked body
+    is counted as it is read, never buffered past the limit); then hands the app the body."""
+
+    def __init__(self, app, max_body: int = MAX_BODY_BYTES):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before the body was complete
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                too_large = JSONResponse(error_body(f"request body over {self.max_body} bytes",
+                                                    "invalid_request_error"), status_code=413)
+                return await too_large(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # afterwards: the disconnect a streaming response listens for
+        await self.app(scope, replay, send)
+
+
 def install_api_basics(app: FastAPI, metrics: Metrics, check_auth: Callable[[Request], JSONResponse | None],
-                       max_concurrency: int, max_body: int = MAX_BODY_BYTES) -> None:
-    """Error handlers, the auth / size / concurrency guard, and request metrics for ``app``.
+                       max_concurrency: int, max_body: int = MAX_BODY_BYTES,
+                       allowed_hosts: list[str] | None = None) -> None:
+    """Error handlers, the host / auth / size / concurrency guard, and request metrics for ``app``.
 
     ``check_auth(request)`` returns None to let a request through, or the response refusing it.
+    ``allowed_hosts`` (see :func:`allowed_hosts_for`): other ``Host`` headers are refused (400).
     """
+    app.add_middleware(BodyLimit, max_body=max_body)  # innermost: behind the guard and the metrics
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                            headers=RETRY_AFTER if exc.status == 429 else None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc: RequestValidationError):
@@ -110,6 +175,10 @@ def install_api_basics(app: FastAPI, metrics: Metrics, check_auth: Callable[[Req
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
+        if allowed_hosts is not None and host_name(request.headers.get("host", "")) not in allowed_hosts:
+            return JSONResponse(error_body(f"this server does not answer for host {request.headers.get('host')!r} "
+                                           "(start it with --allowed-host NAME to add one)", "invalid_request_error"),
+                                status_code=400)
         refused = check_auth(request)
         if refused is not None:
             return refused
@@ -121,7 +190,8 @@ def install_api_basics(app: FastAPI, metrics: Metrics, check_auth: Callable[[Req
             return await call_next(request)
         if in_flight["n"] >= max_concurrency:
             return JSONResponse(error_body(f"more than {max_concurrency} requests in flight; retry shortly",
-                                           "rate_limit_error", code="rate_limit_exceeded"), status_code=429)
+                                           "rate_limit_error", code="rate_limit_exceeded"), status_code=429,
+                                headers=RETRY_AFTER)
         in_flight["n"] += 1
         try:
             response = await call_next(request)

@@ -5,10 +5,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmforge.serve.common import APIError
 from lmforge.serve.logprobs import MAX_LOGPROBS
+
+
+def check_text(value, where: str) -> None:
+    """Raise (a 400, through the validation handler) if a string in ``value`` is not valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: not valid Unicode text (a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k, where)
+            check_text(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_text(v, f"{where}.{i}")
 
 
 class StreamOptions(BaseModel):
@@ -34,10 +50,17 @@ class SamplingRequest(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100 added to its logit
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what torch's generators take
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _text_is_unicode(self):
+        """Every string of the request must be encodable text: JSON can carry lone surrogates
+        (``"\\ud800"``), which no tokenizer takes."""
+        check_text(self.model_dump(exclude={"model_extra"}), "body")
+        return self
 
     def refuse_unsupported(self) -> None:
         for name, value in (self.model_extra or {}).items():
@@ -87,6 +110,7 @@ class DetokenizeRequest(BaseModel):
 
 
 MAX_INPUTS = 256  # texts per embeddings / classify request
+MAX_SEQUENCES_PER_REQUEST = 64  # prompts x n per completion request
 
 
 class EmbeddingRequest(BaseModel):

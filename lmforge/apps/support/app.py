@@ -45,7 +45,8 @@ class AgentMessage(BaseModel):
     text: str
 
 
-def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None, max_concurrency: int = 32) -> FastAPI:
+def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None, max_concurrency: int = 32,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
     if not agent_key:
         raise ValueError("the agent pages need a key")
     app = FastAPI(title="lmforge support", docs_url=None, redoc_url=None)
@@ -87,7 +88,7 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
         return None if key_matches(request_key(request, "api_key" if page else None), api_key) else \
             unauthorized("invalid or missing API key")
 
-    install_api_basics(app, metrics, check_auth, max_concurrency)
+    install_api_basics(app, metrics, check_auth, max_concurrency, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(NotFound)
     async def _not_found(request, exc: NotFound):
@@ -151,7 +152,7 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
 
 
 def serve(app_dir, host: str = "127.0.0.1", port: int = 8100, api_key: str | None = None, agent_key: str | None = None,
-          generate_run=None, max_concurrency: int = 32) -> None:
+          generate_run=None, max_concurrency: int = 32, allowed_hosts: list[str] | None = None) -> None:
     import secrets
     import sys
 
@@ -161,4 +162,7 @@ def serve(app_dir, host: str = "127.0.0.1", port: int = 8100, api_key: str | Non
         agent_key = secrets.token_urlsafe(16)
         print(f"lmforge support: no --agent-key given; this run's agent key is {agent_key}", file=sys.stderr, flush=True)
     assistant = Assistant(app_dir, generate_run)
-    uvicorn.run(create_app(assistant, agent_key, api_key, max_concurrency), host=host, port=port, log_level="warning")
+    from lmforge.serve.common import allowed_hosts_for
+
+    uvicorn.run(create_app(assistant, agent_key, api_key, max_concurrency, allowed_hosts_for(host, allowed_hosts)),
+                host=host, port=port, log_level="warning")
