@@ -240,6 +240,8 @@ def test_bad_requests_get_clear_4xx_and_keys_are_separate(api):
     assert api.post("/api/messages", headers={**C, "Content-Type": "application/json"},
                     content=b"x" * 2_000_000).status_code == 413
     assert api.get("/api/agent/conversations/unknown", headers=A).status_code == 404
+    for after in (10 ** 30, -1):  # past SQLite's integers: a 400, not a 500
+        assert api.get("/api/agent/conversations/x", headers=A, params={"after": after}).status_code == 400
     assert api.get("/api/conversations/x", headers=C, params={"customer_id": "someone-else"}).status_code == 404
     assert api.get("/api/agent/queue", headers=C).status_code == 401  # the customer key is not the agent key
     assert api.get("/api/agent/queue").status_code == 401

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
@@ -43,6 +43,9 @@ class CustomerMessage(BaseModel):
 
 class AgentMessage(BaseModel):
     text: str
+
+
+AFTER = Query(0, ge=0, le=2**63 - 1)  # a message id: what SQLite's integers hold
 
 
 def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None, max_concurrency: int = 32,
@@ -123,7 +126,7 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
                 "handoff_reason": reply.handoff_reason, "messages": reply.messages}
 
     @app.get("/api/conversations/{conversation_id}")
-    async def customer_conversation(conversation_id: str, customer_id: str, after: int = 0):
+    async def customer_conversation(conversation_id: str, customer_id: str, after: int = AFTER):
         return await call(assistant.conversation, conversation_id, customer_id, after)
 
     @app.get("/api/customers/{customer_id}")
@@ -135,7 +138,7 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
         return {"conversations": await call(assistant.store.queue)}
 
     @app.get("/api/agent/conversations/{conversation_id}")
-    async def agent_conversation(conversation_id: str, after: int = 0):
+    async def agent_conversation(conversation_id: str, after: int = AFTER):
         conv = await call(assistant.conversation, conversation_id, None, after)
         customer = assistant.store.customer(conv["customer_id"]) or {}
         return {**conv, "customer_name": customer.get("name")}
