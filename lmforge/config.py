@@ -544,8 +544,11 @@ def save(cfg: RunConfig, path: str | Path) -> None:
 def load(path: str | Path) -> RunConfig:
     """Load a run directory's ``config.yaml``. A key this version does not know most likely means the
     run was written by a newer lmforge; the error says so rather than only naming the key."""
+    data = load_yaml(path)
+    if not isinstance(data.get("model"), dict):
+        raise UserError(f"{path}: not a run's config (no model section); it was emptied or edited by hand")
     try:
-        return from_dict(load_yaml(path), str(path))
+        return from_dict(data, str(path))
     except UserError as e:
         if "unknown config key" not in str(e):
             raise

@@ -122,6 +122,19 @@ class RunDir:
         """What the run is: its task's name (lm, mlm, classify, image-classify, ...)."""
         return self.load_config().task.name
 
+    def trainer_state(self) -> dict | None:
+        """``trainer_state.json`` (None when there is none); a damaged one is a one-line error."""
+        path = self.path / self.STATE_JSON
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            state = None
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise UserError(f"{path}: damaged (not the trainer's state); the run cannot be resumed from it")
+        return state
+
     def label_names(self) -> list[str] | None:
         return json.loads(self.labels.read_text(encoding="utf-8")) if self.labels.is_file() else None
 
@@ -130,8 +143,7 @@ class RunDir:
         cfg = self.load_config()
         if cfg.data.path:
             return cfg.data.path
-        state = self.path / self.STATE_JSON
-        return json.loads(state.read_text(encoding="utf-8")).get("data_dir") if state.is_file() else None
+        return (self.trainer_state() or {}).get("data_dir")
 
 
 @dataclass
@@ -156,7 +168,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.device import resolve_device
     from lmforge.models import build_model
-    from lmforge.train.checkpoint import load_model_state
+    from lmforge.train.checkpoint import load_into, load_model_state
 
     rd = RunDir(run_dir)
     rd.require()
@@ -166,7 +178,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
 
     model = build_model(cfg.arch, cfg.model)
     apply_lora(model, cfg.finetune.lora)  # a LoRA run's weights hold its adapters beside the frozen base
-    model.load_saved_state(load_model_state(rd.model))
+    load_into(model, load_model_state(rd.model), rd.model)
     model.to(dev).eval()
     tokenizer = load_tokenizer(rd.tokenizer) if rd.tokenizer.is_file() or cfg.task.name not in ("image-classify", "gan") else None
     return Run(rd.path, cfg, model, tokenizer, dev, rd.label_names())

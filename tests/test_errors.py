@@ -142,3 +142,42 @@ def test_generate_on_a_classifier_names_the_verbs_that_serve_it(tmp_path):
     run = _tiny_encoder_run(tmp_path / "clf", num_labels=2)
     assert_clean_failure(run_cli("generate", str(run), "--prompt", "x"), "not a text generator")
     assert "predict" in run_cli("generate", str(run), "--prompt", "x").stderr
+
+
+def test_damaged_run_directories_and_odd_flags_are_one_error_line(tmp_path, data_dir):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.train.trainer import train
+
+    good = tmp_path / "good"
+    train(cfgmod.build_config("debug", overrides=["train.max_steps=2"]), data_dir, good)
+
+    def damaged(name, file, write):
+        run = tmp_path / name
+        shutil.copytree(good, run)
+        write(run / file)
+        return run
+    weights = load_file(str(good / "model.safetensors"))
+    key = next(iter(weights))
+    cases = [
+        (damaged("truncated", "model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000])),
+         ["generate", "{run}", "--prompt", "a"], "damaged or not a safetensors file"),
+        (damaged("random", "model.safetensors", lambda p: p.write_bytes(bytes(range(256)) * 20)),
+         ["eval", "{run}"], "damaged or not a safetensors file"),
+        (damaged("shape", "model.safetensors", lambda p: save_file({**weights, key: torch.zeros(3, 3)}, str(p))),
+         ["generate", "{run}", "--prompt", "a"], "do not fit the model"),
+        (damaged("emptycfg", "config.yaml", lambda p: p.write_text("")), ["generate", "{run}", "--prompt", "a"],
+         "no model section"),
+        (damaged("state", "trainer_state.json", lambda p: p.write_text("{")),
+         ["train", "--out", "{run}", "--resume", "--data", str(data_dir)], "damaged"),
+        (damaged("tensors", "trainer_state.safetensors", lambda p: p.write_bytes(b"\0" * 64)),
+         ["train", "--out", "{run}", "--resume", "--data", str(data_dir), "--max-steps", "4"], "damaged"),
+        (good, ["generate", "{run}", "--prompt", "a", "--temperature", "nan"], "--temperature"),
+        (good, ["generate", "{run}", "--prompt", "a", "--seed", str(2 ** 70)], "64 bits"),
+        (good, ["eval", "{run}", "--batch-size", "0"], "--batch-size"),
+    ]
+    for run, args, needle in cases:
+        assert_clean_failure(run_cli(*[a.format(run=run) for a in args]), needle)

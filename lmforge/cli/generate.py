@@ -53,8 +53,10 @@ def run(o: Options) -> int:
 
     if o.max_new_tokens <= 0:
         raise UserError("--max-new-tokens must be positive")
-    if o.temperature < 0:
+    if not o.temperature >= 0:  # also NaN
         raise UserError("--temperature must be >= 0 (0 is greedy)")
+    if o.seed is not None and not -(2**63) <= o.seed < 2**63:
+        raise UserError("--seed must fit in 64 bits")
     if o.top_p is not None and not 0 < o.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
     loaded = load_run(o.run_dir)

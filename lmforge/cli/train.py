@@ -121,12 +121,10 @@ def print_classifier_summary(s: dict) -> None:
 
 def _already_complete(o: Options, cfg) -> bool:
     """Say so (and do nothing) when --resume meets a run that reached the end of its schedule."""
-    import json
 
     from lmforge.runs import RunDir
 
-    state = RunDir(o.out) / RunDir.STATE_JSON
-    step = json.loads(state.read_text(encoding="utf-8")).get("step") if state.is_file() else None
+    step = (RunDir(o.out).trainer_state() or {}).get("step")
     if step is None or cfg.train.max_steps is None or step < cfg.train.max_steps:
         return False
     if o.json:

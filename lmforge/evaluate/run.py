@@ -5,7 +5,6 @@ Shared by ``lmforge eval`` and ``lmforge quickstart``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lmforge import config as cfgmod
@@ -53,8 +52,10 @@ def evaluate_run(run_dir, data_dir=None, batch_size: int = 8, max_tokens: int | 
     if dynamic_lr is not None and not dynamic_lr > 0:
         raise UserError(f"--dynamic-lr must be positive, got {dynamic_lr}")
     run = load_run(run_dir)
-    state_path = Path(run_dir) / "trainer_state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"step": 0, "tokens_seen": 0}
+    try:
+        state = run.dir.trainer_state() or {"step": 0, "tokens_seen": 0}
+    except UserError:  # the weights are what is evaluated; the report then lacks the step count
+        state = {"step": 0, "tokens_seen": 0}
     data_dir = data_dir or run.dir.data_path()
     if data_dir is None:
         raise UserError("--data is required: this run does not record its data directory")

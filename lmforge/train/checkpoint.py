@@ -43,11 +43,28 @@ def save_model(model, path: str | Path, metadata: dict[str, str] | None = None,
         save_file(state if state is not None else model.state_dict_for_save(), str(tmp), metadata=metadata or {})
 
 
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or damaged file is a one-line error."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors' own error type (header, length, dtype)
+        raise UserError(f"{path}: damaged or not a safetensors file ({str(e).splitlines()[0]})") from None
+
+
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model weights not found: {path}")
-    return load_file(str(path))
+    return read_tensors(path)
+
+
+def load_into(model, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """``model.load_saved_state(state)``; weights of another shape or naming are a one-line error."""
+    try:
+        model.load_saved_state(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"{source}: the weights do not fit the model its config.yaml describes "
+                        f"({str(e).splitlines()[0][:200]})") from None
 
 
 def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -162,8 +179,12 @@ def has_checkpoint(run_dir: str | Path) -> bool:
 def _step_of(path: Path) -> str | None:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("step")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("step")
+    except Exception as e:  # safetensors' own error type
+        raise UserError(f"{path}: damaged or not a safetensors file ({str(e).splitlines()[0]}); the checkpoint "
+                        "cannot be resumed") from None
 
 
 def load_checkpoint(run_dir: str | Path, model, optimizer) -> dict:
@@ -174,17 +195,21 @@ def load_checkpoint(run_dir: str | Path, model, optimizer) -> dict:
     run_dir = Path(run_dir)
     if not has_checkpoint(run_dir):
         raise UserError(f"no checkpoint to resume in {run_dir} (needs {MODEL_FILE}, {STATE_TENSORS}, {STATE_JSON})")
-    state = json.loads((run_dir / STATE_JSON).read_text(encoding="utf-8"))
+    try:
+        state = json.loads((run_dir / STATE_JSON).read_text(encoding="utf-8"))
+        step, model_step = str(state["step"]), str(state.get("model_step", state["step"]))
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise UserError(f"{run_dir / STATE_JSON}: damaged; the checkpoint cannot be resumed") from None
     step, model_step = str(state["step"]), str(state.get("model_step", state["step"]))
     found = {"trainer_state.json": step, STATE_TENSORS: _step_of(run_dir / STATE_TENSORS),
              MODEL_FILE: _step_of(run_dir / MODEL_FILE)}
     if found[STATE_TENSORS] != step or found[MODEL_FILE] not in (step, model_step):
         raise UserError(f"checkpoint in {run_dir} is torn (files from different steps: {found})")
-    tensors = load_file(str(run_dir / STATE_TENSORS))
+    tensors = read_tensors(run_dir / STATE_TENSORS)
     if model_step != step:  # the kept best weights are in model.safetensors; the last ones here
-        model.load_saved_state({k[len(LAST):]: v for k, v in tensors.items() if k.startswith(LAST)})
+        load_into(model, {k[len(LAST):]: v for k, v in tensors.items() if k.startswith(LAST)}, run_dir / STATE_TENSORS)
     else:
-        model.load_saved_state(load_model_state(run_dir / MODEL_FILE))
+        load_into(model, load_model_state(run_dir / MODEL_FILE), run_dir / MODEL_FILE)
     opt_state: dict[int, dict] = {}
     for key, t in tensors.items():
         if key.startswith("optim."):
