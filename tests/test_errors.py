@@ -181,3 +181,15 @@ def test_damaged_run_directories_and_odd_flags_are_one_error_line(tmp_path, data
     ]
     for run, args, needle in cases:
         assert_clean_failure(run_cli(*[a.format(run=run) for a in args]), needle)
+
+
+def test_long_csv_fields_are_read_and_deep_json_is_one_error(tmp_path):
+    from lmforge.data.labeled import read_examples
+
+    long = "word " * 40_000  # past the csv module's default field limit of 131,072 characters
+    (tmp_path / "long.csv").write_text(f'text,label\n"{long}",a\n"two\nlines",b\n')
+    ex = read_examples(tmp_path / "long.csv")
+    assert ex.texts == [long, "two\nlines"] and ex.labels == ["a", "b"]  # a quoted newline stays
+    (tmp_path / "deep.jsonl").write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + ', "label": "x"}\n')
+    with pytest.raises(UserError, match="nested too deeply"):
+        read_examples(tmp_path / "deep.jsonl")

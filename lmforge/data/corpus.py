@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import sys
 import sysconfig
@@ -100,7 +99,7 @@ def _read_jsonl(path: Path, report: ReadReport, text_field: str) -> Iterator[Doc
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             bad += 1
             continue
         value = obj.get(text_field) if isinstance(obj, dict) else None
@@ -116,14 +115,19 @@ def _read_csv(path: Path, report: ReadReport, text_column: str) -> Iterator[Docu
     text = _decode(path, report, str(path))
     if text is None:
         return
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or text_column not in reader.fieldnames:
-        report.skip(str(path), f"no {text_column!r} column (columns: {reader.fieldnames})")
-        return
-    for i, row in enumerate(reader, 1):
-        value = row.get(text_column)
-        if value:
-            yield Document(value, f"{path}:{i}", f"{path}:{i}")
+    from lmforge.data.labeled import csv_dict_reader
+
+    reader = csv_dict_reader(text)
+    try:
+        if reader.fieldnames is None or text_column not in reader.fieldnames:
+            report.skip(str(path), f"no {text_column!r} column (columns: {reader.fieldnames})")
+            return
+        for i, row in enumerate(reader, 1):
+            value = row.get(text_column)
+            if value:
+                yield Document(value, f"{path}:{i}", f"{path}:{i}")
+    except csv.Error as e:
+        report.skip(str(path), f"not valid CSV at line {reader.line_num} ({e})")
 
 
 def _expand(inputs: list[str], report: ReadReport) -> list[Path]:

@@ -35,6 +35,25 @@ def read_utf8(path: Path, what: str = "data file") -> str:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
 
 
+def csv_dict_reader(text: str) -> csv.DictReader:
+    """A ``csv.DictReader`` over ``text`` whose fields may be as long as documents are (the csv
+    module's default limit is 131,072 characters) and may hold quoted newlines."""
+    import io
+
+    csv.field_size_limit(2**31 - 1)
+    return csv.DictReader(io.StringIO(text, newline=""))
+
+
+def csv_rows(path: Path, text: str) -> tuple[list[str], list[dict]]:
+    """(header, rows) of CSV ``text`` read from ``path``; a malformed file is a one-line error."""
+    reader = csv_dict_reader(text)
+    try:
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+
+
 def jsonl_objects(path: Path, text: str) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of JSON-lines ``text`` read from ``path``."""
     rows = []
@@ -44,6 +63,8 @@ def jsonl_objects(path: Path, text: str) -> list[tuple[int, dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise UserError(f"{path}:{n}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{n}: expected a JSON object per line")
             rows.append((n, row))
@@ -55,8 +76,7 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
     path = Path(path)
     raw = read_utf8(path)
     if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(raw.splitlines()))
-        columns = list(rows[0].keys()) if rows else []
+        columns, rows = csv_rows(path, raw)
     elif path.suffix.lower() in (".jsonl", ".json"):
         rows = [row for _, row in jsonl_objects(path, raw)]
         columns = sorted({k for r in rows for k in r})

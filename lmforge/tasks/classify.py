@@ -80,6 +80,8 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, device, b
     sorted by length, so each pads to similar lengths (less than half the compute of random
     batches on docstrings: a batch pads to its longest text)."""
     model.eval()
+    if not texts:
+        return np.zeros((0, model.config.num_labels), dtype=np.float32)
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = []
     for i in range(0, len(texts), batch_size):
@@ -171,6 +173,10 @@ class ClassifyTask(FineTuneTask):
             val_ex = read_examples(d.val, o.text_column, o.label_column)
         elif o.val_fraction > 0:
             train_ex, val_ex = stratified_split(train_ex, o.val_fraction, seed=0)
+            if not len(val_ex):  # too few examples of every class to hold any out
+                status(f"{d.path}: too few examples to hold out {o.val_fraction:.0%} for validation; "
+                       "training on all of them without validation")
+                val_ex = None
         else:  # no validation: the planned epochs run and the last weights are kept
             val_ex = None
         test_ex = read_examples(d.test, o.text_column, o.label_column) if d.test is not None else None

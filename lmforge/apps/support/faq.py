@@ -7,7 +7,6 @@ duplicate questions or ids each give one clear error naming the rows.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import re
@@ -15,7 +14,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.data.labeled import jsonl_objects, read_utf8
+from lmforge.data.labeled import csv_rows, jsonl_objects, read_utf8
 from lmforge.errors import UserError
 
 
@@ -58,9 +57,7 @@ def _rows_markdown(text: str) -> list[dict]:
 
 def _rows_table(path: Path, text: str, columns: dict[str, str]) -> list[dict]:
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        header = reader.fieldnames or []
-        rows = list(reader)
+        header, rows = csv_rows(path, text)
     else:
         rows = [obj for _, obj in jsonl_objects(path, text)]
         header = sorted({k for r in rows for k in r})
