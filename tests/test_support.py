@@ -394,3 +394,22 @@ def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, data_dir, tmp
     entry = next(e for e in assistant.retriever.entries if e.id == "install")
     expected = assistant.generator.rephrase("How do I install lmforge?", entry.answer) or entry.answer
     assert message["faq_ids"] == ["install"] and message["text"] == expected
+
+
+def test_a_retried_message_is_stored_once_with_its_reply(api):
+    """A client that saw an error (a timeout, a cut connection) resends with the same
+    client_message_id: the app answers with what it stored the first time, and stores nothing twice."""
+    body = {"customer_id": "retry-1", "text": "How do I install lmforge?", "client_message_id": "m-1"}
+    first = api.post("/api/messages", headers=C, json=body).json()
+    again = api.post("/api/messages", headers=C, json={**body, "text": "How do I install lmforge?"}).json()
+    assert again == first and [m["role"] for m in first["messages"]] == ["customer", "assistant"]
+    history = api.get(f"/api/conversations/{first['conversation_id']}", headers=C,
+                      params={"customer_id": "retry-1"}).json()["messages"]
+    assert [m["seq"] for m in history] == [1, 2]  # the question and its answer, once, together
+    # The same key from another customer is theirs, not a replay of someone else's message.
+    other = api.post("/api/messages", headers=C, json={**body, "customer_id": "retry-2"}).json()
+    assert other["conversation_id"] != first["conversation_id"]
+    follow = api.post("/api/messages", headers=C, json={**body, "client_message_id": "m-2",
+                                                         "conversation_id": first["conversation_id"]}).json()
+    assert [m["seq"] for m in follow["messages"]] == [3, 4]
+    assert api.post("/api/messages", headers=C, json={**body, "client_message_id": "bad key!"}).status_code == 400

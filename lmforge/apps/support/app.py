@@ -39,6 +39,7 @@ class CustomerMessage(BaseModel):
     customer_id: str
     text: str
     conversation_id: str | None = None
+    client_message_id: str | None = None  # the client's idempotency key: a retry is stored once
 
 
 class AgentMessage(BaseModel):
@@ -121,7 +122,7 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
 
     @app.post("/api/messages")
     async def customer_message(msg: CustomerMessage):
-        reply = await call(assistant.handle, msg.customer_id, msg.text, msg.conversation_id)
+        reply = await call(assistant.handle, msg.customer_id, msg.text, msg.conversation_id, msg.client_message_id)
         return {"conversation_id": reply.conversation_id, "status": reply.status,
                 "handoff_reason": reply.handoff_reason, "messages": reply.messages}
 

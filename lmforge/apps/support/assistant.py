@@ -19,6 +19,7 @@ How a customer message is handled (:meth:`Assistant.handle`):
 from __future__ import annotations
 
 import re
+import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,38 +148,59 @@ class Assistant:
         return mask(text, self.mask_kinds)
 
     # ----------------------------------------------------------------------------- customers
-    def handle(self, customer_id: str, text: str, conversation_id: str | None = None) -> Reply:
+    def handle(self, customer_id: str, text: str, conversation_id: str | None = None,
+               client_message_id: str | None = None) -> Reply:
+        """Store the customer's message and the reply to it — together, in one transaction, so a
+        kill never leaves a question unanswered. A retry with the same ``client_message_id`` (the
+        client's idempotency key) returns what the first attempt stored instead of storing it twice."""
         text = validate_text(text)
         customer_id = validate_id(customer_id, "customer_id")
+        key = None
+        if client_message_id is not None:  # stored per customer: two customers may use the same keys
+            key = f"{customer_id}/{validate_id(client_message_id, 'client_message_id')}"
+            stored = self.store.exchange(customer_id, key)
+            if stored is not None:
+                return Reply(**stored)
         conv = self.store.open_conversation(customer_id, conversation_id)
         cid = conv["id"]
         earlier = self.store.messages(cid)
-        previous = [m for m in earlier if m["role"] == "customer"]
-        answered_before = any(m["role"] == "assistant" and m["faq_ids"] and m["confidence"] is not None
-                              and m["confidence"] >= self.threshold for m in earlier)
         masked = self.mask(text)
-        added = [self.store.add_message(cid, "customer", masked)]
-        self.on_event("customer_message")
         name = find_name(text)
-        if name:
-            self.store.set_customer_name(customer_id, name)
+        replies, status, reason = self._reply(customer_id, conv, earlier, text, masked, name)
+        customer = {"role": "customer", "text": masked, "client_message_id": key}
+        try:
+            added = self.store.add_messages(cid, [customer] + replies, customer_id=customer_id, customer_name=name)
+        except sqlite3.IntegrityError:  # the same key arrived twice at once: the other one was stored
+            if key is None:
+                raise
+            return Reply(**self.store.exchange(customer_id, key))
+        self.on_event("customer_message")
+        if reason:
+            self.on_event("handoff", reason)
+        elif replies and replies[-1].get("faq_ids") and status == "assistant":
+            self.on_event("answered", replies[-1]["confidence"])
+        return Reply(cid, status, added, reason)
+
+    def _reply(self, customer_id: str, conv: dict, earlier: list[dict], text: str, masked: str,
+               name: str | None) -> tuple[list[dict], str, str | None]:
+        """(the replies to store after the customer's message, the conversation's status, the
+        handoff reason or None) — nothing is written here."""
         if conv["status"] == "human":
-            return Reply(cid, "human", added)
+            return [], "human", None
         if HUMAN_REQUEST.search(text):
-            return self._handoff(cid, added, "requested")
+            return self._handoff("requested"), "human", "requested"
         if NOT_HELPFUL.search(text):
             failures = conv["failures"] + 1
             if failures >= FAILURES_BEFORE_HANDOFF:
-                return self._handoff(cid, added, "repeated_failures", failures=failures)
-            added.append(self.store.add_message(cid, "assistant", "Sorry about that. Could you tell me a bit more "
-                                                "about what you need, in other words?", failures=failures))
-            return Reply(cid, "assistant", added)
+                return self._handoff("repeated_failures", failures=failures), "human", "repeated_failures"
+            return [{"role": "assistant", "text": "Sorry about that. Could you tell me a bit more about what you "
+                     "need, in other words?", "update": {"failures": failures}}], "assistant", None
         rest = NAME.sub("", GREETING.sub("", text)).strip(" ,.!?-")
         if (name or GREETING.match(text)) and len(rest.split()) < 3:
             who = name or (self.store.customer(customer_id) or {}).get("name")
-            added.append(self.store.add_message(cid, "assistant", f"Hello{' ' + who if who else ''}! "
-                                                "What can I help you with?"))
-            return Reply(cid, "assistant", added)
+            return [{"role": "assistant", "text": f"Hello{' ' + who if who else ''}! What can I help you with?"}], \
+                "assistant", None
+        previous = [m for m in earlier if m["role"] == "customer"]
         hits = self.retriever.search(masked)
         if previous and hits and hits[0].score < self.threshold and len(masked.split()) <= 8:
             # A short follow-up ("and on Windows?") read together with the previous question.
@@ -186,26 +208,26 @@ class Assistant:
             if joined and joined[0].score > hits[0].score:
                 hits = joined
         if not hits or hits[0].score < self.threshold:
-            return self._handoff(cid, added, "low_confidence", hits=hits)
-        answer = self._answer(customer_id, text, hits[0], first=not answered_before)
-        added.append(self.store.add_message(cid, "assistant", answer, [hits[0].entry.id], hits[0].score))
-        self.on_event("answered", hits[0].score)
-        return Reply(cid, "assistant", added)
+            return self._handoff("low_confidence", hits=hits), "human", "low_confidence"
+        answered_before = any(m["role"] == "assistant" and m["faq_ids"] and m["confidence"] is not None
+                              and m["confidence"] >= self.threshold for m in earlier)
+        answer = self._answer(customer_id, text, hits[0], first=not answered_before, name=name)
+        return [{"role": "assistant", "text": answer, "faq_ids": [hits[0].entry.id], "confidence": hits[0].score}], \
+            "assistant", None
 
-    def _answer(self, customer_id: str, question: str, hit: Hit, first: bool) -> str:
+    def _answer(self, customer_id: str, question: str, hit: Hit, first: bool, name: str | None = None) -> str:
         answer = hit.entry.answer
         if self.generator is not None:
             answer = self.generator.rephrase(question, answer) or answer
-        name = (self.store.customer(customer_id) or {}).get("name")
+        name = name or (self.store.customer(customer_id) or {}).get("name")
         return f"Thanks, {name}. {answer}" if name and first else answer
 
-    def _handoff(self, cid: str, added: list[dict], reason: str, hits: list[Hit] | None = None, **extra) -> Reply:
+    @staticmethod
+    def _handoff(reason: str, hits: list[Hit] | None = None, **extra) -> list[dict]:
         best = hits[0] if hits else None
-        added.append(self.store.add_message(cid, "assistant", HANDOFF_TEXT[reason],
-                                            [best.entry.id] if best else None, best.score if best else None,
-                                            status="human", handoff_reason=reason, **extra))
-        self.on_event("handoff", reason)
-        return Reply(cid, "human", added, reason)
+        return [{"role": "assistant", "text": HANDOFF_TEXT[reason], "faq_ids": [best.entry.id] if best else None,
+                 "confidence": best.score if best else None,
+                 "update": {"status": "human", "handoff_reason": reason, **extra}}]
 
     def conversation(self, conversation_id: str, customer_id: str | None = None, after: int = 0) -> dict:
         conv = self.store.conversation(validate_id(conversation_id, "conversation id"))

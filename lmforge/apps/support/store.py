@@ -8,6 +8,7 @@ once, with a per-conversation sequence number that gives its order.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 import threading
@@ -35,7 +36,7 @@ CREATE TABLE IF NOT EXISTS conversations (
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL REFERENCES conversations(id),
     seq INTEGER NOT NULL, role TEXT NOT NULL CHECK (role IN ('customer', 'assistant', 'agent')),
-    text TEXT NOT NULL, faq_ids TEXT, confidence REAL, created REAL NOT NULL,
+    text TEXT NOT NULL, faq_ids TEXT, confidence REAL, created REAL NOT NULL, client_message_id TEXT,
     UNIQUE (conversation_id, seq));
 CREATE INDEX IF NOT EXISTS conversations_by_customer ON conversations (customer_id, updated);
 CREATE INDEX IF NOT EXISTS conversations_by_status ON conversations (status, updated);
@@ -58,6 +59,11 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(messages)")}
+        if "client_message_id" not in columns:  # a database made before idempotency keys
+            self.db.execute("ALTER TABLE messages ADD COLUMN client_message_id TEXT")
+        self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_id ON messages (client_message_id) "
+                        "WHERE client_message_id IS NOT NULL")
         self.lock = threading.RLock()
 
     @contextmanager
@@ -134,10 +140,6 @@ class Store:
             row = self.db.execute("SELECT * FROM customers WHERE id = ?", (customer_id,)).fetchone()
         return dict(row) if row else None
 
-    def set_customer_name(self, customer_id: str, name: str) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE customers SET name = ? WHERE id = ?", (name, customer_id))
-
     def open_conversation(self, customer_id: str, conversation_id: str | None) -> dict:
         """The customer's conversation ``conversation_id`` (it must be theirs), or a new one."""
         now = time.time()
@@ -165,18 +167,52 @@ class Store:
                     confidence: float | None = None, **conversation_update) -> dict:
         """Append a message (its seq is the conversation's next) and update the conversation's
         fields (``status``, ``failures``, ``handoff_reason``) in the same transaction."""
+        return self.add_messages(conversation_id, [{"role": role, "text": text, "faq_ids": faq_ids,
+                                                    "confidence": confidence, "update": conversation_update}])[0]
+
+    def add_messages(self, conversation_id: str, messages: list[dict], customer_id: str | None = None,
+                     customer_name: str | None = None) -> list[dict]:
+        """Append ``messages`` (dicts of ``role``, ``text`` and optionally ``faq_ids``,
+        ``confidence``, ``client_message_id`` and the conversation ``update`` it makes) in one
+        transaction, with the customer's name when one was learned: all of them or none."""
         now = time.time()
+        added = []
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
                 raise NotFound(f"no conversation {conversation_id!r}")
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE conversation_id = ?",
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE conversation_id = ?",
                              (conversation_id,)).fetchone()[0]
-            db.execute("INSERT INTO messages (conversation_id, seq, role, text, faq_ids, confidence, created) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (conversation_id, seq, role, text,
-                                                        json.dumps(faq_ids) if faq_ids is not None else None,
-                                                        confidence, now))
-            self._update(db, conversation_id, now, **conversation_update)
-        return {"seq": seq, "role": role, "text": text, "faq_ids": faq_ids, "confidence": confidence, "created": now}
+            for m in messages:
+                seq += 1
+                faq_ids = m.get("faq_ids")
+                db.execute("INSERT INTO messages (conversation_id, seq, role, text, faq_ids, confidence, created, "
+                           "client_message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (conversation_id, seq, m["role"], m["text"],
+                            json.dumps(faq_ids) if faq_ids is not None else None, m.get("confidence"), now,
+                            m.get("client_message_id")))
+                self._update(db, conversation_id, now, **(m.get("update") or {}))
+                added.append({"seq": seq, "role": m["role"], "text": m["text"], "faq_ids": faq_ids,
+                              "confidence": m.get("confidence"), "created": now})
+            if customer_name and customer_id:
+                db.execute("UPDATE customers SET name = ? WHERE id = ?", (customer_name, customer_id))
+        return added
+
+    def exchange(self, customer_id: str, client_message_id: str) -> dict | None:
+        """What a customer message with this idempotency key stored: the conversation (with its
+        status and handoff reason now), the message and the replies after it (up to the next
+        customer message); None if none was stored. Another customer's key is not found."""
+        with self.lock:
+            row = self.db.execute("SELECT m.conversation_id, m.seq FROM messages m JOIN conversations c ON "
+                                  "c.id = m.conversation_id WHERE m.client_message_id = ? AND c.customer_id = ?",
+                                  (client_message_id, customer_id)).fetchone()
+        if row is None:
+            return None
+        cid, seq = row["conversation_id"], row["seq"]
+        after = self.messages(cid, seq - 1)
+        mine = [after[0], *itertools.takewhile(lambda m: m["role"] != "customer", after[1:])]
+        conv = self.conversation(cid)
+        return {"conversation_id": cid, "status": conv["status"], "messages": mine,
+                "handoff_reason": conv["handoff_reason"] if conv["status"] == "human" else None}
 
     def update_conversation(self, conversation_id: str, **fields) -> None:
         with self.transaction() as db:
