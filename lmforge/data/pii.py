@@ -4,13 +4,13 @@ used by ``prepare --scrub-pii`` on corpora and by the support app on customer me
 
 What counts, chosen to avoid false positives on ordinary text (numbers, dates, versions, times):
 
-- ``card``: 13-19 digits (single spaces or dashes between them) that pass the Luhn check;
+- ``card``: 13-19 digits (single spaces, dashes or dots between them) that pass the Luhn check;
 - ``iban``: a country code, two check digits and 11-30 letters/digits (spaces allowed in groups
   of four) that pass the ISO 13616 mod-97 check;
 - ``phone``: 7-15 digits written as a phone number is — a leading ``+``, or spaces, dashes or
-  parentheses between groups of two digits or more; never a date (``2026-11-23``), a bare run of
+  parentheses between groups of two digits or more, or dots in the 3.3.4 shape; never a date (``2026-11-23``), a bare run of
   digits (an order number, a timestamp) or a list of one-digit numbers;
-- ``email``: ``name@domain.tld``; ``url``: ``http(s)://`` or ``www.`` up to the next space;
+- ``email``: ``name@domain.tld``, the name and domain in any script; ``url``: ``http(s)://`` or ``www.`` up to the next space;
 - ``ip``: a dotted IPv4 address not part of a longer dotted number or after ``v`` (a version), or
   an IPv6 address that ``ipaddress`` accepts with three groups at least (not a slice ``a[::2]``).
 """
@@ -26,11 +26,14 @@ from lmforge.errors import UserError
 
 KINDS = ("email", "phone", "card", "iban", "ip", "url")
 URL = re.compile(r"\b(?:https?://|www\.)[^\s<>\"']+[^\s<>\"'.,;:!?)\]]")
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+EMAIL = re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")  # \w: local parts in any script
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 IPV4 = re.compile(r"(?<![\w.])(?<![vV])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}-\d{2}-\d{4}")  # ISO and day-month-year dates are not phones
+# Dotted groups only in the shapes numbers are written in: 555.123.4567 (phone), 4111.1111.1111.1111
+# (card) — never a dotted date (03.12.2026), a version or an address (IPs are masked first).
+DOTTED = re.compile(r"(?<![\w.])(?:\d{3}\.\d{3}\.\d{4}|\d{4}(?:\.\d{4}){2,3}(?:\.\d{1,3})?)(?![\w]|\.\d)")
 # Digits with optional single spaces or dashes (and parentheses) between them; the kind is decided below.
 DIGITS = re.compile(r"(?<![\w+.])\+?\(?\d(?:[ -]?\(?\d\)?){6,22}(?![\w]|\.\d)")
 
@@ -120,6 +123,7 @@ class Scrubber:
             text = self._sub(IPV4, "ip", text, keep=lambda s: any(int(p) > 255 for p in s.split(".")))
             text = self._sub(IPV6, "ip", text, keep=lambda s: not _is_ipv6(s))
         if "card" in k or "phone" in k:
+            text = DOTTED.sub(self._digits, text)
             text = DIGITS.sub(self._digits, text)
         return text
 
@@ -131,7 +135,7 @@ class Scrubber:
             return placeholder("card")
         if DATE.fullmatch(raw.strip()):
             return raw
-        groups = [g for g in re.split(r"[ ()+-]+", raw) if g]
+        groups = [g for g in re.split(r"[ ().+-]+", raw) if g]
         # Written as a phone number: a leading + or separated groups, none of one digit but a
         # leading country code ("1 2 3 4 5 6 7" is a list of numbers).
         phone_like = (raw.startswith("+") or len(groups) > 1) and all(len(g) > 1 for g in groups[1:])
