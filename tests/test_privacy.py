@@ -162,6 +162,38 @@ def test_dp_training_resumes_exactly_and_spends_what_opacus_accounts(tmp_path, d
     assert summary["dp_epsilon"] <= 3 and summary["dp_epsilon"] == pytest.approx(3, abs=0.05)  # the plan is spent
 
 
+def test_per_example_gradients_of_text_classifiers_are_each_examples_own():
+    """Opacus's per-example gradients through the encoder's and the decoder's classifiers (padding
+    masked) equal the gradient of each example alone — the positions carry the batch dimension."""
+    import torch
+    import torch.nn.functional as F
+
+    from lmforge.models.bert import Bert, BertConfig
+    from lmforge.models.gpt import GPT, GPTConfig
+    from lmforge.train.privacy import DPConfig, PrivateTraining
+
+    shape = dict(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0, num_labels=3)
+    for model in (Bert(BertConfig(**shape, mlm_head=False)), GPT(GPTConfig(**shape))):
+        torch.manual_seed(0)
+        ids, mask, y = torch.randint(1, 50, (4, 7)), torch.ones(4, 7, dtype=torch.long), torch.tensor([0, 1, 2, 1])
+        mask[1, 5:] = mask[3, 3:] = 0
+
+        def flat(grads):
+            return torch.cat([g.flatten(int(g.dim() > p.dim())) for g, p in zip(grads, model.parameters())], -1)
+        alone = []
+        for i in range(4):
+            model.zero_grad()
+            F.cross_entropy(model.classify(ids[i:i + 1], mask[i:i + 1]), y[i:i + 1]).backward()
+            alone.append(flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]))
+        model.zero_grad()
+        PrivateTraining(model, torch.optim.SGD(model.parameters(), lr=0.1), DPConfig(epsilon=3), sample_rate=0.1,
+                        planned_steps=10, expected_batch=4)
+        F.cross_entropy(model.classify(ids, mask), y).backward()
+        got = flat([p.grad_sample for p in model.parameters()])
+        want = torch.stack(alone)
+        assert ((got - want).norm(dim=1) / want.norm(dim=1)).max() < 1e-5, type(model).__name__
+
+
 def test_dp_clips_each_example_and_refuses_what_it_cannot_guarantee(tmp_path, digits_dir, data_dir):
     import torch
 

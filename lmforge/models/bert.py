@@ -88,7 +88,9 @@ class BertModel(nn.Module):
         """(B, T) ids, mask 1 = token / 0 = padding -> hidden states (B, T, C)."""
         B, T = input_ids.shape
         e = self.embeddings
-        pos = torch.arange(T, device=input_ids.device)
+        # (B, T), not (T,) broadcast: per-example gradients (Opacus, train.dp) need every embedding
+        # lookup to carry the batch dimension.
+        pos = torch.arange(T, device=input_ids.device).expand(B, T)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = e["word_embeddings"](input_ids) + e["position_embeddings"](pos) + e["token_type_embeddings"](token_type_ids)

@@ -199,7 +199,8 @@ class Decoder(nn.Module):
     def classify(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, num_labels) logits from the state of each row's last real token (right padding;
         causal attention means padding never reaches it)."""
-        x = self._trunk(idx, torch.arange(idx.size(1), device=idx.device))
+        # Positions (B, T) like packed rows': per-example gradients (train.dp) need the batch dimension.
+        x = self._trunk(idx, torch.arange(idx.size(1), device=idx.device).expand(idx.shape))
         last = (attention_mask.sum(1) - 1).clamp(min=0) if attention_mask is not None else \
             torch.full((idx.size(0),), idx.size(1) - 1, device=idx.device)
         return self.score(x[torch.arange(idx.size(0), device=idx.device), last])

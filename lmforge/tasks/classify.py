@@ -131,9 +131,6 @@ def write_classification_report(run_dir: Path, model, tokenizer, ex: Examples, n
 class ClassifyTask(FineTuneTask):
     name = "classify"
     ARCHS = ("bert", "gpt", "llama")  # the family of --init
-    # Not yet: Opacus's per-example gradients come out with mismatched batch sizes through the
-    # encoders' attention path (seen on MiniLM), so DP fine-tuning of text models is refused.
-    supports_dp = False
     Options = ClassifyOptions
     METRICS = EARLY_STOP_METRICS
     # Fine-tuning defaults (flags, the config file and --set override them): lr 5e-5, batch 16,

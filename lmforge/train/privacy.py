@@ -1,5 +1,6 @@
 """Differentially private training (DP-SGD, Abadi et al. 2016) through Opacus, for the tasks that
-sample examples and whose models Opacus handles (``Task.supports_dp``: image classification): per-example gradients clipped to ``max_grad_norm``,
+sample examples and whose models Opacus handles (``Task.supports_dp``: image and text
+classification, the text ones from BERT, GPT or Llama runs): per-example gradients clipped to ``max_grad_norm``,
 Gaussian noise added to their sum, batches drawn by Poisson sampling (each training example in
 with probability ``batch_size / N`` at every step, from (seed, step): ``--resume`` stays exact),
 and the privacy spent tracked by Opacus's RDP accountant.
@@ -44,8 +45,8 @@ def check_run(cfg, task, world, use_compile: bool) -> None:
     """Refuse what DP-SGD cannot be done with here (one line each, before anything is written)."""
     t = cfg.train
     if not getattr(task, "supports_dp", False):
-        raise UserError(f"train.dp trains image-classify runs for now; the {cfg.task.name} task cannot be "
-                        "trained with its guarantee yet")
+        raise UserError(f"train.dp trains classify and image-classify runs for now; the {cfg.task.name} task "
+                        "cannot be trained with its guarantee yet")
     if getattr(cfg.task, "oversample", False):
         raise UserError("train.dp draws Poisson batches; task.oversample cannot be used with it")
     if world.active:
