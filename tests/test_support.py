@@ -146,7 +146,32 @@ def api(app_dir):
     from lmforge.apps.support.app import create_app
     from lmforge.apps.support.assistant import Assistant
 
-    return TestClient(create_app(Assistant(app_dir[0]), AGENT_KEY, API_KEY))
+    return Browsers(TestClient(create_app(Assistant(app_dir[0]), AGENT_KEY, API_KEY)))
+
+
+class Browsers:
+    """The API as each customer's own browser uses it: the token the app issues at a customer's
+    first message goes with that customer's later requests (the token rules themselves are tested
+    on the bare client, ``.client``)."""
+
+    def __init__(self, client):
+        self.client, self.tokens = client, {}
+
+    def _headers(self, headers, customer):
+        token = self.tokens.get(customer)
+        return {**(headers or {}), **({"X-Customer-Token": token} if token else {})}
+
+    def post(self, path, headers=None, json=None, **kw):
+        customer = (json or {}).get("customer_id") if path == "/api/messages" and isinstance(json, dict) else None
+        r = self.client.post(path, headers=self._headers(headers, customer), json=json, **kw)
+        if customer and r.status_code == 200 and r.json().get("customer_token"):
+            self.tokens[customer] = r.json()["customer_token"]
+        return r
+
+    def get(self, path, headers=None, params=None, **kw):
+        customer = (params or {}).get("customer_id") or (
+            path.rsplit("/", 1)[-1] if path.startswith("/api/customers/") else None)
+        return self.client.get(path, headers=self._headers(headers, customer), params=params, **kw)
 
 
 C = {"Authorization": f"Bearer {API_KEY}"}
@@ -242,7 +267,7 @@ def test_bad_requests_get_clear_4xx_and_keys_are_separate(api):
     assert api.get("/api/agent/conversations/unknown", headers=A).status_code == 404
     for after in (10 ** 30, -1):  # past SQLite's integers: a 400, not a 500
         assert api.get("/api/agent/conversations/x", headers=A, params={"after": after}).status_code == 400
-    assert api.get("/api/conversations/x", headers=C, params={"customer_id": "someone-else"}).status_code == 404
+    assert api.get("/api/conversations/x", headers=C, params={"customer_id": "someone-else"}).status_code == 403
     assert api.get("/api/agent/queue", headers=C).status_code == 401  # the customer key is not the agent key
     assert api.get("/api/agent/queue").status_code == 401
     assert api.post("/api/messages", json={"customer_id": "x", "text": "hi"}).status_code == 401
@@ -313,13 +338,14 @@ def test_twenty_simultaneous_conversations_store_every_message_once_in_order(ser
         try:
             with httpx.Client(base_url=server, headers=C, timeout=60) as c:
                 barrier.wait()
-                cid = None
+                cid, token = None, {}
                 for i in range(per):
-                    r = c.post("/api/messages", json={"customer_id": f"load-{k}", "conversation_id": cid,
-                                                      "text": f"[{k}.{i}] {questions[i]}"})
+                    r = c.post("/api/messages", headers=token, json={"customer_id": f"load-{k}", "conversation_id": cid,
+                                                                     "text": f"[{k}.{i}] {questions[i]}"})
                     r.raise_for_status()
                     cid = r.json()["conversation_id"]
-                conversations[k] = cid
+                    token = {"X-Customer-Token": r.json().get("customer_token") or token["X-Customer-Token"]}
+                conversations[k] = cid, token
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(repr(e))
 
@@ -329,8 +355,9 @@ def test_twenty_simultaneous_conversations_store_every_message_once_in_order(ser
     for t in threads:
         t.join(timeout=120)
     assert not errors and len(conversations) == n
-    for k, cid in conversations.items():
-        msgs = httpx.get(f"{server}/api/conversations/{cid}", headers=C, params={"customer_id": f"load-{k}"}).json()["messages"]
+    for k, (cid, token) in conversations.items():
+        msgs = httpx.get(f"{server}/api/conversations/{cid}", headers={**C, **token},
+                         params={"customer_id": f"load-{k}"}).json()["messages"]
         assert [m["seq"] for m in msgs] == list(range(1, len(msgs) + 1))
         said = [m["text"] for m in msgs if m["role"] == "customer"]
         assert said == [f"[{k}.{i}] {questions[i]}" for i in range(per)]  # each once, in order, only theirs
@@ -340,7 +367,7 @@ def test_twenty_simultaneous_conversations_store_every_message_once_in_order(ser
 CHROMIUM = "/usr/bin/chromium"
 
 
-def test_customer_and_agent_pages_in_headless_chromium(server, tmp_path):
+def test_customer_and_agent_pages_in_headless_chromium(server, app_dir, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (make test installs Debian's chromium)")
@@ -348,8 +375,9 @@ def test_customer_and_agent_pages_in_headless_chromium(server, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
         try:
+            token = run_cli("support", "token", str(app_dir[0]), "--customer", "browser-1").stdout.strip()
             customer = browser.new_context().new_page()
-            customer.goto(f"{server}/?api_key={API_KEY}&customer=browser-1")
+            customer.goto(f"{server}/?api_key={API_KEY}&customer=browser-1&token={token}")
             customer.fill("#text", "Can I get a refund for my last order?")
             customer.click("#send")
             customer.wait_for_selector(".msg.assistant >> text=member of our team", timeout=30_000)
@@ -373,7 +401,7 @@ def test_customer_and_agent_pages_in_headless_chromium(server, tmp_path):
 
             # A returning customer (a new tab) sees the conversation again.
             again = browser.new_context().new_page()
-            again.goto(f"{server}/?api_key={API_KEY}&customer=browser-1")
+            again.goto(f"{server}/?api_key={API_KEY}&customer=browser-1&token={token}")
             again.wait_for_selector(".msg.agent >> text=Hello from a human", timeout=30_000)
         finally:
             browser.close()
@@ -411,13 +439,45 @@ def test_a_generated_answer_must_say_only_what_the_faq_says():
     assert not grounded("", faq)
 
 
+def test_each_customer_reads_and_writes_only_with_their_own_token(api, app_dir):
+    """The shared customer key opens the page; a customer's history and conversations need that
+    customer's token: issued at first contact, or signed by the site (`support token`)."""
+    raw = api.client
+    first = raw.post("/api/messages", headers=C, json={"customer_id": "tok-1", "text": "How do I install lmforge?"})
+    token = first.json()["customer_token"]
+    cid = first.json()["conversation_id"]
+    mine = {**C, "X-Customer-Token": token}
+    assert raw.get("/api/customers/tok-1", headers=mine).status_code == 200
+    for headers in (C, {**C, "X-Customer-Token": "0" * 32}):  # no token, a wrong one
+        assert raw.get("/api/customers/tok-1", headers=headers).status_code == 403
+        assert raw.get(f"/api/conversations/{cid}", headers=headers, params={"customer_id": "tok-1"}).status_code == 403
+        r = raw.post("/api/messages", headers=headers, json={"customer_id": "tok-1", "text": "hi"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "customer_token_required"
+    # Another customer's token does not open this one's conversation.
+    other = raw.post("/api/messages", headers=C, json={"customer_id": "tok-2", "text": "hello"}).json()
+    assert raw.get(f"/api/conversations/{cid}", headers={**C, "X-Customer-Token": other["customer_token"]},
+                   params={"customer_id": "tok-1"}).status_code == 403
+    # A site that knows its customer signs a token for it; only such tokens come from an address.
+    r = run_cli("support", "token", str(app_dir[0]), "--customer", "tok-1", "--json")
+    assert r.returncode == 0, r.stderr
+    site = json.loads(r.stdout)["token"]
+    assert raw.get("/api/customers/tok-1", headers={**C, "X-Customer-Token": site,
+                                                    "X-Customer-Token-From": "address"}).status_code == 200
+    assert raw.get("/api/customers/tok-1", headers={**C, "X-Customer-Token": token,
+                                                    "X-Customer-Token-From": "address"}).status_code == 403
+
+
 def test_a_retried_message_is_stored_once_with_its_reply(api):
     """A client that saw an error (a timeout, a cut connection) resends with the same
     client_message_id: the app answers with what it stored the first time, and stores nothing twice."""
     body = {"customer_id": "retry-1", "text": "How do I install lmforge?", "client_message_id": "m-1"}
     first = api.post("/api/messages", headers=C, json=body).json()
-    again = api.post("/api/messages", headers=C, json={**body, "text": "How do I install lmforge?"}).json()
+    # The reply (and the token in it) never reached the client: the retry comes without a token.
+    again = api.client.post("/api/messages", headers=C, json=body).json()
     assert again == first and [m["role"] for m in first["messages"]] == ["customer", "assistant"]
+    # A retry of a later message, with the token: the same stored exchange, and no new token.
+    assert api.post("/api/messages", headers=C, json=body).json() == {k: v for k, v in first.items()
+                                                                      if k != "customer_token"}
     history = api.get(f"/api/conversations/{first['conversation_id']}", headers=C,
                       params={"customer_id": "retry-1"}).json()["messages"]
     assert [m["seq"] for m in history] == [1, 2]  # the question and its answer, once, together

@@ -37,6 +37,13 @@ class InitOptions:
 
 
 @dataclass
+class TokenOptions:
+    app_dir: str = flag(positional=True)
+    customer: str = flag(None, required=True, help="the customer id your site knows")
+    json: bool = flag(False)
+
+
+@dataclass
 class QuickstartOptions:
     out: str = flag("runs/support", help="the app directory (default runs/support)")
     encoder: str | None = flag(help=ENCODER_HELP)
@@ -130,6 +137,28 @@ def run_eval(o: EvalOptions) -> int:
     return 0
 
 
+def run_token(o: TokenOptions) -> int:
+    """The token that lets a session speak for a customer your site knows: open the customer page
+    as /?customer=ID&token=TOKEN (or send it as X-Customer-Token)."""
+    from lmforge.apps.support.assistant import app_secret, customer_token, validate_id
+    from lmforge.apps.support.store import Store
+
+    try:
+        customer = validate_id(o.customer, "--customer")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    store = Store(o.app_dir)
+    try:
+        token = customer_token(app_secret(store), customer)
+    finally:
+        store.close()
+    if o.json:
+        print_json({"customer_id": customer, "token": token})
+    else:
+        print(token)
+    return 0
+
+
 def run_export(o: ExportOptions) -> int:
     """Conversations as JSON, with masking applied."""
     from lmforge.apps.support.assistant import Assistant
@@ -176,4 +205,5 @@ ACTIONS = {
     "eval": (EvalOptions, run_eval, "top-1, MRR@5 and the handoff threshold on labelled questions"),
     "serve": (ServeOptions, run_serve, "customer chat (/), agent page (/agent), JSON API, /health, /metrics"),
     "export": (ExportOptions, run_export, "conversations as JSON, with masking applied"),
+    "token": (TokenOptions, run_token, "the token a site gives the customer page for a customer it knows"),
 }

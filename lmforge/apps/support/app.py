@@ -22,7 +22,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
-from lmforge.apps.support.assistant import Assistant
+from lmforge.apps.support.assistant import Assistant, Forbidden
 from lmforge.apps.support.store import NotFound
 from lmforge.serve.common import Metrics, install_api_basics, key_matches, request_key, unauthorized
 
@@ -94,6 +94,11 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
 
     install_api_basics(app, metrics, check_auth, max_concurrency, allowed_hosts=allowed_hosts)
 
+    @app.exception_handler(Forbidden)
+    async def _forbidden(request, exc: Forbidden):
+        return JSONResponse({"error": {"message": str(exc), "type": "permission_error", "param": "customer_id",
+                                       "code": "customer_token_required"}}, status_code=403)
+
     @app.exception_handler(NotFound)
     async def _not_found(request, exc: NotFound):
         return JSONResponse({"error": {"message": str(exc), "type": "not_found_error", "param": None, "code": None}},
@@ -120,19 +125,30 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
     async def agent_page():
         return page("agent.html")
 
+    def customer_of(request: Request, customer_id: str) -> str:
+        """The customer a read speaks for, if its token is theirs (403 otherwise)."""
+        return assistant.check_customer(customer_id, request.headers.get("x-customer-token"),
+                                        request.headers.get("x-customer-token-from") == "address")
+
     @app.post("/api/messages")
-    async def customer_message(msg: CustomerMessage):
-        reply = await call(assistant.handle, msg.customer_id, msg.text, msg.conversation_id, msg.client_message_id)
-        return {"conversation_id": reply.conversation_id, "status": reply.status,
-                "handoff_reason": reply.handoff_reason, "messages": reply.messages}
+    async def customer_message(msg: CustomerMessage, request: Request):
+        reply = await call(lambda: assistant.handle(
+            msg.customer_id, msg.text, msg.conversation_id, msg.client_message_id,
+            token=request.headers.get("x-customer-token"),
+            from_address=request.headers.get("x-customer-token-from") == "address", check=True))
+        out = {"conversation_id": reply.conversation_id, "status": reply.status,
+               "handoff_reason": reply.handoff_reason, "messages": reply.messages}
+        if reply.customer_token:
+            out["customer_token"] = reply.customer_token
+        return out
 
     @app.get("/api/conversations/{conversation_id}")
-    async def customer_conversation(conversation_id: str, customer_id: str, after: int = AFTER):
-        return await call(assistant.conversation, conversation_id, customer_id, after)
+    async def customer_conversation(conversation_id: str, customer_id: str, request: Request, after: int = AFTER):
+        return await call(assistant.conversation, conversation_id, customer_of(request, customer_id), after)
 
     @app.get("/api/customers/{customer_id}")
-    async def customer_history(customer_id: str):
-        return await call(assistant.history, customer_id)
+    async def customer_history(customer_id: str, request: Request):
+        return await call(assistant.history, customer_of(request, customer_id))
 
     @app.get("/api/agent/queue")
     async def agent_queue():

@@ -124,6 +124,23 @@ class Reply:
     status: str  # "assistant" or "human"
     messages: list[dict]  # what this call added: the customer's message, then any reply
     handoff_reason: str | None = None
+    customer_token: str | None = None  # issued on a customer's first contact: required from then on
+
+
+class Forbidden(Exception):
+    """A customer read or write without that customer's token (HTTP 403)."""
+
+
+def customer_token(secret: str, customer_id: str, kind: str = "site") -> str:
+    """The token that proves a session speaks for ``customer_id``: HMAC-SHA256 under the app's
+    secret. ``site`` tokens are what a deploying site signs for the customers it knows
+    (``lmforge support token``); ``issued`` ones the app gives a new customer at first contact.
+    Only site tokens may come in the page's address (``?customer=ID&token=T``), so that a link
+    cannot seat a visitor in a conversation its author reads."""
+    import hashlib
+    import hmac
+
+    return hmac.new(secret.encode(), f"{kind}:{customer_id}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 class Assistant:
@@ -139,6 +156,21 @@ class Assistant:
         self.mask_kinds = tuple(self.store.get("mask", list(KINDS)))
         self.generator = _Rephraser(generate_run) if generate_run else None
         self.on_event = lambda kind, value=None: None  # set by the web app (metrics)
+        self.secret = app_secret(self.store)
+
+    def token(self, customer_id: str, kind: str = "site") -> str:
+        return customer_token(self.secret, customer_id, kind)
+
+    def check_customer(self, customer_id: str, token: str | None, from_address: bool = False) -> str:
+        """``customer_id`` (validated) if ``token`` is its own — a site token, or (not from the page's
+        address) the token the app issued; else :class:`Forbidden`."""
+        import hmac
+
+        customer_id = validate_id(customer_id, "customer_id")
+        kinds = ("site",) if from_address else ("site", "issued")
+        if not token or not any(hmac.compare_digest(token, self.token(customer_id, k)) for k in kinds):
+            raise Forbidden(f"this request needs customer {customer_id!r}'s token (X-Customer-Token)")
+        return customer_id
 
     @property
     def threshold(self) -> float:
@@ -149,15 +181,36 @@ class Assistant:
 
     # ----------------------------------------------------------------------------- customers
     def handle(self, customer_id: str, text: str, conversation_id: str | None = None,
-               client_message_id: str | None = None) -> Reply:
+               client_message_id: str | None = None, token: str | None = None, from_address: bool = False,
+               check: bool = False) -> Reply:
         """Store the customer's message and the reply to it — together, in one transaction, so a
         kill never leaves a question unanswered. A retry with the same ``client_message_id`` (the
-        client's idempotency key) returns what the first attempt stored instead of storing it twice."""
+        client's idempotency key) returns what the first attempt stored instead of storing it twice.
+        With ``check`` (the web API): a known customer must bring their ``token``
+        (:meth:`check_customer`); a new one is issued theirs in the reply."""
         text = validate_text(text)
         customer_id = validate_id(customer_id, "customer_id")
         key = None
         if client_message_id is not None:  # stored per customer: two customers may use the same keys
             key = f"{customer_id}/{validate_id(client_message_id, 'client_message_id')}"
+        issued = None
+        if check and (token or self.store.customer(customer_id) is not None):
+            try:
+                self.check_customer(customer_id, token, from_address)
+            except Forbidden:
+                # The retry of a customer's very first message, whose reply (with the token) was
+                # lost: its idempotency key proves it is the same client.
+                if key is None or self.store.first_key(customer_id) != key:
+                    raise
+                issued = self.token(customer_id, "issued")
+        elif check:
+            issued = self.token(customer_id, "issued")
+        reply = self._handle(customer_id, text, conversation_id, key)
+        reply.customer_token = issued
+        return reply
+
+    def _handle(self, customer_id: str, text: str, conversation_id: str | None, key: str | None) -> Reply:
+        if key is not None:
             stored = self.store.exchange(customer_id, key)
             if stored is not None:
                 return Reply(**stored)
@@ -273,6 +326,17 @@ class Assistant:
 
 
 GROUNDING_ENTRIES = 2  # FAQ entries a decoder's answer is grounded in (a 135M model reads few well)
+
+
+def app_secret(store: Store) -> str:
+    """The app's secret for customer tokens, made once and kept in its store."""
+    import secrets
+
+    secret = store.get("customer_secret")
+    if not secret:
+        secret = secrets.token_hex(32)
+        store.set("customer_secret", secret)
+    return secret
 
 
 class _Rephraser:

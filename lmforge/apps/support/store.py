@@ -197,6 +197,14 @@ class Store:
                 db.execute("UPDATE customers SET name = ? WHERE id = ?", (customer_name, customer_id))
         return added
 
+    def first_key(self, customer_id: str) -> str | None:
+        """The idempotency key of the customer's first message (None without one)."""
+        with self.lock:
+            row = self.db.execute("SELECT m.client_message_id FROM messages m JOIN conversations c ON "
+                                  "c.id = m.conversation_id WHERE c.customer_id = ? ORDER BY m.id LIMIT 1",
+                                  (customer_id,)).fetchone()
+        return row[0] if row else None
+
     def exchange(self, customer_id: str, client_message_id: str) -> dict | None:
         """What a customer message with this idempotency key stored: the conversation (with its
         status and handoff reason now), the message and the replies after it (up to the next

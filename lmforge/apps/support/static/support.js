@@ -3,9 +3,9 @@
 
 // A JSON client for this server: GET without a body, POST with one; errors become exceptions
 // carrying the server's message.
-function makeApi(key) {
+function makeApi(key, extraHeaders) {
   return async function api(path, body) {
-    const headers = {"Content-Type": "application/json"};
+    const headers = {"Content-Type": "application/json", ...(extraHeaders ? extraHeaders() : {})};
     if (key) headers["Authorization"] = "Bearer " + key;
     const r = await fetch(path, body !== undefined ? {method: "POST", headers, body: JSON.stringify(body)} : {headers});
     const data = await r.json();
