@@ -488,3 +488,20 @@ def test_a_retried_message_is_stored_once_with_its_reply(api):
                                                          "conversation_id": first["conversation_id"]}).json()
     assert [m["seq"] for m in follow["messages"]] == [3, 4]
     assert api.post("/api/messages", headers=C, json={**body, "client_message_id": "bad key!"}).status_code == 400
+
+
+def test_a_customer_id_that_is_personal_data_is_not_stored(api, app_dir):
+    """An e-mail address as the customer id: the store and the agent queue hold a keyed hash of
+    it; the customer (with their token) still finds their conversations by it."""
+    import sqlite3
+
+    first = api.post("/api/messages", headers=C, json={"customer_id": "ana.b@example.com",
+                                                       "text": "I want to talk to a person"}).json()
+    assert api.get("/api/customers/ana.b@example.com", headers=C).json()["conversations"][0]["id"] == \
+        first["conversation_id"]
+    queued = [c["customer_id"] for c in api.get("/api/agent/queue", headers=A).json()["conversations"]]
+    assert "ana.b@example.com" not in queued and any(q.startswith("h-") for q in queued)
+    db = sqlite3.connect(app_dir[0] / "support.sqlite")
+    dump = "\n".join(db.iterdump())
+    db.close()
+    assert "ana.b@example.com" not in dump

@@ -38,31 +38,34 @@ def test_resume_reproduces_uninterrupted_losses_bitwise(tmp_path, data_dir, opti
     assert losses(tmp_path / "part") == losses(tmp_path / "full")  # exact float equality
 
 
-def test_a_kill_anywhere_in_a_checkpoint_leaves_a_run_that_resumes_exactly(tmp_path, data_dir):
+def test_a_kill_anywhere_in_a_checkpoint_leaves_a_run_that_resumes_exactly(tmp_path, data_dir, capsys):
     """kill -9 (a fault-injection hook that ends the process at once) at the chosen points of the
     checkpoint writer: before its commit (the previous checkpoint stays whole), between its file
     moves (the committed checkpoint is finished at the next start), and before the first
-    checkpoint of all (a new start replaces it; --resume says so)."""
+    checkpoint of all (a new start replaces it; --resume says so). Only the killed runs are
+    subprocesses; the rest run here."""
+    from lmforge.cli import main
+
     sets = ["--set", "train.checkpoint_interval=2", "--set", "model.dropout=0.1"]
     args = ["train", "--data", str(data_dir), "--preset", "debug", "--max-steps", "6", *sets]
     full = tmp_path / "full"
-    assert run_cli(*args, "--out", str(full)).returncode == 0
+    assert main([*args, "--out", str(full)]) == 0
     for point, resumed_at in (("checkpoint-staged:4", 2), ("checkpoint-moved-trainer_state.safetensors:4", 4)):
         run = tmp_path / point.split(":")[0]
         killed = run_cli(*args, "--out", str(run), env={"LMFORGE_FAULT": point})
         assert killed.returncode == 137, killed.stderr
         assert list(run.glob(".checkpoint-*")), "the kill came inside the checkpoint writer"
-        r = run_cli("train", "--out", str(run), "--resume", "--data", str(data_dir))
-        assert r.returncode == 0, r.stderr
-        assert f"resuming {run} at step {resumed_at}" in r.stderr
+        capsys.readouterr()
+        assert main(["train", "--out", str(run), "--resume", "--data", str(data_dir)]) == 0
+        assert f"resuming {run} at step {resumed_at}" in capsys.readouterr().err
         assert losses(run) == losses(full)  # exact, and no step logged twice
         assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # nothing half-written left
     first = tmp_path / "first"
     assert run_cli(*args, "--out", str(first), env={"LMFORGE_FAULT": "checkpoint-staged:2"}).returncode == 137
-    r = run_cli("train", "--out", str(first), "--resume", "--data", str(data_dir))
-    assert r.returncode == 2 and "without --resume to start it again" in r.stderr
-    r = run_cli(*args, "--out", str(first))
-    assert r.returncode == 0 and "starting it again" in r.stderr, r.stderr
+    capsys.readouterr()
+    assert main(["train", "--out", str(first), "--resume", "--data", str(data_dir)]) == 2
+    assert "without --resume to start it again" in capsys.readouterr().err
+    assert main([*args, "--out", str(first)]) == 0 and "starting it again" in capsys.readouterr().err
     assert losses(first) == losses(full)
 
 

@@ -161,6 +161,14 @@ class Assistant:
     def token(self, customer_id: str, kind: str = "site") -> str:
         return customer_token(self.secret, customer_id, kind)
 
+    def stored_id(self, customer_id: str) -> str:
+        """What the store keeps (and agents see) for a customer id: the id itself, or — when it
+        is personal data (an e-mail address, a phone number: what the masker finds) — a keyed
+        hash of it, so that the database and the agent page hold no address."""
+        if mask(customer_id, KINDS) == customer_id:
+            return customer_id
+        return "h-" + customer_token(self.secret, customer_id, "id")[:24]
+
     def check_customer(self, customer_id: str, token: str | None, from_address: bool = False) -> str:
         """``customer_id`` (validated) if ``token`` is its own — a site token, or (not from the page's
         address) the token the app issued; else :class:`Forbidden`."""
@@ -192,20 +200,20 @@ class Assistant:
         customer_id = validate_id(customer_id, "customer_id")
         key = None
         if client_message_id is not None:  # stored per customer: two customers may use the same keys
-            key = f"{customer_id}/{validate_id(client_message_id, 'client_message_id')}"
+            key = f"{self.stored_id(customer_id)}/{validate_id(client_message_id, 'client_message_id')}"
         issued = None
-        if check and (token or self.store.customer(customer_id) is not None):
+        if check and (token or self.store.customer(self.stored_id(customer_id)) is not None):
             try:
                 self.check_customer(customer_id, token, from_address)
             except Forbidden:
                 # The retry of a customer's very first message, whose reply (with the token) was
                 # lost: its idempotency key proves it is the same client.
-                if key is None or self.store.first_key(customer_id) != key:
+                if key is None or self.store.first_key(self.stored_id(customer_id)) != key:
                     raise
                 issued = self.token(customer_id, "issued")
         elif check:
             issued = self.token(customer_id, "issued")
-        reply = self._handle(customer_id, text, conversation_id, key)
+        reply = self._handle(self.stored_id(customer_id), text, conversation_id, key)
         reply.customer_token = issued
         return reply
 
@@ -291,16 +299,17 @@ class Assistant:
 
     def conversation(self, conversation_id: str, customer_id: str | None = None, after: int = 0) -> dict:
         conv = self.store.conversation(validate_id(conversation_id, "conversation id"))
-        if customer_id is not None and conv["customer_id"] != customer_id:
+        if customer_id is not None and conv["customer_id"] != self.stored_id(customer_id):
             raise NotFound(f"no conversation {conversation_id!r} for customer {customer_id!r}")
         return {**conv, "messages": self.store.messages(conv["id"], after)}
 
     def history(self, customer_id: str) -> dict:
         customer_id = validate_id(customer_id, "customer_id")
-        customer = self.store.customer(customer_id) or {"id": customer_id, "name": None}
+        sid = self.stored_id(customer_id)
+        customer = self.store.customer(sid) or {"id": sid, "name": None}
         return {"customer_id": customer_id, "name": customer.get("name"),
-                "conversations": [{**c, "messages": self.store.messages(c["id"])}
-                                  for c in self.store.conversations_of(customer_id)]}
+                "conversations": [{**c, "customer_id": customer_id, "messages": self.store.messages(c["id"])}
+                                  for c in self.store.conversations_of(sid)]}
 
     # -------------------------------------------------------------------------------- agents
     def agent_reply(self, conversation_id: str, text: str) -> dict:
