@@ -206,7 +206,7 @@ def run(o: Options) -> int:
     instruction-tuned run): the loss over the assistant tokens of --data's conversations."""
     from lmforge.runs import RunDir, load_run
 
-    if o.batch_size <= 0 or (o.max_tokens is not None and o.max_tokens <= 0) or (o.stride is not None and o.stride <= 0):
+    if o.batch_size <= 0 or any(v is not None and v <= 0 for v in (o.max_tokens, o.stride)):
         raise UserError("--batch-size, --max-tokens and --stride must be positive")
     if o.dynamic_lr is not None and not o.dynamic_lr > 0:  # flags are checked before anything is loaded
         raise UserError(f"--dynamic-lr must be positive, got {o.dynamic_lr}")

@@ -8,9 +8,11 @@ What counts, chosen to avoid false positives on ordinary text (numbers, dates, v
 - ``iban``: a country code, two check digits and 11-30 letters/digits (spaces allowed in groups
   of four) that pass the ISO 13616 mod-97 check;
 - ``phone``: 7-15 digits written as a phone number is — a leading ``+``, or spaces, dashes or
-  parentheses between groups of two digits or more, or dots in the 3.3.4 shape; never a date (``2026-11-23``), a bare run of
-  digits (an order number, a timestamp) or a list of one-digit numbers;
-- ``email``: ``name@domain.tld``, the name and domain in any script; ``url``: ``http(s)://`` or ``www.`` up to the next space;
+  parentheses between groups of two digits or more, or dots in the 3.3.4 shape; never a date
+  (``2026-11-23``), a bare run of digits (an order number, a timestamp) or a list of one-digit
+  numbers;
+- ``email``: ``name@domain.tld``, the name and domain in any script; ``url``: ``http(s)://`` or
+  ``www.`` up to the next space;
 - ``ip``: a dotted IPv4 address not part of a longer dotted number or after ``v`` (a version), or
   an IPv6 address that ``ipaddress`` accepts with three groups at least (not a slice ``a[::2]``).
 """

@@ -39,8 +39,9 @@ from lmforge.serve.common import (APIError, Metrics, install_api_basics, key_mat
                                   unauthorized)
 from lmforge.serve.logprobs import (Piece, Placer, TokenText, chat_logprobs, completion_logprobs, placed_prompt,
                                     split_by_offset)
-from lmforge.serve.protocol import (MAX_INPUTS, MAX_SEQUENCES_PER_REQUEST, ChatMessage, ChatRequest, ClassifyRequest, CompletionRequest,
-                                    DetokenizeRequest, EmbeddingRequest, SamplingRequest, TokenizeRequest)
+from lmforge.serve.protocol import (MAX_INPUTS, MAX_SEQUENCES_PER_REQUEST, ChatMessage, ChatRequest, ClassifyRequest,
+                                    CompletionRequest, DetokenizeRequest, EmbeddingRequest, SamplingRequest,
+                                    TokenizeRequest)
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 DEFAULT_MAX_CONTEXT = 2048  # tokens per sequence when the model's context is longer (serve --max-context)
