@@ -61,6 +61,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
                           cwd=cwd, env=env, timeout=timeout, input=input)
 
 
+def cli_here(capsys, *args: str):
+    """``lmforge ARGS`` in this process (a CLI start costs ~2 s of imports): the exit code and what
+    it printed, as ``run_cli`` returns them. A traceback is an exception here, so it fails the test."""
+    from types import SimpleNamespace
+
+    from lmforge.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
 def interrupt_training(args: list[str], run: Path, lines: int = 5, timeout: float = 60):
     """Start ``lmforge train ARGS`` (its run directory ``run``), send Ctrl-C once ``metrics.jsonl``
     has ``lines`` lines (polled with a deadline), and return (exit code, stderr)."""

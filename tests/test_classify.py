@@ -13,7 +13,7 @@ from safetensors import safe_open  # noqa: E402
 
 from lmforge import config as cfgmod  # noqa: E402
 from lmforge.evaluate.classify import classification_metrics, paired_comparison  # noqa: E402
-from tests.conftest import run_cli  # noqa: E402
+from tests.conftest import cli_here, run_cli  # noqa: E402
 
 sk = pytest.importorskip("sklearn.metrics")
 
@@ -148,7 +148,10 @@ def test_fine_tune_with_a_time_budget_shortens_the_schedule_to_fit(tiny_bert, da
     assert s["seconds"] < 3.0 + 2.0
 
 
-def test_fine_tune_then_eval_and_predict_agree_with_scikit_learn(tiny_bert, data, tmp_path):
+def test_fine_tune_then_eval_and_predict_agree_with_scikit_learn(tiny_bert, data, tmp_path, capsys):
+    def run_cli(*args, **kw):  # in this process: each CLI start costs ~2 s of imports
+        return cli_here(capsys, *args)
+
     renamed = []  # the run's own column names, which eval must remember
     for path in data:
         rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -219,7 +222,10 @@ def test_training_verdict_reads_the_evaluations(tmp_path):
     assert training_verdict(tmp_path / "none", "acc", False) is None
 
 
-def test_decoder_classifier_with_oversampling_and_early_stopping(data, tmp_path):
+def test_decoder_classifier_with_oversampling_and_early_stopping(data, tmp_path, capsys):
+    def run_cli(*args, **kw):  # in this process: each CLI start costs ~2 s of imports
+        return cli_here(capsys, *args)
+
     from lmforge.data.prepare import prepare
 
     train, _, _ = data

@@ -2,10 +2,13 @@
 
 import json
 
-from tests.conftest import run_cli
+from tests.conftest import cli_here
 
 
-def test_prepare_train_eval_generate(tmp_path, corpus_dir):
+def test_prepare_train_eval_generate(tmp_path, corpus_dir, capsys):
+    def run_cli(*args, **kw):  # in this process: each CLI start costs ~2 s of imports
+        return cli_here(capsys, *args)
+
     data, run = tmp_path / "data", tmp_path / "run"
     r = run_cli("prepare", "--input", str(corpus_dir), "--out", str(data), "--vocab-size", "400", "--json")
     assert r.returncode == 0, r.stderr

@@ -19,7 +19,7 @@ from lmforge import config as cfgmod
 from lmforge.data.images import ImageData, prepare_images, read_idx
 from lmforge.errors import UserError
 from lmforge.models import MODELS, build_model
-from tests.conftest import run_cli
+from tests.conftest import cli_here, run_cli
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -199,9 +199,12 @@ def test_image_classifier_resumes_bitwise(digits_dir, tmp_path):
             {k: v for k, v in b.items() if "per_second" not in k}
 
 
-def test_the_interface_from_idx_files_to_http(tmp_path):
+def test_the_interface_from_idx_files_to_http(tmp_path, capsys):
     """prepare --kind images on IDX files, train --preset keras-mnist, eval --json, predict --image,
     and /v1/classify with a base64 PNG through a real server."""
+    def run_cli(*args, **kw):  # in this process: each CLI start costs ~2 s of imports
+        return cli_here(capsys, *args)
+
     httpx = pytest.importorskip("httpx")
     from lmforge.serve import common
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmforge.models.llama import Llama, LlamaConfig, rope_frequencies, rotate
-from tests.conftest import run_cli
+from tests.conftest import cli_here, run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -92,7 +92,10 @@ def test_bad_shapes_are_config_errors(tmp_path, data_dir):
     assert not (tmp_path / "r").exists()
 
 
-def test_a_llama_trains_resumes_and_generates_on_the_one_spine(tmp_path, data_dir):
+def test_a_llama_trains_resumes_and_generates_on_the_one_spine(tmp_path, data_dir, capsys):
+    def run_cli(*args):  # in this process: seven CLI starts would cost ~15 s
+        return cli_here(capsys, *args)
+
     args = ["train", "--data", str(data_dir), "--preset", "llama-debug", "--max-steps", "10",
             "--set", "train.eval_interval=5"]
     whole, part = tmp_path / "whole", tmp_path / "part"

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from lmforge.data.prepare import prepare  # noqa: E402
 from lmforge.data.tokenizer import BERT_SPECIALS, load_tokenizer  # noqa: E402
 from lmforge.tasks.mlm import mask_tokens  # noqa: E402
-from tests.conftest import run_cli  # noqa: E402
+from tests.conftest import cli_here, run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,10 @@ def test_masking_follows_bert_proportions_and_is_reproducible():
     assert torch.equal(inputs[:, 1:-1][keep], x[keep])  # every other token is untouched
 
 
-def test_mlm_training_learns_resumes_exactly_and_exports(wp_data, tmp_path):
+def test_mlm_training_learns_resumes_exactly_and_exports(wp_data, tmp_path, capsys):
+    def run_cli(*args, **kw):  # in this process: each CLI start costs ~2 s of imports
+        return cli_here(capsys, *args)
+
     data, meta = wp_data
     full, part = tmp_path / "full", tmp_path / "part"
     common = ["--data", str(data), "--preset", "bert-debug", "--task", "mlm", "--max-steps", "30"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lmforge.chat import DEFAULT_CHAT_TEMPLATE
 from lmforge.tasks.sft import assistant_loss, encode_conversation, pack, read_conversations
-from tests.conftest import run_cli
+from tests.conftest import cli_here, run_cli
 
 CHATS = [
     {"messages": [{"role": "system", "content": "You answer briefly."},
@@ -82,7 +82,10 @@ def test_packed_rows_score_each_conversation_as_if_alone(base_run):
     assert abs(every / n_every - packed) > 1e-3  # counting the prompt's tokens too is a different figure
 
 
-def test_sft_trains_resumes_exactly_and_evaluates(base_run, chat_file, tmp_path):
+def test_sft_trains_resumes_exactly_and_evaluates(base_run, chat_file, tmp_path, capsys):
+    def run_cli(*args, **kw):  # in this process: each CLI start costs ~2 s of imports
+        return cli_here(capsys, *args)
+
     args = ["train", "--task", "sft", "--init", str(base_run), "--data", str(chat_file), "--max-steps", "6",
             "--set", "train.batch_size=2"]
     whole, part = tmp_path / "whole", tmp_path / "part"
@@ -153,7 +156,10 @@ def test_lora_starts_as_a_no_op_and_merging_changes_no_output():
     assert "model.layers.0.self_attn.q_proj.weight" in model.state_dict_for_save()  # the base's names
 
 
-def test_lora_fine_tuning_resumes_exactly_and_merges(base_run, chat_file, tmp_path):
+def test_lora_fine_tuning_resumes_exactly_and_merges(base_run, chat_file, tmp_path, capsys):
+    def run_cli(*args, **kw):  # in this process: each CLI start costs ~2 s of imports
+        return cli_here(capsys, *args)
+
     from lmforge.runs import load_run
 
     args = ["train", "--task", "sft", "--init", str(base_run), "--data", str(chat_file), "--max-steps", "4",

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from lmforge import config as cfgmod
-from tests.conftest import interrupt_training, run_cli
+from tests.conftest import interrupt_training, cli_here, run_cli
 from tests.test_classify import data, tiny_bert  # noqa: F401  (fixtures)
 from tests.test_distributed import torchrun
 
@@ -27,7 +27,10 @@ def classify(tiny_bert, train, out, *args):  # noqa: F811
                    "--max-length", "64", *args, "--out", str(out))
 
 
-def test_classifier_stopped_and_resumed_logs_bitwise_the_uninterrupted_losses(tiny_bert, data, tmp_path):  # noqa: F811
+def test_classifier_stopped_and_resumed_logs_bitwise_the_uninterrupted_losses(tiny_bert, data, tmp_path, capsys):  # noqa: F811
+    def run_cli(*args, **kw):  # in this process: each CLI start costs ~2 s of imports
+        return cli_here(capsys, *args)
+
     train, _, _ = data
     full, part = tmp_path / "full", tmp_path / "part"
     r = classify(tiny_bert, train, full, "--max-steps", "10", "--set", "model.dropout=0.2")

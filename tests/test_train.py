@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from lmforge import config as cfgmod
 from lmforge.train.trainer import train
-from tests.conftest import interrupt_training, run_cli
+from tests.conftest import interrupt_training, cli_here, run_cli
 
 GOLDEN = Path(__file__).parent / "golden" / "debug_loss.json"
 
@@ -203,9 +203,12 @@ def test_micro_optimizer_settings_learn_faster_than_adamw(tmp_path, data_dir):
     assert val["micro"] < val["hidden_frozen"] - 0.05 and val["micro"] < val["adamw"] - 0.1, val
 
 
-def test_continued_pretraining_starts_from_the_given_run(tmp_path, data_dir, corpus_dir):
+def test_continued_pretraining_starts_from_the_given_run(tmp_path, data_dir, corpus_dir, capsys):
     """`train --task lm --init RUN`: the first step's loss is the run's own loss on that batch; data
     tokenized with another tokenizer is refused, `prepare --tokenizer RUN` makes fitting data."""
+    def run_cli(*args, **kw):  # in this process: each CLI start costs ~2 s of imports
+        return cli_here(capsys, *args)
+
     from lmforge.data.tokens import TokenFile
     from lmforge.runs import load_run
 
