@@ -198,26 +198,28 @@ class Assistant:
         (:meth:`check_customer`); a new one is issued theirs in the reply."""
         text = validate_text(text)
         customer_id = validate_id(customer_id, "customer_id")
+        sid = self.stored_id(customer_id)
         key = None
         if client_message_id is not None:  # stored per customer: two customers may use the same keys
-            key = f"{self.stored_id(customer_id)}/{validate_id(client_message_id, 'client_message_id')}"
+            key = f"{sid}/{validate_id(client_message_id, 'client_message_id')}"
         issued = None
-        if check and (token or self.store.customer(self.stored_id(customer_id)) is not None):
+        if check and (token or self.store.customer(sid) is not None):
             try:
                 self.check_customer(customer_id, token, from_address)
             except Forbidden:
                 # The retry of a customer's very first message, whose reply (with the token) was
                 # lost: its idempotency key proves it is the same client.
-                if key is None or self.store.first_key(self.stored_id(customer_id)) != key:
+                if key is None or self.store.first_key(sid) != key:
                     raise
                 issued = self.token(customer_id, "issued")
         elif check:
             issued = self.token(customer_id, "issued")
-        reply = self._handle(self.stored_id(customer_id), text, conversation_id, key)
+        reply = self._handle(sid, text, conversation_id, key)
         reply.customer_token = issued
         return reply
 
     def _handle(self, customer_id: str, text: str, conversation_id: str | None, key: str | None) -> Reply:
+        """:meth:`handle` once the customer is known: ``customer_id`` is the stored id."""
         if key is not None:
             stored = self.store.exchange(customer_id, key)
             if stored is not None:
