@@ -24,6 +24,7 @@ VERBS = {
     "predict": "lmforge.cli.predict",
     "generate": "lmforge.cli.generate",
     "embed": "lmforge.cli.embed",
+    "explain": "lmforge.cli.explain",
     "serve": "lmforge.cli.serve",
     "chat": "lmforge.cli.chat",
     "quickstart": "lmforge.cli.quickstart",

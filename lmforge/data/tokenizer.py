@@ -65,6 +65,33 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise UserError(f"cannot load tokenizer {path}: {e}") from None
 
 
+def neutral_id(tok: Tokenizer) -> int:
+    """The token that stands for "no token" (an attribution's baseline): [PAD], else
+    <|endoftext|>, else id 0."""
+    for name in ("[PAD]", EOT):
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    return 0
+
+
+def token_label(tok: Tokenizer, i: int) -> str:
+    """One token as a person reads it: its decoded text (byte-level pieces such as 'Ġthe' become
+    ' the'), whitespace made visible; special tokens by name."""
+    text = tok.decode([i], skip_special_tokens=False) or tok.id_to_token(i) or f"<{i}>"
+    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
+
+
+def encode_truncated(tok: Tokenizer, text: str, max_len: int):
+    """One text's ``tokenizers.Encoding`` (ids, tokens, offsets, special-token mask): special tokens
+    added, truncated to ``max_len`` as :func:`encode_batch` truncates it."""
+    tok.enable_truncation(max_length=max_len)
+    try:
+        return tok.encode(text)
+    finally:
+        tok.no_truncation()
+
+
 def encode_batch(tok: Tokenizer, texts: list[str], max_len: int):
     """Token ids and attention masks, (B, T) int64 each: special tokens added, each text truncated
     to ``max_len``, padded on the right with the tokenizer's [PAD] (else id 0)."""

@@ -145,6 +145,10 @@ class Bert(nn.Module):
         """The modules below the first block (word, position, segment embeddings and their norm)."""
         return [self.bert.embeddings]
 
+    def token_embedding(self) -> nn.Embedding:
+        """The word embeddings (what attributions to tokens integrate along)."""
+        return self.bert.embeddings["word_embeddings"]
+
     @staticmethod
     def classification_config(config: BertConfig, num_labels: int) -> BertConfig:
         """``config`` with a classification head of ``num_labels`` (and no masked-LM head)."""

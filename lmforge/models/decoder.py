@@ -9,6 +9,9 @@ treat every decoder alike.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -99,12 +102,45 @@ def packed_positions(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return pos, (same & (i[:, None] >= i[None, :]))[:, None]
 
 
+# While recording_attention() is active: the list every attend() call appends its weights to.
+_recorded: list[torch.Tensor] | None = None
+
+
+@contextmanager
+def recording_attention() -> Iterator[list[torch.Tensor]]:
+    """Within the block, attention is computed explicitly, softmax(QK^T / sqrt(hs)), and each
+    layer's weights (B, nh, T, S) are appended to the yielded list, in call order. Outside it
+    (always, when serving or training) attention stays one fused SDPA call that never forms them."""
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous
+
+
+def _explicit_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """What SDPA computes, with the weights kept (eval mode: no dropout)."""
+    if k.size(1) != q.size(1):  # grouped-query: each key/value head serves nh / n_kv_head query heads
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() * q.size(-1) ** -0.5
+    if mask is None:  # causal, the queries being the last T of S positions
+        T, S = q.size(2), k.size(2)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    _recorded.append(weights.detach())
+    return (weights.to(v.dtype) @ v)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
            input_pos: torch.Tensor | None, mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
     """Causal SDPA of ``q`` (B, nh, T, hs) over ``k``, ``v`` (B, n_kv_head, T, hs), through the
     cache when there is one; ``n_kv_head`` < ``nh`` is grouped-query attention. -> (B, nh, T, hs)."""
     if cache is not None:
         k, v = cache.update(layer, input_pos, k, v, attend_all=mask is not None)
+    if _recorded is not None:
+        return _explicit_attention(q, k, v, mask)
     gqa = k.size(1) != q.size(1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           dropout_p=dropout, enable_gqa=gqa)

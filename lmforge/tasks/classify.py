@@ -128,6 +128,23 @@ def write_classification_report(run_dir: Path, model, tokenizer, ex: Examples, n
                         out_dir=out_dir)
 
 
+def split_examples(cfg) -> tuple[Examples, Examples | None]:
+    """A classifier config's training and validation examples: ``data.val``, else the stratified
+    ``task.val_fraction`` of ``data.path`` (seed 0), else none."""
+    o, d = cfg.task, cfg.data
+    train_ex = read_examples(d.path, o.text_column, o.label_column)
+    if d.val is not None:
+        return train_ex, read_examples(d.val, o.text_column, o.label_column)
+    if o.val_fraction <= 0:  # no validation: the planned epochs run and the last weights are kept
+        return train_ex, None
+    train_ex, val_ex = stratified_split(train_ex, o.val_fraction, seed=0)
+    if not len(val_ex):  # too few examples of every class to hold any out
+        status(f"{d.path}: too few examples to hold out {o.val_fraction:.0%} for validation; "
+               "training on all of them without validation")
+        return train_ex, None
+    return train_ex, val_ex
+
+
 class ClassifyTask(FineTuneTask):
     name = "classify"
     ARCHS = ("bert", "gpt", "llama")  # the family of --init
@@ -162,20 +179,10 @@ class ClassifyTask(FineTuneTask):
         o, d = cfg.task, cfg.data
         if not self.resume and o.init == self.default_init():
             status(f"no --init given: fine-tuning the bundled all-MiniLM-L6-v2 encoder ({o.init})")
-        train_ex = read_examples(d.path, o.text_column, o.label_column)
+        train_ex, val_ex = split_examples(cfg)
         self.names = label_names(train_ex.labels)
         if len(self.names) < 2:
             raise UserError(f"{d.path}: only one class ({self.names[0]!r}); a classifier needs at least two")
-        if d.val is not None:
-            val_ex = read_examples(d.val, o.text_column, o.label_column)
-        elif o.val_fraction > 0:
-            train_ex, val_ex = stratified_split(train_ex, o.val_fraction, seed=0)
-            if not len(val_ex):  # too few examples of every class to hold any out
-                status(f"{d.path}: too few examples to hold out {o.val_fraction:.0%} for validation; "
-                       "training on all of them without validation")
-                val_ex = None
-        else:  # no validation: the planned epochs run and the last weights are kept
-            val_ex = None
         test_ex = read_examples(d.test, o.text_column, o.label_column) if d.test is not None else None
         for part, ex in (("validation", val_ex), ("test", test_ex)):
             unseen = sorted(set(ex.labels) - set(self.names)) if ex is not None else []
