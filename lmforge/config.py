@@ -29,7 +29,7 @@ from lmforge.train.privacy import DPConfig
 from lmforge.train.privacy import check_config as check_dp
 from lmforge.train.optim import OPTIMIZERS, SCHEDULES
 
-SECTIONS = ("task", "model", "data", "train", "finetune")
+SECTIONS = ("task", "model", "data", "train", "finetune", "compress")
 
 
 @dataclass
@@ -113,6 +113,21 @@ class FinetuneConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
+QUANTIZE = ("int8",)
+
+
+@dataclass
+class CompressConfig:
+    """How a run's weights were made smaller by ``lmforge compress`` (nothing for a trained run):
+    ``quantize: int8`` stores every Linear layer's weights as int8 with one scale per output
+    channel and runs them through PyTorch's dynamic int8 kernels (CPU); ``prune`` is the fraction
+    of MLP neurons removed (the model config holds the smaller shape); ``source`` the run it came from."""
+
+    quantize: str | None = None
+    prune: float = 0.0
+    source: str | None = None
+
+
 def _default_task():
     from lmforge.tasks import TASKS
 
@@ -128,6 +143,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     preset: str | None = None
     arch: str = "gpt"  # a row of lmforge.models.MODELS
 
@@ -470,6 +486,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.arch not in task.ARCHS:
         raise UserError(f"the {cfg.task.name} task trains {' or '.join(task.ARCHS)} models, not {cfg.arch!r}")
     check_lora(cfg.finetune.lora)
+    if cfg.compress.quantize not in (None, *QUANTIZE):
+        raise UserError(f"compress.quantize must be one of {', '.join(QUANTIZE)}, got {cfg.compress.quantize!r}")
     check_dp(t.dp)
     check = getattr(MODELS[cfg.arch].model, "check_config", None)
     if check is not None:
@@ -502,7 +520,8 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     """Plain-data view for ``config.yaml``."""
     return {"preset": cfg.preset, "arch": cfg.arch, "task": dataclasses.asdict(cfg.task),
             "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
-            "train": dataclasses.asdict(cfg.train), "finetune": dataclasses.asdict(cfg.finetune)}
+            "train": dataclasses.asdict(cfg.train), "finetune": dataclasses.asdict(cfg.finetune),
+            "compress": dataclasses.asdict(cfg.compress)}
 
 
 def _legacy_task(data: dict[str, Any]) -> str:

@@ -178,7 +178,18 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
 
     model = build_model(cfg.arch, cfg.model)
     apply_lora(model, cfg.finetune.lora)  # a LoRA run's weights hold its adapters beside the frozen base
-    load_into(model, load_model_state(rd.model), rd.model)
+    if cfg.compress.quantize:  # int8 layers (lmforge compress) run on the CPU's int8 kernels
+        from lmforge.compress.quantize import load_int8_state, quantize_int8
+
+        if dev.type != "cpu":
+            from lmforge.progress import status
+
+            status(f"{rd.path} holds int8 weights for the CPU's kernels: loading it on the CPU, not {dev}")
+            dev = torch.device("cpu")
+        quantize_int8(model)
+        load_into(model, load_model_state(rd.model), rd.model, load=lambda s: load_int8_state(model, s))
+    else:
+        load_into(model, load_model_state(rd.model), rd.model)
     model.to(dev).eval()
     tokenizer = load_tokenizer(rd.tokenizer) if rd.tokenizer.is_file() or cfg.task.name not in ("image-classify", "gan") else None
     return Run(rd.path, cfg, model, tokenizer, dev, rd.label_names())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -96,3 +97,48 @@ def interrupt_training(args: list[str], run: Path, lines: int = 5, timeout: floa
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# A text classifier whose answer rests on one word (explain's and compress's tests).
+FILLER = "please help me with my the a need about this today thanks order item".split()
+KEYWORDS = {"yes": "great", "no": "awful"}
+
+
+def write_keyword_examples(path, n, seed):
+    """Texts whose label is decided by one word among six fillers (no such word: "neither")."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            label = rng.choice([*KEYWORDS, "neither"])
+            words = rng.sample(FILLER, 6) + ([KEYWORDS[label]] if label in KEYWORDS else [])
+            rng.shuffle(words)
+            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def keyword_classifier(tmp_path_factory):
+    """A tiny BERT fine-tuned until its answer rests on the keyword alone."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from lmforge import config as cfgmod
+    from lmforge.interop.hf_dir import import_hf
+    from lmforge.train.trainer import train
+
+    root = tmp_path_factory.mktemp("keyword")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(FILLER) | set(KEYWORDS.values()))
+    torch.manual_seed(0)
+    hf = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64, architectures=["BertModel"])
+    transformers.BertModel(hf).save_pretrained(root / "hf")
+    (root / "hf" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    import_hf(root / "hf", root / "base")
+    cfg = cfgmod.build_config(task="classify", values={
+        "task": {"init": str(root / "base"), "epochs": 12},
+        "data": {"path": str(write_keyword_examples(root / "train.jsonl", 300, 0)),
+                 "val": str(write_keyword_examples(root / "val.jsonl", 60, 1))},
+        "train": {"lr": 1e-3, "early_stop": "loss"}})
+    train(cfg, run_dir=root / "run")
+    return root / "run"

@@ -25,6 +25,7 @@ VERBS = {
     "generate": "lmforge.cli.generate",
     "embed": "lmforge.cli.embed",
     "explain": "lmforge.cli.explain",
+    "compress": "lmforge.cli.compress",
     "serve": "lmforge.cli.serve",
     "chat": "lmforge.cli.chat",
     "quickstart": "lmforge.cli.quickstart",

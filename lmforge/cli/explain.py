@@ -19,8 +19,8 @@ class Options(TextInputOptions):
     examples: int | None = flag(help="explain this many examples of the run's validation data (classifiers)")
     label: str | None = flag(help="the class to explain (default: the predicted one)")
     answer: str | None = flag(help="decoders: the answer whose log-likelihood to explain (default: the model's "
-                                   "greedy continuation of --max-tokens tokens)")
-    max_tokens: int = flag(16, help="decoders: tokens of the greedy answer")
+                                   "greedy continuation of --max-new-tokens tokens)")
+    max_new_tokens: int = flag(16, help="decoders: tokens of the greedy answer")
     method: list[str] | None = flag(nargs="+", choices=METHODS, help="attribution methods (default: all: "
                                     "Integrated Gradients, occlusion, KernelSHAP)")
     attention: bool = flag(False, help="decoders: also draw each layer's attention heads (attention/*.png)")
@@ -69,7 +69,7 @@ def _subjects(o: Options, run, kind: str) -> list:
         raise UserError("--examples applies to classifier runs; give a decoder --text PROMPT")
     if o.label:
         raise UserError("--label applies to classifier runs; a decoder's --answer is what is explained")
-    return [subjects.decoder_answer(run, t, o.answer, o.max_tokens) for t in texts]
+    return [subjects.decoder_answer(run, t, o.answer, o.max_new_tokens) for t in texts]
 
 
 def run_kind(task: str, model_can_generate: bool) -> str | None:

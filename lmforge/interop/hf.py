@@ -51,7 +51,7 @@ def gpt_config_to_hf(config: GPTConfig, **overrides):
     if not config.bias:
         raise ValueError("Hugging Face GPT-2 has biases; a model with bias=False has no GPT-2 equivalent")
     return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
-                      n_layer=config.n_layer, n_head=config.n_head, n_inner=4 * config.n_embd,
+                      n_layer=config.n_layer, n_head=config.n_head, n_inner=config.n_inner or 4 * config.n_embd,
                       activation_function="gelu_new", layer_norm_epsilon=config.layer_norm_eps,
                       resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
                       tie_word_embeddings=True, **{"bos_token_id": None, "eos_token_id": None, **overrides})
@@ -64,12 +64,11 @@ def gpt_config_from_hf(hf_config) -> GPTConfig:
     act = get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"GPT-2 activation {act!r} is not supported (gelu_new only)")
-    if get("n_inner") not in (None, 4 * n_embd):
-        raise ValueError(f"GPT-2 n_inner {get('n_inner')} is not 4 * n_embd")
     classifier = "GPT2ForSequenceClassification" in (get("architectures") or [])
     num_labels = len(get("id2label") or {}) or get("num_labels", 2) if classifier else 0
     return GPTConfig(vocab_size=get("vocab_size"), block_size=get("n_positions"), n_layer=get("n_layer"),
-                     n_head=get("n_head"), n_embd=n_embd, dropout=get("resid_pdrop", 0.0) or 0.0,
+                     n_head=get("n_head"), n_embd=n_embd,
+                     n_inner=None if get("n_inner") in (None, 4 * n_embd) else get("n_inner"), dropout=get("resid_pdrop", 0.0) or 0.0,
                      layer_norm_eps=get("layer_norm_epsilon", 1e-5), num_labels=num_labels)
 
 

@@ -141,6 +141,12 @@ class Bert(nn.Module):
         """The repeated blocks, bottom to top (FSDP units, activation checkpointing, layer-wise rates)."""
         return self.bert.encoder["layer"]
 
+    def mlp_neurons(self) -> list[tuple[list[nn.Linear], nn.Linear]]:
+        """Per block, the MLP's neurons: (the Linear layers whose output rows they are, the Linear
+        whose input columns they are). Structured pruning keeps the same neurons in each and
+        rebuilds the model with ``n_inner`` that many."""
+        return [([b.intermediate["dense"]], b.output["dense"]) for b in self.bert.encoder["layer"]]
+
     def embeddings(self) -> list[nn.Module]:
         """The modules below the first block (word, position, segment embeddings and their norm)."""
         return [self.bert.embeddings]

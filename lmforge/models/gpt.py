@@ -30,6 +30,7 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
+    n_inner: int | None = None  # MLP width; None: 4 * n_embd (smaller after lmforge compress --prune)
     dropout: float = 0.0
     bias: bool = True  # GPT-2 has biases in Linear and LayerNorm
     layer_norm_eps: float = 1e-5
@@ -69,8 +70,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner, bias=config.bias)
+        self.c_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +142,12 @@ class GPT(Decoder):
     def blocks(self) -> nn.ModuleList:
         """The repeated blocks, bottom to top (FSDP units, activation checkpointing, layer-wise rates)."""
         return self.transformer.h
+
+    def mlp_neurons(self) -> list[tuple[list[nn.Linear], nn.Linear]]:
+        """Per block, the MLP's neurons: (the Linear layers whose output rows they are, the Linear
+        whose input columns they are). Structured pruning keeps the same neurons in each and
+        rebuilds the model with ``n_inner`` that many."""
+        return [([b.mlp.c_fc], b.mlp.c_proj) for b in self.transformer.h]
 
     def embeddings(self) -> list[nn.Module]:
         """The modules below the first block (the lowest layer for layer-wise learning rates)."""

@@ -201,6 +201,12 @@ class Llama(Decoder):
         """The repeated blocks, bottom to top (FSDP units, activation checkpointing, layer-wise rates)."""
         return self.model.layers
 
+    def mlp_neurons(self) -> list[tuple[list[nn.Linear], nn.Linear]]:
+        """Per block, the MLP's neurons: (the Linear layers whose output rows they are, the Linear
+        whose input columns they are). Structured pruning keeps the same neurons in each and
+        rebuilds the model with ``n_inner`` that many."""
+        return [([b.mlp.gate_proj, b.mlp.up_proj], b.mlp.down_proj) for b in self.model.layers]
+
     def embeddings(self) -> list[nn.Module]:
         """The modules below the first block (the lowest layer for layer-wise learning rates)."""
         return [self.model.embed_tokens]

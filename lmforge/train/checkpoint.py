@@ -58,10 +58,11 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     return read_tensors(path)
 
 
-def load_into(model, state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """``model.load_saved_state(state)``; weights of another shape or naming are a one-line error."""
+def load_into(model, state: dict[str, torch.Tensor], source: str | Path, load=None) -> None:
+    """``model.load_saved_state(state)`` (or ``load(state)``); weights of another shape or naming
+    are a one-line error."""
     try:
-        model.load_saved_state(state)
+        (load or model.load_saved_state)(state)
     except (RuntimeError, KeyError, ValueError) as e:
         raise UserError(f"{source}: the weights do not fit the model its config.yaml describes "
                         f"({str(e).splitlines()[0][:200]})") from None

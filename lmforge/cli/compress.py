@@ -1,0 +1,167 @@
+"""lmforge compress: a smaller, faster copy of a run (int8 weights, pruned MLP neurons), and a
+report of what it cost."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.cli.common import print_json
+from lmforge.cli.options import flag
+from lmforge.errors import UserError
+
+HELP = "quantise (int8) and/or prune a run into a new run directory, with a size/speed/quality report"
+REPORT_MD, REPORT_JSON = "compress_report.md", "compress_report.json"
+
+
+@dataclass
+class Options:
+    run_dir: str = flag(positional=True)
+    out: str = flag(required=True, help="the compressed run directory (new or empty)")
+    quantize: str | None = flag(choices=("int8",), help="int8: every Linear layer's weights as int8, one scale per "
+                                "output channel, run by PyTorch's dynamic int8 kernels (CPU)")
+    prune: float | None = flag(metavar="FRACTION", help="remove this fraction of every block's MLP neurons "
+                               "(gpt, llama, bert), rebuilding the layers at the smaller width")
+    recover_seconds: float | None = flag(help="after pruning a language-model run: fine-tune it this many seconds "
+                                         "on its own training data")
+    data: str | None = flag(help="decoders: a prepared data directory (its val.bin) for the quality figures "
+                            "and the recovery (default: the run's own)")
+    tolerance: float | None = flag(help="the quality loss tolerated before the verdict says so (default: 0.01 "
+                                   "accuracy, 0.05 bits per byte)")
+    batch_size: int = flag(16, help="batch N of the throughput figure")
+    json: bool = flag(False)
+
+
+def _write_run(src, dst: Path, model, cfg, quantized: bool) -> None:
+    """A run directory in ``dst``: ``src``'s own files (tokenizer, labels, chat template), the
+    compressed config and weights."""
+    from lmforge import config as cfgmod
+    from lmforge.compress.quantize import int8_state
+    from lmforge.runs import RunDir
+    from lmforge.train.checkpoint import save_model
+
+    for name in (RunDir.TOKENIZER, RunDir.LABELS, RunDir.CHAT_TEMPLATE):
+        if (src / name).is_file() and not (dst / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    state = int8_state(model) if quantized else model.state_dict_for_save()
+    save_model(model, dst / RunDir.MODEL, metadata={"format": "lmforge"}, state=state)
+    cfgmod.save(cfg, dst / RunDir.CONFIG)
+
+
+def _recover(pruned_dir: Path, out: Path, data: str, seconds: float, original_cfg) -> dict:
+    """A short fine-tune of the pruned model (in ``pruned_dir``) on ``data`` into ``out``."""
+    from lmforge import config as cfgmod
+    from lmforge.train.trainer import train
+
+    t = original_cfg.train
+    cfg = cfgmod.build_config(task="lm", values={
+        "task": {"init": str(pruned_dir)}, "data": {"path": data},
+        "train": {"max_seconds": seconds, "max_steps": None, "lr": t.lr * 0.3, "batch_size": t.batch_size,
+                  "warmup_steps": 0, "seed": t.seed}})
+    summary = train(cfg, run_dir=out)
+    return {"steps": summary.get("step") or summary.get("steps"), "seconds": seconds, "data": data}
+
+
+def run(o: Options) -> int:
+    """Write a compressed copy of RUN_DIR to --out (int8 weights with --quantize, fewer MLP neurons
+    with --prune, optionally recovered by a short fine-tune) that eval, predict, generate and serve
+    load like any run, and compress_report.md/.json in it: both runs' size on disk, memory, latency
+    at batch 1, throughput at batch N and validation quality side by side, with a verdict."""
+    import torch
+
+    from lmforge import config as cfgmod
+    from lmforge.compress import prune as prunemod
+    from lmforge.compress import report
+    from lmforge.compress.quantize import quantize_int8
+    from lmforge.evaluate.report import cpu_name
+    from lmforge.fsutil import atomic_dir
+    from lmforge.progress import status
+    from lmforge.runs import RunDir, load_run
+
+    src = RunDir(o.run_dir)
+    src.require()
+    cfg = src.load_config()
+    if not o.quantize and o.prune is None:
+        raise UserError("give --quantize int8 and/or --prune FRACTION")
+    if cfg.compress.quantize:
+        raise UserError(f"{o.run_dir} is already quantised ({cfg.compress.quantize}); compress its source run "
+                        f"{cfg.compress.source or ''}".rstrip())
+    if cfg.finetune.lora.r:
+        raise UserError(f"{o.run_dir} holds LoRA adapters: merge them first (lmforge merge-lora)")
+    if o.recover_seconds is not None and (o.prune is None or cfg.task.name != "lm"):
+        raise UserError("--recover-seconds fine-tunes a pruned language-model run (--task lm) on its training data")
+    if o.recover_seconds is not None and not o.recover_seconds > 0:
+        raise UserError(f"--recover-seconds must be positive, got {o.recover_seconds}")
+    if not 1 <= o.batch_size <= report.MAX_BATCH:
+        raise UserError(f"--batch-size must be in 1..{report.MAX_BATCH}, got {o.batch_size}")
+    out = Path(o.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not empty; choose a new directory")
+    torch.manual_seed(0)
+    original = load_run(o.run_dir, device="cpu")
+    w = report.workload_for(original, o.data)
+    what, prune_info = [], None
+    model = original.model
+    new_cfg = cfgmod.replace(cfg, compress={"source": str(src.path.resolve())})
+    if o.prune is not None:
+        if not hasattr(model, "mlp_neurons"):
+            raise UserError(f"--prune removes MLP neurons of transformer models (gpt, llama, bert); "
+                            f"{o.run_dir} is a {cfg.arch} run")
+        prunemod.kept_width(model.mlp_neurons()[0][1].in_features, o.prune)  # a bad fraction fails before any work
+    with atomic_dir(out) as tmp:
+        if o.prune is not None:
+            status(f"pruning {o.prune:.0%} of the MLP neurons of {o.run_dir}")
+            with torch.inference_mode():
+                model, prune_info = prunemod.prune_mlp(model, o.prune, w.calibrate)
+            new_cfg = dataclasses.replace(cfgmod.replace(new_cfg, compress={"prune": o.prune}), model=model.config)
+            what.append(f"pruned {o.prune:.0%} of the MLP neurons (width {prune_info['n_inner'][0]} -> "
+                        f"{prune_info['n_inner'][1]})")
+            if o.recover_seconds is not None:
+                data = o.data or src.data_path()
+                if not data:
+                    raise UserError("--recover-seconds needs the run's training data: give --data DIR")
+                staged = tmp.parent / f".{tmp.name}.pruned"
+                staged.mkdir()
+                try:
+                    _write_run(src.path, staged, model, new_cfg, quantized=False)
+                    prune_info["recovery"] = _recover(staged, tmp, data, o.recover_seconds, cfg)
+                finally:
+                    shutil.rmtree(staged, ignore_errors=True)
+                model = load_run(tmp, device="cpu").model
+                saved = RunDir(tmp).load_config()
+                new_cfg = dataclasses.replace(new_cfg, train=saved.train, task=dataclasses.replace(saved.task, init=None))
+                what.append(f"recovered by {o.recover_seconds:g} s of fine-tuning")
+        if o.quantize:
+            quantize_int8(model)
+            new_cfg = cfgmod.replace(new_cfg, compress={"quantize": o.quantize})
+            what.append("int8 weights (dynamic quantisation of every Linear layer)")
+        _write_run(src.path, tmp, model, new_cfg, quantized=bool(o.quantize))
+        if o.quantize:  # the recovery's optimizer state belongs to float weights: no resume from int8
+            for name in (RunDir.STATE_JSON, RunDir.STATE_TENSORS):
+                (tmp / name).unlink(missing_ok=True)
+        status("measuring the original and the compressed run (size, memory, latency, throughput, quality)")
+        compressed = load_run(tmp, device="cpu")
+        threads = torch.get_num_threads()
+        figures = {}
+        for name, r in (("original", original), ("compressed", compressed)):
+            figures[name] = report.measure(r, w, o.batch_size)
+            figures[name]["peak_memory_mb"] = report.peak_memory_mb(r.path, o.batch_size, o.data)
+        result = {"source": str(o.run_dir), "out": str(out), "what": (lambda t: t[:1].upper() + t[1:])("; ".join(what)),
+                  "date": datetime.date.today().isoformat(), "device": f"{cpu_name()}, {threads} threads",
+                  "kind": w.kind, **figures, "prune": prune_info,
+                  "verdict": report.verdict(figures["original"], figures["compressed"], w, o.tolerance)}
+        (tmp / REPORT_MD).write_text(report.markdown(result), encoding="utf-8")
+        report.write_json_report(tmp / REPORT_JSON, result)
+    if o.json:
+        print_json(result)
+        return 0
+    o_, c_ = result["original"], result["compressed"]
+    print(f"compressed {o.run_dir} -> {out}: {result['what']}")
+    print(f"size {o_['size_mb']:.2f} -> {c_['size_mb']:.2f} MiB; batch-1 latency {o_['latency_ms']:.2f} -> "
+          f"{c_['latency_ms']:.2f} ms")
+    print(result["verdict"]["line"])
+    print(f"report: {out / REPORT_MD}")
+    return 0

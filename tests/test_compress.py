@@ -1,0 +1,130 @@
+"""lmforge compress: int8 parity and its safetensors round trip, structured pruning (shapes, exactness
+on dead neurons), and the command end to end on classifier, image and decoder runs with bad inputs."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import cli_here
+
+
+def _models():
+    from lmforge.models.bert import Bert, BertConfig
+    from lmforge.models.gpt import GPT, GPTConfig
+    from lmforge.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    return [GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16)),
+            Llama(LlamaConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, n_inner=96)),
+            Bert(BertConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16, num_labels=3, mlm_head=False))]
+
+
+def _out(model, x):
+    return model.classify(x) if hasattr(model, "bert") else model(x)[0]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_int8_stays_close_and_round_trips_through_safetensors_exactly(index, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.compress.quantize import INT8, int8_state, load_int8_state, quantize_int8
+
+    model = _models()[index].eval()
+    x = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        ref = _out(model, x)
+        q = quantize_int8(model)
+        got = _out(q, x)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3  # int8 error, not a different model
+    state = int8_state(q)
+    assert any(k.endswith(INT8) and v.dtype == torch.int8 for k, v in state.items())
+    save_file(state, tmp_path / "m.safetensors")
+    fresh = quantize_int8(_models()[index].eval())  # other random weights, the same structure
+    load_int8_state(fresh, load_file(tmp_path / "m.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(_out(fresh, x), got, rtol=0, atol=0)
+    if hasattr(model, "lm_head"):  # the tied head stays the embedding's float matrix
+        assert type(fresh.lm_head) is torch.nn.Linear and fresh.lm_head.weight is fresh.token_embedding().weight
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_pruning_rebuilds_smaller_layers_and_dead_neurons_go_first(index):
+    from lmforge.compress.prune import prune_mlp
+
+    model = _models()[index].eval()
+    inner = model.mlp_neurons()[0][1].in_features
+    dead = torch.arange(0, inner, 4)  # a quarter of every block's neurons contribute nothing
+    with torch.no_grad():
+        for _, out in model.mlp_neurons():
+            out.weight[:, dead] = 0
+    x = torch.randint(0, 64, (2, 12))
+    pruned, info = prune_mlp(model, 0.25)
+    assert info["n_inner"] == [inner, inner - len(dead)] and pruned.config.n_inner == inner - len(dead)
+    assert info["params"][1] < info["params"][0] and info["params"][1] == sum(p.numel() for p in set(pruned.parameters()))
+    with torch.no_grad():
+        a, b = _out(model, x), _out(pruned, x)
+    assert a.shape == b.shape
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)  # exactly the dead ones were removed
+    for rows, out in pruned.mlp_neurons():
+        assert out.in_features == inner - len(dead) and all(r.out_features == inner - len(dead) for r in rows)
+
+
+def test_compress_a_decoder_prune_recover_quantize_then_eval_and_generate(capsys, tmp_path, data_dir):
+    lm, small = tmp_path / "lm", tmp_path / "small"
+    assert cli_here(capsys, "train", "--data", data_dir, "--out", lm, "--preset", "debug", "--max-steps", "20").returncode == 0
+    r = cli_here(capsys, "compress", lm, "--out", small, "--prune", "0.25", "--recover-seconds", "3", "--quantize", "int8",
+                 "--batch-size", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    o, c = res["original"], res["compressed"]
+    assert res["kind"] == "decoder" and res["prune"]["n_inner"][1] < res["prune"]["n_inner"][0]
+    assert res["prune"]["recovery"]["steps"] > 0
+    for key in ("size_mb", "weights_mb", "latency_ms", "throughput_tokens_per_s", "decode_tokens_per_s", "peak_memory_mb"):
+        assert o[key] > 0 and c[key] > 0, key
+    assert c["size_mb"] < 0.7 * o["size_mb"]
+    assert {"val_bpb", "val_loss"} <= set(o["quality"]) and res["verdict"]["metric"] == "val_bpb"
+    saved = (small / "compress_report.json").read_text()
+    assert json.loads(saved)["verdict"] == res["verdict"] and "| size on disk (MiB) |" in (small / "compress_report.md").read_text()
+    assert not (small / "trainer_state.json").exists()  # int8 weights: nothing to resume
+    r = cli_here(capsys, "eval", small, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["val_bpb"] == pytest.approx(c["quality"]["val_bpb"], rel=0.02)
+    r = cli_here(capsys, "generate", small, "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+def test_compress_classifiers_int8_and_pruned(keyword_classifier, capsys, tmp_path):
+    small = tmp_path / "int8"
+    r = cli_here(capsys, "compress", keyword_classifier, "--out", small, "--quantize", "int8", "--prune", "0.25", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["kind"] == "text-classifier" and set(res["original"]["quality"]) == {"accuracy", "macro_f1", "n"}
+    assert res["verdict"]["metric"] == "accuracy" and isinstance(res["verdict"]["within"], bool)
+    r = cli_here(capsys, "predict", small, "--text", "please awful order", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["predictions"][0]["label"] == "no"  # still reads the keyword
+
+
+def test_bad_inputs_get_one_line_and_leave_nothing_behind(keyword_classifier, capsys, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep")
+    cases = [
+        (["compress", keyword_classifier, "--out", tmp_path / "a", "--prune", "1.0"], "in (0, 1)"),
+        (["compress", keyword_classifier, "--out", tmp_path / "b"], "give --quantize int8 and/or --prune"),
+        (["compress", keyword_classifier, "--out", busy, "--quantize", "int8"], "is not empty"),
+        (["compress", keyword_classifier, "--out", tmp_path / "c", "--prune", "0.5", "--recover-seconds", "5"],
+         "--recover-seconds fine-tunes a pruned language-model run"),
+        (["compress", tmp_path / "nowhere", "--out", tmp_path / "d", "--quantize", "int8"], "not a run directory"),
+        (["compress", keyword_classifier, "--out", tmp_path / "e", "--quantize", "int8", "--batch-size", "0"],
+         "--batch-size must be in"),
+    ]
+    for args, message in cases:
+        r = cli_here(capsys, *args)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"] and [p.name for p in busy.iterdir()] == ["notes.txt"]
+    once = tmp_path / "once"
+    assert cli_here(capsys, "compress", keyword_classifier, "--out", once, "--quantize", "int8").returncode == 0
+    r = cli_here(capsys, "compress", once, "--out", tmp_path / "twice", "--quantize", "int8")
+    assert r.returncode == 2 and "already quantised" in r.stderr and not (tmp_path / "twice").exists()
