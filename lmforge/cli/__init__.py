@@ -26,6 +26,7 @@ VERBS = {
     "embed": "lmforge.cli.embed",
     "explain": "lmforge.cli.explain",
     "compress": "lmforge.cli.compress",
+    "export": "lmforge.cli.export",
     "serve": "lmforge.cli.serve",
     "chat": "lmforge.cli.chat",
     "quickstart": "lmforge.cli.quickstart",

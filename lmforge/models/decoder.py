@@ -141,7 +141,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | N
         k, v = cache.update(layer, input_pos, k, v, attend_all=mask is not None)
     if _recorded is not None:
         return _explicit_attention(q, k, v, mask)
-    gqa = k.size(1) != q.size(1)
+    gqa = bool(k.size(1) != q.size(1))  # a Python bool also when traced (ONNX export): head counts are fixed
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           dropout_p=dropout, enable_gqa=gqa)
 
