@@ -101,6 +101,8 @@ def test_compress_classifiers_int8_and_pruned(keyword_classifier, capsys, tmp_pa
     res = json.loads(r.stdout)
     assert res["kind"] == "text-classifier" and set(res["original"]["quality"]) == {"accuracy", "macro_f1", "n"}
     assert res["verdict"]["metric"] == "accuracy" and isinstance(res["verdict"]["within"], bool)
+    o, c = res["original"], res["compressed"]  # the original is measured as it was, not as compressed
+    assert c["weights_mb"] < 0.5 * o["weights_mb"] and c["size_mb"] < 0.5 * o["size_mb"]
     r = cli_here(capsys, "predict", small, "--text", "please awful order", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["predictions"][0]["label"] == "no"  # still reads the keyword

@@ -168,7 +168,7 @@ def test_bad_inputs_get_one_line_and_leave_nothing_behind(keyword_classifier, ca
     cases = [
         (["explain", base, "--text", "hello"], "explain has no method for a mlm run"),
         (["explain", keyword_classifier, "--text", "great", "--attention"], "--attention draws a decoder"),
-        (["explain", keyword_classifier, "--text", "great", "--label", "maybe"], "--label 'maybe' is not a class"),
+        (["explain", keyword_classifier, "--text", "great", "--label", "maybe"], "label 'maybe' is not a class"),
         (["explain", keyword_classifier, "--text", "great", "--out", foreign], "holds files lmforge did not write"),
         (["explain", keyword_classifier, "--image", tmp_path / "x.png"], "not an image classifier run"),
         (["explain", keyword_classifier, "--text", "great", "--examples", "0"], "--examples must be at least 1"),
@@ -180,3 +180,26 @@ def test_bad_inputs_get_one_line_and_leave_nothing_behind(keyword_classifier, ca
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert not (keyword_classifier / "explain").exists() and not (base / "explain").exists()
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_explain_endpoint_on_a_classifier(keyword_classifier):
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import Engine, create_app
+
+    engine = Engine(keyword_classifier)
+    http = TestClient(create_app(engine, api_key="k"))
+    h = {"Authorization": "Bearer k"}
+    r = http.post("/v1/explain", headers=h, json={"model": engine.name, "input": "please awful order today",
+                                                  "methods": ["ig", "shap"], "faithfulness": True})
+    assert r.status_code == 200, r.text
+    e = r.json()
+    assert e["label"] == "no" and e["features"] == ["please", "awful", "order", "today"]
+    assert int(np.argmax(e["attributions"]["ig"])) == 1 and int(np.argmax(e["attributions"]["shap"])) == 1
+    assert e["faithfulness"]["ig"]["comprehensiveness"] > e["faithfulness"]["random"]["comprehensiveness"]
+    assert not engine.run.model.token_embedding()._forward_hooks  # Captum's hook is gone
+    for body, message in [({"input": "great", "label": "maybe"}, "not a class"),
+                          ({"images": ["AAAA"]}, "give the text to explain"),
+                          ({"messages": [{"role": "user", "content": "hi"}]}, "'messages' applies to generators")]:
+        r = http.post("/v1/explain", headers=h, json={"model": engine.name, **body})
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text)

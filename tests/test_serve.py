@@ -704,3 +704,53 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_and_stops_its_gener
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_explain_endpoint_attributes_an_answer_to_the_chat_prompt_without_touching_serving(server):
+    base, name = server
+    h = {"Authorization": f"Bearer {KEY}"}
+    ask = [{"role": "user", "content": "what does the model read?"}]
+    before = client(base).chat.completions.create(model=name, messages=ask, max_tokens=8, temperature=0)
+    answer = before.choices[0].message.content or "text"
+    assert httpx.post(base + "/v1/explain", json={"model": name, "input": "x"}).status_code == 401  # keyed
+    r = httpx.post(base + "/v1/explain", headers=h, timeout=120,
+                   json={"model": name, "messages": ask, "answer": answer, "methods": ["ig", "occlusion"],
+                         "faithfulness": True})
+    assert r.status_code == 200, r.text
+    e = r.json()
+    assert e["object"] == "explanation" and e["explained"].startswith("log P(answer")
+    assert "what does the model read?" in e["input"]  # the rendered chat prompt
+    assert len(e["attributions"]["ig"]) == len(e["features"]) == len(e["spans"]) > 3
+    assert set(e["faithfulness"]) == {"ig", "occlusion", "random"}
+    assert e["ig_delta"] < 0.05 * abs(sum(e["attributions"]["ig"])) + 1e-3  # complete
+    after = client(base).chat.completions.create(model=name, messages=ask, max_tokens=8, temperature=0)
+    assert after.choices[0].message.content == before.choices[0].message.content  # serving unaffected
+    for body, status in [({"model": name}, 400), ({"model": name, "input": "x", "messages": ask}, 400),
+                         ({"model": name, "input": "x", "label": "a"}, 400), ({"model": "other", "input": "x"}, 400),
+                         ({"model": name, "input": "x", "methods": ["lime"]}, 400),
+                         ({"model": name, "input": "x", "max_tokens": 1000}, 400)]:
+        assert httpx.post(base + "/v1/explain", headers=h, json=body, timeout=60).status_code == status, body
+
+
+def test_chat_page_explain_toggle_colours_the_message(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (make test installs Debian's chromium)")
+    base, _ = server
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page()
+            page.goto(base + "/?api_key=" + KEY)
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", "6")
+            page.check("#explain")
+            page.fill("#prompt", "the model reads text")
+            page.click("#send")
+            page.wait_for_selector(".user .attr", timeout=120_000)
+            assert page.inner_text(".user") == "the model reads text"  # the same words, now coloured
+            styles = page.eval_on_selector_all(".user .attr", "els => els.map(e => e.style.background)")
+            assert len(styles) >= 3 and all(s.startswith("rgba(") for s in styles)
+        finally:
+            browser.close()

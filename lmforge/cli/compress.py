@@ -3,6 +3,7 @@ report of what it cost."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import shutil
@@ -104,7 +105,7 @@ def run(o: Options) -> int:
     original = load_run(o.run_dir, device="cpu")
     w = report.workload_for(original, o.data)
     what, prune_info = [], None
-    model = original.model
+    model = copy.deepcopy(original.model)  # the original stays as it is: it is measured beside the result
     new_cfg = cfgmod.replace(cfg, compress={"source": str(src.path.resolve())})
     if o.prune is not None:
         if not hasattr(model, "mlp_neurons"):

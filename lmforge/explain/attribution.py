@@ -36,7 +36,8 @@ class Subject:
     input with every feature absent (padding tokens, a black image). ``features``: (1, ...) long,
     same shape, the feature of each element: 0..n-1, and ``n`` for elements never perturbed
     (special tokens, the answer being explained). ``score``: (B, ...) -> (B,). ``layer``: the
-    module whose output IG integrates along (a token embedding), None for the input itself.
+    module whose output IG integrates along (a token embedding), None for the input itself;
+    ``model``: the model ``score`` runs.
     ``names``: a display name per feature; ``spans``: each feature's (start, end) in the text.
     """
 
@@ -48,6 +49,7 @@ class Subject:
     layer: torch.nn.Module | None = None
     spans: list[tuple[int, int]] = field(default_factory=list)
     meta: dict = field(default_factory=dict)  # what is explained, for the report
+    model: torch.nn.Module | None = None  # the model behind ``score``
 
     @property
     def n(self) -> int:
@@ -98,6 +100,12 @@ def attribute(method: str, s: Subject) -> Attribution:
     from captum.attr import FeatureAblation, IntegratedGradients, KernelShap, LayerIntegratedGradients
 
     delta = None
+    if method == "ig" and s.model is not None and any(
+            type(m).__module__.startswith("torch.ao.nn.quantized") for m in s.model.modules()):
+        from lmforge.errors import UserError
+
+        raise UserError("int8 layers have no gradients: explain this run with occlusion or shap "
+                        "(or its float source run with ig)")
     if method == "ig":
         ig = LayerIntegratedGradients(s.score, s.layer) if s.layer is not None else IntegratedGradients(s.score)
         gap = float((s.scores(s.inputs) - s.scores(s.baseline)).abs().max())

@@ -33,7 +33,7 @@ def class_index(names: list[str], label: str | None, probs: torch.Tensor) -> int
     if label is None:
         return int(probs.argmax())
     if label not in names:
-        raise UserError(f"--label {label!r} is not a class of this run ({', '.join(names[:10])})")
+        raise UserError(f"label {label!r} is not a class of this run ({', '.join(names[:10])})")
     return names.index(label)
 
 
@@ -58,7 +58,7 @@ def text_classifier(run, text: str, label: str | None = None, max_length: int | 
     return Subject(ids, baseline, feats.to(device), lambda x: probs(x)[:, c], [token_label(tok, enc.ids[i]) for i in free],
                    layer=model.token_embedding(), spans=[tuple(enc.offsets[i]) for i in free],
                    meta={"input": text, "explained": f"P({run.labels[c]})", "label": run.labels[c],
-                         "score": float(p[c]), "predicted": run.labels[int(p.argmax())]})
+                         "score": float(p[c]), "predicted": run.labels[int(p.argmax())]}, model=model)
 
 
 def patch_grid(h: int, w: int) -> tuple[torch.Tensor, int]:
@@ -93,7 +93,7 @@ def image_classifier(run, pixels: np.ndarray, label: str | None = None, source: 
     return Subject(x, torch.zeros_like(x), feats, lambda inp: probs(inp)[:, c], names,
                    meta={"input": source, "explained": f"P({run.labels[c]})", "label": run.labels[c],
                          "score": float(p[c]), "predicted": run.labels[int(p.argmax())], "patch": side,
-                         "pixels": pixels})
+                         "pixels": pixels}, model=model)
 
 
 def decoder_answer(run, prompt: str, answer: str | None = None, max_tokens: int = 16) -> Subject:
@@ -132,4 +132,4 @@ def decoder_answer(run, prompt: str, answer: str | None = None, max_tokens: int 
     return Subject(ids, baseline, feats.to(device), loglik, [token_label(tok, enc.ids[i]) for i in free],
                    layer=model.token_embedding(), spans=[tuple(enc.offsets[i]) for i in free],
                    meta={"input": prompt, "answer": text, "explained": f"log P(answer {text[:40]!r} | prompt)",
-                         "score": score, "answer_tokens": len(new)})
+                         "score": score, "answer_tokens": len(new)}, model=model)

@@ -40,8 +40,8 @@ from lmforge.serve.common import (APIError, Metrics, install_api_basics, key_mat
 from lmforge.serve.logprobs import (Piece, Placer, TokenText, chat_logprobs, completion_logprobs, placed_prompt,
                                     split_by_offset)
 from lmforge.serve.protocol import (MAX_INPUTS, MAX_SEQUENCES_PER_REQUEST, ChatMessage, ChatRequest, ClassifyRequest,
-                                    CompletionRequest, DetokenizeRequest, EmbeddingRequest, SamplingRequest,
-                                    TokenizeRequest)
+                                    CompletionRequest, DetokenizeRequest, EmbeddingRequest, ExplainRequest,
+                                    SamplingRequest, TokenizeRequest)
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 DEFAULT_MAX_CONTEXT = 2048  # tokens per sequence when the model's context is longer (serve --max-context)
@@ -71,6 +71,10 @@ class Engine:
         self.batcher = ContinuousBatcher(self.run.model, max_batch, compile, max_len=self.context) \
             if self.kind == "generator" else None
         self.encoder_lock = threading.Lock()  # encoder forwards share the tokenizer's padding state
+        # Explanations of a generator run on a private copy of the model, one at a time: Integrated
+        # Gradients hooks the embedding layer, which must never touch the batcher's forwards.
+        self.explain_lock = threading.Lock()
+        self.explain_run = None
         self.labels = self.run.labels if self.kind == "classifier" else None
         self.chat_template = load_chat_template(run_dir)
         self.chat_trained = self.kind == "generator" and chat_trained(run_dir)
@@ -205,6 +209,68 @@ class Engine:
             texts, tokens = self.encode_inputs(req)
             return predict_probs(self.run.model, self.run.tokenizer, texts, self.run.model.config.block_size,
                                  self.run.device), tokens
+
+    def explain(self, req: ExplainRequest) -> dict:
+        """Attributions of one input by each requested method (and their faithfulness); run off the
+        event loop. Classifiers explain under the encoder lock (the hooks then touch no other
+        request); generators on a private float copy of the model."""
+        import copy
+        import dataclasses
+
+        from lmforge.evaluate import faithfulness
+        from lmforge.explain import subjects
+        from lmforge.explain.attribution import attribute
+
+        if self.kind == "encoder":
+            raise APIError(400, f"{self.name!r} is an encoder: explanations cover classifiers and generators",
+                           param="model", code="unsupported_model")
+        if req.model not in (self.name, "lmforge"):
+            raise APIError(400, f"unknown model {req.model!r}; this server serves {self.name!r}", param="model",
+                           code="model_not_found")
+        try:
+            if self.images:
+                with self.encoder_lock:
+                    x = self.decode_images(ClassifyRequest(model=req.model, images=req.images))
+                    return self._explained(subjects.image_classifier(self.run, x[0], req.label), req,
+                                           attribute, faithfulness)
+            if req.messages is not None:
+                if self.kind != "generator":
+                    raise APIError(400, "'messages' applies to generators; give a classifier's text as 'input'",
+                                   param="messages")
+                if req.input is not None:
+                    raise APIError(400, "give 'input' or 'messages', not both", param="messages")
+                req = req.model_copy(update={"input": self.render_chat(req.messages)})
+            if req.input is None or req.images is not None:
+                raise APIError(400, "give the text to explain as 'input'", param="input")
+            if self.kind == "classifier":
+                with self.encoder_lock:
+                    self.encode_inputs(ClassifyRequest(model=req.model, input=req.input))  # 400 past the context
+                    return self._explained(subjects.text_classifier(self.run, req.input, req.label,
+                                                                    self.run.model.config.block_size),
+                                           req, attribute, faithfulness)
+            if req.label is not None:
+                raise APIError(400, "'label' applies to classifiers; a generator explains its 'answer'", param="label")
+            with self.explain_lock:
+                if self.explain_run is None:
+                    self.explain_run = dataclasses.replace(self.run, model=copy.deepcopy(self.run.model).float())
+                return self._explained(subjects.decoder_answer(self.explain_run, req.input, req.answer, req.max_tokens),
+                                       req, attribute, faithfulness)
+        except UserError as e:
+            raise APIError(400, str(e)) from None
+
+    @staticmethod
+    def _explained(s, req: ExplainRequest, attribute, faithfulness) -> dict:
+        attrs = {m: attribute(m, s) for m in dict.fromkeys(req.methods)}
+        out = {k: v for k, v in s.meta.items() if k != "pixels"}
+        out |= {"features": s.names, "attributions": {m: a.per_feature.tolist() for m, a in attrs.items()}}
+        if s.spans:
+            out["spans"] = [list(sp) for sp in s.spans]
+        if "ig" in attrs:
+            out["ig_delta"] = attrs["ig"].delta
+        if req.faithfulness:
+            f = faithfulness.evaluate(s, {m: a.per_feature for m, a in attrs.items()})
+            out["faithfulness"] = {m: {k: v[k] for k in ("comprehensiveness", "sufficiency")} for m, v in f.items()}
+        return out
 
     def generate(self, ids: list[int], req: SamplingRequest, max_tokens: int, seed: int | None, stop: list[str],
                  logprobs: int | None = None, echo: str | None = None, end: int | None = None):
@@ -568,6 +634,11 @@ def create_app(engine: Engine, api_key: str | None = None, max_concurrency: int 
                           "probabilities": {name: float(x) for name, x in zip(engine.labels, p)}}
                          for k, p in enumerate(probs)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.post("/v1/explain")
+    async def explain(req: ExplainRequest):
+        out = await asyncio.to_thread(engine.explain, req)
+        return {"object": "explanation", "model": engine.name, **out}
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():

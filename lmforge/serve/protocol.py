@@ -126,3 +126,26 @@ class ClassifyRequest(BaseModel):
     model: str
     input: str | list[str] | None = Field(default=None, min_length=1)
     images: list[str] | None = Field(default=None, min_length=1)
+
+
+EXPLAIN_METHODS = ("ig", "occlusion", "shap")
+MAX_EXPLAIN_TOKENS = 64  # tokens of a decoder's greedy answer an explanation may generate
+
+
+class ExplainRequest(BaseModel):
+    """One input to explain: a text (classifiers) or a prompt (decoders) as ``input``, or one image
+    (``images``, image classifiers). ``label``: the class to explain (default: the predicted one);
+    ``answer`` (decoders): the text whose likelihood to explain, else the model's greedy
+    continuation of ``max_tokens``; ``messages`` (generators, instead of ``input``): a conversation,
+    rendered by the chat template with the assistant's turn opened, as the prompt;
+    ``faithfulness``: also each method's deletion/insertion AOPC against random order."""
+
+    model: str
+    input: str | None = Field(default=None, min_length=1, max_length=100_000)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)  # generators: the chat as prompt
+    images: list[str] | None = Field(default=None, min_length=1, max_length=1)
+    label: str | None = None
+    answer: str | None = Field(default=None, min_length=1, max_length=100_000)
+    max_tokens: int = Field(default=16, ge=1, le=MAX_EXPLAIN_TOKENS)
+    methods: list[Literal["ig", "occlusion", "shap"]] = Field(default=["ig"], min_length=1, max_length=3)
+    faithfulness: bool = False
