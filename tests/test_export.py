@@ -91,3 +91,41 @@ def test_image_classifier_onnx_and_bad_inputs(keyword_classifier, capsys, tmp_pa
         r = cli_here(capsys, *args)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert not any((tmp_path / n).exists() for n in "abcd") and [p.name for p in busy.iterdir()] == ["keep.txt"]
+
+
+def test_container_context_serves_the_run_through_its_entry_command(keyword_classifier, capsys, tmp_path):
+    """Docker is absent here: the context is checked by running its entry command as the image would."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from lmforge.serve.common import start_server
+
+    ctx = tmp_path / "ctx"
+    r = cli_here(capsys, "export", keyword_classifier, "--format", "container", "--out", ctx, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    docker = (ctx / "Dockerfile").read_text()
+    assert f'"torch=={res["torch"]}" --index-url https://download.pytorch.org/whl/cpu' in docker
+    assert "HEALTHCHECK" in docker and 'CMD ["sh", "/app/serve.sh"]' in docker
+    assert any(p.startswith("fastapi==") for p in (ctx / "requirements.txt").read_text().split())
+    assert {"config.yaml", "model.safetensors", "tokenizer.json", "labels.json"} == {p.name for p in (ctx / "run").iterdir()}
+    bare = {k: v for k, v in os.environ.items() if k != "LMFORGE_API_KEY"}
+    refused = subprocess.run(["sh", str(ctx / "serve.sh")], env=bare, capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0 and "LMFORGE_API_KEY" in refused.stderr  # never served without a key
+    env = {"LMFORGE_API_KEY": "ctx-key", "LMFORGE_HOST": "127.0.0.1", "PYTHONPATH": str(ctx / "src"),
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # `python`: one with the requirements
+    proc, base = start_server([], env=env, command=["sh", str(ctx / "serve.sh")])
+    try:
+        body = {"model": "run", "input": ["please awful order"]}
+        assert httpx.post(base + "/v1/classify", json=body).status_code == 401
+        out = httpx.post(base + "/v1/classify", json=body, headers={"Authorization": "Bearer ctx-key"}, timeout=60)
+        assert out.status_code == 200 and out.json()["data"][0]["label"] == "no"
+        where = subprocess.run([sys.executable, "-P", "-c", "import lmforge; print(lmforge.__file__)"], env={**os.environ, **env},
+                               capture_output=True, text=True).stdout
+        assert where.startswith(str(ctx / "src"))  # the context's own source is what runs
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

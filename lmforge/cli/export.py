@@ -11,8 +11,8 @@ from lmforge.cli.common import print_json
 from lmforge.cli.options import flag
 from lmforge.errors import UserError
 
-HELP = "write a run as an ONNX graph (verified with onnxruntime) or a Hugging Face directory"
-FORMATS = ("onnx", "hf")
+HELP = "write a run as an ONNX graph (verified with onnxruntime), a Hugging Face directory or a container context"
+FORMATS = ("onnx", "hf", "container")
 GREEDY_TOKENS = 16
 PARITY = 1e-3  # the largest |onnxruntime - PyTorch| of the fp32 graph an export accepts
 
@@ -21,7 +21,8 @@ PARITY = 1e-3  # the largest |onnxruntime - PyTorch| of the fp32 graph an export
 class Options:
     run_dir: str = flag(positional=True)
     format: str = flag(required=True, choices=FORMATS, help="onnx: model.onnx for onnxruntime (classifiers; decoders "
-                       "with past keys/values); hf: a transformers directory (as export-hf)")
+                       "with past keys/values); hf: a transformers directory (as export-hf); container: a "
+                       "Dockerfile build context that serves the run")
     out: str = flag(required=True, help="the directory to write (new or empty)")
     quantize: str | None = flag(choices=("int8",), help="onnx: also model.int8.onnx, onnxruntime's dynamic int8 "
                                 "quantisation, checked the same way")
@@ -75,7 +76,8 @@ def export_onnx(o: Options, tmp: Path) -> dict:
 def run(o: Options) -> int:
     """Write RUN_DIR as an ONNX graph (model.onnx with the run's tokenizer and labels; checked
     against PyTorch with onnxruntime: outputs, greedy decoding for decoders, and the speed of
-    each, in export_report.json) or as a Hugging Face directory."""
+    each, in export_report.json), as a Hugging Face directory, or as a container build context
+    (Dockerfile, pinned requirements, serve.sh, the source and the run)."""
     from lmforge.fsutil import atomic_dir
     from lmforge.runs import RunDir
 
@@ -83,12 +85,25 @@ def run(o: Options) -> int:
     out = Path(o.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not empty; choose a new directory")
+    if o.format != "onnx" and o.quantize:
+        raise UserError("--quantize applies to --format onnx")
     if o.format == "hf":
-        if o.quantize:
-            raise UserError("--quantize applies to --format onnx")
         from lmforge.cli.hf import ExportOptions, run_export
 
         return run_export(ExportOptions(o.run_dir, o.out, o.json))
+    if o.format == "container":
+        from lmforge.interop.container import write_context
+
+        with atomic_dir(out) as tmp:
+            result = {"run": str(o.run_dir), "out": str(out), **write_context(o.run_dir, tmp)}
+        if o.json:
+            print_json(result)
+        else:
+            print(f"wrote {out}: Dockerfile (torch {result['torch']} CPU, {len(result['requirements'])} pinned "
+                  f"packages, a health check), serve.sh, src/lmforge, run/ ({', '.join(result['run_files'])})\n"
+                  f"  docker build -t lmforge-run {out} && docker run -e LMFORGE_API_KEY=KEY -p "
+                  f"{result['port']}:{result['port']} lmforge-run")
+        return 0
     with atomic_dir(out) as tmp:
         result = export_onnx(o, tmp)
     if o.json:

@@ -242,10 +242,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], env: dict | None = None, timeout: float = 120.0):
-    """``python -m lmforge ARGS --port P`` on a free port (a server command: ``serve``, ``support
-    serve``); returns ``(process, base_url)`` once ``/health`` answers 200, polled with a deadline.
-    The caller terminates the process."""
+def start_server(args: list[str], env: dict | None = None, timeout: float = 120.0, command: list[str] | None = None):
+    """``python -m lmforge ARGS --port P`` (or ``COMMAND ARGS --port P``) on a free port (a server
+    command: ``serve``, ``support serve``, a container's entry); returns ``(process, base_url)``
+    once ``/health`` answers 200, polled with a deadline. The caller terminates the process."""
     import os
     import subprocess
     import sys
@@ -253,7 +253,8 @@ def start_server(args: list[str], env: dict | None = None, timeout: float = 120.
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args, "--port", str(port)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*(command or [sys.executable, "-m", "lmforge"]), *args, "--port", str(port)],
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -265,5 +266,6 @@ def start_server(args: list[str], env: dict | None = None, timeout: float = 120.
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"lmforge {args[0]} did not start: " + proc.stderr.read().decode()[-2000:])
+            raise RuntimeError(f"{' '.join(command or ['lmforge', *args[:1]])} did not start: "
+                               + proc.stderr.read().decode()[-2000:])
         time.sleep(0.2)
