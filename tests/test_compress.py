@@ -130,3 +130,14 @@ def test_bad_inputs_get_one_line_and_leave_nothing_behind(keyword_classifier, ca
     assert cli_here(capsys, "compress", keyword_classifier, "--out", once, "--quantize", "int8").returncode == 0
     r = cli_here(capsys, "compress", once, "--out", tmp_path / "twice", "--quantize", "int8")
     assert r.returncode == 2 and "already quantised" in r.stderr and not (tmp_path / "twice").exists()
+
+
+def test_language_model_training_windows_can_be_shorter_than_the_context(capsys, tmp_path, data_dir):
+    """task.seq_len (what a long-context model's recovery fine-tune uses): windows of that many tokens."""
+    r = cli_here(capsys, "train", "--data", data_dir, "--out", tmp_path / "w", "--preset", "debug", "--max-steps", "3",
+                 "--set", "task.seq_len=16", "--set", "train.batch_size=4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tokens_seen"] == 3 * 4 * 16
+    r = cli_here(capsys, "train", "--data", data_dir, "--out", tmp_path / "x", "--preset", "debug", "--max-steps", "3",
+                 "--set", "task.seq_len=100000")
+    assert r.returncode == 2 and "task.seq_len must be in 2.." in r.stderr and not (tmp_path / "x").exists()

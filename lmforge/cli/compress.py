@@ -16,6 +16,9 @@ from lmforge.errors import UserError
 
 HELP = "quantise (int8) and/or prune a run into a new run directory, with a size/speed/quality report"
 REPORT_MD, REPORT_JSON = "compress_report.md", "compress_report.json"
+# The recovery fine-tune: windows of at most this many tokens, batches of at most this many, and
+# at most this learning rate (a pretrained model's own rate, lowered, or this one).
+RECOVER_WINDOW, RECOVER_BATCH, RECOVER_LR = 256, 8, 1e-4
 
 
 @dataclass
@@ -57,11 +60,11 @@ def _recover(pruned_dir: Path, out: Path, data: str, seconds: float, original_cf
     from lmforge import config as cfgmod
     from lmforge.train.trainer import train
 
-    t = original_cfg.train
+    t, m = original_cfg.train, original_cfg.model
     cfg = cfgmod.build_config(task="lm", values={
-        "task": {"init": str(pruned_dir)}, "data": {"path": data},
-        "train": {"max_seconds": seconds, "max_steps": None, "lr": t.lr * 0.3, "batch_size": t.batch_size,
-                  "warmup_steps": 0, "seed": t.seed}})
+        "task": {"init": str(pruned_dir), "seq_len": min(m.block_size, RECOVER_WINDOW)}, "data": {"path": data},
+        "train": {"max_seconds": seconds, "max_steps": None, "lr": min(t.lr * 0.3, RECOVER_LR),
+                  "batch_size": min(t.batch_size, RECOVER_BATCH), "warmup_steps": 0, "seed": t.seed}})
     summary = train(cfg, run_dir=out)
     return {"steps": summary.get("step") or summary.get("steps"), "seconds": seconds, "data": data}
 

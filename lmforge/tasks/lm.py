@@ -29,6 +29,9 @@ class LMOptions:
     # A decoder run (or Hugging Face directory) to continue training from, on data prepared with
     # its tokenizer (`prepare --tokenizer RUN`); None: fresh weights.
     init: str | None = None
+    # Tokens per training/validation window; None: the model's context (model.block_size). Shorter
+    # windows fine-tune a long-context model cheaply (a pruned model's recovery).
+    seq_len: int | None = None
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -48,8 +51,11 @@ class TokenTask(Task):
         self.meta = load_meta(self.data_dir)
         self.train = TokenFile(self.data_dir / "train.bin", self.meta["dtype"])
         self.val = TokenFile(self.data_dir / "val.bin", self.meta["dtype"])
+        self.window = getattr(cfg.task, "seq_len", None) or cfg.model.block_size
+        if not 2 <= self.window <= cfg.model.block_size:
+            raise UserError(f"task.seq_len must be in 2..{cfg.model.block_size} (the model's context), got {self.window}")
         for tf in (self.train, self.val):
-            tf.check_context(cfg.model.block_size)
+            tf.check_context(self.window)
         if cfg.train.max_steps is None and cfg.train.max_seconds is None:
             raise UserError("set train.max_steps or train.max_seconds (or both)")
 
@@ -73,14 +79,14 @@ class TokenTask(Task):
 
     def units_per_step(self, cfg, world) -> int:
         t = cfg.train
-        return t.batch_size * cfg.model.block_size * t.grad_accum * world.size
+        return t.batch_size * self.window * t.grad_accum * world.size
 
     def eval_cost(self, cfg) -> float:
         return cfg.train.eval_batches / (3 * cfg.train.grad_accum)  # forward only: ~1/3 of a step
 
     def window_batch(self, data: TokenFile, step: int, micro: int, stream: int):
         t = self.cfg.train
-        return data.random_batch(t.batch_size, self.cfg.model.block_size, t.seed, step, micro, stream)
+        return data.random_batch(t.batch_size, self.window, t.seed, step, micro, stream)
 
     def batch(self, step, micro):
         return self.window_batch(self.train, step, micro, stream=0)

@@ -86,7 +86,7 @@ class MLMTask(TokenTask):
 
     def window_batch(self, data, step, micro, stream):
         t = self.cfg.train
-        return mlm_batch(data, t.batch_size, self.cfg.model.block_size, t.seed, step, micro, stream, self.special,
+        return mlm_batch(data, t.batch_size, self.window, t.seed, step, micro, stream, self.special,
                          self.meta["vocab_size"])
 
     def loss_and_metrics(self, call, model, batch):
