@@ -60,7 +60,7 @@ def test_pruning_rebuilds_smaller_layers_and_dead_neurons_go_first(index):
             out.weight[:, dead] = 0
     x = torch.randint(0, 64, (2, 12))
     pruned, info = prune_mlp(model, 0.25)
-    assert info["n_inner"] == [inner, inner - len(dead)] and pruned.config.n_inner == inner - len(dead)
+    assert info["widths"][1][0] == inner - len(dead) and pruned.config.n_inner == inner - len(dead)
     assert info["params"][1] < info["params"][0] and info["params"][1] == sum(p.numel() for p in set(pruned.parameters()))
     with torch.no_grad():
         a, b = _out(model, x), _out(pruned, x)
@@ -68,6 +68,34 @@ def test_pruning_rebuilds_smaller_layers_and_dead_neurons_go_first(index):
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)  # exactly the dead ones were removed
     for rows, out in pruned.mlp_neurons():
         assert out.in_features == inner - len(dead) and all(r.out_features == inner - len(dead) for r in rows)
+
+
+@pytest.mark.parametrize("family", ["cnn", "mlp"])
+def test_image_families_lose_their_dead_channels_exactly(family):
+    """Channels (units) whose output is always zero rank last by activation and go first; the
+    rebuilt model's logits are the original's."""
+    from lmforge.compress.prune import prune
+    from lmforge.models.vision import CNN, MLP, CNNConfig, MLPConfig
+
+    torch.manual_seed(0)
+    if family == "cnn":
+        model = CNN(CNNConfig(height=12, width=12, in_channels=1, num_labels=4, channels=[8, 16], dense=[12],
+                              batchnorm=False, dropout=0.0))
+        dead_layers = [(block.body[0], w) for block, w in zip(model.features, [8, 16])]
+    else:
+        model = MLP(MLPConfig(height=12, width=12, in_channels=1, num_labels=4, hidden=[16, 8], dropout=0.0))
+        dead_layers = [(layer[0], w) for layer, w in zip(model.features, [16, 8])]
+    model.eval()
+    with torch.no_grad():
+        for m, width in dead_layers:  # a quarter of every layer's units: zero weights, negative bias -> ReLU 0
+            m.weight[::4] = 0
+            m.bias[::4] = -1.0
+    x = torch.rand(64, 1, 12, 12)
+    pruned, info = prune(model, 0.25, lambda m: m.classify(x))
+    assert info["widths"] == [[w for _, w in dead_layers], [w - w // 4 for _, w in dead_layers]]
+    assert info["params"][1] < info["params"][0]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.classify(x), model.classify(x), atol=1e-5, rtol=1e-5)
 
 
 def test_compress_a_decoder_prune_recover_quantize_then_eval_and_generate(capsys, tmp_path, data_dir):
@@ -78,7 +106,7 @@ def test_compress_a_decoder_prune_recover_quantize_then_eval_and_generate(capsys
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     o, c = res["original"], res["compressed"]
-    assert res["kind"] == "decoder" and res["prune"]["n_inner"][1] < res["prune"]["n_inner"][0]
+    assert res["kind"] == "decoder" and res["prune"]["widths"][1][0] < res["prune"]["widths"][0][0]
     assert res["prune"]["recovery"]["steps"] > 0
     for key in ("size_mb", "weights_mb", "latency_ms", "throughput_tokens_per_s", "decode_tokens_per_s", "peak_memory_mb"):
         assert o[key] > 0 and c[key] > 0, key
@@ -141,3 +169,23 @@ def test_language_model_training_windows_can_be_shorter_than_the_context(capsys,
     r = cli_here(capsys, "train", "--data", data_dir, "--out", tmp_path / "x", "--preset", "debug", "--max-steps", "3",
                  "--set", "task.seq_len=100000")
     assert r.returncode == 2 and "task.seq_len must be in 2.." in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_compress_an_image_classifier_pruned_and_int8(capsys, tmp_path):
+    digits, img, small = tmp_path / "digits", tmp_path / "img", tmp_path / "small"
+    assert cli_here(capsys, "prepare", "--kind", "images", "--input", "digits", "--out", digits).returncode == 0
+    assert cli_here(capsys, "train", "--task", "image-classify", "--data", digits, "--out", img, "--model", "mlp",
+                    "--epochs", "2").returncode == 0
+    r = cli_here(capsys, "compress", img, "--out", small, "--prune", "0.25", "--quantize", "int8", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["kind"] == "image-classifier" and res["prune"]["widths"] == [[256, 128], [192, 96]]
+    assert res["compressed"]["size_mb"] < 0.3 * res["original"]["size_mb"]
+    r = cli_here(capsys, "eval", small, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["accuracy"] > 0.5
+    resnet = tmp_path / "resnet"
+    assert cli_here(capsys, "train", "--task", "image-classify", "--data", digits, "--out", resnet,
+                    "--preset", "resnet-small", "--max-steps", "1").returncode == 0
+    r = cli_here(capsys, "compress", resnet, "--out", tmp_path / "no", "--prune", "0.25")
+    assert r.returncode == 2 and "residual" in r.stderr and not (tmp_path / "no").exists()

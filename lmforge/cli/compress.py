@@ -110,19 +110,23 @@ def run(o: Options) -> int:
     what, prune_info = [], None
     model = copy.deepcopy(original.model)  # the original stays as it is: it is measured beside the result
     new_cfg = cfgmod.replace(cfg, compress={"source": str(src.path.resolve())})
-    if o.prune is not None:
-        if not hasattr(model, "mlp_neurons"):
-            raise UserError(f"--prune removes MLP neurons of transformer models (gpt, llama, bert); "
+    if o.prune is not None:  # a bad fraction or an unprunable family fails before any work
+        widths = ([model.mlp_neurons()[0][1].in_features] if hasattr(model, "mlp_neurons") else
+                  [w for w, _ in model.prunable_layers()] if hasattr(model, "prunable_layers") else None)
+        if widths is None:
+            raise UserError(f"--prune thins transformers (MLP neurons), CNNs (channels) and MLPs (units); "
                             f"{o.run_dir} is a {cfg.arch} run")
-        prunemod.kept_width(model.mlp_neurons()[0][1].in_features, o.prune)  # a bad fraction fails before any work
+        for width in widths:
+            prunemod.kept_width(width, o.prune)
     with atomic_dir(out) as tmp:
         if o.prune is not None:
-            status(f"pruning {o.prune:.0%} of the MLP neurons of {o.run_dir}")
+            status(f"pruning {o.prune:.0%} of the {w.units_name} of {o.run_dir}")
             with torch.inference_mode():
-                model, prune_info = prunemod.prune_mlp(model, o.prune, w.calibrate)
+                model, prune_info = prunemod.prune(model, o.prune, w.calibrate)
             new_cfg = dataclasses.replace(cfgmod.replace(new_cfg, compress={"prune": o.prune}), model=model.config)
-            what.append(f"pruned {o.prune:.0%} of the MLP neurons (width {prune_info['n_inner'][0]} -> "
-                        f"{prune_info['n_inner'][1]})")
+            before, after = prune_info["widths"]
+            what.append(f"pruned {o.prune:.0%} of the {w.units_name} (widths {report.widths_text(before)} -> "
+                        f"{report.widths_text(after)})")
             if o.recover_seconds is not None:
                 data = o.data or src.data_path()
                 if not data:

@@ -1,5 +1,6 @@
-"""Structured pruning of MLP neurons: whole neurons go, and the model is rebuilt at the smaller
-width, so it is actually smaller and faster (a mask would change neither).
+"""Structured pruning: whole MLP neurons (transformers), convolution channels (CNNs) or hidden
+units (MLPs) go, and the model is rebuilt at the smaller width, so it is actually smaller and
+faster (a mask would change neither).
 
 A neuron j of a block's MLP is one output row of its input Linear layers (GPT's ``c_fc``, Llama's
 gate and up projections, BERT's intermediate dense) and one input column of its output layer. Its
@@ -7,6 +8,8 @@ importance is ``mean |a_j| * ||W_out[:, j]||``: how much it adds to the block's 
 calibration inputs (the run's own validation data), or, with no data, ``||W_in[j]|| *
 ||W_out[:, j]||`` from the weights alone. Each block keeps its most important neurons, the same
 number in every block (the config has one ``n_inner``), rounded to a multiple of 8 for the kernels.
+An image family's layers each keep their units of the highest mean |activation| on the
+calibration images (the family slices its own layers: ``pruned(keep)``).
 """
 
 from __future__ import annotations
@@ -60,11 +63,44 @@ def importance(model: nn.Module, calibrate: Callable[[nn.Module], None] | None =
     return [s / c * n for s, c, n in zip(sums, counts, out_norm)]
 
 
+@torch.no_grad()
+def prune_layers(model: nn.Module, fraction: float, calibrate: Callable[[nn.Module], None]) -> tuple[nn.Module, dict]:
+    """Image families (``prunable_layers()`` / ``pruned(keep)``: CNN channels, MLP units): each
+    layer keeps its units of the highest mean |activation| on the calibration inputs."""
+    layers = model.prunable_layers()
+    sums = [torch.zeros(width) for width, _ in layers]
+
+    def hook(i):
+        def record(module, args, out):
+            a = out.detach().float().abs().transpose(0, 1).reshape(out.size(1), -1)
+            sums[i].add_(a.mean(1).cpu())
+        return record
+
+    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
+    try:
+        calibrate(model)
+    finally:
+        for h in handles:
+            h.remove()
+    keep = [torch.topk(s, kept_width(width, fraction)).indices.sort().values for s, (width, _) in zip(sums, layers)]
+    pruned = model.pruned(keep)
+    return pruned.eval(), {"widths": [[w for w, _ in layers], [len(k) for k in keep]],
+                           "params": [_count(model), _count(pruned)], "importance": "activations"}
+
+
+def prune(model: nn.Module, fraction: float, calibrate: Callable | None = None) -> tuple[nn.Module, dict]:
+    """A new, smaller model: MLP neurons of transformers (:func:`prune_mlp`), channels and units of
+    the image families (:func:`prune_layers`)."""
+    if hasattr(model, "mlp_neurons"):
+        return prune_mlp(model, fraction, calibrate)
+    if hasattr(model, "prunable_layers") and calibrate is not None:
+        return prune_layers(model, fraction, calibrate)
+    raise UserError(f"--prune thins transformers (MLP neurons), CNNs (channels) and MLPs (units); "
+                    f"{type(model).__name__} has nothing it can remove")
+
+
 def prune_mlp(model: nn.Module, fraction: float, calibrate: Callable | None = None) -> tuple[nn.Module, dict]:
     """A new model with ``fraction`` of every block's MLP neurons removed, and what was done."""
-    if not hasattr(model, "mlp_neurons"):
-        raise UserError(f"--prune removes MLP neurons of transformer models (gpt, llama, bert); "
-                        f"{type(model).__name__} has none")
     units = model.mlp_neurons()
     inner = units[0][1].in_features
     keep = kept_width(inner, fraction)
@@ -84,7 +120,7 @@ def prune_mlp(model: nn.Module, fraction: float, calibrate: Callable | None = No
     pruned = type(model)(config)
     pruned.load_saved_state(state)
     before, after = _count(model), _count(pruned)
-    return pruned.eval(), {"n_inner": [inner, keep], "params": [before, after],
+    return pruned.eval(), {"widths": [[inner] * len(units), [keep] * len(units)], "params": [before, after],
                            "importance": "activations" if calibrate else "weights"}
 
 

@@ -25,7 +25,8 @@ import torch
 
 from lmforge.errors import UserError
 
-REPEATS = 5  # timed repetitions of each measurement (the median is reported), after one warm-up
+REPEATS = 5  # timed repetitions of each measurement at least (the median is reported), after one warm-up
+MIN_TIMED = 0.5  # seconds of timed repetitions at least (fast models repeat more)
 MAX_EXAMPLES = 1000  # validation examples a classifier's quality is measured on
 MAX_TOKENS = 16384  # validation tokens a decoder's bits per byte is measured on
 DECODE_TOKENS = 32
@@ -48,6 +49,7 @@ class Workload:
     decode: Callable[[torch.nn.Module], float] | None = None  # tokens/s of greedy decoding at batch 1
     calibrate: Callable[[torch.nn.Module], None] | None = None  # inputs for pruning's importance scores
     per_input: int = 1  # units per batch item (a decoder's item is a window of tokens)
+    units_name: str = "MLP neurons"  # what --prune removes from this kind of model
 
 
 def text_classifier_workload(run) -> Workload:
@@ -95,7 +97,13 @@ def image_classifier_workload(run) -> Workload:
         m = classification_metrics(y, predict_images(model, x, torch.device("cpu")), run.labels)
         return {k: m[k] for k in ("accuracy", "macro_f1")} | {"n": len(y)}
 
-    return Workload("image-classifier", batch, quality, "images", "accuracy", True)
+    def calibrate(model):
+        model.eval()
+        model.classify(pixels_to_input(torch.from_numpy(x[:256])))
+
+    units = "hidden units" if run.config.arch == "mlp" else "convolution channels"
+    return Workload("image-classifier", batch, quality, "images", "accuracy", True, calibrate=calibrate,
+                    units_name=units)
 
 
 def decoder_workload(run, data_dir: str | None) -> Workload:
@@ -152,9 +160,11 @@ def workload_for(run, data_dir: str | None = None) -> Workload:
 
 
 def _median_seconds(fn: Callable[[], None]) -> float:
+    """The median time of ``fn`` after a warm-up: at least ``REPEATS`` calls, and more (up to 200)
+    until they add up to ``MIN_TIMED`` seconds, so sub-millisecond models are not timed on noise."""
     fn()  # warm-up (first-call allocation, kernel selection)
-    times = []
-    for _ in range(REPEATS):
+    times: list[float] = []
+    while len(times) < REPEATS or (sum(times) < MIN_TIMED and len(times) < 200):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
@@ -220,8 +230,8 @@ def markdown(result: dict) -> str:
         rows.append(("greedy decoding, batch 1 (tokens/s)", "decode_tokens_per_s"))
     lines = [f"# Compression report: {result['source']} -> {result['out']}", "",
              f"{result['what']}. Measured {result['date']} on {result['device']}, both runs in the same "
-             "process on the same inputs (the median of "
-             f"{REPEATS} timed repetitions after a warm-up).", "",
+             f"process on the same inputs (the median of at least {REPEATS} timed repetitions, and at least "
+             f"{MIN_TIMED:g} s of them, after a warm-up).", "",
              "| | original | compressed | change |", "|---|---:|---:|---:|"]
     for name, key in rows:
         a, b = o.get(key), c.get(key)
@@ -236,13 +246,19 @@ def markdown(result: dict) -> str:
     lines += ["", f"**{result['verdict']['line']}**", ""]
     if result.get("prune"):
         p = result["prune"]
-        lines += [f"Pruning: MLP width {p['n_inner'][0]} -> {p['n_inner'][1]} in every block "
+        before, after = p["widths"]
+        lines += [f"Pruning: widths {widths_text(before)} -> {widths_text(after)} "
                   f"(importance from {p['importance']}); parameters {p['params'][0]:,} -> {p['params'][1]:,}."]
         if p.get("recovery"):
             r = p["recovery"]
             lines += [f"Recovery fine-tune: {r['steps']} steps in {r['seconds']:.0f} s on {r['data']}."]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def widths_text(widths: list[int]) -> str:
+    """Layer widths as read: one number when every layer has it, else each."""
+    return str(widths[0]) if len(set(widths)) == 1 else "/".join(map(str, widths))
 
 
 def write_json_report(path: Path, result: dict) -> None:

@@ -151,6 +151,19 @@ def load_exact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state)
 
 
+def _take(state: dict[str, torch.Tensor], prefix: str, idx: torch.Tensor, dim: int = 0) -> None:
+    """Keep units ``idx`` along ``dim`` of every tensor of module ``prefix`` that has that many
+    (a layer's weight rows and bias, or a BatchNorm's four vectors; columns with ``dim`` 1)."""
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        key = f"{prefix}.{name}"
+        if key in state and (dim == 0 or name == "weight"):
+            state[key] = state[key].index_select(dim, idx).contiguous()
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
 class ConvBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, c: CNNConfig, pool: bool):
         super().__init__()
@@ -239,6 +252,35 @@ class CNN(ImageClassifier):
         x = x.mean((2, 3)) if self.config.global_pool else x.flatten(1)
         return self.dense(self.dropout(x))
 
+    def prunable_layers(self) -> list[tuple[int, nn.Module]]:
+        """Per block, (its output channels, the block: its output (N, channels, H, W) is what their
+        importance is measured on). Structured pruning keeps some channels of each
+        (:meth:`pruned`); residual blocks add their input to their output, and are not pruned."""
+        if self.config.residual or self.config.convs_per_block != 1:
+            raise UserError("--prune thins CNNs of one convolution per block without shortcuts (the Keras presets, "
+                            "cnn-small); a residual or multi-convolution block's channels are tied together")
+        return [(ch, block) for ch, block in zip(self.config.channels, self.features)]
+
+    def pruned(self, keep: list[torch.Tensor]) -> "CNN":
+        """A CNN with only channels ``keep[i]`` (sorted ids) of block i: the block's convolution and
+        BatchNorm keep those rows, the next block's convolution (or the first dense layer, per
+        flattened position) those inputs."""
+        c, names, state = self.config, _names(self), self.state_dict_for_save()
+        h, w = self.feature_size(c)
+        for i, (block, idx) in enumerate(zip(self.features, keep)):
+            for m in block.body:
+                if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                    _take(state, names[id(m)], idx)
+            if i + 1 < len(self.features):
+                _take(state, names[id(self.features[i + 1].body[0])], idx, dim=1)
+            else:  # flattened (C, H, W): channel k is columns k*h*w ... (k+1)*h*w - 1
+                first = next((m for m in self.dense if isinstance(m, nn.Linear)), self.head)
+                cols = idx if c.global_pool else (idx[:, None] * (h * w) + torch.arange(h * w)).flatten()
+                _take(state, names[id(first)], cols, dim=1)
+        model = CNN(dataclasses.replace(c, channels=[len(k) for k in keep]))
+        model.load_saved_state(state)
+        return model
+
 
 class MLP(ImageClassifier):
     def __init__(self, config: MLPConfig):
@@ -268,3 +310,20 @@ class MLP(ImageClassifier):
         for layer in self.features:
             x = layer(x)
         return x
+
+    def prunable_layers(self) -> list[tuple[int, nn.Module]]:
+        """Per hidden layer, (its units, the layer: its output (N, units) is their importance)."""
+        return [(n, layer) for n, layer in zip(self.config.hidden, self.features)]
+
+    def pruned(self, keep: list[torch.Tensor]) -> "MLP":
+        """An MLP with only units ``keep[i]`` of hidden layer i (and the next layer's columns)."""
+        names, state = _names(self), self.state_dict_for_save()
+        for i, (layer, idx) in enumerate(zip(self.features, keep)):
+            for m in layer:
+                if isinstance(m, (nn.Linear, nn.BatchNorm1d)):
+                    _take(state, names[id(m)], idx)
+            nxt = self.features[i + 1][0] if i + 1 < len(self.features) else self.head
+            _take(state, names[id(nxt)], idx, dim=1)
+        model = MLP(dataclasses.replace(self.config, hidden=[len(k) for k in keep]))
+        model.load_saved_state(state)
+        return model
