@@ -121,7 +121,8 @@ class CompressConfig:
     """How a run's weights were made smaller by ``lmforge compress`` (nothing for a trained run):
     ``quantize: int8`` stores every Linear layer's weights as int8 with one scale per output
     channel and runs them through PyTorch's dynamic int8 kernels (CPU); ``prune`` is the fraction
-    of MLP neurons removed (the model config holds the smaller shape); ``source`` the run it came from."""
+    of MLP neurons, convolution channels or hidden units removed (the model config holds the
+    smaller shape); ``source`` the run it came from."""
 
     quantize: str | None = None
     prune: float = 0.0

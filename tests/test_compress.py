@@ -189,3 +189,15 @@ def test_compress_an_image_classifier_pruned_and_int8(capsys, tmp_path):
                     "--preset", "resnet-small", "--max-steps", "1").returncode == 0
     r = cli_here(capsys, "compress", resnet, "--out", tmp_path / "no", "--prune", "0.25")
     assert r.returncode == 2 and "residual" in r.stderr and not (tmp_path / "no").exists()
+
+
+def test_peak_memory_is_the_probe_process_own(keyword_classifier):
+    """The probe is a fresh process: its figure must not inherit the parent's peak (ru_maxrss would)."""
+    from lmforge.compress.report import own_peak_mb, peak_memory_mb
+
+    ballast = bytearray(1200 * 2**20)  # the parent's peak: at least 1.2 GiB
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touched, so resident
+    assert own_peak_mb() > 1200
+    probe = peak_memory_mb(keyword_classifier, 4, None)
+    del ballast
+    assert probe is not None and 50 < probe < 1100

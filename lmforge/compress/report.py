@@ -188,13 +188,26 @@ def measure(run, w: Workload, batch_n: int) -> dict:
     return out
 
 
+def own_peak_mb() -> float:
+    """This process's peak resident memory (MiB). Linux's ``VmHWM`` is the high-water mark of this
+    program alone; ``ru_maxrss`` would also count the parent's peak before the exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_memory_mb(run_dir: Path, batch_n: int, data_dir: str | None) -> float | None:
     """Peak resident memory (MiB) of a fresh process that loads the run and runs one batch."""
-    code = ("import resource, sys, torch; from lmforge.runs import load_run; "
-            "from lmforge.compress.report import workload_for; "
+    code = ("import sys, torch; from lmforge.runs import load_run; "
+            "from lmforge.compress.report import workload_for, own_peak_mb; "
             "r = load_run(sys.argv[1], device='cpu'); w = workload_for(r, sys.argv[3] or None); "
-            "torch.inference_mode().__enter__(); w.batch(r.model, int(sys.argv[2])); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "torch.inference_mode().__enter__(); w.batch(r.model, int(sys.argv[2])); print(own_peak_mb())")
     p = subprocess.run([sys.executable, "-c", code, str(run_dir), str(batch_n), data_dir or ""],
                        capture_output=True, text=True, timeout=600)
     try:

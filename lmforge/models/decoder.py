@@ -110,7 +110,9 @@ _recorded: list[torch.Tensor] | None = None
 def recording_attention() -> Iterator[list[torch.Tensor]]:
     """Within the block, attention is computed explicitly, softmax(QK^T / sqrt(hs)), and each
     layer's weights (B, nh, T, S) are appended to the yielded list, in call order. Outside it
-    (always, when serving or training) attention stays one fused SDPA call that never forms them."""
+    (always, when serving or training) attention stays one fused SDPA call that never forms them.
+    The switch is process-wide: use it only on a model no other thread is running (explain's CLI
+    does; the server explains without attention maps)."""
     global _recorded
     previous, _recorded = _recorded, []
     try:
