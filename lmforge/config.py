@@ -125,6 +125,7 @@ class CompressConfig:
     smaller shape); ``source`` the run it came from."""
 
     quantize: str | None = None
+    float_layers: list[str] = field(default_factory=list)  # int8: layers kept float (their int8 error was too high)
     prune: float = 0.0
     source: str | None = None
 

@@ -186,7 +186,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
 
             status(f"{rd.path} holds int8 weights for the CPU's kernels: loading it on the CPU, not {dev}")
             dev = torch.device("cpu")
-        quantize_int8(model)
+        quantize_int8(model, cfg.compress.float_layers)
         load_into(model, load_model_state(rd.model), rd.model, load=lambda s: load_int8_state(model, s))
     else:
         load_into(model, load_model_state(rd.model), rd.model)

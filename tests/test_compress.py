@@ -48,6 +48,43 @@ def test_int8_stays_close_and_round_trips_through_safetensors_exactly(index, tmp
         assert type(fresh.lm_head) is torch.nn.Linear and fresh.lm_head.weight is fresh.token_embedding().weight
 
 
+def test_int8_error_finds_the_layer_with_outlier_inputs_and_it_stays_float(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.compress.quantize import int8_errors, int8_state, load_int8_state, quantize_int8
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain, self.outlier = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.plain(x[:, :16]) + self.outlier(x[:, 16:])
+
+        def load_saved_state(self, state):
+            self.load_state_dict(state)
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    x[:, 16] *= 500  # one feature far above the others: per-tensor int8 flattens the rest to 0,
+    model = Two().eval()
+    with torch.no_grad():
+        model.outlier.weight[:, 0] = 1e-3  # and it adds little itself (as an LLM's massive activations)
+    errors = int8_errors(model, lambda m: m(x))
+    assert errors["outlier"] > 0.3 and errors["plain"] < 0.02
+    with torch.no_grad():
+        ref = model(x)
+        mixed = quantize_int8(model, keep_float=["outlier"])
+        assert type(mixed.outlier) is torch.nn.Linear and type(mixed.plain) is not torch.nn.Linear
+        got = mixed(x)
+    assert ((got - ref).norm() / ref.norm()) < 0.02
+    save_file(int8_state(mixed), tmp_path / "m.safetensors")
+    fresh = quantize_int8(Two().eval(), keep_float=["outlier"])
+    load_int8_state(fresh, load_file(tmp_path / "m.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), got, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_pruning_rebuilds_smaller_layers_and_dead_neurons_go_first(index):
     from lmforge.compress.prune import prune_mlp
@@ -108,6 +145,9 @@ def test_compress_a_decoder_prune_recover_quantize_then_eval_and_generate(capsys
     o, c = res["original"], res["compressed"]
     assert res["kind"] == "decoder" and res["prune"]["widths"][1][0] < res["prune"]["widths"][0][0]
     assert res["prune"]["recovery"]["steps"] > 0
+    q = res["int8"]
+    assert q["layers"] > 0 and len(q["kept_float"]) <= q["layers"]
+    assert all((n in q["kept_float"]) == (e > q["max_error"]) for n, e in q["worst"])  # float exactly above it
     for key in ("size_mb", "weights_mb", "latency_ms", "throughput_tokens_per_s", "decode_tokens_per_s", "peak_memory_mb"):
         assert o[key] > 0 and c[key] > 0, key
     assert c["size_mb"] < 0.7 * o["size_mb"]

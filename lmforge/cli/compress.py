@@ -19,6 +19,7 @@ REPORT_MD, REPORT_JSON = "compress_report.md", "compress_report.json"
 # The recovery fine-tune: windows of at most this many tokens, batches of at most this many, and
 # at most this learning rate (a pretrained model's own rate, lowered, or this one).
 RECOVER_WINDOW, RECOVER_BATCH, RECOVER_LR = 256, 8, 1e-4
+INT8_MAX_ERROR = 0.15  # measured on SmolLM2-135M: bench/RESULTS.md §28
 
 
 @dataclass
@@ -33,6 +34,9 @@ class Options:
                                          "on its own training data")
     data: str | None = flag(help="decoders: a prepared data directory (its val.bin) for the quality figures "
                             "and the recovery (default: the run's own)")
+    int8_max_error: float = flag(INT8_MAX_ERROR, help="int8: a Linear layer whose relative output error on the "
+                                 "run's validation inputs (int8 vs float) is above this stays float (default "
+                                 f"{INT8_MAX_ERROR}; a large value makes every layer int8)")
     tolerance: float | None = flag(help="the quality loss tolerated before the verdict says so (default: 0.01 "
                                    "accuracy, 0.05 bits per byte)")
     batch_size: int = flag(16, help="batch N of the throughput figure")
@@ -79,7 +83,7 @@ def run(o: Options) -> int:
     from lmforge import config as cfgmod
     from lmforge.compress import prune as prunemod
     from lmforge.compress import report
-    from lmforge.compress.quantize import quantize_int8
+    from lmforge.compress.quantize import int8_errors, quantize_int8
     from lmforge.evaluate.report import cpu_name
     from lmforge.fsutil import atomic_dir
     from lmforge.progress import status
@@ -107,7 +111,7 @@ def run(o: Options) -> int:
     torch.manual_seed(0)
     original = load_run(o.run_dir, device="cpu")
     w = report.workload_for(original, o.data)
-    what, prune_info = [], None
+    what, prune_info, int8_info = [], None, None
     model = copy.deepcopy(original.model)  # the original stays as it is: it is measured beside the result
     new_cfg = cfgmod.replace(cfg, compress={"source": str(src.path.resolve())})
     if o.prune is not None:  # a bad fraction or an unprunable family fails before any work
@@ -143,9 +147,15 @@ def run(o: Options) -> int:
                 new_cfg = dataclasses.replace(new_cfg, train=saved.train, task=dataclasses.replace(saved.task, init=None))
                 what.append(f"recovered by {o.recover_seconds:g} s of fine-tuning")
         if o.quantize:
-            quantize_int8(model)
-            new_cfg = cfgmod.replace(new_cfg, compress={"quantize": o.quantize})
-            what.append("int8 weights (dynamic quantisation of every Linear layer)")
+            errors = int8_errors(model, w.calibrate) if w.calibrate is not None else {}
+            keep = sorted(n for n, e in errors.items() if e > o.int8_max_error)
+            quantize_int8(model, keep)
+            new_cfg = cfgmod.replace(new_cfg, compress={"quantize": o.quantize, "float_layers": keep})
+            int8_info = {"layers": len(errors) or None, "kept_float": keep, "max_error": o.int8_max_error,
+                         "worst": sorted(errors.items(), key=lambda kv: -kv[1])[:5]}
+            what.append("int8 weights (dynamic quantisation of the Linear layers" +
+                        (f"; {len(keep)} of {len(errors)} kept float: int8 error above {o.int8_max_error:g}" if keep
+                         else "") + ")")
         _write_run(src.path, tmp, model, new_cfg, quantized=bool(o.quantize))
         if o.quantize:  # the recovery's optimizer state belongs to float weights: no resume from int8
             for name in (RunDir.STATE_JSON, RunDir.STATE_TENSORS):
@@ -159,7 +169,7 @@ def run(o: Options) -> int:
             figures[name]["peak_memory_mb"] = report.peak_memory_mb(r.path, o.batch_size, o.data)
         result = {"source": str(o.run_dir), "out": str(out), "what": (lambda t: t[:1].upper() + t[1:])("; ".join(what)),
                   "date": datetime.date.today().isoformat(), "device": f"{cpu_name()}, {threads} threads",
-                  "kind": w.kind, **figures, "prune": prune_info,
+                  "kind": w.kind, **figures, "prune": prune_info, "int8": int8_info,
                   "verdict": report.verdict(figures["original"], figures["compressed"], w, o.tolerance)}
         (tmp / REPORT_MD).write_text(report.markdown(result), encoding="utf-8")
         report.write_json_report(tmp / REPORT_JSON, result)

@@ -2,7 +2,11 @@
 
 Each ``nn.Linear`` (but a head tied to the token embedding, which stays one shared float matrix)
 becomes ``torch.ao.nn.quantized.dynamic.Linear``: weights int8 with one scale per output channel,
-activations quantised per batch at run time, fbgemm kernels on x86 CPUs. In ``model.safetensors``
+activations quantised per batch at run time (one scale per tensor), fbgemm kernels on x86 CPUs.
+A layer whose inputs carry outlier features (an LLM's MLP down-projections: one channel 100x
+the median) loses most of its precision that way; :func:`int8_errors` measures each layer's
+output error on calibration inputs, and the layers above a tolerance stay float (``keep_float``,
+recorded in the run's config so loading rebuilds the same mix). In ``model.safetensors``
 a quantised layer ``name`` is three plain tensors — ``name.weight_int8`` (int8, (out, in)),
 ``name.weight_scale`` (float32, (out,)) and ``name.bias`` — beside the float tensors of every other
 module, so loading never unpickles anything.
@@ -34,13 +38,48 @@ def quantizable(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m) is nn.Linear and id(m.weight) not in tied]
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace ``model``'s Linear layers by dynamic int8 ones, in place (CPU, eval mode)."""
+@torch.no_grad()
+def int8_errors(model: nn.Module, calibrate) -> dict[str, float]:
+    """Per quantisable layer, the relative error ||int8(x) - fp32(x)|| / ||fp32(x)|| of its output
+    on the inputs ``calibrate(model)`` runs through it (each layer quantised alone, on its real inputs)."""
+    nnqd, qconfig, _ = _dynamic()
+    modules = dict(model.named_modules())
+    sums: dict[str, list[float]] = {}
+
+    def hook(name):
+        def measure(module, args):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if name not in quantized:
+                    module.qconfig = qconfig
+                    quantized[name] = nnqd.Linear.from_float(module)
+                    del module.qconfig
+            x = args[0].detach().float()
+            ref = torch.nn.functional.linear(x, module.weight, module.bias)  # not module(x): this hook again
+            err = sums.setdefault(name, [0.0, 0.0])
+            err[0] += float((quantized[name](x) - ref).pow(2).sum())
+            err[1] += float(ref.pow(2).sum())
+        return measure
+
+    quantized: dict[str, nn.Module] = {}
+    names = quantizable(model)
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        calibrate(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (sums[n][0] / max(sums[n][1], 1e-30)) ** 0.5 for n in names if n in sums}
+
+
+def quantize_int8(model: nn.Module, keep_float: list[str] | tuple[str, ...] = ()) -> nn.Module:
+    """Replace ``model``'s Linear layers (but those named in ``keep_float``) by dynamic int8 ones,
+    in place (CPU, eval mode)."""
     if "fbgemm" not in torch.backends.quantized.supported_engines and \
             "qnnpack" not in torch.backends.quantized.supported_engines:
         raise UserError("this PyTorch build has no int8 CPU kernels (fbgemm or qnnpack)")
     _, qconfig, quantize_dynamic = _dynamic()
-    names = quantizable(model)
+    names = [n for n in quantizable(model) if n not in set(keep_float)]
     if not names:
         raise UserError(f"{type(model).__name__} has no Linear layers to quantise to int8")
     model.cpu().eval()

@@ -257,6 +257,12 @@ def markdown(result: dict) -> str:
                 continue
             lines.append(f"| {k} (validation) | {a:.4f} | {c['quality'][k]:.4f} | {c['quality'][k] - a:+.4f} |")
     lines += ["", f"**{result['verdict']['line']}**", ""]
+    if result.get("int8") and result["int8"]["layers"]:
+        q = result["int8"]
+        worst = ", ".join(f"{n} {e:.3f}" for n, e in q["worst"][:3])
+        lines += [f"int8: {q['layers'] - len(q['kept_float'])} of {q['layers']} Linear layers int8; "
+                  f"{len(q['kept_float'])} kept float, their output error on validation inputs above "
+                  f"{q['max_error']:g} (the largest: {worst}).", ""]
     if result.get("prune"):
         p = result["prune"]
         before, after = p["widths"]
