@@ -14,7 +14,8 @@ from lmforge.errors import UserError
 HELP = "write a run as an ONNX graph (verified with onnxruntime), a Hugging Face directory or a container context"
 FORMATS = ("onnx", "hf", "container")
 GREEDY_TOKENS = 16
-PARITY = 1e-3  # the largest |onnxruntime - PyTorch| of the fp32 graph an export accepts
+PARITY = 1e-4  # the largest |onnxruntime - PyTorch| of the fp32 graph an export accepts, relative to the
+# outputs' largest magnitude (at least 1): fp32 kernels that sum in another order differ by about 1e-6 of it
 
 
 @dataclass
@@ -37,7 +38,8 @@ def _check(run, path: Path, kind: str) -> dict:
     import torch
 
     sess = ox.session(path)
-    out = {"file": path.name, "size_mb": path.stat().st_size / 2**20, "max_abs_diff": ox.max_difference(run, sess, kind)}
+    diff, scale = ox.max_difference(run, sess, kind)
+    out = {"file": path.name, "size_mb": path.stat().st_size / 2**20, "max_abs_diff": diff, "output_scale": scale}
     if kind == "decoder":
         prompt = run.tokenizer.encode("The", add_special_tokens=False).ids[:4] or [0]
         ours = [int(t[0]) for t in generate_ids(run.model, torch.tensor([prompt]), GREEDY_TOKENS, temperature=0.0)]
@@ -66,7 +68,7 @@ def export_onnx(o: Options, tmp: Path) -> dict:
         ox.quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
         result["checks"].append(_check(run, tmp / "model.int8.onnx", kind))
     fp32 = result["checks"][0]
-    if fp32["max_abs_diff"] > PARITY or not fp32.get("greedy_tokens_equal", True):
+    if fp32["max_abs_diff"] > PARITY * max(1.0, fp32["output_scale"]) or not fp32.get("greedy_tokens_equal", True):
         raise UserError(f"the ONNX graph does not reproduce the model (max |diff| {fp32['max_abs_diff']:.2e}, "
                         f"greedy tokens equal: {fp32.get('greedy_tokens_equal')}); nothing was written")
     (tmp / "export_report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

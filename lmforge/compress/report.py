@@ -180,7 +180,8 @@ def measure(run, w: Workload, batch_n: int) -> dict:
     lat = _median_seconds(lambda: w.batch(model, 1))
     big = _median_seconds(lambda: w.batch(model, batch_n))
     out = {"size_mb": run.dir.model.stat().st_size / 2**20, "weights_mb": weights_bytes(model) / 2**20,
-           "latency_ms": 1000 * lat, f"throughput_{w.unit}_per_s": batch_n * w.per_input / big, "batch": batch_n}
+           "latency_ms": 1000 * lat, f"throughput_{w.unit}_per_s": batch_n * w.per_input / big, "batch": batch_n,
+           "per_input": w.per_input}
     if w.decode is not None:
         w.decode(model)  # warm-up
         out["decode_tokens_per_s"] = statistics.median(w.decode(model) for _ in range(3))
@@ -237,7 +238,9 @@ def verdict(original: dict, compressed: dict, w: Workload, tolerance: float | No
 def markdown(result: dict) -> str:
     o, c = result["original"], result["compressed"]
     rows = [("size on disk (MiB)", "size_mb"), ("weights in memory (MiB)", "weights_mb"),
-            ("peak memory, load + one batch (MiB)", "peak_memory_mb"), ("latency, batch 1 (ms)", "latency_ms")]
+            ("peak memory, load + one batch (MiB)", "peak_memory_mb"),
+            ("latency, batch 1" + (f" of {o['per_input']} tokens" if o.get("per_input", 1) > 1 else "") + " (ms)",
+             "latency_ms")]
     rows += [(f"throughput, batch {o['batch']} ({k.split('_')[1]}/s)", k) for k in o if k.startswith("throughput_")]
     if "decode_tokens_per_s" in o:
         rows.append(("greedy decoding, batch 1 (tokens/s)", "decode_tokens_per_s"))

@@ -158,13 +158,14 @@ def _torch_outputs(run, kind: str, inputs: dict[str, torch.Tensor]) -> list[np.n
     return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
 
-def max_difference(run, sess, kind: str) -> float:
+def max_difference(run, sess, kind: str) -> tuple[float, float]:
     """The largest |onnxruntime - PyTorch| over every output, on inputs of another batch and
-    length than the export's (the dynamic axes at work)."""
+    length than the export's (the dynamic axes at work), and the largest |PyTorch output|."""
     inputs, _ = _sample_inputs(run, kind, batch=3, length=11)
     got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
     want = _torch_outputs(run, kind, inputs)
-    return float(max(np.abs(g - w).max() for g, w in zip(got, want)))
+    return (float(max(np.abs(g - w).max() for g, w in zip(got, want))),
+            float(max(np.abs(w).max() for w in want)))
 
 
 def greedy_onnx(sess, model, prompt: list[int], n: int) -> list[int]:
