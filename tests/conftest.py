@@ -142,3 +142,15 @@ def keyword_classifier(tmp_path_factory):
         "train": {"lr": 1e-3, "early_stop": "loss"}})
     train(cfg, run_dir=root / "run")
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def digits_mlp(tmp_path_factory):
+    """(data dir, run dir): an MLP image classifier trained two epochs on scikit-learn's digits."""
+    from lmforge.cli import main
+
+    root = tmp_path_factory.mktemp("digits")
+    assert main(["prepare", "--kind", "images", "--input", "digits", "--out", str(root / "data")]) == 0
+    assert main(["train", "--task", "image-classify", "--data", str(root / "data"), "--out", str(root / "mlp"),
+                 "--model", "mlp", "--epochs", "2"]) == 0
+    return root / "data", root / "mlp"

@@ -5,7 +5,8 @@ import sys
 
 from lmforge.cli import VERBS, build_parser
 
-EXPECTED_VERBS = ["prepare", "train", "eval", "predict", "generate", "embed", "serve", "chat", "quickstart", "import-hf", "export-hf", "import-gguf", "merge-lora", "bench", "support"]
+EXPECTED_VERBS = ["prepare", "train", "eval", "predict", "generate", "embed", "explain", "compress", "export", "serve", "chat",
+                  "quickstart", "import-hf", "export-hf", "import-gguf", "merge-lora", "bench", "support"]
 
 
 def test_verbs_are_pinned():

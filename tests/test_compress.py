@@ -211,11 +211,9 @@ def test_language_model_training_windows_can_be_shorter_than_the_context(capsys,
     assert r.returncode == 2 and "task.seq_len must be in 2.." in r.stderr and not (tmp_path / "x").exists()
 
 
-def test_compress_an_image_classifier_pruned_and_int8(capsys, tmp_path):
-    digits, img, small = tmp_path / "digits", tmp_path / "img", tmp_path / "small"
-    assert cli_here(capsys, "prepare", "--kind", "images", "--input", "digits", "--out", digits).returncode == 0
-    assert cli_here(capsys, "train", "--task", "image-classify", "--data", digits, "--out", img, "--model", "mlp",
-                    "--epochs", "2").returncode == 0
+def test_compress_an_image_classifier_pruned_and_int8(digits_mlp, capsys, tmp_path):
+    digits, img = digits_mlp
+    small = tmp_path / "small"
     r = cli_here(capsys, "compress", img, "--out", small, "--prune", "0.25", "--quantize", "int8", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)

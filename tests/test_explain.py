@@ -130,20 +130,17 @@ def _layer0_queries_keys(model, x):
     return q, k.repeat_interleave(c.n_head // c.n_kv_head, dim=1)
 
 
-def test_image_and_decoder_runs_are_explained(capsys, tmp_path, data_dir):
-    digits, img = tmp_path / "digits", tmp_path / "img"
-    assert cli_here(capsys, "prepare", "--kind", "images", "--input", "digits", "--out", digits).returncode == 0
-    r = cli_here(capsys, "train", "--task", "image-classify", "--data", digits, "--out", img, "--model", "mlp",
-                 "--epochs", "2")
-    assert r.returncode == 0, r.stderr
-    r = cli_here(capsys, "explain", img, "--examples", "3", "--method", "ig", "occlusion", "--json")
+def test_image_and_decoder_runs_are_explained(capsys, tmp_path, data_dir, digits_mlp):
+    _, img = digits_mlp
+    out = tmp_path / "img-explained"
+    r = cli_here(capsys, "explain", img, "--examples", "3", "--method", "ig", "occlusion", "--out", out, "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["kind"] == "image-classifier" and len(res["items"]) == 3 and res["features"] == "patches of 1x1 pixels"
     assert len(res["items"][0]["attributions"]["ig"]) == 64 and set(res["faithfulness"]) == {"ig", "occlusion", "random"}
     for m in ("ig", "occlusion"):  # on digits, pixels ranked by either method beat random order
         assert res["faithfulness"][m]["comprehensiveness"] > res["faithfulness"]["random"]["comprehensiveness"]
-    assert (img / "explain" / "plots" / "heatmaps.png").stat().st_size > 1000
+    assert (out / "plots" / "heatmaps.png").stat().st_size > 1000
 
     lm = tmp_path / "lm"
     r = cli_here(capsys, "train", "--data", data_dir, "--out", lm, "--preset", "debug", "--max-steps", "5")

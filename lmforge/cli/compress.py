@@ -73,6 +73,57 @@ def _recover(pruned_dir: Path, out: Path, data: str, seconds: float, original_cf
     return {"steps": summary.get("step") or summary.get("steps"), "seconds": seconds, "data": data}
 
 
+def _compress(o: Options, src, model, cfg, w, tmp: Path, recover_data: str | None):
+    """Prune (and recover), then quantise, ``model`` into the run directory ``tmp``; returns the
+    compressed model, its config and what each step did."""
+    import torch
+
+    from lmforge import config as cfgmod
+    from lmforge.compress import prune as prunemod
+    from lmforge.compress import report
+    from lmforge.compress.quantize import int8_errors, quantize_int8
+    from lmforge.progress import status
+    from lmforge.runs import RunDir, load_run
+
+    steps = {"what": [], "prune": None, "int8": None}
+    if o.prune is not None:
+        status(f"pruning {o.prune:.0%} of the {w.units_name} of {o.run_dir}")
+        with torch.inference_mode():
+            model, info = prunemod.prune(model, o.prune, w.calibrate)
+        cfg = dataclasses.replace(cfgmod.replace(cfg, compress={"prune": o.prune}), model=model.config)
+        before, after = info["widths"]
+        steps["what"].append(f"pruned {o.prune:.0%} of the {w.units_name} (widths {report.widths_text(before)} -> "
+                             f"{report.widths_text(after)})")
+        if recover_data is not None:
+            staged = tmp.parent / f".{tmp.name}.pruned"
+            staged.mkdir()
+            try:
+                _write_run(src.path, staged, model, cfg, quantized=False)
+                info["recovery"] = _recover(staged, tmp, recover_data, o.recover_seconds, src.load_config())
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+            model = load_run(tmp, device="cpu").model
+            saved = RunDir(tmp).load_config()
+            cfg = dataclasses.replace(cfg, train=saved.train, task=dataclasses.replace(saved.task, init=None))
+            steps["what"].append(f"recovered by {o.recover_seconds:g} s of fine-tuning")
+        steps["prune"] = info
+    if o.quantize:
+        errors = int8_errors(model, w.calibrate) if w.calibrate is not None else {}
+        keep = sorted(n for n, e in errors.items() if e > o.int8_max_error)
+        quantize_int8(model, keep)
+        cfg = cfgmod.replace(cfg, compress={"quantize": o.quantize, "float_layers": keep})
+        steps["int8"] = {"layers": len(errors) or None, "kept_float": keep, "max_error": o.int8_max_error,
+                         "worst": sorted(errors.items(), key=lambda kv: -kv[1])[:5]}
+        steps["what"].append("int8 weights (dynamic quantisation of the Linear layers" +
+                             (f"; {len(keep)} of {len(errors)} kept float: int8 error above {o.int8_max_error:g}"
+                              if keep else "") + ")")
+    _write_run(src.path, tmp, model, cfg, quantized=bool(o.quantize))
+    if o.quantize:  # the recovery's optimizer state belongs to float weights: no resume from int8
+        for name in (RunDir.STATE_JSON, RunDir.STATE_TENSORS):
+            (tmp / name).unlink(missing_ok=True)
+    return model, cfg, steps
+
+
 def run(o: Options) -> int:
     """Write a compressed copy of RUN_DIR to --out (int8 weights with --quantize, fewer MLP neurons
     with --prune, optionally recovered by a short fine-tune) that eval, predict, generate and serve
@@ -83,7 +134,6 @@ def run(o: Options) -> int:
     from lmforge import config as cfgmod
     from lmforge.compress import prune as prunemod
     from lmforge.compress import report
-    from lmforge.compress.quantize import int8_errors, quantize_int8
     from lmforge.evaluate.report import cpu_name
     from lmforge.fsutil import atomic_dir
     from lmforge.progress import status
@@ -111,55 +161,23 @@ def run(o: Options) -> int:
     torch.manual_seed(0)
     original = load_run(o.run_dir, device="cpu")
     w = report.workload_for(original, o.data)
-    what, prune_info, int8_info = [], None, None
     model = copy.deepcopy(original.model)  # the original stays as it is: it is measured beside the result
     new_cfg = cfgmod.replace(cfg, compress={"source": str(src.path.resolve())})
     if o.prune is not None:  # a bad fraction or an unprunable family fails before any work
         widths = ([model.mlp_neurons()[0][1].in_features] if hasattr(model, "mlp_neurons") else
-                  [w for w, _ in model.prunable_layers()] if hasattr(model, "prunable_layers") else None)
+                  [width for width, _ in model.prunable_layers()] if hasattr(model, "prunable_layers") else None)
         if widths is None:
             raise UserError(f"--prune thins transformers (MLP neurons), CNNs (channels) and MLPs (units); "
                             f"{o.run_dir} is a {cfg.arch} run")
         for width in widths:
             prunemod.kept_width(width, o.prune)
+    recover_data = None
+    if o.recover_seconds is not None:
+        recover_data = o.data or src.data_path()
+        if not recover_data:
+            raise UserError("--recover-seconds needs the run's training data: give --data DIR")
     with atomic_dir(out) as tmp:
-        if o.prune is not None:
-            status(f"pruning {o.prune:.0%} of the {w.units_name} of {o.run_dir}")
-            with torch.inference_mode():
-                model, prune_info = prunemod.prune(model, o.prune, w.calibrate)
-            new_cfg = dataclasses.replace(cfgmod.replace(new_cfg, compress={"prune": o.prune}), model=model.config)
-            before, after = prune_info["widths"]
-            what.append(f"pruned {o.prune:.0%} of the {w.units_name} (widths {report.widths_text(before)} -> "
-                        f"{report.widths_text(after)})")
-            if o.recover_seconds is not None:
-                data = o.data or src.data_path()
-                if not data:
-                    raise UserError("--recover-seconds needs the run's training data: give --data DIR")
-                staged = tmp.parent / f".{tmp.name}.pruned"
-                staged.mkdir()
-                try:
-                    _write_run(src.path, staged, model, new_cfg, quantized=False)
-                    prune_info["recovery"] = _recover(staged, tmp, data, o.recover_seconds, cfg)
-                finally:
-                    shutil.rmtree(staged, ignore_errors=True)
-                model = load_run(tmp, device="cpu").model
-                saved = RunDir(tmp).load_config()
-                new_cfg = dataclasses.replace(new_cfg, train=saved.train, task=dataclasses.replace(saved.task, init=None))
-                what.append(f"recovered by {o.recover_seconds:g} s of fine-tuning")
-        if o.quantize:
-            errors = int8_errors(model, w.calibrate) if w.calibrate is not None else {}
-            keep = sorted(n for n, e in errors.items() if e > o.int8_max_error)
-            quantize_int8(model, keep)
-            new_cfg = cfgmod.replace(new_cfg, compress={"quantize": o.quantize, "float_layers": keep})
-            int8_info = {"layers": len(errors) or None, "kept_float": keep, "max_error": o.int8_max_error,
-                         "worst": sorted(errors.items(), key=lambda kv: -kv[1])[:5]}
-            what.append("int8 weights (dynamic quantisation of the Linear layers" +
-                        (f"; {len(keep)} of {len(errors)} kept float: int8 error above {o.int8_max_error:g}" if keep
-                         else "") + ")")
-        _write_run(src.path, tmp, model, new_cfg, quantized=bool(o.quantize))
-        if o.quantize:  # the recovery's optimizer state belongs to float weights: no resume from int8
-            for name in (RunDir.STATE_JSON, RunDir.STATE_TENSORS):
-                (tmp / name).unlink(missing_ok=True)
+        model, new_cfg, steps = _compress(o, src, model, new_cfg, w, tmp, recover_data)
         status("measuring the original and the compressed run (size, memory, latency, throughput, quality)")
         compressed = load_run(tmp, device="cpu")
         threads = torch.get_num_threads()
@@ -167,9 +185,10 @@ def run(o: Options) -> int:
         for name, r in (("original", original), ("compressed", compressed)):
             figures[name] = report.measure(r, w, o.batch_size)
             figures[name]["peak_memory_mb"] = report.peak_memory_mb(r.path, o.batch_size, o.data)
-        result = {"source": str(o.run_dir), "out": str(out), "what": (lambda t: t[:1].upper() + t[1:])("; ".join(what)),
+        what = "; ".join(steps["what"])
+        result = {"source": str(o.run_dir), "out": str(out), "what": what[:1].upper() + what[1:],
                   "date": datetime.date.today().isoformat(), "device": f"{cpu_name()}, {threads} threads",
-                  "kind": w.kind, **figures, "prune": prune_info, "int8": int8_info,
+                  "kind": w.kind, **figures, "prune": steps["prune"], "int8": steps["int8"],
                   "verdict": report.verdict(figures["original"], figures["compressed"], w, o.tolerance)}
         (tmp / REPORT_MD).write_text(report.markdown(result), encoding="utf-8")
         report.write_json_report(tmp / REPORT_JSON, result)
