@@ -8,9 +8,9 @@ from pathlib import Path
 from lmforge.cli.common import TextInputOptions, print_json
 from lmforge.cli.options import flag
 from lmforge.errors import UserError
+from lmforge.explain import METHODS
 
 HELP = "attributions of a classifier's or decoder's answers to its input, with faithfulness figures"
-METHODS = ("ig", "occlusion", "shap")
 
 
 @dataclass
@@ -108,15 +108,14 @@ def run(o: Options) -> int:
     methods = list(dict.fromkeys(o.method or METHODS))
     features = ("tokens" if kind != "image-classifier"
                 else f"patches of {subjects[0].meta['patch']}x{subjects[0].meta['patch']} pixels")
-    result = explain_subjects(subjects, methods, kind, str(o.run_dir), features)
     attention = None
-    if o.attention:
+    if o.attention:  # first: a model without attention (an LSTM) is refused before the slow part
+        from lmforge.data.tokenizer import token_label
         from lmforge.explain.attention import attention_weights
 
-        from lmforge.data.tokenizer import token_label
-
-        attention = [(attention_weights(loaded.model, s.inputs), [token_label(loaded.tokenizer, int(i)) for i in s.inputs[0]])
-                     for s in subjects]
+        attention = [(attention_weights(loaded.model, s.inputs),
+                      [token_label(loaded.tokenizer, int(i)) for i in s.inputs[0]]) for s in subjects]
+    result = explain_subjects(subjects, methods, kind, str(o.run_dir), features)
     result = write_explanation(result, out, subjects, attention)
     if o.json:
         print_json({k: v for k, v in result.items() if k != "items"} |

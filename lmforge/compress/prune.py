@@ -35,6 +35,34 @@ def kept_width(inner: int, fraction: float) -> int:
 
 
 @torch.no_grad()
+def mean_activations(model: nn.Module, modules: list[nn.Module], calibrate: Callable[[nn.Module], None],
+                     inputs: bool) -> list[torch.Tensor]:
+    """Per module, the mean |activation| of each unit over what ``calibrate(model)`` runs through
+    it: of its input, units on the last axis (``inputs``), or of its output, units on axis 1."""
+    sums: list[torch.Tensor | float] = [0.0] * len(modules)
+    counts = [0] * len(modules)
+
+    def hook(i):
+        def record(module, args, out=None):
+            a = (args[0] if inputs else out).detach().float().abs()
+            a = a.reshape(-1, a.size(-1)) if inputs else a.transpose(0, 1).reshape(a.size(1), -1).t()
+            sums[i] = sums[i] + a.sum(0).cpu()
+            counts[i] += a.size(0)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(i)) if inputs else m.register_forward_hook(hook(i))
+               for i, m in enumerate(modules)]
+    try:
+        calibrate(model)
+    finally:
+        for h in handles:
+            h.remove()
+    if not all(counts):
+        raise UserError("the calibration data ran no input through the model")
+    return [s / c for s, c in zip(sums, counts)]
+
+
+@torch.no_grad()
 def importance(model: nn.Module, calibrate: Callable[[nn.Module], None] | None = None) -> list[torch.Tensor]:
     """Per block, (n_inner,) importance of each MLP neuron (see the module docstring)."""
     units = model.mlp_neurons()
@@ -42,48 +70,18 @@ def importance(model: nn.Module, calibrate: Callable[[nn.Module], None] | None =
     if calibrate is None:
         return [torch.stack([r.weight.float().norm(dim=1) for r in rows]).prod(0) * n
                 for (rows, _), n in zip(units, out_norm)]
-    sums = [torch.zeros(out.in_features) for _, out in units]
-    counts = [0] * len(units)
-
-    def hook(i):
-        def record(module, args):
-            a = args[0].detach().float().reshape(-1, args[0].size(-1))
-            sums[i].add_(a.abs().sum(0).cpu())
-            counts[i] += a.size(0)
-        return record
-
-    handles = [out.register_forward_pre_hook(hook(i)) for i, (_, out) in enumerate(units)]
-    try:
-        calibrate(model)
-    finally:
-        for h in handles:
-            h.remove()
-    if not counts[0]:
-        raise UserError("the calibration data ran no input through the model")
-    return [s / c * n for s, c, n in zip(sums, counts, out_norm)]
+    acts = mean_activations(model, [out for _, out in units], calibrate, inputs=True)
+    return [a * n for a, n in zip(acts, out_norm)]
 
 
-@torch.no_grad()
 def prune_layers(model: nn.Module, fraction: float, calibrate: Callable[[nn.Module], None]) -> tuple[nn.Module, dict]:
     """Image families (``prunable_layers()`` / ``pruned(keep)``: CNN channels, MLP units): each
     layer keeps its units of the highest mean |activation| on the calibration inputs."""
     layers = model.prunable_layers()
-    sums = [torch.zeros(width) for width, _ in layers]
-
-    def hook(i):
-        def record(module, args, out):
-            a = out.detach().float().abs().transpose(0, 1).reshape(out.size(1), -1)
-            sums[i].add_(a.mean(1).cpu())
-        return record
-
-    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
-    try:
-        calibrate(model)
-    finally:
-        for h in handles:
-            h.remove()
-    keep = [torch.topk(s, kept_width(width, fraction)).indices.sort().values for s, (width, _) in zip(sums, layers)]
-    pruned = model.pruned(keep)
+    acts = mean_activations(model, [m for _, m in layers], calibrate, inputs=False)
+    keep = [torch.topk(a, kept_width(width, fraction)).indices.sort().values for a, (width, _) in zip(acts, layers)]
+    with torch.no_grad():
+        pruned = model.pruned(keep)
     return pruned.eval(), {"widths": [[w for w, _ in layers], [len(k) for k in keep]],
                            "params": [_count(model), _count(pruned)], "importance": "activations"}
 

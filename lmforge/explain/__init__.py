@@ -7,3 +7,5 @@ measures how far each method's ranking is to be trusted; ``render.py`` writes th
 heat maps, attention maps, curves and the report; ``attention.py`` reads a decoder's attention
 weights on demand.
 """
+
+METHODS = ("ig", "occlusion", "shap")  # the attribution methods (attribution.py), in the order they are run

@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 
-METHODS = ("ig", "occlusion", "shap")
 IG_STEPS = 64  # the path integral's first resolution; doubled up to IG_MAX_STEPS while the
 IG_MAX_STEPS = 1024  # completeness error exceeds IG_TOLERANCE of |score(input) - score(baseline)|
 IG_TOLERANCE = 0.05

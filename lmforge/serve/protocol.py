@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lmforge.explain import METHODS
 from lmforge.serve.common import APIError
 from lmforge.serve.logprobs import MAX_LOGPROBS
 
@@ -128,7 +129,6 @@ class ClassifyRequest(BaseModel):
     images: list[str] | None = Field(default=None, min_length=1)
 
 
-EXPLAIN_METHODS = ("ig", "occlusion", "shap")
 MAX_EXPLAIN_TOKENS = 64  # tokens of a decoder's greedy answer an explanation may generate
 
 
@@ -147,5 +147,5 @@ class ExplainRequest(BaseModel):
     label: str | None = None
     answer: str | None = Field(default=None, min_length=1, max_length=100_000)
     max_tokens: int = Field(default=16, ge=1, le=MAX_EXPLAIN_TOKENS)
-    methods: list[Literal["ig", "occlusion", "shap"]] = Field(default=["ig"], min_length=1, max_length=3)
+    methods: list[Literal[METHODS]] = Field(default=["ig"], min_length=1, max_length=len(METHODS))
     faithfulness: bool = False
