@@ -17,6 +17,8 @@ A run directory is enough to evaluate, generate, serve, explain, compress, expor
     predictions_<split>.jsonl     every example's label, prediction and probabilities (classifiers)
     evaluations/<name>/           `lmforge eval --data` of other data, named after it: the same files
     train_summary.json            what the training call returned (fine-tuning runs)
+    explain/                      `lmforge explain`'s default output (explanation.json, report.md, plots/, ...)
+    compress_report.md, .json     a compressed run (`lmforge compress`): it beside its source run
 
 Nothing else in lmforge spells these names.
 """
@@ -49,6 +51,8 @@ class RunDir:
     PLOTS = "plots"
     EVALUATIONS = "evaluations"
     SUMMARY = "train_summary.json"
+    EXPLAIN = "explain"
+    COMPRESS_REPORT, COMPRESS_REPORT_JSON = "compress_report.md", "compress_report.json"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

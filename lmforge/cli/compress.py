@@ -15,7 +15,6 @@ from lmforge.cli.options import flag
 from lmforge.errors import UserError
 
 HELP = "quantise (int8) and/or prune a run into a new run directory, with a size/speed/quality report"
-REPORT_MD, REPORT_JSON = "compress_report.md", "compress_report.json"
 # The recovery fine-tune: windows of at most this many tokens, batches of at most this many, and
 # at most this learning rate (a pretrained model's own rate, lowered, or this one).
 RECOVER_WINDOW, RECOVER_BATCH, RECOVER_LR = 256, 8, 1e-4
@@ -135,7 +134,7 @@ def run(o: Options) -> int:
     from lmforge.compress import prune as prunemod
     from lmforge.compress import report
     from lmforge.evaluate.report import cpu_name
-    from lmforge.fsutil import atomic_dir
+    from lmforge.fsutil import atomic_dir, write_json
     from lmforge.progress import status
     from lmforge.runs import RunDir, load_run
 
@@ -190,8 +189,8 @@ def run(o: Options) -> int:
                   "date": datetime.date.today().isoformat(), "device": f"{cpu_name()}, {threads} threads",
                   "kind": w.kind, **figures, "prune": steps["prune"], "int8": steps["int8"],
                   "verdict": report.verdict(figures["original"], figures["compressed"], w, o.tolerance)}
-        (tmp / REPORT_MD).write_text(report.markdown(result), encoding="utf-8")
-        report.write_json_report(tmp / REPORT_JSON, result)
+        (tmp / RunDir.COMPRESS_REPORT).write_text(report.markdown(result), encoding="utf-8")
+        write_json(tmp / RunDir.COMPRESS_REPORT_JSON, result)
     if o.json:
         print_json(result)
         return 0
@@ -200,5 +199,5 @@ def run(o: Options) -> int:
     print(f"size {o_['size_mb']:.2f} -> {c_['size_mb']:.2f} MiB; batch-1 latency {o_['latency_ms']:.2f} -> "
           f"{c_['latency_ms']:.2f} ms")
     print(result["verdict"]["line"])
-    print(f"report: {out / REPORT_MD}")
+    print(f"report: {out / RunDir.COMPRESS_REPORT}")
     return 0

@@ -101,7 +101,7 @@ def run(o: Options) -> int:
         raise UserError(f"--examples must be at least 1, got {o.examples}")
     if o.attention and kind != "decoder":
         raise UserError("--attention draws a decoder's attention; this is a " + kind + " run")
-    out = Path(o.out) if o.out else rd / "explain"
+    out = Path(o.out) if o.out else rd / RunDir.EXPLAIN
     check_out(out)
     loaded = load_run(o.run_dir, device="cpu")
     subjects = _subjects(o, loaded, kind)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ def _check(run, path: Path, kind: str) -> dict:
 
 
 def export_onnx(o: Options, tmp: Path) -> dict:
+    from lmforge.fsutil import write_json
     from lmforge.interop import onnx as ox
     from lmforge.runs import RunDir, load_run
 
@@ -71,7 +71,7 @@ def export_onnx(o: Options, tmp: Path) -> dict:
     if fp32["max_abs_diff"] > PARITY * max(1.0, fp32["output_scale"]) or not fp32.get("greedy_tokens_equal", True):
         raise UserError(f"the ONNX graph does not reproduce the model (max |diff| {fp32['max_abs_diff']:.2e}, "
                         f"greedy tokens equal: {fp32.get('greedy_tokens_equal')}); nothing was written")
-    (tmp / "export_report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(tmp / "export_report.json", result)
     return result
 
 

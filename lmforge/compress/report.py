@@ -11,7 +11,6 @@ byte of validation text (decoders); ``verdict`` compares its change with the tol
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
@@ -281,9 +280,3 @@ def markdown(result: dict) -> str:
 def widths_text(widths: list[int]) -> str:
     """Layer widths as read: one number when every layer has it, else each."""
     return str(widths[0]) if len(set(widths)) == 1 else "/".join(map(str, widths))
-
-
-def write_json_report(path: Path, result: dict) -> None:
-    from lmforge.fsutil import write_text
-
-    write_text(path, json.dumps(result, indent=2) + "\n")
