@@ -91,6 +91,7 @@ CLASSIFY_EPOCHS = 4
 CLASSIFY_DEFAULT_SECONDS = 600.0
 # After the last fold: its reports and plots, the pooled report, the baselines.
 CLASSIFY_RESERVE_SECONDS = 40.0
+CLASSIFY_MIN_FOLD_SECONDS = 5.0  # a fold's budget when the earlier ones used up the rest
 
 
 def package_docstrings(root: Path) -> dict[str, list[list[str]]]:
@@ -205,6 +206,9 @@ def quickstart_classify(out: str | Path = "runs/quickstart-classify", max_second
                         f.write(json.dumps({"text": text, "label": label}) + "\n")
             # The folds share what is left of the budget; the first fold's classifier is the run kept.
             budget = (max_seconds - (time.perf_counter() - t0) - CLASSIFY_RESERVE_SECONDS) / (folds - i)
+            if budget < CLASSIFY_MIN_FOLD_SECONDS:  # earlier folds overran (a loaded machine): go on, say so
+                status(f"the time budget is spent: fold {i + 1} trains {CLASSIFY_MIN_FOLD_SECONDS:.0f} s anyway")
+                budget = CLASSIFY_MIN_FOLD_SECONDS
             status(f"fold {i + 1}/{folds}: {len(train):,} training / {len(test):,} test docstrings, "
                    f"up to {budget:.0f} s")
             run_dir = out if i == 0 else Path(tmp) / f"fold{i}"
