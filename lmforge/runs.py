@@ -150,6 +150,16 @@ class RunDir:
         return (self.trainer_state() or {}).get("data_dir")
 
 
+def answer_kind(task: str, can_generate: bool) -> str | None:
+    """What a run answers, for the stages that treat every family alike (explain, compress,
+    export): ``text-classifier``, ``image-classifier``, ``decoder`` (a generator of text), or None."""
+    if task == "classify":
+        return "text-classifier"
+    if task == "image-classify":
+        return "image-classifier"
+    return "decoder" if can_generate else None
+
+
 @dataclass
 class Run:
     """A loaded run: its directory, config, model (eval mode), tokenizer (None for image runs),

@@ -64,8 +64,11 @@ def test_decoder_onnx_decodes_greedily_with_past_keys_and_values(preset, capsys,
     assert np.abs(got - want).max() < 1e-4
 
 
-def test_image_classifier_onnx_and_bad_inputs(keyword_classifier, digits_mlp, capsys, tmp_path):
+def test_image_classifier_onnx_and_bad_inputs(keyword_classifier, digits_mlp, capsys, tmp_path, data_dir):
     _, img = digits_mlp
+    lstm = tmp_path / "lstm"
+    assert cli_here(capsys, "train", "--data", data_dir, "--out", lstm, "--preset", "lstm-debug",
+                    "--max-steps", "1").returncode == 0
     r = cli_here(capsys, "export", img, "--format", "onnx", "--out", tmp_path / "img.onnx", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
@@ -80,6 +83,7 @@ def test_image_classifier_onnx_and_bad_inputs(keyword_classifier, digits_mlp, ca
         (["export", keyword_classifier.parent / "base", "--format", "onnx", "--out", tmp_path / "a"],
          "ONNX export covers text and image classifiers and transformer decoders"),
         (["export", img, "--format", "onnx", "--out", busy], "is not empty"),
+        (["export", lstm, "--format", "onnx", "--out", tmp_path / "a"], "transformer decoders"),
         (["export", img, "--format", "hf", "--out", tmp_path / "b", "--quantize", "int8"], "--quantize applies to"),
         (["export", int8, "--format", "onnx", "--out", tmp_path / "c"], "holds int8 PyTorch weights"),
         (["export", tmp_path / "nowhere", "--format", "onnx", "--out", tmp_path / "d"], "not a run directory"),

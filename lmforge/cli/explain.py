@@ -72,14 +72,6 @@ def _subjects(o: Options, run, kind: str) -> list:
     return [subjects.decoder_answer(run, t, o.answer, o.max_new_tokens) for t in texts]
 
 
-def run_kind(task: str, model_can_generate: bool) -> str | None:
-    if task == "classify":
-        return "text-classifier"
-    if task == "image-classify":
-        return "image-classifier"
-    return "decoder" if model_can_generate else None
-
-
 def run(o: Options) -> int:
     """Attribute a classifier's prediction (text: to its tokens; images: to its pixels) or a
     decoder's answer (to the prompt's tokens) with Integrated Gradients, occlusion and KernelSHAP
@@ -88,12 +80,12 @@ def run(o: Options) -> int:
     --out (default RUN_DIR/explain)."""
     from lmforge.explain.run import check_out, explain_subjects, write_explanation
     from lmforge.models import MODELS
-    from lmforge.runs import RunDir, load_run
+    from lmforge.runs import RunDir, answer_kind, load_run
 
     rd = RunDir(o.run_dir)
     rd.require()
     cfg = rd.load_config()
-    kind = run_kind(cfg.task.name, getattr(MODELS[cfg.arch].model, "can_generate", False))
+    kind = answer_kind(cfg.task.name, getattr(MODELS[cfg.arch].model, "can_generate", False))
     if kind is None:
         raise UserError(f"explain has no method for a {cfg.task.name} run ({cfg.arch}): it explains text and image "
                         "classifiers and decoders")

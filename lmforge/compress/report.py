@@ -148,14 +148,16 @@ def decoder_workload(run, data_dir: str | None) -> Workload:
 
 
 def workload_for(run, data_dir: str | None = None) -> Workload:
-    task = run.config.task.name
-    if task == "classify":
+    from lmforge.runs import answer_kind
+
+    kind = answer_kind(run.config.task.name, run.model.can_generate)
+    if kind == "text-classifier":
         return text_classifier_workload(run)
-    if task == "image-classify":
+    if kind == "image-classifier":
         return image_classifier_workload(run)
-    if run.model.can_generate:
+    if kind == "decoder":
         return decoder_workload(run, data_dir)
-    raise UserError(f"compress measures classifier and decoder runs; {run.path} is a {task} run")
+    raise UserError(f"compress measures classifier and decoder runs; {run.path} is a {run.config.task.name} run")
 
 
 def _median_seconds(fn: Callable[[], None]) -> float:

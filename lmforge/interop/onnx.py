@@ -85,13 +85,14 @@ class ImageClassifier(nn.Module):
 
 
 def kind_of(run) -> str:
+    from lmforge.models.decoder import Decoder
+    from lmforge.runs import answer_kind
+
     task = run.config.task.name
-    if task == "classify":
-        return "text-classifier"
-    if task == "image-classify":
-        return "image-classifier"
-    if run.model.can_generate and hasattr(run.model, "cache_shape") and not hasattr(run.model, "lstm"):
-        return "decoder"
+    kind = answer_kind(task, run.model.can_generate)
+    # A decoder exports when its cache is keys and values (it says their shape); a recurrent state is not.
+    if kind is not None and (kind != "decoder" or type(run.model).cache_shape is not Decoder.cache_shape):
+        return kind
     raise UserError(f"ONNX export covers text and image classifiers and transformer decoders; {run.path} is a "
                     f"{task} run of a {run.config.arch} model")
 
