@@ -27,6 +27,7 @@ VERBS = {
     "explain": "lmforge.cli.explain",
     "compress": "lmforge.cli.compress",
     "export": "lmforge.cli.export",
+    "federate": "lmforge.cli.federate",
     "serve": "lmforge.cli.serve",
     "chat": "lmforge.cli.chat",
     "quickstart": "lmforge.cli.quickstart",

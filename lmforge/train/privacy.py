@@ -28,6 +28,9 @@ class DPConfig:
     epsilon: float | None = None  # the target epsilon (None: no differential privacy)
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # each example's gradient is clipped to this norm
+    # How many runs of this schedule the target covers: a federated client trains each round in a
+    # run of its own, and its budget covers every round (``federate/``).
+    rounds: int = 1
 
 
 def check_config(dp: DPConfig) -> None:
@@ -39,6 +42,8 @@ def check_config(dp: DPConfig) -> None:
         raise UserError(f"train.dp.delta must be in (0, 1), got {dp.delta}")
     if not dp.max_grad_norm > 0:
         raise UserError(f"train.dp.max_grad_norm must be positive, got {dp.max_grad_norm}")
+    if dp.rounds < 1:
+        raise UserError(f"train.dp.rounds must be at least 1, got {dp.rounds}")
 
 
 def check_run(cfg, task, world, use_compile: bool) -> None:
@@ -57,6 +62,17 @@ def check_run(cfg, task, world, use_compile: bool) -> None:
         raise UserError("train.dp works with adamw, adam or sgd, not muon")
     if t.fsdp or use_compile:
         raise UserError("train.dp cannot run with train.fsdp or train.compile (Opacus hooks every layer)")
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """Refuse a model Opacus cannot give per-example gradients for (one line naming why)."""
+    from opacus.validators import ModuleValidator
+
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        reasons = dict.fromkeys(str(p).split(". ")[0].strip() for p in problems)  # the first sentence, once
+        raise UserError("train.dp: Opacus cannot give per-example gradients for this model: "
+                        + "; ".join(reasons) + " (set model.batchnorm=false for the image networks)")
 
 
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
@@ -83,13 +99,8 @@ class PrivateTraining:
         from opacus import GradSampleModule
         from opacus.accountants.utils import get_noise_multiplier
         from opacus.optimizers import DPOptimizer
-        from opacus.validators import ModuleValidator
 
-        problems = ModuleValidator.validate(model, strict=False)
-        if problems:
-            reasons = dict.fromkeys(str(p).split(". ")[0].strip() for p in problems)  # the first sentence, once
-            raise UserError("train.dp: Opacus cannot give per-example gradients for this model: "
-                            + "; ".join(reasons) + " (set model.batchnorm=false for the image networks)")
+        check_model(model)
         self.dp, self.sample_rate, self.planned_steps = dp, sample_rate, planned_steps
         # Opacus's hooks on the first layer fire without input gradients (images need none): expected.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -132,16 +132,24 @@ class BestTracker:
 
 
 def train(cfg: cfgmod.RunConfig, data_dir: str | Path | None = None, run_dir: str | Path | None = None,
-          resume: bool = False, stop_at: int | None = None) -> dict:
+          resume: bool = False, stop_at: int | None = None, start: dict | None = None, penalty=None,
+          reports: bool = True) -> dict:
     """Train (or resume) ``cfg``'s task into ``run_dir``; returns a summary dict.
 
     ``data_dir`` sets ``data.path``. ``stop_at`` ends this invocation after that many steps (with
     a checkpoint) without changing the schedule, so a later ``--resume`` continues the same run.
+    A caller that trains in rounds (federated clients, ``federate/``) passes ``start`` (weights in
+    the run directory's form, loaded over the task's model), ``penalty`` (``model -> scalar``
+    added to every loss, e.g. FedProx's proximal term) and ``reports=False`` (no final plots or
+    reports: the round's weights are what it wants).
     """
     if run_dir is None:
         raise UserError("a run directory is required (--out)")
     if stop_at is not None and stop_at <= 0:
         raise UserError(f"--stop-at must be a positive step, got {stop_at}")
+    if penalty is not None and cfg.train.dp.epsilon is not None:
+        raise UserError("train.dp clips each example's gradient; a penalty on the weights (FedProx's proximal "
+                        "term) would escape the clipping: use it without train.dp")
     if data_dir is not None:
         cfg = cfgmod.replace(cfg, data={"path": str(data_dir)})
     run = RunDir(run_dir)
@@ -165,12 +173,13 @@ def train(cfg: cfgmod.RunConfig, data_dir: str | Path | None = None, run_dir: st
     task.cfg = cfg
     device = setup(world, resolve_device(cfg.train.device))
     try:
-        return _train(cfg, task, run, resume, stop_at, world, device)
+        return _train(cfg, task, run, resume, stop_at, world, device, start, penalty, reports)
     finally:
         teardown(world)
 
 
-def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device) -> dict:
+def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device, start=None, penalty=None,
+           reports=True) -> dict:
     t = cfg.train
     if device.type == "cuda":  # TF32 for the float32 matmuls that autocast leaves (Ampere and later)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -179,6 +188,10 @@ def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device) -> dic
     torch.manual_seed(t.seed)
     model = task.build_model(cfg)
     adapters = apply_lora(model, cfg.finetune.lora)  # {} without LoRA; on --resume, before the checkpoint loads
+    if start is not None:
+        from lmforge.train.checkpoint import load_into
+
+        load_into(model, start, "the starting weights")
     if adapters and world.main:
         status(f"LoRA r={cfg.finetune.lora.r} on {adapters['lora_layers']} layers: {adapters['trainable_params']:,} "
                f"trainable of {adapters['total_params']:,} parameters")
@@ -203,6 +216,7 @@ def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device) -> dic
         planned = t.max_steps or task.step_cap
         if planned is None:
             raise UserError("train.dp needs a planned number of steps (train.max_steps, or task.epochs with a time budget)")
+        planned *= t.dp.rounds
         private = PrivateTraining(model, optimizer, t.dp, task.sample_rate, planned, task.B)
         optimizer = private.optimizer
         if world.main:
@@ -231,7 +245,8 @@ def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device) -> dic
             load_optimizer_state(model, optimizer, state.pop("optimizer_state"))
     task.to(device)
     try:
-        return _loop(cfg, task, model, optimizer, state, run, device, stop_at, world, phases, private)
+        return _loop(cfg, task, model, optimizer, state, run, device, stop_at, world, phases, private, penalty,
+                     reports)
     except BaseException:
         if created and not run.has_checkpoint():
             shutil.rmtree(run.path, ignore_errors=True)  # no half-written run directory
@@ -239,7 +254,7 @@ def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device) -> dic
 
 
 def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, world: World, phases: list,
-          private=None) -> dict:
+          private=None, penalty=None, reports=True) -> dict:
     t = cfg.train
     accum, unit = t.grad_accum, task.unit
     units_per_step = task.units_per_step(cfg, world)
@@ -341,6 +356,8 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
                     # Gradients are averaged across processes once per step, after the last micro-batch.
                     with accumulating(trained, world, last=micro == accum - 1), ctx:
                         loss = task.phase_loss(fwd, model, batch, name)
+                        if penalty is not None:
+                            loss = loss + penalty(model)
                         (loss / accum).backward()
                     loss_sum[i] += loss.detach()
                 # (Under DP the optimizer clips each example's gradient instead.)
@@ -432,7 +449,7 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
             (run / run.BEST).unlink()
     log.close()
     extra = {}
-    if world.main:
+    if world.main and reports:
         from lmforge.evaluate.report import plot_loss
 
         plot_loss(run.path)

@@ -1,0 +1,156 @@
+"""Who holds which examples in a federated run: the pooled image data and its split into clients.
+
+``iid``: a seeded shuffle cut into near-equal parts. ``dirichlet:ALPHA``: label skew as in Hsu et
+al. (2019) — for each class, the shares of the clients are drawn from Dirichlet(ALPHA) and the
+class's examples are dealt out by them (small ALPHA: each client sees few classes; large: close to
+iid); drawn again (seeded) until every client holds at least ``MIN_EXAMPLES``. ``by-file``: each
+``--data`` directory is one client's data, as it would be at separate sites.
+
+Each client's part is written as an ordinary ``prepare --kind images`` directory (training split
+only) that carries the federation's normalisation, so every client builds the same model and its
+training is the normal trainer's on ordinary data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.data.images import SPLITS, ImageData
+from lmforge.errors import UserError
+from lmforge.fsutil import write_json
+
+MIN_EXAMPLES = 8  # fewest training examples a client may hold
+DRAWS = 100  # Dirichlet draws tried before giving up on MIN_EXAMPLES
+
+
+def parse_scheme(spec: str) -> tuple[str, float | None]:
+    """``iid`` | ``dirichlet:ALPHA`` | ``by-file`` -> (name, alpha)."""
+    if spec in ("iid", "by-file"):
+        return spec, None
+    name, _, alpha = spec.partition(":")
+    if name == "dirichlet":
+        try:
+            value = float(alpha)
+        except ValueError:
+            value = 0.0
+        if value > 0:
+            return name, value
+        raise UserError(f"--partition dirichlet:ALPHA needs a positive ALPHA (e.g. dirichlet:0.5), got {spec!r}")
+    raise UserError(f"--partition takes iid, dirichlet:ALPHA or by-file, not {spec!r}")
+
+
+def split_clients(y: np.ndarray, clients: int, scheme: str, alpha: float | None, seed: int) -> list[np.ndarray]:
+    """Training-example indices of each client (sorted), under ``iid`` or ``dirichlet``."""
+    n, rng = len(y), np.random.default_rng([seed, 29])
+    if n < clients * MIN_EXAMPLES:
+        raise UserError(f"{n} training examples cannot give {clients} clients {MIN_EXAMPLES} each")
+    if scheme == "iid":
+        return [np.sort(part) for part in np.array_split(rng.permutation(n), clients)]
+    for _ in range(DRAWS):
+        parts: list[list[int]] = [[] for _ in range(clients)]
+        for k in np.unique(y):
+            members = rng.permutation(np.flatnonzero(y == k))
+            shares = rng.dirichlet(np.full(clients, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for c, chunk in enumerate(np.split(members, cuts)):
+                parts[c].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= MIN_EXAMPLES:
+            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+    raise UserError(f"dirichlet:{alpha} left a client with fewer than {MIN_EXAMPLES} examples in {DRAWS} draws; "
+                    "raise ALPHA or lower --clients")
+
+
+@dataclass
+class Federation:
+    """The pooled data of a federated image run: its meta (shape, classes, normalisation of the
+    pooled training split), each split's arrays, and each client's training indices."""
+
+    meta: dict
+    splits: dict  # split name -> (x uint8 (N, H, W, C), y int64 (N,))
+    clients: list[np.ndarray]
+    source: str  # the data directory the final run records (a single --data; by-file: the pooled copy)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(c) for c in self.clients]
+
+    def class_counts(self) -> list[dict[str, int]]:
+        y, names = self.splits["train"][1], self.meta["classes"]
+        return [{names[k]: int(v) for k, v in enumerate(np.bincount(y[c], minlength=len(names))) if v}
+                for c in self.clients]
+
+    def write_client(self, i: int, path: Path) -> Path:
+        """Client ``i``'s training examples as a data directory (empty validation and test splits)."""
+        x, y = self.splits["train"]
+        idx = self.clients[i]
+        path.mkdir(parents=True, exist_ok=True)
+        names = self.meta["classes"]
+        counts = np.bincount(y[idx], minlength=len(names))
+        meta = {**self.meta, "source": f"client {i} of a federation over {self.source}",
+                "splits": {s: {"images": int(len(idx)) if s == "train" else 0,
+                               "per_class": {names[k]: int(counts[k]) if s == "train" else 0
+                                             for k in range(len(names))}} for s in SPLITS}}
+        empty = np.zeros((0, *x.shape[1:]), dtype=np.uint8)
+        for s in SPLITS:
+            np.save(path / f"{s}_x.npy", np.ascontiguousarray(x[idx]) if s == "train" else empty)
+            np.save(path / f"{s}_y.npy", y[idx] if s == "train" else np.zeros(0, dtype=np.int64))
+        write_json(path / "labels.json", names)
+        write_json(path / "meta.json", meta)
+        return path
+
+    def write_pooled(self, path: Path) -> Path:
+        """All splits as one data directory (``by-file``: what the final run evaluates on)."""
+        path.mkdir(parents=True, exist_ok=True)
+        for s in SPLITS:
+            np.save(path / f"{s}_x.npy", np.ascontiguousarray(self.splits[s][0]))
+            np.save(path / f"{s}_y.npy", self.splits[s][1])
+        write_json(path / "labels.json", self.meta["classes"])
+        write_json(path / "meta.json", self.meta)
+        return path
+
+
+def federation(paths: list[str], clients: int | None, spec: str, seed: int) -> Federation:
+    """The federation over ``paths`` (``prepare --kind images`` directories) under ``spec``."""
+    scheme, alpha = parse_scheme(spec)
+    datas = [ImageData.open(p) for p in paths]
+    if scheme != "by-file":
+        if len(datas) != 1:
+            raise UserError(f"--partition {spec} splits one --data directory; give several with --partition by-file")
+        if clients is None or clients < 1:
+            raise UserError(f"--clients must be a positive number, got {clients}")
+        data = datas[0]
+        splits = {s: tuple(np.asarray(a) for a in data.split(s)) for s in SPLITS}
+        parts = split_clients(splits["train"][1], clients, scheme, alpha, seed)
+        return Federation(dict(data.meta), splits, parts, str(Path(paths[0]).resolve()))
+    if len(datas) < 2:
+        raise UserError("--partition by-file needs one --data directory per client (two or more)")
+    if clients is not None and clients != len(datas):
+        raise UserError(f"--partition by-file: {len(datas)} --data directories are {len(datas)} clients, "
+                        f"not --clients {clients}")
+    first = datas[0].meta
+    for d in datas[1:]:
+        if d.meta["shape"] != first["shape"] or d.meta["classes"] != first["classes"]:
+            raise UserError(f"--partition by-file: {d.path} holds {d.meta['shape']} images of classes "
+                            f"{d.meta['classes'][:5]}, {datas[0].path} {first['shape']} of {first['classes'][:5]}; "
+                            "every client must have the same shape and classes")
+    splits, parts, offset = {}, [], 0
+    for s in SPLITS:
+        arrays = [tuple(np.asarray(a) for a in d.split(s)) for d in datas]
+        splits[s] = (np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
+        if s == "train":
+            for a in arrays:
+                parts.append(np.arange(offset, offset + len(a[1])))
+                offset += len(a[1])
+    if min(len(p) for p in parts) < MIN_EXAMPLES:
+        raise UserError(f"--partition by-file: every client needs at least {MIN_EXAMPLES} training examples")
+    pixels = splits["train"][0].astype(np.float64) / 255.0
+    meta = {**first, "inputs": [str(d.path) for d in datas], "source": "pooled for a federation",
+            "mean": [round(float(v), 6) for v in pixels.mean(axis=(0, 1, 2))],
+            "std": [round(max(float(v), 1e-6), 6) for v in pixels.std(axis=(0, 1, 2))],
+            "splits": {s: {"images": int(len(splits[s][1])),
+                           "per_class": {n: int(v) for n, v in zip(first["classes"], np.bincount(
+                               splits[s][1], minlength=len(first["classes"])))}} for s in SPLITS}}
+    return Federation(meta, splits, parts, "")

@@ -1,0 +1,271 @@
+"""``lmforge federate``: plan a federation (data partitions, the global config), run it on Flower's
+simulation runtime, and leave an ordinary run directory behind.
+
+The run directory is what ``train`` would leave for the same task: ``config.yaml`` (the clients'
+local training; ``data.path`` the data the global model is evaluated on), ``model.safetensors``
+(the global model after the last round), ``metrics.jsonl`` (one training line — the clients'
+mean loss — and one evaluation line per round, ``step`` = round), the task's report and plots,
+plus ``federated.json``: the partition (sizes and classes per client), the strategy, each round's
+figures and failures, and with ``train.dp`` the privacy spent by the worst client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from lmforge import config as cfgmod
+from lmforge.errors import UserError
+from lmforge.fsutil import atomic_dir, write_json
+from lmforge.progress import status
+from lmforge.runs import RunDir
+
+TASKS_FEDERATED = ("image-classify",)
+STRATEGIES = ("fedavg", "fedprox")
+FEDERATED = "federated.json"
+
+
+def _global_task(cfg, data_path: str):
+    """The task over the held-out data, resolved as a single process would (its model config is
+    the federation's)."""
+    from lmforge.tasks import TASKS
+    from lmforge.train.distributed import world_from_env
+
+    cfg = cfgmod.replace(cfg, data={"path": data_path})
+    task = TASKS[cfg.task.name](cfg, None)
+    cfg = task.resolve(cfg, world_from_env())
+    cfgmod.validate(cfg)
+    task.cfg = cfg
+    return task, cfg
+
+
+class ServerSide:
+    """The server's share of a federation: the global model, its evaluation after every round on
+    the held-out split, the round log, and the final run directory."""
+
+    def __init__(self, plan: dict):
+        from lmforge.device import autocast_for, resolve_device
+        from lmforge.train.metrics_log import MetricsLog
+
+        self.plan = plan
+        cfg = cfgmod.from_dict(plan["config"], "the federation's config")
+        self.task, self.cfg = _global_task(cfg, plan["eval_data"])
+        self.device = resolve_device(self.cfg.train.device)
+        torch.manual_seed(self.cfg.train.seed)
+        self.model = self.task.build_model(self.cfg).to(self.device)
+        self.task.to(self.device)
+        self.ctx = autocast_for(self.device, self.cfg.train.dtype)
+        self.run = RunDir(plan["out"])
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(self.run.path, False)
+        self.rounds: list[dict] = []
+        self.examples = 0
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        from lmforge.federate.apps import weights_of
+
+        return weights_of(self.model)
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        from lmforge.train.checkpoint import load_into
+
+        load_into(self.model, {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in weights.items()},
+                  "the aggregated weights")
+
+    def after_round(self, server_round: int, weights: dict, metrics: dict | None, failures: list[str],
+                    seconds: float) -> dict:
+        """Evaluate the global model after ``server_round`` (0: before any), log the round; returns
+        its figures (floats)."""
+        self.load(weights)
+        val = self.task.evaluate(self.model, self.ctx)
+        row = {"round": server_round, "seconds": round(seconds, 2)}
+        if server_round:
+            ok = int(metrics["clients"]) if metrics else 0
+            self.examples += int(metrics["num-examples"]) * self.plan["local_epochs"] if metrics else 0
+            row.update(clients=ok, clients_failed=len(failures), failures=failures)
+            if metrics:
+                row["loss"] = float(metrics["train_loss"])
+                if "dp_epsilon" in metrics:
+                    row["dp_epsilon"] = float(metrics["dp_epsilon"])
+                self.log.write({"step": server_round, "examples": self.examples, "loss": row["loss"]})
+        row.update({k: v for k, v in val.items() if isinstance(v, (int, float))})
+        self.log.write({"step": server_round, "examples": self.examples,
+                        **{k: v for k, v in row.items() if k.startswith(("val_", "train_", "dp_"))}})
+        self.rounds.append(row)
+        acc = row.get("val_accuracy")
+        note = (f"; {len(failures)} client(s) failed, {row.get('clients', 0)} aggregated: {failures[0]}"
+                if failures else "")
+        status(f"round {server_round}/{self.plan['rounds']}: global validation accuracy "
+               + (f"{acc:.4f}" if acc is not None else "n/a") + f", loss {row.get('val_loss', float('nan')):.4f}"
+               + (f", dp epsilon {row['dp_epsilon']:.2f}" if "dp_epsilon" in row else "") + note)
+        return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def finish(self, weights: dict) -> dict:
+        """Write the final run directory from the last round's weights; returns the summary."""
+        from lmforge.evaluate.report import plot_loss
+        from lmforge.train.checkpoint import save_model
+
+        done = [r for r in self.rounds if r["round"]]
+        if not done or all(r.get("clients", 0) == 0 for r in done):
+            raise UserError("no round of the federation had a client reply; see the errors above")
+        self.load(weights)
+        self.log.close()
+        cfg = cfgmod.replace(self.cfg, data={"path": self.plan["data_final"]})
+        cfgmod.save(cfg, self.run.config)
+        self.task.write_files(self.run, self.model)
+        save_model(self.model, self.run.model, metadata={"format": "lmforge", "rounds": str(len(done))})
+        extra = self.task.finish(self.run, self.model, self.ctx)
+        plot_loss(self.run.path)
+        failed = {r["round"]: r["failures"] for r in done if r.get("failures")}
+        best = max(done, key=lambda r: r.get("val_accuracy", float("-inf")))
+        summary = {
+            "run_dir": self.plan["final_out"], "task": cfg.task.name, "arch": cfg.arch,
+            "clients": len(self.plan["clients"]), "rounds": len(done), "partition": self.plan["partition"],
+            "strategy": self.plan["strategy"], "proximal_mu": self.plan["mu"] if self.plan["strategy"] == "fedprox"
+            else None, "local_epochs": self.plan["local_epochs"], "min_clients": self.plan["min_clients"],
+            "client_examples": self.plan["sizes"], "client_classes": self.plan["class_counts"],
+            "val_accuracy": done[-1].get("val_accuracy"), "val_loss": done[-1].get("val_loss"),
+            "best_round": best["round"], "best_val_accuracy": best.get("val_accuracy"),
+            "failed_rounds": failed, "per_round": self.rounds, "examples_seen": self.examples,
+            "params": self.model.num_params(), **{k: v for k, v in extra.items() if k in ("validation", "test")},
+        }
+        if cfg.train.dp.epsilon is not None:
+            summary.update(dp_epsilon=done[-1].get("dp_epsilon"), dp_delta=cfg.train.dp.delta,
+                           dp_target_epsilon=cfg.train.dp.epsilon, dp_max_grad_norm=cfg.train.dp.max_grad_norm,
+                           dp_scope="per client: DP-SGD on its own examples, the target spread over every round")
+        write_json(self.run / FEDERATED, summary)
+        write_json(self.run / self.run.SUMMARY, summary)
+        return summary
+
+
+@dataclasses.dataclass
+class FederateRequest:
+    """What ``lmforge federate`` was asked for (the CLI's options, checked)."""
+
+    data: list[str]
+    out: str
+    clients: int | None = None
+    rounds: int = 3
+    partition: str = "iid"
+    strategy: str = "fedavg"
+    mu: float = 0.01
+    local_epochs: int = 1
+    min_clients: int | None = None
+    task: str = "image-classify"
+    model: str | None = None
+    preset: str | None = None
+    config: str | None = None
+    set: list[str] | None = None
+    seed: int = 1337
+    timeout: float = 3600.0
+
+
+def check(req: FederateRequest, cfg) -> None:
+    if req.task not in TASKS_FEDERATED:
+        raise UserError(f"lmforge federate trains {', '.join(TASKS_FEDERATED)} runs for now, not --task {req.task}")
+    if req.rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {req.rounds}")
+    if req.local_epochs < 1:
+        raise UserError(f"--local-epochs must be at least 1, got {req.local_epochs}")
+    if req.strategy not in STRATEGIES:
+        raise UserError(f"--strategy takes {' or '.join(STRATEGIES)}, not {req.strategy!r}")
+    if req.strategy == "fedprox" and not req.mu > 0:
+        raise UserError(f"--mu (FedProx's proximal weight) must be positive, got {req.mu}")
+    if req.strategy == "fedprox" and cfg.train.dp.epsilon is not None:
+        raise UserError("--strategy fedprox with train.dp: the proximal term would escape DP-SGD's per-example "
+                        "clipping; use --strategy fedavg")
+    if cfg.train.dp.epsilon is not None and cfg.train.grad_accum != 1:
+        raise UserError("train.dp samples one Poisson batch per step: train.grad_accum must be 1")
+    out = Path(req.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not empty; choose another")
+
+
+def federate(req: FederateRequest) -> dict:
+    """Run the federation ``req`` on Flower's simulation runtime; returns its summary."""
+    values = {"train": {"seed": req.seed}}
+    file_train = (cfgmod.load_yaml(req.config).get("train") or {}) if req.config else {}
+    if "schedule" not in file_train:
+        # Local training at a constant rate (after the warm-up), as FedAvg is usually run: a
+        # schedule that decays within every round slows the federation (bench/RESULTS.md §29).
+        values["train"]["schedule"] = "constant"
+    cfg = cfgmod.build_config(req.preset, req.config, req.set, task=req.task, values=values, arch=req.model)
+    check(req, cfg)
+    from lmforge.federate.partition import federation
+
+    fed = federation(req.data, req.clients, req.partition, cfg.train.seed)
+    n = len(fed.clients)
+    min_clients = n if req.min_clients is None else req.min_clients
+    if not 1 <= min_clients <= n:
+        raise UserError(f"--min-clients must be between 1 and the {n} clients, got {min_clients}")
+    if not len(fed.splits["val"][1]):
+        raise UserError("the federation needs a validation split to evaluate the global model on; prepare the "
+                        "data with --val-fraction above 0")
+    out = Path(req.out)
+    with atomic_dir(out) as tmp:
+        work = tmp / ".clients"
+        clients = [str(fed.write_client(i, work / str(i))) for i in range(n)]
+        if req.partition == "by-file":
+            eval_data, data_final = str(fed.write_pooled(tmp / "data")), str((out / "data").resolve())
+        else:
+            eval_data = data_final = fed.source
+        _, resolved = _global_task(cfg, eval_data)  # bad config or data: one line, before Flower starts
+        if resolved.train.dp.epsilon is not None:
+            from lmforge.models import build_model
+            from lmforge.train.privacy import check_config, check_model
+
+            check_config(resolved.train.dp)
+            check_model(build_model(resolved.arch, resolved.model))
+        plan = {"config": cfgmod.to_dict(resolved), "out": str(tmp), "final_out": str(out), "clients": clients,
+                "eval_data": eval_data, "data_final": data_final, "rounds": req.rounds,
+                "local_epochs": req.local_epochs, "strategy": req.strategy, "mu": req.mu,
+                "min_clients": min_clients, "partition": req.partition, "sizes": fed.sizes,
+                "class_counts": fed.class_counts(), "timeout": req.timeout}
+        status(f"federation: {n} clients ({req.partition}; examples {fed.sizes}), {req.rounds} rounds of "
+               f"{req.local_epochs} local epoch(s), {req.strategy}" + (f" mu={req.mu}" if req.strategy == "fedprox"
+                                                                       else ""))
+        summary = simulate(plan, n)
+        shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def simulate(plan: dict, clients: int) -> dict:
+    """Run ``plan`` on Flower's simulation runtime (clients as Ray actors, one CPU each)."""
+    from flwr.simulation import run_simulation
+
+    from lmforge.federate.apps import client_app, server_app
+
+    done: dict = {}
+    cpus = max(1, min(clients, os.cpu_count() or 1))
+    quiet = [logging.getLogger(name) for name in ("flwr",)]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        run_simulation(server_app(plan, done), client_app, num_supernodes=clients,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": cpus, "include_dashboard": False,
+                                                     "log_to_driver": True}})
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    if "error" in done:
+        raise UserError(done["error"])
+    if "summary" not in done:
+        raise UserError("the federation stopped without a result (see Flower's messages above)")
+    return done["summary"]
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / FEDERATED
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
