@@ -1,7 +1,8 @@
 """Federated training on Flower: the partitions, FedProx's proximal term against its gradient, a
 simulation of 3 clients on a non-IID split of digits against centralized training on the same
-passes over the data (one client failing mid-round, tolerated and reported), client-side DP-SGD
-with its epsilon against Opacus's accountant, and bad input refused before Flower starts."""
+passes over the data (one client failing mid-round, tolerated and reported), Flower's deployment
+runtime (a SuperLink and two SuperNodes as processes) with client-side DP-SGD and its epsilon, and
+bad input refused before Flower starts."""
 
 import json
 
@@ -133,16 +134,66 @@ def test_noniid_simulation_tolerates_a_failed_client_and_nears_centralized(digit
     assert (fed / "plots" / "curves.png").is_file() and not (fed / ".clients").exists()
 
 
-def test_client_side_dp_reports_the_accountants_epsilon(digits_mlp, tmp_path):
+def test_deployment_runtime_superlink_and_two_supernodes(digits_mlp, tmp_path):
+    """Flower's deployment runtime as separate processes on 127.0.0.1: a SuperLink, two SuperNodes
+    each holding its own part of digits (``data-path``), two rounds of DP-SGD clients."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from lmforge.federate.partition import federation
+
     data, _ = digits_mlp
-    fed = tmp_path / "dp"
-    r = run_cli("federate", "--data", str(data), "--out", str(fed), "--clients", "2", "--rounds", "2",
-                "--model", "mlp", "--set", "train.dp.epsilon=4", "--set", "train.batch_size=128", "--json",
-                timeout=300)
+    fed = federation([str(data)], 2, "iid", 0)
+    sites = [fed.write_client(i, tmp_path / f"site{i}") for i in range(2)]
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    io_port, fleet, control = free_port(), free_port(), free_port()
+    procs = [subprocess.Popen([str(bin_dir / "flower-superlink"), "--insecure", "--serverappio-api-address",
+                               f"127.0.0.1:{io_port}", "--fleet-api-address", f"127.0.0.1:{fleet}",
+                               "--control-api-address", f"127.0.0.1:{control}", "--database",
+                               ":flwr-in-memory-state:"], env={**env, "FLWR_HOME": str(tmp_path / "link")},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # the Fleet API accepts connections
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", fleet)) == 0:
+                    break
+            time.sleep(0.2)
+        for i, site in enumerate(sites):
+            procs.append(subprocess.Popen(
+                [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
+                 "--clientappio-api-address", f"127.0.0.1:{free_port()}", "--node-config",
+                 f"data-path='{site}' partition-id={i}"], env={**env, "FLWR_HOME": str(tmp_path / f"node{i}")},
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        out = tmp_path / "fed"
+        r = run_cli("federate", "--superlink", f"127.0.0.1:{control}", "--data", str(data), "--clients", "2",
+                    "--rounds", "2", "--model", "mlp", "--out", str(out), "--set", "train.dp.epsilon=8",
+                    "--set", "train.batch_size=128", "--json", env=env, timeout=400)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(r.stdout)
-    eps = [row["dp_epsilon"] for row in s["per_round"] if row["round"]]
-    assert 0 < eps[0] < eps[1] <= 4.0 + 1e-6 and s["dp_epsilon"] == eps[1]
-    # Each client's noise multiplier is Opacus's for its sample rate over both rounds' steps, so
-    # the worst client ends at the target (within the search's tolerance), never above it.
-    assert eps[1] == pytest.approx(4.0, abs=0.02)
+    assert s["rounds"] == 2 and s["partition"] == "by-node" and not s["failed_rounds"]
+    rounds = [row for row in s["per_round"] if row["round"]]
+    assert [row["clients"] for row in rounds] == [2, 2]
+    assert rounds[-1]["val_accuracy"] > s["per_round"][0]["val_accuracy"]
+    assert 0 < rounds[0]["dp_epsilon"] < rounds[1]["dp_epsilon"] == pytest.approx(8.0, abs=0.05)
+    assert (out / "model.safetensors").is_file() and (out / "federated.json").is_file()
+    assert not (out / ".flower").exists()

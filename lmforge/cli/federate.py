@@ -33,20 +33,26 @@ class Options:
     config: str | None = flag(help="YAML file with task:, model: and train: sections (each client's training)")
     set: list[str] | None = flag(append=True, metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4 or "
                                  "train.dp.epsilon=8 (DP-SGD on every client, the budget over all rounds)")
+    superlink: str | None = flag(metavar="HOST:PORT", help="run on Flower's deployment runtime: the Control API of a "
+                                 "running flower-superlink (e.g. 127.0.0.1:9093) whose SuperNodes hold the data "
+                                 "(each started with --node-config \"data-path='DIR'\"); --data is then the "
+                                 "server's held-out evaluation data and --clients the SuperNodes to wait for")
     seed: int = flag(1337, help="seed of the partition, the initial model and every client's batches")
     json: bool = flag(False)
 
 
 def run(o: Options) -> int:
     """Partition the data into --clients, run --rounds of federated training on Flower's simulation
-    runtime (clients as Ray actors on this machine), evaluate the global model on the held-out
+    runtime (clients as Ray actors on this machine) or, with --superlink, on SuperNodes that hold
+    their own data (Flower's deployment runtime), evaluate the global model on the held-out
     split after every round, and leave an ordinary run directory (eval, predict, serve, explain,
     compress and export use it as any other) with ``federated.json``."""
     from lmforge.federate.run import FederateRequest, federate
 
     req = FederateRequest(data=o.data, out=o.out, clients=o.clients, rounds=o.rounds, partition=o.partition,
                           strategy=o.strategy, mu=o.mu, local_epochs=o.local_epochs, min_clients=o.min_clients,
-                          task=o.task, model=o.model, preset=o.preset, config=o.config, set=o.set, seed=o.seed)
+                          task=o.task, model=o.model, preset=o.preset, config=o.config, set=o.set, seed=o.seed,
+                          superlink=o.superlink)
     s = federate(req)
     if o.json:
         print_json(s)

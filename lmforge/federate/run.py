@@ -126,7 +126,7 @@ class ServerSide:
         best = max(done, key=lambda r: r.get("val_accuracy", float("-inf")))
         summary = {
             "run_dir": self.plan["final_out"], "task": cfg.task.name, "arch": cfg.arch,
-            "clients": len(self.plan["clients"]), "rounds": len(done), "partition": self.plan["partition"],
+            "clients": len(self.plan["clients"]) or self.plan["min_clients"], "rounds": len(done), "partition": self.plan["partition"],
             "strategy": self.plan["strategy"], "proximal_mu": self.plan["mu"] if self.plan["strategy"] == "fedprox"
             else None, "local_epochs": self.plan["local_epochs"], "min_clients": self.plan["min_clients"],
             "client_examples": self.plan["sizes"], "client_classes": self.plan["class_counts"],
@@ -164,6 +164,7 @@ class FederateRequest:
     set: list[str] | None = None
     seed: int = 1337
     timeout: float = 3600.0
+    superlink: str | None = None  # a SuperLink's Control API (deployment runtime); None: the simulation
 
 
 def check(req: FederateRequest, cfg) -> None:
@@ -188,7 +189,8 @@ def check(req: FederateRequest, cfg) -> None:
 
 
 def federate(req: FederateRequest) -> dict:
-    """Run the federation ``req`` on Flower's simulation runtime; returns its summary."""
+    """Run the federation ``req`` on Flower's simulation runtime, or with ``req.superlink`` on its
+    deployment runtime (``deploy.py``); returns its summary."""
     values = {"train": {"seed": req.seed}}
     file_train = (cfgmod.load_yaml(req.config).get("train") or {}) if req.config else {}
     if "schedule" not in file_train:
@@ -199,39 +201,74 @@ def federate(req: FederateRequest) -> dict:
     check(req, cfg)
     from lmforge.federate.partition import federation
 
+    out = Path(req.out)
+    if req.superlink is not None:
+        return _federate_deployed(req, cfg, out)
     fed = federation(req.data, req.clients, req.partition, cfg.train.seed)
     n = len(fed.clients)
-    min_clients = n if req.min_clients is None else req.min_clients
-    if not 1 <= min_clients <= n:
-        raise UserError(f"--min-clients must be between 1 and the {n} clients, got {min_clients}")
+    min_clients = _min_clients(req, n)
     if not len(fed.splits["val"][1]):
         raise UserError("the federation needs a validation split to evaluate the global model on; prepare the "
                         "data with --val-fraction above 0")
-    out = Path(req.out)
     with atomic_dir(out) as tmp:
         work = tmp / ".clients"
-        clients = [str(fed.write_client(i, work / str(i))) for i in range(n)]
+        clients = [str(fed.write_client(i, work / str(i)).resolve()) for i in range(n)]
         if req.partition == "by-file":
             eval_data, data_final = str(fed.write_pooled(tmp / "data")), str((out / "data").resolve())
         else:
             eval_data = data_final = fed.source
-        _, resolved = _global_task(cfg, eval_data)  # bad config or data: one line, before Flower starts
-        if resolved.train.dp.epsilon is not None:
-            from lmforge.models import build_model
-            from lmforge.train.privacy import check_config, check_model
-
-            check_config(resolved.train.dp)
-            check_model(build_model(resolved.arch, resolved.model))
-        plan = {"config": cfgmod.to_dict(resolved), "out": str(tmp), "final_out": str(out), "clients": clients,
-                "eval_data": eval_data, "data_final": data_final, "rounds": req.rounds,
-                "local_epochs": req.local_epochs, "strategy": req.strategy, "mu": req.mu,
-                "min_clients": min_clients, "partition": req.partition, "sizes": fed.sizes,
-                "class_counts": fed.class_counts(), "timeout": req.timeout}
+        plan = _plan(req, cfg, tmp, out, clients, eval_data, data_final, min_clients, fed.sizes, fed.class_counts())
         status(f"federation: {n} clients ({req.partition}; examples {fed.sizes}), {req.rounds} rounds of "
                f"{req.local_epochs} local epoch(s), {req.strategy}" + (f" mu={req.mu}" if req.strategy == "fedprox"
                                                                        else ""))
         summary = simulate(plan, n)
         shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _min_clients(req: FederateRequest, n: int) -> int:
+    min_clients = n if req.min_clients is None else req.min_clients
+    if not 1 <= min_clients <= n:
+        raise UserError(f"--min-clients must be between 1 and the {n} clients, got {min_clients}")
+    return min_clients
+
+
+def _plan(req, cfg, tmp: Path, out: Path, clients: list[str], eval_data: str, data_final: str, min_clients: int,
+          sizes, class_counts) -> dict:
+    """The plan both apps run (checked: a bad config or data is one line before Flower starts)."""
+    _, resolved = _global_task(cfg, eval_data)
+    if resolved.train.dp.epsilon is not None:
+        from lmforge.models import build_model
+        from lmforge.train.privacy import check_config, check_model
+
+        check_config(resolved.train.dp)
+        check_model(build_model(resolved.arch, resolved.model))
+    return {"config": cfgmod.to_dict(resolved), "out": str(tmp.resolve()), "final_out": str(out), "clients": clients,
+            "eval_data": eval_data, "data_final": data_final, "rounds": req.rounds,
+            "local_epochs": req.local_epochs, "strategy": req.strategy, "mu": req.mu,
+            "min_clients": min_clients, "partition": req.partition, "sizes": sizes,
+            "class_counts": class_counts, "timeout": req.timeout}
+
+
+def _federate_deployed(req: FederateRequest, cfg, out: Path) -> dict:
+    """The deployment runtime: the clients are SuperNodes holding their own data (their
+    ``data-path``); ``--data`` is the server's held-out data, evaluated after every round."""
+    from lmforge.data.images import ImageData
+    from lmforge.federate.deploy import run_deployed
+
+    if len(req.data) != 1 or req.partition != "iid" or req.clients is None or req.clients < 1:
+        raise UserError("--superlink: the SuperNodes hold the data; give --clients N (the SuperNodes to wait for) "
+                        "and one --data directory (the server's held-out evaluation data), no --partition")
+    data = ImageData.open(req.data[0])
+    if not len(data.split("val")[1]):
+        raise UserError(f"{req.data[0]}: no validation split to evaluate the global model on")
+    min_clients = _min_clients(req, req.clients)
+    eval_data = str(Path(req.data[0]).resolve())
+    with atomic_dir(out) as tmp:
+        plan = _plan(req, cfg, tmp, out, [], eval_data, eval_data, min_clients, None, None)
+        plan["partition"] = "by-node"
+        summary = run_deployed(plan, tmp / ".flower", req.superlink, req.timeout)
+        shutil.rmtree(tmp / ".flower", ignore_errors=True)
     return summary
 
 
