@@ -161,8 +161,8 @@ def test_deployment_runtime_superlink_and_two_supernodes(digits_mlp, tmp_path):
     procs = [subprocess.Popen([str(bin_dir / "flower-superlink"), "--insecure", "--serverappio-api-address",
                                f"127.0.0.1:{io_port}", "--fleet-api-address", f"127.0.0.1:{fleet}",
                                "--control-api-address", f"127.0.0.1:{control}", "--database",
-                               ":flwr-in-memory-state:"], env={**env, "FLWR_HOME": str(tmp_path / "link")},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+                               ":flwr-in-memory:"], env={**env, "FLWR_HOME": str(tmp_path / "link")},
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
     try:
         deadline = time.time() + 60
         while time.time() < deadline:  # the Fleet API accepts connections
@@ -175,7 +175,7 @@ def test_deployment_runtime_superlink_and_two_supernodes(digits_mlp, tmp_path):
                 [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
                  "--clientappio-api-address", f"127.0.0.1:{free_port()}", "--node-config",
                  f"data-path='{site}' partition-id={i}"], env={**env, "FLWR_HOME": str(tmp_path / f"node{i}")},
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
         out = tmp_path / "fed"
         r = run_cli("federate", "--superlink", f"127.0.0.1:{control}", "--data", str(data), "--clients", "2",
                     "--rounds", "2", "--model", "mlp", "--out", str(out), "--set", "train.dp.epsilon=8",
