@@ -37,7 +37,6 @@ from lmforge.progress import status
 # Fault injection for the tolerance test and for drills: "CLIENT:ROUND" makes that client's
 # training fail in that round, as a site that goes down mid-round would.
 FAIL_ENV = "LMFORGE_FEDERATE_FAIL"
-PLAN_FILE = "federation.json"  # the plan, in the federation's work directory
 
 
 def weights_of(model) -> dict[str, torch.Tensor]:

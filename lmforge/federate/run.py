@@ -12,7 +12,6 @@ figures and failures, and with ``train.dp`` the privacy spent by the worst clien
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -299,10 +298,4 @@ def simulate(plan: dict, clients: int) -> dict:
     if "summary" not in done:
         raise UserError("the federation stopped without a result (see Flower's messages above)")
     return done["summary"]
-
-
-def read_summary(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / FEDERATED
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
 
