@@ -33,18 +33,17 @@ def test_faq_formats_and_custom_columns(tmp_path):
     from lmforge.apps.support.faq import read_faq
 
     (tmp_path / "f.csv").write_text("Q,A,Topic\nHow do I pay?,By card.,billing\nWhere is it?,At home.,\n")
-    entries = read_faq(tmp_path / "f.csv", question_column="Q", answer_column="A", category_column="Topic")
+    entries = read_faq(tmp_path / "f.csv", question_column="Q", answer_column="A", category_column="Topic").entries
     assert [(e.id, e.question, e.answer, e.category) for e in entries] == [
         ("how-do-i-pay", "How do I pay?", "By card.", "billing"), ("where-is-it", "Where is it?", "At home.", "")]
     (tmp_path / "f.md").write_text("# Billing\n\n## How do I pay?\nBy card.\n\nOr by transfer.\n\n## Refunds?\nWithin 30 days.\n")
-    md = read_faq(tmp_path / "f.md")
+    md = read_faq(tmp_path / "f.md").entries
     assert [(e.question, e.answer, e.category) for e in md] == [
         ("How do I pay?", "By card.\n\nOr by transfer.", "Billing"), ("Refunds?", "Within 30 days.", "Billing")]
 
 
 @pytest.mark.parametrize("content, message", [
     ('{"q": "x", "answer": "y"}\n', "missing column(s) 'question'"),
-    ('{"question": "How?", "answer": "a"}\n{"question": "how? ", "answer": "b"}\n', "duplicate question"),
     ('{"question": "How?", "answer": ""}\n', "empty answer in entry 1"),
     ('{"question": "A?", "answer": "a", "id": "x"}\n{"question": "B?", "answer": "b", "id": "x"}\n', "duplicate id 'x'"),
     ('{"question": "A?", "answer": "a"\n', "not valid JSON"),
@@ -55,6 +54,42 @@ def test_bad_faq_files_are_rejected_whole(tmp_path, content, message):
     (tmp_path / "f.jsonl").write_text(content)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_faq(tmp_path / "f.jsonl")
+
+
+def test_repeated_questions_are_kept_once_merged_or_refused_as_asked(tmp_path):
+    from lmforge.apps.support.faq import read_faq
+
+    rows = [{"id": "a", "question": "How do I pay?", "answer": "By card."},
+            {"id": "b", "question": "Where is my order?", "answer": "On its way."},
+            {"id": "c", "question": "how do I pay ", "answer": "By transfer."},
+            {"id": "d", "question": "How do I pay?!", "answer": "By card."}]
+    faq = tmp_path / "f.jsonl"
+    faq.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = read_faq(faq)
+    assert [e.id for e in first.entries] == ["a", "b"] and first.entries[0].answer == "By card."
+    assert first.duplicates == [{"question": "How do I pay?", "kept": "a", "dropped": ["c", "d"], "lines": [1, 3, 4]}]
+    merged = read_faq(faq, on_duplicate="merge")
+    assert [e.id for e in merged.entries] == ["a", "b"] and merged.entries[0].answer == "By card.\n\nBy transfer."
+    with pytest.raises(UserError, match=r"duplicate question 'How do I pay\?' \(entries 1, 3, 4"):
+        read_faq(faq, on_duplicate="error")
+    # Through the command: the default keeps the first and says so; near-duplicates are reported.
+    r = run_cli("support", "init", "--faq", str(faq), "--out", str(tmp_path / "app"), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["entries"] == 2 and out["duplicates"][0]["dropped"] == ["c", "d"] and "appears 3 times" in r.stderr
+    r = run_cli("support", "init", "--faq", str(faq), "--out", str(tmp_path / "app2"), "--on-duplicate", "error")
+    assert r.returncode == 2 and "duplicate question" in r.stderr and not (tmp_path / "app2").exists()
+
+
+def test_near_duplicate_questions_are_found_by_their_embeddings():
+    from lmforge.apps.support.assistant import near_duplicates
+    from lmforge.apps.support.faq import FaqEntry
+
+    entries = [FaqEntry(i, f"question {i}", "answer") for i in "xyz"]
+    v = np.array([[1.0, 0.0], [0.99, 0.141], [0.0, 1.0]], dtype=np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    near = near_duplicates(entries, v)
+    assert [n["ids"] for n in near] == [["x", "y"]] and near[0]["cosine"] == pytest.approx(float(v[0] @ v[1]), abs=1e-4)
 
 
 def test_bm25_matches_the_formula_by_hand():
@@ -87,6 +122,36 @@ def test_threshold_choice_and_handoff_scores_agree_with_scikit_learn():
     assert r == pytest.approx(recall_score(uncovered, conf < t))
     for other in np.linspace(0, 1, 101):  # no threshold does better
         assert handoff_scores(conf, uncovered, other)[2] <= f1 + 1e-12
+
+
+def test_stage_figures_and_cross_validated_fusion_never_see_the_fold_they_decide():
+    from lmforge.apps.support.evaluate import FUSION_WEIGHTS, cross_validate, fit_fusion, ranking_figures
+
+    rng = np.random.default_rng(1)
+    n, m = 50, 7
+    targets = np.zeros((n, m), dtype=bool)
+    covered = rng.random(n) < 0.7
+    targets[np.flatnonzero(covered), rng.integers(0, m, covered.sum())] = True
+    dense = rng.random((n, m)) + 0.5 * targets  # informative, not perfect
+    lexical = rng.random((n, m)) + 0.3 * targets
+    # top-1 and MRR@5 against a direct loop
+    scores = dense + 0.3 * lexical
+    ranks = [1 + int(np.sum(scores[i] > scores[i][targets[i]].max())) for i in np.flatnonzero(covered)]
+    top1, mrr5 = ranking_figures(scores, targets)
+    assert top1 == pytest.approx(np.mean([r == 1 for r in ranks]))
+    assert mrr5 == pytest.approx(np.mean([1 / r if r <= 5 else 0 for r in ranks]))
+    folds = cross_validate(dense, lexical, targets)
+    assert sum(t.sum() for t, _, _ in folds) == n and not np.any(sum(t.astype(int) for t, _, _ in folds) != 1)
+    for test, w, t in folds:
+        assert w in FUSION_WEIGHTS and t is not None
+        # Scrambling the fold's own scores and labels changes nothing that was fitted for it.
+        d2, l2, t2 = dense.copy(), lexical.copy(), targets.copy()
+        d2[test], l2[test], t2[test] = rng.random((test.sum(), m)), rng.random((test.sum(), m)), ~t2[test]
+        assert fit_fusion(d2, l2, t2, ~test) == (w, t)
+    # The weight fitted on all questions is the grid's best top-1.
+    w, _ = fit_fusion(dense, lexical, targets, np.ones(n, dtype=bool))
+    assert ranking_figures(dense + w * lexical, targets)[0] == max(
+        ranking_figures(dense + x * lexical, targets)[0] for x in FUSION_WEIGHTS)
 
 
 def test_store_orders_messages_and_updates_conversation_in_one_transaction(tmp_path):
@@ -126,7 +191,10 @@ def test_quickstart_eval_figures_recomputed_from_its_rankings(app_dir, tmp_path)
     r = run_cli("support", "eval", str(out), "--questions", str(SUPPORT_DATA / "questions.jsonl"), "--json", "--no-save")
     assert r.returncode == 0, r.stderr
     ev = json.loads(r.stdout)
-    assert set(ev) >= {"top1", "mrr5", "handoff_precision", "handoff_recall", "threshold", "n_questions"}
+    assert set(ev) >= {"top1", "mrr5", "handoff_precision", "handoff_recall", "threshold", "n_questions", "stages",
+                       "lexical_weight", "top1_cv"}
+    assert set(ev["stages"]) == {"dense", "lexical", "fused"} and ev["stages"]["fused"]["top1"] == ev["top1"]
+    assert ev["top1"] >= max(ev["stages"]["dense"]["top1"], ev["stages"]["lexical"]["top1"])  # the weight is fitted
     covered = [q for q in ev["questions"] if q["expected"] != "none"]
     assert ev["top1"] == pytest.approx(np.mean([q["top"][0] in q["expected"] for q in covered]))
     handed = [q["confidence"] < ev["threshold"] for q in ev["questions"]]

@@ -33,6 +33,9 @@ class InitOptions:
     category_column: str = flag("category")
     encoder: str | None = flag(help=ENCODER_HELP)
     mask: str | None = flag(help=MASK_HELP)
+    on_duplicate: str = flag("first", choices=["first", "merge", "error"],
+                             help="a question the FAQ repeats: keep the first entry (the default, with a warning), "
+                                  "merge their answers into the first, or refuse the file")
     json: bool = flag(False)
 
 
@@ -81,19 +84,31 @@ class ExportOptions:
 
 
 def summary_line(r: dict) -> str:
+    if r["top1"] is None:
+        return f"no covered questions among {r['n_questions']}: nothing to rank, threshold and weight kept"
+    stages = ", ".join(f"{k} {v['top1']:.3f}" for k, v in r["stages"].items())
+    head = (f"top-1 {r['top1']:.3f} (5-fold cross-validated {r['top1_cv']:.3f}), MRR@5 {r['mrr5']:.3f} on "
+            f"{r['n_covered']} covered questions; top-1 by stage: {stages} (lexical weight {r['lexical_weight']})")
     if r.get("handoff_precision") is None:
-        return f"top-1 {r['top1']:.3f}, MRR@5 {r['mrr5']:.3f} on {r['n_questions']} questions (none uncovered: threshold kept)"
-    return (f"top-1 {r['top1']:.3f}, MRR@5 {r['mrr5']:.3f} on {r['n_covered']} covered questions; handoff on "
-            f"{r['n_uncovered']} uncovered: precision {r['handoff_precision']:.3f}, recall {r['handoff_recall']:.3f} "
-            f"at threshold {r['threshold']:.3f} (5-fold cross-validated: {r['handoff_precision_cv']:.3f} / "
-            f"{r['handoff_recall_cv']:.3f})")
+        return head + "; none uncovered: threshold and weight kept"
+    return (f"{head}; handoff on {r['n_uncovered']} uncovered: precision {r['handoff_precision']:.3f}, recall "
+            f"{r['handoff_recall']:.3f} at threshold {r['threshold']:.3f} (5-fold cross-validated: "
+            f"{r['handoff_precision_cv']:.3f} / {r['handoff_recall_cv']:.3f})")
 
 
-def _init(faq, out: str, encoder, mask, columns, as_json: bool, evaluate: bool) -> int:
+def _init(faq, out: str, encoder, mask, columns, as_json: bool, evaluate: bool, on_duplicate: str = "first") -> int:
     from lmforge.apps.support.assistant import init_app
     from lmforge.data.pii import parse_kinds
+    from lmforge.progress import status
 
-    r = init_app(faq, out, encoder, parse_kinds(mask) if mask else None, columns)
+    r = init_app(faq, out, encoder, parse_kinds(mask) if mask else None, columns, on_duplicate)
+    for d in r["duplicates"]:
+        status(f"{faq}: the question {d['question']!r} appears {len(d['lines'])} times (entries "
+               f"{', '.join(map(str, d['lines']))}): {'merged into' if on_duplicate == 'merge' else 'kept'} "
+               f"{d['kept']!r}, dropped {', '.join(repr(i) for i in d['dropped'])}")
+    for n in r["near_duplicates"]:
+        status(f"nearly the same question (cosine {n['cosine']:.3f}): {n['ids'][0]!r} {n['questions'][0]!r} and "
+               f"{n['ids'][1]!r} {n['questions'][1]!r}")
     if evaluate:
         from lmforge.apps.support.evaluate import evaluate_support
 
@@ -114,7 +129,7 @@ def run_init(o: InitOptions) -> int:
     """Build (or update: added, changed and removed entries, conversations kept) an app directory from an FAQ."""
     columns = {"question_column": o.question_column, "answer_column": o.answer_column, "id_column": o.id_column,
                "category_column": o.category_column}
-    return _init(o.faq, o.out, o.encoder, o.mask, columns, o.json, evaluate=False)
+    return _init(o.faq, o.out, o.encoder, o.mask, columns, o.json, evaluate=False, on_duplicate=o.on_duplicate)
 
 
 def run_quickstart(o: QuickstartOptions) -> int:
@@ -133,7 +148,7 @@ def run_eval(o: EvalOptions) -> int:
         for q in r["questions"]:
             if q["expected"] != "none" and (not q["top"] or q["top"][0] not in q["expected"]):
                 print(f"  miss: {q['question']!r} -> {q['top'][:1]} (expected {q['expected']})")
-        print(summary_line(r) + ("; threshold saved" if r["threshold_saved"] else ""))
+        print(summary_line(r) + ("; weight and threshold saved" if r["threshold_saved"] else ""))
     return 0
 
 

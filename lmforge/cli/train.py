@@ -1,4 +1,4 @@
-"""lmforge train: train or resume a model on a task (lm, mlm, classify, image-classify, sft) in the one
+"""lmforge train: train or resume a model on a task (lm, mlm, classify, image-classify, sft, dpo, gan, embed) in the one
 training loop."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from lmforge.cli.common import print_json
 from lmforge.cli.options import config_values, flag
 from lmforge.errors import UserError
 
-HELP = "train or resume a model on a task (lm, mlm, classify, image-classify, sft, dpo)"
+HELP = "train or resume a model on a task (lm, mlm, classify, image-classify, sft, dpo, gan, embed)"
 CLASSIFY = "fine-tuning (--task classify; --init, --val, --val-fraction, --epochs, --max-length also sft and dpo)"
 
 
@@ -32,11 +32,12 @@ class Options:
     stop_at: int | None = flag(help="stop this invocation at this step (checkpointed; --resume continues)")
     resume: bool = flag(False, help="continue from the run directory's checkpoint")
     json: bool = flag(False)
-    task: str | None = flag(choices=["lm", "mlm", "classify", "image-classify", "sft", "dpo", "gan"],
+    task: str | None = flag(choices=["lm", "mlm", "classify", "image-classify", "sft", "dpo", "gan", "embed"],
                             help="lm: next-token (GPT, the default); mlm: masked-token (BERT presets); classify: "
                             "fine-tune a text classifier; image-classify: a CNN or MLP on images; sft: instruction-"
                             "tune a decoder (--init) on conversations (JSONL); dpo: preference-tune it on "
-                            "prompt/chosen/rejected pairs (JSONL); gan: a DCGAN on images")
+                            "prompt/chosen/rejected pairs (JSONL); gan: a DCGAN on images; embed: fine-tune "
+                            "sentence embeddings (an encoder, --init) on query/positive pairs (.csv/.jsonl)")
     early_stop: str | None = flag(config="train.early_stop", help="validation metric that picks the best "
                                   "checkpoint and stops early (classify: macro_f1 (default), accuracy, weighted_f1, "
                                   "roc_auc, loss)")

@@ -184,13 +184,17 @@ class Bert(nn.Module):
         pooled = self.bert.pool(self(input_ids, attention_mask, token_type_ids))
         return self.classifier(self.classifier_drop(pooled))
 
-    @torch.no_grad()
-    def embed(self, input_ids, attention_mask) -> torch.Tensor:
+    def sentence_embedding(self, input_ids, attention_mask) -> torch.Tensor:
         """Sentence embeddings: mean of the hidden states over real tokens, L2-normalised (B, C)."""
         hidden = self(input_ids, attention_mask)
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return F.normalize(mean, p=2, dim=1)
+
+    @torch.no_grad()
+    def embed(self, input_ids, attention_mask) -> torch.Tensor:
+        """:meth:`sentence_embedding` without gradients (for indexing and search)."""
+        return self.sentence_embedding(input_ids, attention_mask)
 
     def state_dict_for_save(self) -> dict[str, torch.Tensor]:
         """Plain contiguous tensors (the MLM decoder is the word embeddings and is not stored twice)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from lmforge.tasks.base import Task
 from lmforge.tasks.classify import ClassifyTask
 from lmforge.tasks.dpo import DPOTask
+from lmforge.tasks.embed import EmbedTask
 from lmforge.tasks.gan import GANTask
 from lmforge.tasks.images import ImageClassifyTask
 from lmforge.tasks.lm import LMTask
@@ -16,7 +17,7 @@ from lmforge.tasks.sft import SFTTask
 
 TASKS: dict[str, type[Task]] = {"lm": LMTask, "mlm": MLMTask, "classify": ClassifyTask,
                                 "image-classify": ImageClassifyTask, "sft": SFTTask,
-                                "dpo": DPOTask, "gan": GANTask}
+                                "dpo": DPOTask, "gan": GANTask, "embed": EmbedTask}
 
 
 def task_for(model) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 
 from lmforge.apps.support.faq import read_faq
 from lmforge.data.pii import KINDS, mask
-from lmforge.apps.support.retrieval import Hit, Retriever, load_encoder
+from lmforge.apps.support.retrieval import LEXICAL_WEIGHT, Hit, Retriever, load_encoder
 from lmforge.apps.support.store import NotFound, Store
 from lmforge.errors import UserError
 from lmforge.progress import status
@@ -64,9 +64,25 @@ def encoder_dir_of(app_dir: Path, store: Store) -> Path:
     return path
 
 
+NEAR_DUPLICATE = 0.95  # question embeddings this similar are reported as nearly the same question
+
+
+def near_duplicates(entries, q_vectors: np.ndarray, limit: int = 20) -> list[dict]:
+    """Pairs of entries whose questions' embeddings have cosine ≥ ``NEAR_DUPLICATE``, most similar
+    first: questions a customer could mean either way, which the FAQ's owner may want to merge."""
+    sim = np.triu(q_vectors @ q_vectors.T, 1)
+    i, j = np.nonzero(sim >= NEAR_DUPLICATE)
+    order = np.argsort(-sim[i, j], kind="stable")[:limit]
+    return [{"ids": [entries[i[k]].id, entries[j[k]].id], "questions": [entries[i[k]].question, entries[j[k]].question],
+             "cosine": round(float(sim[i[k], j[k]]), 4)} for k in order]
+
+
 def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | None = None,
-             mask_kinds: list[str] | None = None, columns: dict[str, str] | None = None) -> dict:
-    """Create or update an app directory from ``faq_file``; returns what changed.
+             mask_kinds: list[str] | None = None, columns: dict[str, str] | None = None,
+             on_duplicate: str = "first") -> dict:
+    """Create or update an app directory from ``faq_file``; returns what changed, the repeated
+    questions (handled as ``on_duplicate`` says: :func:`~lmforge.apps.support.faq.read_faq`) and
+    the nearly identical ones.
 
     The FAQ is read and validated first, so a bad file changes nothing. Re-running with a changed
     FAQ inserts, updates and deletes entries (re-embedding only those that changed) and keeps every
@@ -75,7 +91,8 @@ def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | No
     from lmforge.fsutil import atomic_path
     from lmforge.interop.hf_dir import default_encoder_dir, import_hf
 
-    entries = read_faq(faq_file, **(columns or {}))
+    faq = read_faq(faq_file, **(columns or {}), on_duplicate=on_duplicate)
+    entries = faq.entries
     app_dir = Path(app_dir)
     if app_dir.exists() and not app_dir.is_dir():
         raise UserError(f"{app_dir} exists and is not a directory")
@@ -113,7 +130,8 @@ def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | No
             with open(tmp, "wb") as f:
                 np.savez(f, ids=np.array([e.id for e in all_entries]), q=qv, qa=qav)
         return {"app_dir": str(app_dir), "entries": len(entries), **counts, "encoder": wanted,
-                "threshold": store.get("threshold"), "mask": store.get("mask")}
+                "threshold": store.get("threshold"), "mask": store.get("mask"), "on_duplicate": on_duplicate,
+                "duplicates": faq.duplicates, "near_duplicates": near_duplicates(all_entries, qv)}
     finally:
         store.close()
 
@@ -152,7 +170,8 @@ class Assistant:
         entries, q, qa = self.store.faq()
         if not entries:
             raise UserError(f"{app_dir}: the FAQ is empty — run `lmforge support init`")
-        self.retriever = Retriever(entries, q, qa, load_encoder(encoder_dir_of(self.app_dir, self.store)))
+        self.retriever = Retriever(entries, q, qa, load_encoder(encoder_dir_of(self.app_dir, self.store)),
+                                   float(self.store.get("lexical_weight", LEXICAL_WEIGHT)))
         self.mask_kinds = tuple(self.store.get("mask", list(KINDS)))
         self.generator = _Rephraser(generate_run) if generate_run else None
         self.on_event = lambda kind, value=None: None  # set by the web app (metrics)

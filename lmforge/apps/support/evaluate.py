@@ -1,12 +1,15 @@
-"""``lmforge support eval``: retrieval accuracy and the handoff threshold, on labelled questions.
+"""``lmforge support eval``: retrieval accuracy, the fusion weight and the handoff threshold, on
+labelled questions.
 
 Questions are JSONL ``{"question": ..., "faq_id": ID | [IDS] | "none"}``. On the covered ones:
-top-1 accuracy and MRR@5 of the ranking. On all of them: handoff is "confidence below the
-threshold", and the questions the FAQ does not cover ("none") are the ones that should be handed
-off; the threshold that maximises the F1 of that decision (the balance of handoff precision and
-recall) is chosen and saved to the app. Because that threshold is fitted on these same questions,
-the report also gives precision and recall with the threshold fitted by 5-fold cross-validation,
-an honest estimate for new questions.
+top-1 accuracy and MRR@5 of each stage's ranking — dense (the encoder alone), lexical (BM25
+alone) and fused (dense + weight × lexical) — so a user sees where the gain comes from. The
+lexical weight is the one with the best top-1 on these questions; then handoff is "confidence
+below the threshold", the questions the FAQ does not cover ("none") are the ones that should be
+handed off, and the threshold that maximises the F1 of that decision is chosen. Both are saved to
+the app. Because they are fitted on these same questions, the report also gives top-1 and handoff
+precision and recall with both fitted by 5-fold cross-validation (each fold decided by a weight and
+a threshold fitted on the other folds), an honest estimate for new questions.
 """
 
 from __future__ import annotations
@@ -59,49 +62,106 @@ def best_threshold(conf: np.ndarray, uncovered: np.ndarray) -> float:
     return float(candidates[best[len(best) // 2]])
 
 
+FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)  # the lexical weights tried
+
+
+def ranking_figures(scores: np.ndarray, targets: np.ndarray, rows: np.ndarray | None = None) -> tuple[float, float]:
+    """(top-1, MRR@5) of ranking the entries by ``scores`` (questions, entries) where
+    ``targets`` (the same shape, boolean) marks the acceptable entries; over the covered ``rows``."""
+    covered = targets.any(1) if rows is None else targets.any(1) & rows
+    if not covered.any():
+        return float("nan"), float("nan")
+    top = np.argsort(-scores[covered], axis=1, kind="stable")[:, :5]
+    hit = np.take_along_axis(targets[covered], top, axis=1)
+    first = np.where(hit.any(1), hit.argmax(1) + 1, 0)
+    return float(hit[:, 0].mean()), float(np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0).mean())
+
+
+def fit_fusion(dense: np.ndarray, lexical: np.ndarray, targets: np.ndarray, rows: np.ndarray
+               ) -> tuple[float, float | None]:
+    """(lexical weight, handoff threshold) fitted on the questions ``rows`` alone: the weight
+    with the best top-1 (then MRR@5; ties: the smaller weight) on their covered questions, then
+    the threshold with the best handoff F1 on all of them at that weight (None without both
+    covered and uncovered questions among them)."""
+    figures = [ranking_figures(dense + w * lexical, targets, rows) for w in FUSION_WEIGHTS]
+    weight = FUSION_WEIGHTS[max(range(len(FUSION_WEIGHTS)), key=lambda k: (np.nan_to_num(figures[k][0], nan=-1),
+                                                                          np.nan_to_num(figures[k][1], nan=-1), -k))]
+    uncovered = ~targets.any(1)
+    if not (uncovered[rows].any() and (~uncovered[rows]).any()):
+        return weight, None
+    conf = (dense + weight * lexical).max(1)
+    return weight, best_threshold(conf[rows], uncovered[rows])
+
+
+def cross_validate(dense: np.ndarray, lexical: np.ndarray, targets: np.ndarray, folds: int = 5, seed: int = 0):
+    """Each fold's (test rows, weight, threshold) with the weight and threshold fitted on the other
+    folds only (:func:`fit_fusion`), so the figures on a fold are honest estimates for new questions."""
+    n = len(targets)
+    order = np.random.default_rng(seed).permutation(n)
+    out = []
+    for k in range(min(folds, n)):
+        test = np.zeros(n, dtype=bool)
+        test[order[k::folds]] = True
+        out.append((test, *fit_fusion(dense, lexical, targets, ~test)))
+    return out
+
+
 def evaluate_support(app_dir: str | Path, questions_file: str | Path, save: bool = True, folds: int = 5) -> dict:
+    """Each retrieval stage's top-1 and MRR@5 (dense, lexical, fused), the lexical weight and the
+    handoff threshold fitted on the questions (saved to the app unless ``save`` is False), and the
+    same figures with the weight and threshold fitted by ``folds``-fold cross-validation."""
     from lmforge.apps.support.assistant import Assistant
 
     assistant = Assistant(app_dir)
-    known = {e.id for e in assistant.retriever.entries}
+    entries = assistant.retriever.entries
+    known = {e.id for e in entries}
     questions = read_questions(questions_file, known)
-    conf, uncovered, reciprocal, top1, rows = [], [], [], [], []
-    for text, ids in questions:
-        hits = assistant.retriever.search(assistant.mask(text), k=5)
-        ranked = [h.entry.id for h in hits]
-        conf.append(hits[0].score if hits else 0.0)
-        uncovered.append(ids is None)
-        if ids is not None:
-            rank = next((r for r, i in enumerate(ranked, 1) if i in ids), None)
-            reciprocal.append(1 / rank if rank else 0.0)
-            top1.append(rank == 1)
-        rows.append({"question": text, "expected": sorted(ids) if ids else "none", "top": ranked[:3],
-                     "confidence": round(conf[-1], 4)})
-    conf, uncovered = np.array(conf), np.array(uncovered)
+    column = {e.id: j for j, e in enumerate(entries)}
+    targets = np.zeros((len(questions), len(entries)), dtype=bool)
+    for i, (_, ids) in enumerate(questions):
+        for id_ in ids or ():
+            targets[i, column[id_]] = True
+    dense, lexical = assistant.retriever.components([assistant.mask(text) for text, _ in questions])
+    uncovered = ~targets.any(1)
+    everything = np.ones(len(questions), dtype=bool)
+    weight, threshold = fit_fusion(dense, lexical, targets, everything)
+    fused = dense + weight * lexical
+    conf = fused.max(1)
+    top1, mrr5 = ranking_figures(fused, targets)
+    stages = {name: dict(zip(("top1", "mrr5"), ranking_figures(scores, targets)))
+              for name, scores in (("dense", dense), ("lexical", lexical), ("fused", fused))}
+    stages["fused"]["lexical_weight"] = weight
     result = {"n_questions": len(questions), "n_covered": int((~uncovered).sum()), "n_uncovered": int(uncovered.sum()),
-              "top1": float(np.mean(top1)) if top1 else None, "mrr5": float(np.mean(reciprocal)) if reciprocal else None}
-    if uncovered.any() and (~uncovered).any():
-        threshold = best_threshold(conf, uncovered)
+              "top1": top1 if (~uncovered).any() else None, "mrr5": mrr5 if (~uncovered).any() else None,
+              "lexical_weight": weight, "stages": stages}
+    cv = cross_validate(dense, lexical, targets, folds)
+    if (~uncovered).any():
+        right = np.zeros(len(questions), dtype=bool)
+        for test, w, _ in cv:
+            best = (dense + w * lexical).argmax(1)
+            right[test] = targets[test, best[test]]
+        result["top1_cv"] = float(right[~uncovered].mean())
+    if threshold is not None:
         p, r, _ = handoff_scores(conf, uncovered, threshold)
         result.update(threshold=threshold, handoff_precision=p, handoff_recall=r)
-        # Cross-validated: each fold's decisions use a threshold fitted on the other folds.
-        order = np.random.default_rng(0).permutation(len(conf))
-        handed = np.zeros(len(conf), dtype=bool)
-        for k in range(folds):
-            test = order[k::folds]
-            train = np.setdiff1d(order, test)
-            if uncovered[train].any() and (~uncovered[train]).any():
-                handed[test] = conf[test] < best_threshold(conf[train], uncovered[train])
+        handed = np.zeros(len(questions), dtype=bool)
+        for test, w, t in cv:
+            if t is not None:
+                handed[test] = (dense[test] + w * lexical[test]).max(1) < t
         tp = float(np.sum(handed & uncovered))
         result["handoff_precision_cv"] = tp / float(handed.sum()) if handed.sum() else 0.0
         result["handoff_recall_cv"] = tp / float(uncovered.sum())
-        answered_right = [bool(c >= threshold) and ok for c, ok in zip(conf[~uncovered], top1)]
-        result["covered_answered_correctly"] = float(np.mean(answered_right))
-        if save:
+        right_first = targets[np.arange(len(questions)), fused.argmax(1)]
+        result["covered_answered_correctly"] = float(((conf >= threshold) & right_first)[~uncovered].mean())
+        if save:  # the weight and the threshold belong together: the confidence's scale depends on the weight
             assistant.store.set("threshold", threshold)
+            assistant.store.set("lexical_weight", weight)
     else:
         result.update(threshold=assistant.threshold, handoff_precision=None, handoff_recall=None)
     result["threshold_saved"] = bool(save and result.get("handoff_precision") is not None)
-    result["questions"] = rows
+    order = np.argsort(-fused, axis=1, kind="stable")[:, :3]
+    result["questions"] = [{"question": text, "expected": sorted(ids) if ids else "none",
+                            "top": [entries[j].id for j in order[i]], "confidence": round(float(conf[i]), 4)}
+                           for i, (text, ids) in enumerate(questions)]
     assistant.store.close()
     return result

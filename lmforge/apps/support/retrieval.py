@@ -3,8 +3,9 @@
 Dense: cosine similarity between the message's embedding and each entry's question embedding and
 question+answer embedding (the better of the two). Lexical: Okapi BM25 over the entry's question
 and answer, squashed into [0, 1) by ``s / (s + BM25_HALF)``. The score is
-``dense + LEXICAL_WEIGHT * lexical``; the best entry's score is the answer's confidence, which the
-handoff threshold (fitted by ``lmforge support eval``) is compared with.
+``dense + lexical_weight * lexical``; the best entry's score is the answer's confidence, which the
+handoff threshold is compared with. ``lmforge support eval`` chooses the weight and the threshold
+on labelled questions (``LEXICAL_WEIGHT`` until it has).
 """
 
 from __future__ import annotations
@@ -76,18 +77,24 @@ class Hit:
 class Retriever:
     """Ranks FAQ entries for a message. ``embed(texts) -> (N, D)`` unit vectors (the encoder)."""
 
-    def __init__(self, entries: list[FaqEntry], q_vectors: np.ndarray, qa_vectors: np.ndarray, embed):
+    def __init__(self, entries: list[FaqEntry], q_vectors: np.ndarray, qa_vectors: np.ndarray, embed,
+                 lexical_weight: float = LEXICAL_WEIGHT):
         self.entries, self.q, self.qa, self.embed = entries, q_vectors, qa_vectors, embed
+        self.lexical_weight = lexical_weight
         self.bm25 = BM25([f"{e.question}\n{e.answer}" for e in entries])
+
+    def components(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(dense, lexical) scores of every text against every entry, (len(texts), entries) each."""
+        v = self.embed(texts)
+        dense = np.maximum(v @ self.q.T, v @ self.qa.T)
+        bm = np.stack([self.bm25.scores(t) for t in texts])
+        return dense, bm / (bm + BM25_HALF)
 
     def search(self, text: str, k: int = 5) -> list[Hit]:
         if not self.entries:
             return []
-        v = self.embed([text])[0]
-        dense = np.maximum(self.q @ v, self.qa @ v)
-        bm = self.bm25.scores(text)
-        lexical = bm / (bm + BM25_HALF)
-        score = dense + LEXICAL_WEIGHT * lexical
+        dense, lexical = (m[0] for m in self.components([text]))
+        score = dense + self.lexical_weight * lexical
         order = np.argsort(-score, kind="stable")[:k]
         return [Hit(self.entries[i], float(score[i]), float(dense[i]), float(lexical[i])) for i in order]
 
