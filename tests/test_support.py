@@ -349,6 +349,7 @@ def test_bad_requests_get_clear_4xx_and_keys_are_separate(api):
 def test_reinit_with_a_changed_faq_keeps_conversations_and_a_bad_faq_changes_nothing(app_dir, tmp_path):
     import shutil
 
+    from lmforge.apps.support.assistant import Assistant
     from lmforge.apps.support.store import Store
     from lmforge.cli.support import SUPPORT_DATA
 
@@ -364,10 +365,18 @@ def test_reinit_with_a_changed_faq_keeps_conversations_and_a_bad_faq_changes_not
     rows.append({"id": "pricing", "question": "How much does lmforge cost?", "answer": "Nothing."})  # added
     faq = tmp_path / "faq.jsonl"
     faq.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    running = Assistant(app)  # as a server has it loaded
+    before = running.handle("live-1", "How much does lmforge cost?").messages[-1]
+    assert "pricing" not in (before["faq_ids"] or [])  # not in the FAQ yet
     r = run_cli("support", "init", "--faq", str(faq), "--out", str(app), "--json")
     assert r.returncode == 0, r.stderr
     counts = json.loads(r.stdout)
     assert (counts["added"], counts["changed"], counts["removed"], counts["unchanged"]) == (1, 1, 1, 35)
+    # The running assistant picks the new FAQ up at its next message.
+    reply = running.handle("live-2", "How much does lmforge cost?")
+    assert reply.status == "assistant" and reply.messages[-1]["faq_ids"] == ["pricing"], reply
+    assert "docs" not in {e.id for e in running.retriever.entries}
+    running.store.close()
     broken = tmp_path / "broken.csv"
     broken.write_text("question,answer\nHow?,\n")
     before = (app / "support.sqlite").read_bytes()
@@ -466,6 +475,16 @@ def test_customer_and_agent_pages_in_headless_chromium(server, app_dir, tmp_path
             customer.screenshot(path=str(tmp_path / "customer.png"), full_page=True)
             agent.screenshot(path=str(tmp_path / "agent.png"), full_page=True)
             assert (tmp_path / "customer.png").read_bytes()[:4] == b"\x89PNG"
+
+            # Answers are Markdown, rendered from text nodes: markup in one shows as characters and never runs.
+            customer.evaluate("""() => appendMessage(document.getElementById("log"), {role: "assistant", seq: 999,
+                text: "Run `make test` **first**.\\n\\n- one <script>window.pwned = 1</script>\\n- two " +
+                      "<img src=x onerror='window.pwned = 2'> [docs](https://example.org/d)"}, "Assistant")""")
+            last = customer.locator(".msg.assistant").last
+            assert last.locator("code").inner_text() == "make test" and last.locator("strong").inner_text() == "first"
+            assert last.locator("li").count() == 2 and "<script>window.pwned = 1</script>" in last.inner_text()
+            assert last.locator("script, img").count() == 0 and customer.evaluate("() => window.pwned") is None
+            assert last.locator("a").get_attribute("href") == "https://example.org/d"
 
             # A returning customer (a new tab) sees the conversation again.
             again = browser.new_context().new_page()

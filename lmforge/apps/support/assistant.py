@@ -125,6 +125,8 @@ def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | No
             qa = embed([f"{e.question}\n{e.answer}" for e in todo])
             vectors = {e.id: (q[i], qa[i]) for i, e in enumerate(todo)}
         counts = store.sync_faq(entries, vectors, reembedded=new_encoder)
+        if new_encoder or counts["added"] or counts["changed"] or counts["removed"]:
+            store.set("faq_version", store.get("faq_version", 0) + 1)  # a running server reloads the FAQ
         all_entries, qv, qav = store.faq()
         with atomic_path(app_dir / "index.npz") as tmp:
             with open(tmp, "wb") as f:
@@ -167,15 +169,29 @@ class Assistant:
     def __init__(self, app_dir: str | Path, generate_run: str | Path | None = None):
         self.app_dir = Path(app_dir)
         self.store = Store(app_dir)
-        entries, q, qa = self.store.faq()
-        if not entries:
+        self._encoders: dict[Path, object] = {}
+        self._version, self._retriever = None, None
+        if not self.retriever.entries:
             raise UserError(f"{app_dir}: the FAQ is empty — run `lmforge support init`")
-        self.retriever = Retriever(entries, q, qa, load_encoder(encoder_dir_of(self.app_dir, self.store)),
-                                   float(self.store.get("lexical_weight", LEXICAL_WEIGHT)))
         self.mask_kinds = tuple(self.store.get("mask", list(KINDS)))
         self.generator = _Rephraser(generate_run) if generate_run else None
         self.on_event = lambda kind, value=None: None  # set by the web app (metrics)
         self.secret = app_secret(self.store)
+
+    @property
+    def retriever(self) -> Retriever:
+        """The retriever over the FAQ as the store has it now: ``support init`` run again while the
+        server runs (a changed FAQ, another encoder) is picked up at the next message, and so is a
+        lexical weight ``support eval`` saved."""
+        version = self.store.get("faq_version", 0)
+        if self._retriever is None or version != self._version:
+            entries, q, qa = self.store.faq()
+            encoder = encoder_dir_of(self.app_dir, self.store)
+            if encoder not in self._encoders:
+                self._encoders = {encoder: load_encoder(encoder)}  # the previous one is not needed again
+            self._retriever, self._version = Retriever(entries, q, qa, self._encoders[encoder]), version
+        self._retriever.lexical_weight = float(self.store.get("lexical_weight", LEXICAL_WEIGHT))
+        return self._retriever
 
     def token(self, customer_id: str, kind: str = "site") -> str:
         return customer_token(self.secret, customer_id, kind)
