@@ -305,7 +305,7 @@ def test_the_support_assistant_answers_with_the_imported_model_grounded_in_its_f
     from lmforge.apps.support.assistant import Assistant, grounded, init_app
 
     faq = Path(__file__).parents[1] / "lmforge" / "apps" / "support" / "data" / "faq.jsonl"
-    init_app(faq, tmp_path / "app")
+    init_app(faq, tmp_path / "app", adapt_seconds=0)
     assistant = Assistant(tmp_path / "app", generate_run=smol[0])
     for question in ("How do I install lmforge?", "Do I need a GPU?"):
         reply = assistant.handle("smol-1", question)

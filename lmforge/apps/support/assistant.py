@@ -18,6 +18,7 @@ How a customer message is handled (:meth:`Assistant.handle`):
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import threading
@@ -26,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.apps.support.adapt import ADAPTED, adapt_encoder, faq_digest
 from lmforge.apps.support.faq import read_faq
 from lmforge.data.pii import KINDS, mask
-from lmforge.apps.support.retrieval import LEXICAL_WEIGHT, Hit, Retriever, load_encoder
+from lmforge.apps.support.retrieval import LEXICAL_WEIGHT, Hit, QueryLikelihood, Retriever, load_encoder
 from lmforge.apps.support.store import NotFound, Store
 from lmforge.errors import UserError
 from lmforge.progress import status
@@ -58,10 +60,17 @@ HANDOFF_TEXT = {
 }
 
 
-def encoder_dir_of(app_dir: Path, store: Store) -> Path:
+def base_encoder_dir(app_dir: Path, store: Store) -> Path:
+    """The encoder the app was built from: ``encoder/`` (all-MiniLM-L6-v2) or the ``--encoder`` run."""
     name = store.get("encoder")
-    path = Path(name) if name and Path(name).is_absolute() else Path(app_dir) / (name or "encoder")
-    return path
+    return Path(name) if name and Path(name).is_absolute() else Path(app_dir) / (name or "encoder")
+
+
+def encoder_dir_of(app_dir: Path, store: Store) -> Path:
+    """The encoder the index is built with: the one adapted to the FAQ when init kept it, else the base."""
+    if (store.get("adaptation") or {}).get("adapted"):
+        return Path(app_dir) / ADAPTED
+    return base_encoder_dir(app_dir, store)
 
 
 NEAR_DUPLICATE = 0.95  # question embeddings this similar are reported as nearly the same question
@@ -77,16 +86,23 @@ def near_duplicates(entries, q_vectors: np.ndarray, limit: int = 20) -> list[dic
              "cosine": round(float(sim[i[k], j[k]]), 4)} for k in order]
 
 
+DEFAULT_ADAPT_SECONDS = 300.0
+
+
 def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | None = None,
              mask_kinds: list[str] | None = None, columns: dict[str, str] | None = None,
-             on_duplicate: str = "first") -> dict:
+             on_duplicate: str = "first", adapt_seconds: float = DEFAULT_ADAPT_SECONDS,
+             reranker: str | Path | None = None) -> dict:
     """Create or update an app directory from ``faq_file``; returns what changed, the repeated
-    questions (handled as ``on_duplicate`` says: :func:`~lmforge.apps.support.faq.read_faq`) and
-    the nearly identical ones.
+    questions (handled as ``on_duplicate`` says: :func:`~lmforge.apps.support.faq.read_faq`), the
+    nearly identical ones and the encoder's adaptation to the FAQ
+    (:mod:`~lmforge.apps.support.adapt`, within ``adapt_seconds``; 0: none). ``reranker`` names a
+    decoder run whose query likelihood reranks the best entries once ``support eval`` has fitted
+    its weight (``"none"``: drop the app's reranker).
 
     The FAQ is read and validated first, so a bad file changes nothing. Re-running with a changed
-    FAQ inserts, updates and deletes entries (re-embedding only those that changed) and keeps every
-    conversation.
+    FAQ inserts, updates and deletes entries (re-embedding only those that changed — all of them
+    when the encoder is adapted again) and keeps every conversation.
     """
     from lmforge.fsutil import atomic_path
     from lmforge.interop.hf_dir import default_encoder_dir, import_hf
@@ -100,15 +116,33 @@ def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | No
         raise UserError(f"{app_dir} exists, is not empty and is not a support app directory")
     if encoder is not None and not (Path(encoder) / "config.yaml").is_file():
         raise UserError(f"--encoder must be an lmforge encoder run directory (no config.yaml in {encoder})")
+    if adapt_seconds < 0:
+        raise UserError(f"--adapt-seconds must be 0 (no adaptation) or positive, got {adapt_seconds}")
+    if reranker not in (None, "none"):
+        QueryLikelihood(reranker)  # a run that cannot rerank is refused before anything is written
     store = Store(app_dir, create=True)
     try:
         previous = store.get("encoder")
+        previous_dir = encoder_dir_of(app_dir, store) if previous is not None else None
         wanted = str(Path(encoder).resolve()) if encoder is not None else previous or "encoder"
-        new_encoder = previous is not None and wanted != previous  # every vector must be recomputed
         if wanted == "encoder" and not (app_dir / "encoder" / "config.yaml").is_file():
             status("importing the default encoder (all-MiniLM-L6-v2) into the app")
             import_hf(default_encoder_dir(), app_dir / "encoder")
         store.set("encoder", wanted)
+        if reranker is not None and str(reranker) != store.get("reranker", "none"):
+            store.set("reranker", None if reranker == "none" else str(Path(reranker).resolve()))
+            store.set("rerank_weight", 0.0)  # until `support eval` fits one for it
+        adaptation, readapted = store.get("adaptation"), False
+        if adapt_seconds == 0:
+            adaptation = {"adapted": False, "reason": "not asked for (--adapt-seconds 0)"}
+        elif (adaptation or {}).get("faq") != faq_digest(entries) or adaptation.get("base") != wanted:
+            adaptation = {**adapt_encoder(entries, base_encoder_dir(app_dir, store), app_dir, adapt_seconds),
+                          "faq": faq_digest(entries), "base": wanted}
+            readapted = adaptation["adapted"]
+        store.set("adaptation", adaptation)
+        # Every vector is recomputed when the encoder that made them is not the one in use now.
+        new_encoder = previous is not None and (readapted or wanted != previous
+                                                or encoder_dir_of(app_dir, store) != previous_dir)
         if mask_kinds is not None:
             store.set("mask", mask_kinds)
         elif store.get("mask") is None:
@@ -133,7 +167,8 @@ def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | No
                 np.savez(f, ids=np.array([e.id for e in all_entries]), q=qv, qa=qav)
         return {"app_dir": str(app_dir), "entries": len(entries), **counts, "encoder": wanted,
                 "threshold": store.get("threshold"), "mask": store.get("mask"), "on_duplicate": on_duplicate,
-                "duplicates": faq.duplicates, "near_duplicates": near_duplicates(all_entries, qv)}
+                "duplicates": faq.duplicates, "near_duplicates": near_duplicates(all_entries, qv),
+                "adaptation": adaptation, "reranker": store.get("reranker")}
     finally:
         store.close()
 
@@ -169,7 +204,8 @@ class Assistant:
     def __init__(self, app_dir: str | Path, generate_run: str | Path | None = None):
         self.app_dir = Path(app_dir)
         self.store = Store(app_dir)
-        self._encoders: dict[Path, object] = {}
+        self._encoders: dict[tuple, object] = {}
+        self._rerankers: dict[str, QueryLikelihood] = {}
         self._version, self._retriever = None, None
         if not self.retriever.entries:
             raise UserError(f"{app_dir}: the FAQ is empty — run `lmforge support init`")
@@ -186,12 +222,20 @@ class Assistant:
         version = self.store.get("faq_version", 0)
         if self._retriever is None or version != self._version:
             entries, q, qa = self.store.faq()
-            encoder = encoder_dir_of(self.app_dir, self.store)
+            # The adaptation's record changes when init adapted the encoder again (at the same path).
+            encoder = (encoder_dir_of(self.app_dir, self.store), json.dumps(self.store.get("adaptation")))
             if encoder not in self._encoders:
-                self._encoders = {encoder: load_encoder(encoder)}  # the previous one is not needed again
+                self._encoders = {encoder: load_encoder(encoder[0])}  # the previous one is not needed again
             self._retriever, self._version = Retriever(entries, q, qa, self._encoders[encoder]), version
-        self._retriever.lexical_weight = float(self.store.get("lexical_weight", LEXICAL_WEIGHT))
-        return self._retriever
+        r = self._retriever
+        r.lexical_weight = float(self.store.get("lexical_weight", LEXICAL_WEIGHT))
+        r.rerank_weight = float(self.store.get("rerank_weight", 0.0))
+        reranker = self.store.get("reranker")
+        if reranker and (r.reranker is None or r.reranker.path != reranker):
+            r.reranker = self._rerankers.get(reranker) or self._rerankers.setdefault(reranker, QueryLikelihood(reranker))
+        elif not reranker:
+            r.reranker = None
+        return r
 
     def token(self, customer_id: str, kind: str = "site") -> str:
         return customer_token(self.secret, customer_id, kind)

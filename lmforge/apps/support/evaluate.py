@@ -3,8 +3,11 @@ labelled questions.
 
 Questions are JSONL ``{"question": ..., "faq_id": ID | [IDS] | "none"}``. On the covered ones:
 top-1 accuracy and MRR@5 of each stage's ranking — dense (the encoder alone), lexical (BM25
-alone) and fused (dense + weight × lexical) — so a user sees where the gain comes from. The
-lexical weight is the one with the best top-1 on these questions; then handoff is "confidence
+alone), fused (dense + weight × lexical) and, with a reranker, reranked (the best few rescored by
+a decoder's query likelihood: :mod:`~lmforge.apps.support.retrieval`) — so a user sees where the
+gain comes from. The lexical and rerank weights are the ones with the best top-1 on these
+questions (a rerank weight of 0 turns reranking off: it is kept only where it wins); then handoff
+is "confidence
 below the threshold", the questions the FAQ does not cover ("none") are the ones that should be
 handed off, and the threshold that maximises the F1 of that decision is chosen. Both are saved to
 the app. Because they are fitted on these same questions, the report also gives top-1 and handoff
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.apps.support.retrieval import RERANK_K, reranked
 from lmforge.data.labeled import jsonl_objects, read_utf8
 from lmforge.errors import UserError
 
@@ -63,6 +67,7 @@ def best_threshold(conf: np.ndarray, uncovered: np.ndarray) -> float:
 
 
 FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)  # the lexical weights tried
+RERANK_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5)  # the reranker's weights tried (0: no reranking)
 
 
 def ranking_figures(scores: np.ndarray, targets: np.ndarray, rows: np.ndarray | None = None) -> tuple[float, float]:
@@ -77,39 +82,66 @@ def ranking_figures(scores: np.ndarray, targets: np.ndarray, rows: np.ndarray | 
     return float(hit[:, 0].mean()), float(np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0).mean())
 
 
-def fit_fusion(dense: np.ndarray, lexical: np.ndarray, targets: np.ndarray, rows: np.ndarray
-               ) -> tuple[float, float | None]:
-    """(lexical weight, handoff threshold) fitted on the questions ``rows`` alone: the weight
-    with the best top-1 (then MRR@5; ties: the smaller weight) on their covered questions, then
-    the threshold with the best handoff F1 on all of them at that weight (None without both
-    covered and uncovered questions among them)."""
-    figures = [ranking_figures(dense + w * lexical, targets, rows) for w in FUSION_WEIGHTS]
-    weight = FUSION_WEIGHTS[max(range(len(FUSION_WEIGHTS)), key=lambda k: (np.nan_to_num(figures[k][0], nan=-1),
-                                                                          np.nan_to_num(figures[k][1], nan=-1), -k))]
+def final_scores(dense, lexical, likelihood, weight: float, rerank_weight: float) -> np.ndarray:
+    """The app's scores at a lexical and a rerank weight (:func:`~lmforge.apps.support.retrieval.reranked`)."""
+    return reranked(dense + weight * lexical, likelihood, rerank_weight)
+
+
+def fit_fusion(dense: np.ndarray, lexical: np.ndarray, targets: np.ndarray, rows: np.ndarray,
+               likelihood: np.ndarray | None = None) -> tuple[float, float, float | None]:
+    """(lexical weight, rerank weight, handoff threshold) fitted on the questions ``rows`` alone:
+    the weights with the best top-1 (then MRR@5; ties: no or less reranking, then the smaller
+    lexical weight) on their covered questions, then the threshold with the best handoff F1 on
+    all of them at those weights (None without both covered and uncovered questions among them).
+    Without ``likelihood`` (no reranker) the rerank weight is 0."""
+    grid = [(w, mu) for mu in (RERANK_WEIGHTS if likelihood is not None else (0.0,)) for w in FUSION_WEIGHTS]
+    figures = [ranking_figures(final_scores(dense, lexical, likelihood, w, mu), targets, rows) for w, mu in grid]
+    best = max(range(len(grid)), key=lambda k: (np.nan_to_num(figures[k][0], nan=-1),
+                                                np.nan_to_num(figures[k][1], nan=-1), -k))
+    weight, rerank_weight = grid[best]
     uncovered = ~targets.any(1)
     if not (uncovered[rows].any() and (~uncovered[rows]).any()):
-        return weight, None
-    conf = (dense + weight * lexical).max(1)
-    return weight, best_threshold(conf[rows], uncovered[rows])
+        return weight, rerank_weight, None
+    conf = final_scores(dense, lexical, likelihood, weight, rerank_weight).max(1)
+    return weight, rerank_weight, best_threshold(conf[rows], uncovered[rows])
 
 
-def cross_validate(dense: np.ndarray, lexical: np.ndarray, targets: np.ndarray, folds: int = 5, seed: int = 0):
-    """Each fold's (test rows, weight, threshold) with the weight and threshold fitted on the other
-    folds only (:func:`fit_fusion`), so the figures on a fold are honest estimates for new questions."""
+def cross_validate(dense: np.ndarray, lexical: np.ndarray, targets: np.ndarray, folds: int = 5, seed: int = 0,
+                   likelihood: np.ndarray | None = None):
+    """Each fold's (test rows, lexical weight, rerank weight, threshold), fitted on the other folds
+    only (:func:`fit_fusion`), so the figures on a fold are honest estimates for new questions."""
     n = len(targets)
     order = np.random.default_rng(seed).permutation(n)
     out = []
     for k in range(min(folds, n)):
         test = np.zeros(n, dtype=bool)
         test[order[k::folds]] = True
-        out.append((test, *fit_fusion(dense, lexical, targets, ~test)))
+        out.append((test, *fit_fusion(dense, lexical, targets, ~test, likelihood)))
+    return out
+
+
+def likelihood_matrix(reranker, texts: list[str], entries, dense: np.ndarray, lexical: np.ndarray) -> np.ndarray:
+    """The reranker's query likelihood (questions, entries) wherever some lexical weight of the grid
+    puts an entry among a question's ``RERANK_K`` best (NaN elsewhere: never read)."""
+    from lmforge.progress import status
+
+    needed = np.zeros(dense.shape, dtype=bool)
+    rows = np.arange(len(texts))[:, None]
+    for w in FUSION_WEIGHTS:
+        needed[rows, np.argsort(-(dense + w * lexical), axis=1, kind="stable")[:, :RERANK_K]] = True
+    out = np.full(dense.shape, np.nan)
+    status(f"reranking: the decoder scores {int(needed.sum())} (question, entry) pairs")
+    for i, text in enumerate(texts):
+        cols = np.flatnonzero(needed[i])
+        out[i, cols] = reranker.scores(text, [entries[j] for j in cols])
     return out
 
 
 def evaluate_support(app_dir: str | Path, questions_file: str | Path, save: bool = True, folds: int = 5) -> dict:
-    """Each retrieval stage's top-1 and MRR@5 (dense, lexical, fused), the lexical weight and the
-    handoff threshold fitted on the questions (saved to the app unless ``save`` is False), and the
-    same figures with the weight and threshold fitted by ``folds``-fold cross-validation."""
+    """Each retrieval stage's top-1 and MRR@5 (dense, lexical, fused, and reranked when the app has
+    a reranker), the weights and the handoff threshold fitted on the questions (saved to the app
+    unless ``save`` is False), and the same figures with them fitted by ``folds``-fold
+    cross-validation."""
     from lmforge.apps.support.assistant import Assistant
 
     assistant = Assistant(app_dir)
@@ -121,45 +153,53 @@ def evaluate_support(app_dir: str | Path, questions_file: str | Path, save: bool
     for i, (_, ids) in enumerate(questions):
         for id_ in ids or ():
             targets[i, column[id_]] = True
-    dense, lexical = assistant.retriever.components([assistant.mask(text) for text, _ in questions])
+    texts = [assistant.mask(text) for text, _ in questions]
+    dense, lexical = assistant.retriever.components(texts)
+    reranker = assistant.retriever.reranker
+    likelihood = likelihood_matrix(reranker, texts, entries, dense, lexical) if reranker is not None else None
     uncovered = ~targets.any(1)
     everything = np.ones(len(questions), dtype=bool)
-    weight, threshold = fit_fusion(dense, lexical, targets, everything)
-    fused = dense + weight * lexical
-    conf = fused.max(1)
-    top1, mrr5 = ranking_figures(fused, targets)
+    weight, rerank_weight, threshold = fit_fusion(dense, lexical, targets, everything, likelihood)
+    final = final_scores(dense, lexical, likelihood, weight, rerank_weight)
+    conf = final.max(1)
+    top1, mrr5 = ranking_figures(final, targets)
+    fused_weight = fit_fusion(dense, lexical, targets, everything)[0]
     stages = {name: dict(zip(("top1", "mrr5"), ranking_figures(scores, targets)))
-              for name, scores in (("dense", dense), ("lexical", lexical), ("fused", fused))}
-    stages["fused"]["lexical_weight"] = weight
+              for name, scores in (("dense", dense), ("lexical", lexical), ("fused", dense + fused_weight * lexical))}
+    stages["fused"]["lexical_weight"] = fused_weight
+    if likelihood is not None:
+        stages["reranked"] = {**dict(zip(("top1", "mrr5"), ranking_figures(final, targets))),
+                              "lexical_weight": weight, "rerank_weight": rerank_weight}
     result = {"n_questions": len(questions), "n_covered": int((~uncovered).sum()), "n_uncovered": int(uncovered.sum()),
               "top1": top1 if (~uncovered).any() else None, "mrr5": mrr5 if (~uncovered).any() else None,
-              "lexical_weight": weight, "stages": stages}
-    cv = cross_validate(dense, lexical, targets, folds)
+              "lexical_weight": weight, "rerank_weight": rerank_weight, "stages": stages}
+    cv = cross_validate(dense, lexical, targets, folds, likelihood=likelihood)
     if (~uncovered).any():
         right = np.zeros(len(questions), dtype=bool)
-        for test, w, _ in cv:
-            best = (dense + w * lexical).argmax(1)
+        for test, w, mu, _ in cv:
+            best = final_scores(dense, lexical, likelihood, w, mu).argmax(1)
             right[test] = targets[test, best[test]]
         result["top1_cv"] = float(right[~uncovered].mean())
     if threshold is not None:
         p, r, _ = handoff_scores(conf, uncovered, threshold)
         result.update(threshold=threshold, handoff_precision=p, handoff_recall=r)
         handed = np.zeros(len(questions), dtype=bool)
-        for test, w, t in cv:
+        for test, w, mu, t in cv:
             if t is not None:
-                handed[test] = (dense[test] + w * lexical[test]).max(1) < t
+                handed[test] = final_scores(dense, lexical, likelihood, w, mu)[test].max(1) < t
         tp = float(np.sum(handed & uncovered))
         result["handoff_precision_cv"] = tp / float(handed.sum()) if handed.sum() else 0.0
         result["handoff_recall_cv"] = tp / float(uncovered.sum())
-        right_first = targets[np.arange(len(questions)), fused.argmax(1)]
+        right_first = targets[np.arange(len(questions)), final.argmax(1)]
         result["covered_answered_correctly"] = float(((conf >= threshold) & right_first)[~uncovered].mean())
-        if save:  # the weight and the threshold belong together: the confidence's scale depends on the weight
+        if save:  # weights and threshold belong together: the confidence's scale depends on the weights
             assistant.store.set("threshold", threshold)
             assistant.store.set("lexical_weight", weight)
+            assistant.store.set("rerank_weight", rerank_weight)
     else:
         result.update(threshold=assistant.threshold, handoff_precision=None, handoff_recall=None)
     result["threshold_saved"] = bool(save and result.get("handoff_precision") is not None)
-    order = np.argsort(-fused, axis=1, kind="stable")[:, :3]
+    order = np.argsort(-final, axis=1, kind="stable")[:, :3]
     result["questions"] = [{"question": text, "expected": sorted(ids) if ids else "none",
                             "top": [entries[j].id for j in order[i]], "confidence": round(float(conf[i]), 4)}
                            for i, (text, ids) in enumerate(questions)]
