@@ -1,9 +1,9 @@
 """Real FAQs from this machine's documentation, as lmforge support FAQ files, for the retrieval
-benchmark (`bench/support_bench.py`): gitfaq(7) (Git's manual page) and XZ Utils' faq.txt.
-Ids are `git-N` / `xz-N` in the order of the questions in the source, which the hand-written
-paraphrase files (`bench/support/*_questions.jsonl`) refer to.
+benchmark (`bench/support_bench.py`): gitfaq(7) (Git's manual page), XZ Utils' faq.txt and
+lsof's 00FAQ. Ids are `git-N` / `xz-N` / `lsof-N` in the order of the questions in the source,
+which the hand-written paraphrase files (`bench/support/*_questions.jsonl`) refer to.
 
-    python bench/support_faqs.py OUT_DIR   ->  OUT_DIR/gitfaq.jsonl, OUT_DIR/xzfaq.jsonl
+    python bench/support_faqs.py OUT_DIR   ->  OUT_DIR/{gitfaq,xzfaq,lsoffaq}.jsonl
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 XZ_FAQ = Path("/usr/share/doc/xz-utils/faq.txt.gz")
+LSOF_FAQ = Path("/usr/share/doc/lsof/00FAQ.gz")
 
 
 def gitfaq() -> list[dict]:
@@ -54,10 +55,35 @@ def xzfaq() -> list[dict]:
     return rows
 
 
+def lsoffaq() -> list[dict]:
+    """Numbered headings (``3.2.1<TAB>Why ...?``, perhaps wrapped onto a tab-indented line) after the
+    table of contents; the entries are the headings that are questions."""
+    text = gzip.decompress(LSOF_FAQ.read_bytes()).decode("latin-1")
+    body = text[text.index("1.0\tGeneral Concepts", text.index("1.0\tGeneral Concepts") + 1):]
+    rows, current, lines = [], None, body.splitlines()
+    i = 0
+    while i < len(lines):
+        m = re.match(r"^(\d+(?:\.\d+)+)\s+(\S.*)$", lines[i])
+        if m:
+            title = m.group(2).strip()
+            if not title.endswith("?") and i + 1 < len(lines) and re.match(r"^\t\S.*\?\s*$", lines[i + 1]):
+                title, i = f"{title} {lines[i + 1].strip()}", i + 1
+            current = ({"id": f"lsof-{len(rows) + 1}", "question": " ".join(title.split()), "answer": []}
+                       if title.endswith("?") else None)
+            if current is not None:
+                rows.append(current)
+        elif current is not None:
+            current["answer"].append(lines[i].strip())
+        i += 1
+    for r in rows:
+        r["answer"] = re.sub(r"\n{3,}", "\n\n", "\n".join(r["answer"])).strip()
+    return [r for r in rows if r["answer"]]
+
+
 def main(out: str) -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("gitfaq", gitfaq()), ("xzfaq", xzfaq())):
+    for name, rows in (("gitfaq", gitfaq()), ("xzfaq", xzfaq()), ("lsoffaq", lsoffaq())):
         (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         print(f"{name}: {len(rows)} entries -> {out_dir / (name + '.jsonl')}")
 

@@ -615,6 +615,37 @@ def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, tiny_decoder,
     assert (message["text"], message["faq_ids"]) == ((written, [e.id for e in given]) if written else
                                                      (given[0].answer, [given[0].id]))
     assert message["faq_ids"][0] == "install"
+    # A decoder that fails, or one too slow for a waiting customer, gives way to the FAQ's own answer.
+    assistant.generator.seconds = 0.0
+    assert assistant.generator.rephrase("How do I install lmforge?", given) == ""
+    assistant.generator.seconds = 20.0
+
+    def broken(*args):
+        raise RuntimeError("out of memory")
+    assistant.generator.rephrase = broken
+    message = assistant.handle("gen-2", "How do I install lmforge?").messages[-1]
+    assert (message["text"], message["faq_ids"]) == (given[0].answer, [given[0].id])
+
+    # support eval --generate: the written replies' faithfulness to the entries they cite.
+    from lmforge.apps.support.assistant import grounded, sources_of, supported
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"question": "How do I install lmforge?", "faq_id": "install"}, {"question": "do I need a gpu", "faq_id": "gpu"},
+        {"question": "can you fix my car?", "faq_id": "none"}]))
+    r = run_cli("support", "eval", str(app_dir[0]), "--questions", str(questions), "--no-save", "--generate", str(run),
+                "--json")
+    assert r.returncode == 0, r.stderr
+    g = json.loads(r.stdout)["generation"]
+    entries = {e.id: e for e in assistant.retriever.entries}
+    assert g["n_answered"] == len(g["replies"]) >= 1 and g["verbatim_supported"] == 1.0
+    for row in g["replies"]:
+        sources = sources_of(row["question"], [entries[i] for i in row["cited"]])
+        if row["reply"]:
+            assert row["supported"] == pytest.approx(supported(row["reply"], sources))
+        assert row["grounded"] == (bool(row["reply"]) and grounded(row["reply"], sources))
+    written = [x["supported"] for x in g["replies"] if x["reply"]]
+    assert g["supported_mean"] == (pytest.approx(np.mean(written)) if written else None)
 
 
 def test_a_generated_answer_must_say_only_what_the_faq_says():

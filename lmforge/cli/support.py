@@ -66,6 +66,9 @@ class EvalOptions:
     app_dir: str = flag(positional=True)
     questions: str = flag(None, required=True, help='JSONL {"question": ..., "faq_id": ID | [IDS] | "none"}')
     no_save: bool = flag(False, help="do not save the fitted threshold to the app")
+    generate: str | None = flag(metavar="DECODER_RUN", help="also write a reply to each answered question with this "
+                                "decoder (as `support serve --generate` does) and report how faithful the replies "
+                                "are to the entries they cite")
     json: bool = flag(False)
 
 
@@ -156,10 +159,17 @@ def run_eval(o: EvalOptions) -> int:
     """Top-1, MRR@5 and the handoff threshold on labelled questions."""
     from lmforge.apps.support.evaluate import evaluate_support
 
-    r = evaluate_support(o.app_dir, o.questions, save=not o.no_save)
+    r = evaluate_support(o.app_dir, o.questions, save=not o.no_save, generate_run=o.generate)
     if o.json:
         print_json(r)
     else:
+        g = r.get("generation")
+        if g is not None:
+            share = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+            print(f"written replies on {g['n_answered']} answered questions: {share(g['written_share'])} written, "
+                  f"{share(g['grounded_share'])} grounded (sent), content words supported by the cited entries "
+                  f"{share(g['supported_mean'])} (verbatim answer: 1.000); cited entries include the expected one "
+                  f"{share(g['cites_expected_share'])} (verbatim: {share(g['verbatim_expected_share'])})")
         for q in r["questions"]:
             if q["expected"] != "none" and (not q["top"] or q["top"][0] not in q["expected"]):
                 print(f"  miss: {q['question']!r} -> {q['top'][:1]} (expected {q['expected']})")

@@ -62,6 +62,8 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
                        registry=metrics.registry)
     confidence = Histogram("lmforge_support_answer_confidence", "Confidence of the answers given from the FAQ",
                            registry=metrics.registry, buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.3))
+    failures = Counter("lmforge_support_generation_failures_total", "Written answers that failed (the FAQ's answer "
+                       "was given instead)", registry=metrics.registry)
     metrics.gauge("lmforge_support_queue_length", "Conversations waiting for or with a human",
                   lambda: len(assistant.store.queue()))
 
@@ -76,6 +78,8 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
         elif kind == "handoff":
             messages.labels("assistant").inc()
             handoffs.labels(value).inc()
+        elif kind == "generation_failed":
+            failures.inc()
     assistant.on_event = on_event
 
     def check_auth(request: Request) -> JSONResponse | None:

@@ -365,7 +365,15 @@ class Assistant:
         answer, used = hits[0].entry.answer, hits[:1]
         if self.generator is not None:
             given = [h for h in hits[:GROUNDING_ENTRIES] if h.score >= self.threshold]
-            written = self.generator.rephrase(question, [h.entry for h in given])
+            try:
+                written = self.generator.rephrase(question, [h.entry for h in given])
+            except Exception as e:  # noqa: BLE001 - a failing decoder must not cost the customer the answer
+                import sys
+
+                print(f"[lmforge] support: generation failed ({type(e).__name__}: {e}); answering from the FAQ",
+                      file=sys.stderr, flush=True)
+                self.on_event("generation_failed")
+                written = ""
             if written:
                 answer, used = written, given
         name = name or (self.store.customer(customer_id) or {}).get("name")
@@ -433,10 +441,11 @@ class _Rephraser:
     """A decoder run that writes the answer from the retrieved FAQ entries (greedy, bounded): the
     entries go into the prompt, and the stored message names the ones it was given."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, seconds: float = 20.0):
         from lmforge.chat import load_chat_template
         from lmforge.runs import load_run
 
+        self.seconds = seconds  # the longest a customer waits for a written answer
         self.run = load_run(run_dir)
         if not self.run.model.can_generate or self.run.model.config.num_labels:
             raise UserError(f"--generate needs a decoder run (GPT or Llama); {run_dir} is {self.run.config.arch}")
@@ -450,24 +459,42 @@ class _Rephraser:
         return render_chat(self.template, [{"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"
                                             "\n\nAnswer the question using only the context."}])
 
-    def rephrase(self, question: str, entries: list) -> str:
-        """The decoder's answer to ``question`` from the FAQ ``entries``, or "" when it says what
-        they do not (:func:`grounded`: a small model asked about a product it never saw invents
-        commands) or the prompt leaves no room; the caller then gives the best entry's answer."""
+    def write(self, question: str, entries: list) -> str | None:
+        """The decoder's answer to ``question`` from the FAQ ``entries`` as written (None when the
+        prompt leaves no room or the answer takes longer than ``seconds``)."""
+        import time
+
         from lmforge.chat import end_token_id
         from lmforge.generate import stream_text
 
         ids = self.run.tokenizer.encode(self.prompt(question, entries), add_special_tokens=False).ids
         room = self.run.model.config.block_size - len(ids)
         if room < 16:
-            return ""
+            return None
         with self.lock:
-            text = "".join(stream_text(self.run.model, self.run.tokenizer, "", min(120, room), 0.0, None, None, None,
-                                       self.template.get("stop", []) + ECHOES,
-                                       end_token_id(self.template, self.run.tokenizer), prompt_ids=ids)).strip()
-        text = re.sub(r"^(?:Q:[^\n]*\n)?(?:A|Answer):\s*", "", text)  # the prompt's own labels, echoed
-        sources = [question] + [f"{e.question} {e.answer}" for e in entries]
-        return text if grounded(text, sources) else ""
+            deadline = time.monotonic() + self.seconds
+            pieces = stream_text(self.run.model, self.run.tokenizer, "", min(120, room), 0.0, None, None, None,
+                                 self.template.get("stop", []) + ECHOES,
+                                 end_token_id(self.template, self.run.tokenizer), prompt_ids=ids)
+            text = ""
+            for piece in pieces:
+                text += piece
+                if time.monotonic() > deadline:  # too slow for a customer waiting: the FAQ's answer instead
+                    pieces.close()
+                    return None
+        return re.sub(r"^(?:Q:[^\n]*\n)?(?:A|Answer):\s*", "", text.strip())  # the prompt's own labels, echoed
+
+    def rephrase(self, question: str, entries: list) -> str:
+        """:meth:`write`'s answer, or "" when it says what the entries do not (:func:`grounded`: a
+        small model asked about a product it never saw invents commands) or none was written; the
+        caller then gives the best entry's answer."""
+        text = self.write(question, entries)
+        return text if text is not None and grounded(text, sources_of(question, entries)) else ""
+
+
+def sources_of(question: str, entries: list) -> list[str]:
+    """What a written answer may say: the question and the entries it was given."""
+    return [question] + [f"{e.question} {e.answer}" for e in entries]
 
 
 ECHOES = ["Question:", "Context:", "\nQ:"]  # the model starting the prompt's pattern over: the answer is done

@@ -137,14 +137,52 @@ def likelihood_matrix(reranker, texts: list[str], entries, dense: np.ndarray, le
     return out
 
 
-def evaluate_support(app_dir: str | Path, questions_file: str | Path, save: bool = True, folds: int = 5) -> dict:
+FAITHFULNESS = ("token overlap: the share of the reply's content words (stopwords dropped, crudely stemmed) found in "
+                "the question and the entries it was given; grounded = at least 0.8 of them and every `code span` "
+                "verbatim in the entries (what `support serve --generate` requires before it sends a written reply)")
+
+
+def generation_figures(generator, questions, entries, final: np.ndarray, targets: np.ndarray, threshold: float,
+                       texts: list[str]) -> dict:
+    """How faithful a decoder's written replies are on the covered questions the app answers
+    (confidence at or above ``threshold``), beside the verbatim baseline (the best entry's own
+    answer, supported by that entry by construction). See ``FAITHFULNESS``."""
+    from lmforge.apps.support.assistant import GROUNDING_ENTRIES, grounded, sources_of, supported
+    from lmforge.progress import status
+
+    answered = [i for i in range(len(questions)) if targets[i].any() and final[i].max() >= threshold]
+    rows = []
+    for n, i in enumerate(answered, 1):
+        order = np.argsort(-final[i], kind="stable")[:GROUNDING_ENTRIES]
+        given = [entries[j] for j in order if final[i, j] >= threshold]
+        written = generator.write(texts[i], given)
+        sources = sources_of(texts[i], given)
+        rows.append({"question": questions[i][0], "cited": [e.id for e in given], "reply": written,
+                     "supported": supported(written, sources) if written else None,
+                     "grounded": bool(written) and grounded(written, sources),
+                     "cites_expected": any(targets[i, j] for j in order if final[i, j] >= threshold),
+                     "verbatim_expected": bool(targets[i, order[0]])})
+        if n % 10 == 0 or n == len(answered):
+            status(f"written replies: {n}/{len(answered)}")
+    written = [r for r in rows if r["reply"]]
+    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+    return {"method": FAITHFULNESS, "n_answered": len(rows), "written_share": mean([bool(r["reply"]) for r in rows]),
+            "supported_mean": mean([r["supported"] for r in written]),
+            "grounded_share": mean([r["grounded"] for r in rows]),
+            "cites_expected_share": mean([r["cites_expected"] for r in rows]),
+            "verbatim_supported": 1.0, "verbatim_expected_share": mean([r["verbatim_expected"] for r in rows]),
+            "replies": rows}
+
+
+def evaluate_support(app_dir: str | Path, questions_file: str | Path, save: bool = True, folds: int = 5,
+                     generate_run: str | Path | None = None) -> dict:
     """Each retrieval stage's top-1 and MRR@5 (dense, lexical, fused, and reranked when the app has
     a reranker), the weights and the handoff threshold fitted on the questions (saved to the app
     unless ``save`` is False), and the same figures with them fitted by ``folds``-fold
     cross-validation."""
     from lmforge.apps.support.assistant import Assistant
 
-    assistant = Assistant(app_dir)
+    assistant = Assistant(app_dir, generate_run=generate_run)
     entries = assistant.retriever.entries
     known = {e.id for e in entries}
     questions = read_questions(questions_file, known)
@@ -198,6 +236,9 @@ def evaluate_support(app_dir: str | Path, questions_file: str | Path, save: bool
             assistant.store.set("rerank_weight", rerank_weight)
     else:
         result.update(threshold=assistant.threshold, handoff_precision=None, handoff_recall=None)
+    if assistant.generator is not None:
+        result["generation"] = generation_figures(assistant.generator, questions, entries, final, targets,
+                                                  result["threshold"], texts)
     result["threshold_saved"] = bool(save and result.get("handoff_precision") is not None)
     order = np.argsort(-final, axis=1, kind="stable")[:, :3]
     result["questions"] = [{"question": text, "expected": sorted(ids) if ids else "none",
