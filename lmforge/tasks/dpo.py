@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from lmforge.data.labeled import jsonl_objects, read_utf8
 from lmforge.errors import UserError
-from lmforge.models import build_model
 from lmforge.tasks.finetune import FineTuneTask
 from lmforge.tasks.sft import ROLES, encode_conversation, load_chat_base
 
@@ -115,12 +114,6 @@ class DPOTask(FineTuneTask):
         self.val = self._encode(self.val_pairs, length) if self.val_pairs else None
         self.plan_epochs(cfg, world, len(self.pairs))
         return cfg if self.resume else self.epoch_schedule(cfg)
-
-    def build_model(self, cfg):
-        model = build_model(cfg.arch, cfg.model)
-        if not self.resume:
-            model.load_saved_state(self.base.state_dict_for_save())
-        return model
 
     def write_files(self, run, model) -> None:
         from lmforge.chat import save_chat_template

@@ -26,11 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.labeled import csv_rows, jsonl_objects, read_utf8
+from lmforge.data.labeled import read_rows
 from lmforge.data.tokenizer import encode_batch, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.models import build_model
-from lmforge.tasks.finetune import FineTuneTask, load_base
+from lmforge.tasks.finetune import FineTuneTask, bundled_encoder, load_base
 
 
 @dataclass
@@ -64,16 +63,7 @@ def read_pairs(path: str | Path, query_column: str = "query", positive_column: s
     """The (query, positive, group) rows of a ``.csv``/``.jsonl`` file; without a group column each
     row is its own group."""
     path = Path(path)
-    text = read_utf8(path)
-    if path.suffix.lower() == ".csv":
-        columns, rows = csv_rows(path, text)
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        rows = [r for _, r in jsonl_objects(path, text)]
-        columns = sorted({k for r in rows for k in r})
-    else:
-        raise UserError(f"{path}: expected a .csv or .jsonl file of {query_column}/{positive_column} pairs")
-    if not rows:
-        raise UserError(f"{path}: no pairs")
+    columns, rows = read_rows(path, f"a .csv or .jsonl file of {query_column}/{positive_column} pairs")
     missing = [c for c in (query_column, positive_column) if c not in columns]
     if missing:
         raise UserError(f"{path}: no column(s) {', '.join(map(repr, missing))} (columns: {', '.join(map(str, columns))};"
@@ -152,11 +142,7 @@ class EmbedTask(FineTuneTask):
                               early_stop="top1", keep_best=True, weight_decay=0.01)}
     DATA = "FILE (.csv or .jsonl of query/positive pairs)"
 
-    @staticmethod
-    def default_init() -> str:
-        from lmforge.interop.hf_dir import default_encoder_dir
-
-        return str(default_encoder_dir())
+    default_init = staticmethod(bundled_encoder)
 
     @classmethod
     def validate_options(cls, cfg) -> None:
@@ -185,12 +171,6 @@ class EmbedTask(FineTuneTask):
             cfg = self.absolute_paths(cfg, max_length=min(cfg.task.max_length, cfg.model.block_size))
         self.plan_epochs(cfg, world, len(self.train_pairs))
         return cfg if self.resume else self.epoch_schedule(cfg)
-
-    def build_model(self, cfg):
-        model = build_model(cfg.arch, cfg.model)
-        if not self.resume:
-            model.load_saved_state(self.base.state_dict_for_save())
-        return model
 
     def write_files(self, run, model) -> None:
         self.tokenizer.save(str(run.tokenizer))

