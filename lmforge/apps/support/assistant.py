@@ -129,8 +129,9 @@ def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | No
             status("importing the default encoder (all-MiniLM-L6-v2) into the app")
             import_hf(default_encoder_dir(), app_dir / "encoder")
         store.set("encoder", wanted)
-        if reranker is not None and str(reranker) != store.get("reranker", "none"):
-            store.set("reranker", None if reranker == "none" else str(Path(reranker).resolve()))
+        named = None if reranker in (None, "none") else str(Path(reranker).resolve())
+        if reranker is not None and named != store.get("reranker"):
+            store.set("reranker", named)
             store.set("rerank_weight", 0.0)  # until `support eval` fits one for it
         adaptation, readapted = store.get("adaptation"), False
         if adapt_seconds == 0:
@@ -159,6 +160,9 @@ def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | No
             qa = embed([f"{e.question}\n{e.answer}" for e in todo])
             vectors = {e.id: (q[i], qa[i]) for i, e in enumerate(todo)}
         counts = store.sync_faq(entries, vectors, reembedded=new_encoder)
+        if new_encoder and store.get("threshold") != DEFAULT_THRESHOLD:
+            status("the encoder changed: the threshold and weights `support eval` fitted belong to the previous "
+                   "one; run `lmforge support eval` again")
         if new_encoder or counts["added"] or counts["changed"] or counts["removed"]:
             store.set("faq_version", store.get("faq_version", 0) + 1)  # a running server reloads the FAQ
         all_entries, qv, qav = store.faq()
