@@ -7,12 +7,12 @@ alone), fused (dense + weight × lexical) and, with a reranker, reranked (the be
 a decoder's query likelihood: :mod:`~lmforge.apps.support.retrieval`) — so a user sees where the
 gain comes from. The lexical and rerank weights are the ones with the best top-1 on these
 questions (a rerank weight of 0 turns reranking off: it is kept only where it wins); then handoff
-is "confidence
-below the threshold", the questions the FAQ does not cover ("none") are the ones that should be
-handed off, and the threshold that maximises the F1 of that decision is chosen. Both are saved to
-the app. Because they are fitted on these same questions, the report also gives top-1 and handoff
-precision and recall with both fitted by 5-fold cross-validation (each fold decided by a weight and
-a threshold fitted on the other folds), an honest estimate for new questions.
+is "confidence below the threshold", the questions the FAQ does not cover ("none") are the ones
+that should be handed off, and the threshold that maximises the F1 of that decision is chosen.
+Weights and threshold are saved to the app together. Because they are fitted on these same
+questions, the report also gives top-1 and handoff precision and recall with all three fitted by
+5-fold cross-validation (each fold decided by weights and a threshold fitted on the other folds),
+an honest estimate for new questions.
 """
 
 from __future__ import annotations

@@ -172,8 +172,14 @@ class Retriever:
         if self.reranker is not None and self.rerank_weight:
             top = np.argsort(-score, kind="stable")[:RERANK_K]
             likelihood = np.zeros_like(score)
-            likelihood[top] = self.reranker.scores(text, [self.entries[i] for i in top])
-            score = reranked(score[None], likelihood[None], self.rerank_weight)[0]
+            try:
+                likelihood[top] = self.reranker.scores(text, [self.entries[i] for i in top])
+                score = reranked(score[None], likelihood[None], self.rerank_weight)[0]
+            except Exception as e:  # noqa: BLE001 - a failing reranker must not cost the customer the answer
+                import sys
+
+                print(f"[lmforge] support: reranking failed ({type(e).__name__}: {e}); using the fused ranking",
+                      file=sys.stderr, flush=True)
         order = np.argsort(-score, kind="stable")[:k]
         return [Hit(self.entries[i], float(score[i]), float(dense[i]), float(lexical[i])) for i in order]
 
