@@ -317,6 +317,20 @@ def test_the_support_assistant_answers_with_the_imported_model_grounded_in_its_f
             message["text"], [question] + [f"{e.question} {e.answer}" for e in used]), message
     reply = assistant.handle("smol-2", "Can you repair my bicycle's gears?")  # nothing in the FAQ
     assert reply.status == "human" and reply.handoff_reason == "low_confidence"
+    # The customer page's stream: the sentences the model writes as they are released, then the
+    # stored reply, whose text they are (or, none grounded, the entry's own answer and no text).
+    from fastapi.testclient import TestClient
+
+    from lmforge.apps.support.app import create_app
+
+    client = TestClient(create_app(assistant, "agent-key"))
+    with client.stream("POST", "/api/messages", json={"customer_id": "smol-3", "text": "Do I need a GPU?",
+                                                      "stream": True}) as r:
+        events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line]
+    *texts, last = events
+    assert last["type"] == "reply" and all(e["type"] == "text" for e in texts)
+    message = last["messages"][-1]
+    assert message["text"] == ("".join(e["text"] for e in texts).strip() if texts else entries["gpu"].answer)
 
 
 def _gguf(path: Path, arch: str = "llama", tokenizer: str = "gpt2"):

@@ -525,6 +525,23 @@ def test_customer_and_agent_pages_in_headless_chromium(server, app_dir, tmp_path
             assert last.locator("script, img").count() == 0 and customer.evaluate("() => window.pwned") is None
             assert last.locator("a").get_attribute("href") == "https://example.org/d"
 
+            # The page reads a streamed reply: a written answer's sentences as a draft, then the stored
+            # messages in its place (the server's side of the stream is tested on the API).
+            conversation = customer.evaluate("() => conversation")
+            events = [{"type": "text", "text": "Clone the repository. "}, {"type": "text", "text": "Then run `make test`."},
+                      {"type": "reply", "conversation_id": conversation, "status": "assistant", "handoff_reason": None,
+                       "messages": [{"seq": 10_001, "role": "customer", "text": "how do I start?"},
+                                    {"seq": 10_002, "role": "assistant", "faq_ids": ["install"],
+                                     "text": "Clone the repository. Then run `make test`."}]}]
+            customer.route("**/api/messages", lambda route: route.fulfill(
+                status=200, content_type="text/event-stream", body="".join(f"data: {json.dumps(e)}\n\n" for e in events)))
+            customer.fill("#text", "how do I start?")
+            customer.click("#send")
+            customer.wait_for_selector(".msg.assistant >> text=Clone the repository. Then run", timeout=30_000)
+            assert customer.locator(".msg.draft").count() == 0
+            assert customer.locator(".msg.customer >> text=how do I start?").count() == 1
+            customer.unroute("**/api/messages")
+
             # A returning customer (a new tab) sees the conversation again.
             again = browser.new_context().new_page()
             again.goto(f"{server}/?api_key={API_KEY}&customer=browser-1&token={token}")
@@ -620,14 +637,14 @@ def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, tiny_decoder,
     assert assistant.generator.rephrase("How do I install lmforge?", given) == ""
     assistant.generator.seconds = 20.0
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
     assistant.generator.rephrase = broken
     message = assistant.handle("gen-2", "How do I install lmforge?").messages[-1]
     assert (message["text"], message["faq_ids"]) == (given[0].answer, [given[0].id])
 
     # support eval --generate: the written replies' faithfulness to the entries they cite.
-    from lmforge.apps.support.assistant import grounded, sources_of, supported
+    from lmforge.apps.support.assistant import grounded, released, sources_of, supported
 
     questions = tmp_path / "q.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in [
@@ -644,8 +661,58 @@ def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, tiny_decoder,
         if row["reply"]:
             assert row["supported"] == pytest.approx(supported(row["reply"], sources))
         assert row["grounded"] == (bool(row["reply"]) and grounded(row["reply"], sources))
+        assert row["sent"] == "".join(released([row["reply"] or ""], sources)).strip()  # what serve would release
+        assert not row["sent"] or grounded(row["sent"], sources)
     written = [x["supported"] for x in g["replies"] if x["reply"]]
     assert g["supported_mean"] == (pytest.approx(np.mean(written)) if written else None)
+    assert g["sent_share"] == pytest.approx(np.mean([bool(x["sent"]) for x in g["replies"]]))
+
+
+def test_a_written_answer_streams_sentence_by_sentence_as_far_as_it_is_grounded(app_dir, tiny_decoder):
+    """A sentence reaches the customer only once the answer up to it is grounded; the first that is
+    not ends the answer; the page's stream carries those sentences, then the stored reply — the
+    same one a plain request gets. The decoder's text is scripted here: what is tested is the gate
+    and the protocol (the real model streams in tests/test_llama.py)."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.apps.support.app import create_app
+    from lmforge.apps.support.assistant import Assistant, complete_sentences, grounded, sources_of
+
+    assert complete_sentences("Run `make test.` now. 1. Clone") == ["Run `make test.` now. "]
+    assert complete_sentences("Clone it.\n- run `make test`\n") == ["Clone it.\n", "- run `make test`\n"]
+    assistant = Assistant(app_dir[0], generate_run=tiny_decoder)
+    gen = assistant.generator
+    entry = next(e for e in assistant.retriever.entries if e.id == "install")
+    script = ["A: Clone", " the repository", ". Then run `make", " quickstart`. It creates", " a `.venv`. ",
+              "Then run `pip install", " lmforge`. Done."]
+    gen.pieces = lambda question, entries: iter(script)
+    sentences = list(gen.stream("How do I install lmforge?", [entry]))
+    assert sentences == ["Clone the repository. ", "Then run `make quickstart`. ", "It creates a `.venv`. "]
+    sources = sources_of("How do I install lmforge?", [entry])
+    assert all(grounded("".join(sentences[:k]).strip(), sources) for k in (1, 2, 3))
+    assert not grounded("".join(sentences) + "Then run `pip install lmforge`.", sources)  # where it stopped
+
+    api = Browsers(TestClient(create_app(assistant, AGENT_KEY, API_KEY)))
+    ask = {"customer_id": "stream-1", "text": "How do I install lmforge?", "client_message_id": "s-1"}
+    with api.client.stream("POST", "/api/messages", headers=C, json={**ask, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line]
+    assert [e["type"] for e in events] == ["text"] * 3 + ["reply"]
+    reply = events[-1]
+    assert "".join(e["text"] for e in events[:-1]).strip() == reply["messages"][-1]["text"]
+    assert reply["messages"][-1]["faq_ids"][0] == "install" and reply["customer_token"]
+    # The retry of the same message gets the stored exchange, whichever way it asks.
+    again = api.client.post("/api/messages", headers={**C, "X-Customer-Token": reply["customer_token"]}, json=ask)
+    assert again.json()["messages"] == reply["messages"]
+    # A bad request is refused before any event, as without stream.
+    r = api.client.post("/api/messages", headers=C, json={"customer_id": "stream-2", "text": " ", "stream": True})
+    assert r.status_code == 400 and "empty" in r.json()["error"]["message"]
+    # Nothing grounded written: no text events, and the FAQ's own answer.
+    script[:] = ["Buy a Tesla K80 GPU. ", "It is fast."]
+    with api.client.stream("POST", "/api/messages", headers=C, json={**ask, "client_message_id": "s-2",
+                                                                    "customer_id": "stream-3", "stream": True}) as r:
+        events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line]
+    assert [e["type"] for e in events] == ["reply"] and events[0]["messages"][-1]["text"] == entry.answer
 
 
 def test_a_generated_answer_must_say_only_what_the_faq_says():

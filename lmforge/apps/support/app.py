@@ -2,7 +2,8 @@
 
 Customer side (the API key, when one is set, on every endpoint but ``/health``):
 ``GET /`` (the page; the key may come once as ``/?api_key=KEY``), ``POST /api/messages``
-``{customer_id, text, conversation_id?}``, ``GET /api/conversations/{id}?customer_id=&after=``
+``{customer_id, text, conversation_id?, client_message_id?, stream?}`` (``stream``: server-sent
+events, a written answer's sentences while the decoder writes them, then the reply), ``GET /api/conversations/{id}?customer_id=&after=``
 (new messages since ``after``: how the page sees an agent's reply), ``GET /api/customers/{id}``
 (a returning customer's history).
 
@@ -16,10 +17,11 @@ Errors, limits and metrics are those of ``lmforge serve`` (:mod:`lmforge.serve.c
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from lmforge.apps.support.assistant import Assistant, Forbidden
@@ -40,6 +42,7 @@ class CustomerMessage(BaseModel):
     text: str
     conversation_id: str | None = None
     client_message_id: str | None = None  # the client's idempotency key: a retry is stored once
+    stream: bool = False  # server-sent events: a written answer's text while it is written, then the reply
 
 
 class AgentMessage(BaseModel):
@@ -134,17 +137,61 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
         return assistant.check_customer(customer_id, request.headers.get("x-customer-token"),
                                         request.headers.get("x-customer-token-from") == "address")
 
-    @app.post("/api/messages")
-    async def customer_message(msg: CustomerMessage, request: Request):
-        reply = await call(lambda: assistant.handle(
-            msg.customer_id, msg.text, msg.conversation_id, msg.client_message_id,
-            token=request.headers.get("x-customer-token"),
-            from_address=request.headers.get("x-customer-token-from") == "address", check=True))
+    running: set = set()  # streamed answers being written (kept referenced until they are stored)
+
+    def reply_json(reply) -> dict:
         out = {"conversation_id": reply.conversation_id, "status": reply.status,
                "handoff_reason": reply.handoff_reason, "messages": reply.messages}
         if reply.customer_token:
             out["customer_token"] = reply.customer_token
         return out
+
+    @app.post("/api/messages")
+    async def customer_message(msg: CustomerMessage, request: Request):
+        def handle(on_text=None):
+            return reply_json(assistant.handle(
+                msg.customer_id, msg.text, msg.conversation_id, msg.client_message_id,
+                token=request.headers.get("x-customer-token"),
+                from_address=request.headers.get("x-customer-token-from") == "address", check=True, on_text=on_text))
+        if not msg.stream:
+            return await call(handle)
+        return await stream_reply(handle)
+
+    async def stream_reply(handle) -> StreamingResponse:
+        """``{"stream": true}``: server-sent events, ``{"type": "text", "text": …}`` for each sentence
+        of a written answer as it is released, then ``{"type": "reply", …}`` with what the plain
+        request returns (the stored messages: the page shows those in place of the text). A bad
+        request is still refused with its 4xx before the stream starts. A client that leaves
+        mid-answer does not stop it: the exchange is stored whole, so a retry with its
+        ``client_message_id`` gets the reply."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def work():
+            try:
+                result = ("reply", handle(lambda text: loop.call_soon_threadsafe(events.put_nowait, ("text", text))))
+            except Exception as e:  # noqa: BLE001 - raised in the request below, or sent as an error event
+                result = ("error", e)
+            loop.call_soon_threadsafe(events.put_nowait, result)
+        running.add(future := loop.run_in_executor(None, work))
+        future.add_done_callback(running.discard)
+        first = await events.get()
+        if first[0] == "error":
+            raise first[1]  # nothing sent yet: the handlers above answer with the usual status
+
+        async def body():
+            kind, value = first
+            while True:
+                if kind == "text":
+                    yield sse({"type": "text", "text": value})
+                elif kind == "reply":
+                    yield sse({"type": "reply", **value})
+                    return
+                else:
+                    yield sse({"type": "error", "error": {"message": str(value), "type": "server_error"}})
+                    return
+                kind, value = await events.get()
+        return StreamingResponse(body(), media_type="text/event-stream")
 
     @app.get("/api/conversations/{conversation_id}")
     async def customer_conversation(conversation_id: str, customer_id: str, request: Request, after: int = AFTER):
@@ -173,6 +220,10 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
         return await call(assistant.hand_back, conversation_id)
 
     return app
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
 
 
 def serve(app_dir, host: str = "127.0.0.1", port: int = 8100, api_key: str | None = None, agent_key: str | None = None,

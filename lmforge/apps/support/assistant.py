@@ -273,12 +273,14 @@ class Assistant:
     # ----------------------------------------------------------------------------- customers
     def handle(self, customer_id: str, text: str, conversation_id: str | None = None,
                client_message_id: str | None = None, token: str | None = None, from_address: bool = False,
-               check: bool = False) -> Reply:
+               check: bool = False, on_text=None) -> Reply:
         """Store the customer's message and the reply to it — together, in one transaction, so a
         kill never leaves a question unanswered. A retry with the same ``client_message_id`` (the
         client's idempotency key) returns what the first attempt stored instead of storing it twice.
         With ``check`` (the web API): a known customer must bring their ``token``
-        (:meth:`check_customer`); a new one is issued theirs in the reply."""
+        (:meth:`check_customer`); a new one is issued theirs in the reply. ``on_text`` is given a
+        written answer's text while the decoder writes it (``--generate``; the stored reply is
+        what the call returns)."""
         text = validate_text(text)
         customer_id = validate_id(customer_id, "customer_id")
         sid = self.stored_id(customer_id)
@@ -297,11 +299,12 @@ class Assistant:
                 issued = self.token(customer_id, "issued")
         elif check:
             issued = self.token(customer_id, "issued")
-        reply = self._handle(sid, text, conversation_id, key)
+        reply = self._handle(sid, text, conversation_id, key, on_text)
         reply.customer_token = issued
         return reply
 
-    def _handle(self, customer_id: str, text: str, conversation_id: str | None, key: str | None) -> Reply:
+    def _handle(self, customer_id: str, text: str, conversation_id: str | None, key: str | None,
+                on_text=None) -> Reply:
         """:meth:`handle` once the customer is known: ``customer_id`` is the stored id."""
         if key is not None:
             stored = self.store.exchange(customer_id, key)
@@ -312,7 +315,7 @@ class Assistant:
         earlier = self.store.messages(cid)
         masked = self.mask(text)
         name = find_name(text)
-        replies, status, reason = self._reply(customer_id, conv, earlier, text, masked, name)
+        replies, status, reason = self._reply(customer_id, conv, earlier, text, masked, name, on_text)
         customer = {"role": "customer", "text": masked, "client_message_id": key}
         try:
             added = self.store.add_messages(cid, [customer] + replies, customer_id=customer_id, customer_name=name)
@@ -328,7 +331,7 @@ class Assistant:
         return Reply(cid, status, added, reason)
 
     def _reply(self, customer_id: str, conv: dict, earlier: list[dict], text: str, masked: str,
-               name: str | None) -> tuple[list[dict], str, str | None]:
+               name: str | None, on_text=None) -> tuple[list[dict], str, str | None]:
         """(the replies to store after the customer's message, the conversation's status, the
         handoff reason or None) — nothing is written here."""
         if conv["status"] == "human":
@@ -357,20 +360,29 @@ class Assistant:
             return self._handoff("low_confidence", hits=hits), "human", "low_confidence"
         answered_before = any(m["role"] == "assistant" and m["faq_ids"] and m["confidence"] is not None
                               and m["confidence"] >= self.threshold for m in earlier)
-        answer, used = self._answer(customer_id, text, hits, first=not answered_before, name=name)
+        answer, used = self._answer(customer_id, text, hits, first=not answered_before, name=name, on_text=on_text)
         return [{"role": "assistant", "text": answer, "faq_ids": [h.entry.id for h in used],
                  "confidence": hits[0].score}], "assistant", None
 
     def _answer(self, customer_id: str, question: str, hits: list[Hit], first: bool,
-                name: str | None = None) -> tuple[str, list[Hit]]:
+                name: str | None = None, on_text=None) -> tuple[str, list[Hit]]:
         """(the answer, the entries it came from): the best entry's answer, or (with
-        ``--generate``) the decoder's answer from the best entries over the threshold when it is
-        grounded in them; with the customer's name on the first answer."""
+        ``--generate``) the decoder's answer from the best entries over the threshold as far as it
+        is grounded in them (given to ``on_text`` sentence by sentence while it is written); with
+        the customer's name on the first answer."""
         answer, used = hits[0].entry.answer, hits[:1]
+        name = name or (self.store.customer(customer_id) or {}).get("name")
+        greeting = f"Thanks, {name}. " if name and first else ""
         if self.generator is not None:
             given = [h for h in hits[:GROUNDING_ENTRIES] if h.score >= self.threshold]
+            shown = []
+
+            def show(sentence: str) -> None:
+                if on_text is not None:
+                    on_text(("" if shown else greeting) + sentence)
+                shown.append(sentence)
             try:
-                written = self.generator.rephrase(question, [h.entry for h in given])
+                written = self.generator.rephrase(question, [h.entry for h in given], on_text=show)
             except Exception as e:  # noqa: BLE001 - a failing decoder must not cost the customer the answer
                 import sys
 
@@ -380,8 +392,7 @@ class Assistant:
                 written = ""
             if written:
                 answer, used = written, given
-        name = name or (self.store.customer(customer_id) or {}).get("name")
-        return (f"Thanks, {name}. {answer}" if name and first else answer), used
+        return greeting + answer, used
 
     @staticmethod
     def _handoff(reason: str, hits: list[Hit] | None = None, **extra) -> list[dict]:
@@ -463,37 +474,115 @@ class _Rephraser:
         return render_chat(self.template, [{"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"
                                             "\n\nAnswer the question using only the context."}])
 
-    def write(self, question: str, entries: list) -> str | None:
-        """The decoder's answer to ``question`` from the FAQ ``entries`` as written (None when the
-        prompt leaves no room or the answer takes longer than ``seconds``)."""
-        import time
-
+    def pieces(self, question: str, entries: list):
+        """The decoder's answer to ``question`` from the FAQ ``entries``, as text pieces while it
+        writes them (greedy, bounded); nothing when the prompt leaves no room. The caller closes it."""
         from lmforge.chat import end_token_id
         from lmforge.generate import stream_text
 
         ids = self.run.tokenizer.encode(self.prompt(question, entries), add_special_tokens=False).ids
         room = self.run.model.config.block_size - len(ids)
         if room < 16:
-            return None
+            return iter(())
+        return stream_text(self.run.model, self.run.tokenizer, "", min(120, room), 0.0, None, None, None,
+                           self.template.get("stop", []) + ECHOES, end_token_id(self.template, self.run.tokenizer),
+                           prompt_ids=ids)
+
+    def write(self, question: str, entries: list) -> str | None:
+        """The decoder's whole answer as written, checked by nothing (None when the prompt leaves no
+        room or the answer takes longer than ``seconds``): what ``support eval --generate`` measures."""
+        import time
+
         with self.lock:
             deadline = time.monotonic() + self.seconds
-            pieces = stream_text(self.run.model, self.run.tokenizer, "", min(120, room), 0.0, None, None, None,
-                                 self.template.get("stop", []) + ECHOES,
-                                 end_token_id(self.template, self.run.tokenizer), prompt_ids=ids)
-            text = ""
-            for piece in pieces:
-                text += piece
-                if time.monotonic() > deadline:  # too slow for a customer waiting: the FAQ's answer instead
-                    pieces.close()
-                    return None
-        return re.sub(r"^(?:Q:[^\n]*\n)?(?:A|Answer):\s*", "", text.strip())  # the prompt's own labels, echoed
+            pieces, text = self.pieces(question, entries), ""
+            try:
+                for piece in pieces:
+                    text += piece
+                    if time.monotonic() > deadline:  # too slow for a customer waiting
+                        return None
+            finally:
+                getattr(pieces, "close", lambda: None)()
+        return unlabelled(text).strip() or None
 
-    def rephrase(self, question: str, entries: list) -> str:
-        """:meth:`write`'s answer, or "" when it says what the entries do not (:func:`grounded`: a
-        small model asked about a product it never saw invents commands) or none was written; the
-        caller then gives the best entry's answer."""
-        text = self.write(question, entries)
-        return text if text is not None and grounded(text, sources_of(question, entries)) else ""
+    def stream(self, question: str, entries: list):
+        """The answer the customer is given, sentence by sentence as the decoder writes it
+        (:func:`released`), within ``seconds``. Nothing released: the caller gives the best
+        entry's answer."""
+        import time
+
+        with self.lock:
+            deadline = time.monotonic() + self.seconds
+            pieces = self.pieces(question, entries)
+            try:
+                yield from released(pieces, sources_of(question, entries), deadline)
+            finally:
+                getattr(pieces, "close", lambda: None)()
+
+    def rephrase(self, question: str, entries: list, on_text=None) -> str:
+        """The grounded answer :meth:`stream` releases ("" when it releases nothing), each sentence
+        also given to ``on_text`` as it is released (the page shows the answer while it is written)."""
+        text = ""
+        for sentence in self.stream(question, entries):
+            if on_text is not None:
+                on_text(sentence)
+            text += sentence
+        return text.strip()
+
+
+def released(pieces, sources: list[str], deadline: float | None = None):
+    """The sentences of a written answer (its text ``pieces`` as they come) that may reach the
+    customer: each only when the answer up to and including it is :func:`grounded` in
+    ``sources``. The first sentence that is not (a small model asked about a product it never saw
+    invents commands) ends the answer, and so does passing ``deadline`` (``time.monotonic()``);
+    the sentences released before stand, each checked with all before it."""
+    import time
+
+    done, pending = "", ""
+    for piece in pieces:
+        if deadline is not None and time.monotonic() > deadline:
+            return
+        pending += piece
+        if not done and pending.lstrip().startswith("Q:"):  # the prompt's question, echoed
+            if "\n" not in pending:
+                continue
+            pending = pending.split("\n", 1)[1]
+        for sentence in complete_sentences(pending):
+            pending = pending[len(sentence):]
+            candidate = done + sentence if done else unlabelled(sentence)
+            if not candidate.strip():  # only a label ("A:")
+                continue
+            if not grounded(candidate.strip(), sources):
+                return
+            yield candidate[len(done):]
+            done = candidate
+    candidate = done + pending if done else unlabelled(pending)
+    if pending.strip() and grounded(candidate.strip(), sources):  # the last sentence, unterminated
+        yield candidate[len(done):]
+
+
+SENTENCE_END = re.compile(r"[.!?](?=\s)|\n")
+
+
+def complete_sentences(text: str) -> list[str]:
+    """The complete sentences at the start of ``text``, each with the spaces after it: ended by a
+    full stop, question or exclamation mark before a space, or by a line end — never inside a
+    `code span` (whose dots are a file name's or a version's) nor before a content word."""
+    out, start = [], 0
+    for m in SENTENCE_END.finditer(text):
+        end = m.end()
+        while end < len(text) and text[end] in " \t\n":
+            end += 1
+        piece = text[start:end]
+        if _words(piece) and piece.count("`") % 2 == 0:  # "1. " (a list's number) is not a sentence
+            out.append(piece)
+            start = end
+    return out
+
+
+def unlabelled(text: str) -> str:
+    """``text`` without the prompt's own labels, when the decoder echoes them ("Q: …\nA: …")."""
+    return re.sub(r"^\s*(?:Q:[^\n]*\n)?(?:A|Answer):\s*", "", text)
 
 
 def sources_of(question: str, entries: list) -> list[str]:

@@ -139,7 +139,8 @@ def likelihood_matrix(reranker, texts: list[str], entries, dense: np.ndarray, le
 
 FAITHFULNESS = ("token overlap: the share of the reply's content words (stopwords dropped, crudely stemmed) found in "
                 "the question and the entries it was given; grounded = at least 0.8 of them and every `code span` "
-                "verbatim in the entries (what `support serve --generate` requires before it sends a written reply)")
+                "verbatim in the entries; sent = the sentences `support serve --generate` would release, each only "
+                "when the reply up to it is grounded")
 
 
 def generation_figures(generator, questions, entries, final: np.ndarray, targets: np.ndarray, threshold: float,
@@ -147,7 +148,7 @@ def generation_figures(generator, questions, entries, final: np.ndarray, targets
     """How faithful a decoder's written replies are on the covered questions the app answers
     (confidence at or above ``threshold``), beside the verbatim baseline (the best entry's own
     answer, supported by that entry by construction). See ``FAITHFULNESS``."""
-    from lmforge.apps.support.assistant import GROUNDING_ENTRIES, grounded, sources_of, supported
+    from lmforge.apps.support.assistant import GROUNDING_ENTRIES, grounded, released, sources_of, supported
     from lmforge.progress import status
 
     answered = [i for i in range(len(questions)) if targets[i].any() and final[i].max() >= threshold]
@@ -160,6 +161,7 @@ def generation_figures(generator, questions, entries, final: np.ndarray, targets
         rows.append({"question": questions[i][0], "cited": [e.id for e in given], "reply": written,
                      "supported": supported(written, sources) if written else None,
                      "grounded": bool(written) and grounded(written, sources),
+                     "sent": "".join(released([written or ""], sources)).strip(),
                      "cites_expected": any(targets[i, j] for j in order if final[i, j] >= threshold),
                      "verbatim_expected": bool(targets[i, order[0]])})
         if n % 10 == 0 or n == len(answered):
@@ -169,6 +171,7 @@ def generation_figures(generator, questions, entries, final: np.ndarray, targets
     return {"method": FAITHFULNESS, "n_answered": len(rows), "written_share": mean([bool(r["reply"]) for r in rows]),
             "supported_mean": mean([r["supported"] for r in written]),
             "grounded_share": mean([r["grounded"] for r in rows]),
+            "sent_share": mean([bool(r["sent"]) for r in rows]),
             "cites_expected_share": mean([r["cites_expected"] for r in rows]),
             "verbatim_supported": 1.0, "verbatim_expected_share": mean([r["verbatim_expected"] for r in rows]),
             "replies": rows}

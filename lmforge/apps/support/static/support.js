@@ -87,4 +87,5 @@ function appendMessage(log, m, label) {
   else { const body = document.createElement("div"); body.className = "body"; renderMarkdown(body, m.text); div.append(body); }
   log.appendChild(div);
   log.scrollTop = log.scrollHeight;
+  return div;
 }
