@@ -98,12 +98,14 @@ def test_adaptation_is_kept_only_when_it_helps_on_held_out_entries(tmp_path, mon
     monkeypatch.setattr(adapt, "_fine_tune", lambda rows, init, out, seconds, tmp: (
         calls.append((len(rows), out.name)), shutil.copytree(init, out), {"steps": 1})[-1])
     (tmp_path / "base").mkdir()
+    (tmp_path / ".adapt-killed").mkdir()  # what an init killed while adapting leaves: removed by the next
     monkeypatch.setattr("lmforge.apps.support.retrieval.load_encoder", lambda d: d.name)
     for before, after, kept in ((0.5, 0.5, False), (0.5, 0.4, False), (0.5, 0.6, True)):
         calls.clear()
         monkeypatch.setattr(adapt, "question_to_answer_mrr", lambda embed, e, held: before if embed == "base" else after)
         report = adapt.adapt_encoder(entries, tmp_path / "base", tmp_path, seconds=10)
         assert report["adapted"] is kept and report["held_out"] == 2
+        assert [p.name for p in tmp_path.glob(".adapt-*")] == []
         assert (tmp_path / adapt.ADAPTED).is_dir() is kept
         # The trial never trains on the held-out entries; the kept encoder is trained on all of them.
         assert calls[0] == (len(pairs) - 2 * 4, "trial") and (calls[1:] == [(len(pairs), "final")]) is kept
@@ -614,6 +616,16 @@ def test_reranker_scores_and_order_match_a_direct_computation(app_dir, tiny_deco
     r = run_cli("support", "init", "--faq", str(SUPPORT_DATA / "faq.jsonl"), "--out", str(app), "--reranker",
                 str(app / "encoder"))
     assert r.returncode == 2 and "decoder run" in r.stderr
+
+
+def test_eval_on_uncovered_questions_alone_is_valid_json_without_figures(app_dir, tmp_path):
+    from lmforge.apps.support.evaluate import evaluate_support
+
+    questions = tmp_path / "none.jsonl"
+    questions.write_text('{"question": "can you fix my car?", "faq_id": "none"}\n')
+    result = evaluate_support(app_dir[0], questions, save=False)
+    json.dumps(result, allow_nan=False)
+    assert result["top1"] is None and result["stages"]["dense"] == {"top1": None, "mrr5": None}
 
 
 def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, tiny_decoder, tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def adapt_encoder(entries, base: Path, app_dir: Path, seconds: float, seed: int 
     held = sorted(rng.permutation(len(entries))[:max(2, round(HELD_OUT * len(entries)))].tolist())
     held_ids = {entries[i].id for i in held}
     rows = faq_pairs(entries)
+    for stale in app_dir.glob(".adapt-*"):  # what a killed init left behind
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=app_dir, prefix=".adapt-") as tmp:
         tmp = Path(tmp)
         status(f"adapting the encoder to the FAQ: fine-tuning on {len(entries) - len(held)} entries, "

@@ -64,7 +64,7 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
     handoffs = Counter("lmforge_support_handoffs_total", "Conversations handed to a human, by reason", ["reason"],
                        registry=metrics.registry)
     confidence = Histogram("lmforge_support_answer_confidence", "Confidence of the answers given from the FAQ",
-                           registry=metrics.registry, buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.3))
+                           registry=metrics.registry, buckets=(-0.5, 0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.3))  # reranked ones can be < 0
     failures = Counter("lmforge_support_generation_failures_total", "Written answers that failed (the FAQ's answer "
                        "was given instead)", registry=metrics.registry)
     metrics.gauge("lmforge_support_queue_length", "Conversations waiting for or with a human",

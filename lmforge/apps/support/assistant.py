@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -169,6 +170,8 @@ def init_app(faq_file: str | Path, app_dir: str | Path, encoder: str | Path | No
         with atomic_path(app_dir / "index.npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, ids=np.array([e.id for e in all_entries]), q=qv, qa=qav)
+        if not adaptation["adapted"] and (app_dir / ADAPTED).is_dir():  # an earlier FAQ's, now unused
+            shutil.rmtree(app_dir / ADAPTED, ignore_errors=True)
         return {"app_dir": str(app_dir), "entries": len(entries), **counts, "encoder": wanted,
                 "threshold": store.get("threshold"), "mask": store.get("mask"), "on_duplicate": on_duplicate,
                 "duplicates": faq.duplicates, "near_duplicates": near_duplicates(all_entries, qv),

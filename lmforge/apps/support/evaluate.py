@@ -205,12 +205,14 @@ def evaluate_support(app_dir: str | Path, questions_file: str | Path, save: bool
     conf = final.max(1)
     top1, mrr5 = ranking_figures(final, targets)
     fused_weight = fit_fusion(dense, lexical, targets, everything)[0]
-    stages = {name: dict(zip(("top1", "mrr5"), ranking_figures(scores, targets)))
+
+    def stage(scores) -> dict:  # no covered questions: no figures (None, not NaN: the JSON stays JSON)
+        return dict(zip(("top1", "mrr5"), ranking_figures(scores, targets) if (~uncovered).any() else (None, None)))
+    stages = {name: stage(scores)
               for name, scores in (("dense", dense), ("lexical", lexical), ("fused", dense + fused_weight * lexical))}
     stages["fused"]["lexical_weight"] = fused_weight
     if likelihood is not None:
-        stages["reranked"] = {**dict(zip(("top1", "mrr5"), ranking_figures(final, targets))),
-                              "lexical_weight": weight, "rerank_weight": rerank_weight}
+        stages["reranked"] = {**stage(final), "lexical_weight": weight, "rerank_weight": rerank_weight}
     result = {"n_questions": len(questions), "n_covered": int((~uncovered).sum()), "n_uncovered": int(uncovered.sum()),
               "top1": top1 if (~uncovered).any() else None, "mrr5": mrr5 if (~uncovered).any() else None,
               "lexical_weight": weight, "rerank_weight": rerank_weight, "stages": stages}
