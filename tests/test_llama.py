@@ -129,6 +129,35 @@ def test_a_llama_trains_resumes_and_generates_on_the_one_spine(tmp_path, data_di
     with torch.no_grad():
         assert torch.equal(load_run(tmp_path / "back", device="cpu").model(x)[0], ours.model(x)[0])
 
+    # export-gguf -> transformers and the gguf reader load it: the same tokens and (F32) the same logits
+    import gguf
+
+    r = run_cli("export-gguf", str(whole), "--out", str(tmp_path / "m.gguf"), "--type", "f32", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["check"]["within_tolerance"] and info["check"]["greedy_tokens_equal"] and info["tensors"] == {"F32": 20}
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.attention.head_count_kv"].contents() == ours.model.config.n_kv_head
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    text = "the model reads text. café 東京 ✓"
+    assert tok(text, add_special_tokens=False).input_ids == ours.tokenizer.encode(text).ids
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours.model(x)[0], rtol=1e-5, atol=1e-5)
+    # Q8_0 through `export --format gguf`: a new directory with the file and its check.
+    r = run_cli("export", str(whole), "--format", "gguf", "--type", "q8_0", "--out", str(tmp_path / "g"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "g" / "export_report.json").read_text())
+    assert report["tensors"]["Q8_0"] == 15 and 0 < report["check"]["max_abs_diff"] < 0.1 * report["check"]["output_scale"]
+    assert (tmp_path / "g" / "model.gguf").stat().st_size < (tmp_path / "m.gguf").stat().st_size / 3
+    r = run_cli("export-gguf", str(whole), "--out", str(tmp_path / "m.gguf"))
+    assert r.returncode == 2 and "exists" in r.stderr
+    assert run_cli("train", "--data", str(data_dir), "--preset", "debug", "--max-steps", "1",
+                   "--out", str(tmp_path / "gpt")).returncode == 0
+    r = run_cli("export", str(tmp_path / "gpt"), "--format", "gguf", "--out", str(tmp_path / "g2"))
+    assert r.returncode == 2 and "Llama-family decoder run; " in r.stderr and not (tmp_path / "g2").exists()
+
     # bench generate --run: the run's own weights in lmforge and in transformers, same run
     r = run_cli("bench", "generate", "--run", str(whole), "--rounds", "1", "--prompt-tokens", "8",
                 "--new-tokens", "8", "--json")

@@ -34,6 +34,7 @@ VERBS = {
     "import-hf": "lmforge.cli.hf",
     "export-hf": "lmforge.cli.hf",
     "import-gguf": "lmforge.cli.hf",
+    "export-gguf": "lmforge.cli.hf",
     "merge-lora": "lmforge.cli.lora",
     "bench": "lmforge.cli.bench",
     "support": "lmforge.cli.support",

@@ -11,7 +11,7 @@ from lmforge.cli.options import flag
 from lmforge.errors import UserError
 
 HELP = "write a run as an ONNX graph (verified with onnxruntime), a Hugging Face directory or a container context"
-FORMATS = ("onnx", "hf", "container")
+FORMATS = ("onnx", "hf", "container", "gguf")
 GREEDY_TOKENS = 16
 PARITY = 1e-4  # the largest |onnxruntime - PyTorch| of the fp32 graph an export accepts, relative to the
 # outputs' largest magnitude (at least 1): fp32 kernels that sum in another order differ by about 1e-6 of it
@@ -22,10 +22,13 @@ class Options:
     run_dir: str = flag(positional=True)
     format: str = flag(required=True, choices=FORMATS, help="onnx: model.onnx for onnxruntime (classifiers; decoders "
                        "with past keys/values); hf: a transformers directory (as export-hf); container: a "
-                       "Dockerfile build context that serves the run")
+                       "Dockerfile build context that serves the run; gguf: model.gguf for llama.cpp (Llama-family "
+                       "decoders, as export-gguf)")
     out: str = flag(required=True, help="the directory to write (new or empty)")
     quantize: str | None = flag(choices=("int8",), help="onnx: also model.int8.onnx, onnxruntime's dynamic int8 "
                                 "quantisation, checked the same way")
+    type: str | None = flag(choices=("f32", "f16", "q8_0"), help="gguf: the 2-D weights' type (default f16; "
+                            "norms stay F32)")
     json: bool = flag(False)
 
 
@@ -89,6 +92,13 @@ def run(o: Options) -> int:
         raise UserError(f"--out {out} exists and is not empty; choose a new directory")
     if o.format != "onnx" and o.quantize:
         raise UserError("--quantize applies to --format onnx")
+    if o.format != "gguf" and o.type:
+        raise UserError("--type applies to --format gguf")
+    if o.format == "gguf":
+        from lmforge.cli.hf import GGUFExportOptions, run_export_gguf
+
+        return run_export_gguf(GGUFExportOptions(o.run_dir, str(out / "model.gguf"), o.type or "f16", o.json),
+                               directory=out)
     if o.format == "hf":
         from lmforge.cli.hf import ExportOptions, run_export
 

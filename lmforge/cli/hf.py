@@ -1,5 +1,5 @@
-"""lmforge import-hf / export-hf / import-gguf: Hugging Face directories and GGUF files to run
-directories and back."""
+"""lmforge import-hf / export-hf / import-gguf / export-gguf: Hugging Face directories and GGUF
+files to run directories and back."""
 
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ class GGUFImportOptions:
 class ExportOptions:
     run_dir: str = flag(positional=True)
     out: str = flag(None, required=True, help="directory to write")
+    json: bool = flag(False)
+
+
+@dataclass
+class GGUFExportOptions:
+    run_dir: str = flag(positional=True)
+    out: str = flag(None, required=True, help="the .gguf file to write (new)")
+    type: str = flag("f16", choices=("f32", "f16", "q8_0"), help="the 2-D weights' type (norms stay F32)")
     json: bool = flag(False)
 
 
@@ -62,6 +70,46 @@ def run_export(o: ExportOptions) -> int:
         f"exported {o.run_dir} -> {info['hf_dir']} ({info['architecture']}, {info['params']:,} params)"))
 
 
+def run_export_gguf(o: GGUFExportOptions, directory=None) -> int:
+    """Write a Llama-family run as a GGUF file (llama.cpp's format; the tokenizer and chat template
+    in its metadata), checked before it is kept: read back as import-gguf reads it, its logits
+    within the type's tolerance of the run's, and whether greedy decoding is unchanged. With
+    ``directory`` (``export --format gguf``): the file and export_report.json in that new directory."""
+    from pathlib import Path
+
+    from lmforge.errors import UserError
+    from lmforge.fsutil import atomic_dir, write_json
+    from lmforge.interop.gguf import check_gguf, export_gguf
+    from lmforge.runs import RunDir, load_run
+
+    RunDir(o.run_dir).require()
+    out = Path(o.out)
+    if directory is None and (out.exists() or out.suffix != ".gguf"):
+        raise UserError(f"--out must be a new .gguf file ({out} {'exists' if out.exists() else 'is not one'})")
+
+    def write(target: Path) -> dict:
+        info = export_gguf(o.run_dir, target, o.type)
+        info["check"] = check_gguf(load_run(o.run_dir, device="cpu"), target, o.type)
+        if not info["check"]["within_tolerance"]:
+            target.unlink()
+            raise UserError(f"the GGUF file does not reproduce the model (max |logit diff| "
+                            f"{info['check']['max_abs_diff']:.2e}, over {o.type}'s tolerance); nothing was written")
+        return info
+    if directory is None:
+        info = write(out)
+    else:
+        with atomic_dir(directory) as tmp:
+            info = write(Path(tmp) / out.name)
+            info["file"] = str(out)
+            write_json(Path(tmp) / "export_report.json", info)
+    c = info["check"]
+    return emit(o.json, info, lambda info: (
+        f"exported {o.run_dir} -> {info['file']} ({info['architecture']}, {o.type}, {info['size_mb']:.1f} MiB); "
+        f"read back: max |logit diff| {c['max_abs_diff']:.2e}, greedy {c['greedy_tokens']} tokens "
+        f"{'identical' if c['greedy_tokens_equal'] else 'differ'}"))
+
+
 VERB_SPECS = {"import-hf": (ImportOptions, run_import, "Hugging Face GPT-2 or BERT directory -> run directory"),
               "export-hf": (ExportOptions, run_export, "run directory -> Hugging Face directory (from_pretrained)"),
-              "import-gguf": (GGUFImportOptions, run_import_gguf, "GGUF file (Llama, Qwen2) -> run directory")}
+              "import-gguf": (GGUFImportOptions, run_import_gguf, "GGUF file (Llama, Qwen2) -> run directory"),
+              "export-gguf": (GGUFExportOptions, run_export_gguf, "Llama-family run -> GGUF file (llama.cpp)")}

@@ -204,3 +204,159 @@ def import_gguf(path: str | Path, run_dir: str | Path) -> dict:
             "arch": "llama", "params": model.num_params(), "n_layer": config.n_layer, "n_embd": config.n_embd,
             "n_head": config.n_head, "n_kv_head": config.n_kv_head, "vocab_size": config.vocab_size,
             "block_size": config.block_size, "quantization": quant, "chat_template": template is not None}
+
+
+# ------------------------------------------------------------------------------------ export
+GGUF_TYPES = ("f32", "f16", "q8_0")  # what export writes: 2-D weights in this type, norms and biases in F32
+_NORMAL, _UNUSED = 1, 5  # llama.cpp token types (besides _CONTROL and _USER_DEFINED)
+
+
+def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """:func:`unpermute`'s inverse: HF's query/key rows in llama.cpp's interleaved order."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens in id order, their llama.cpp types, merges) of a byte-level BPE tokenizer, padded with
+    unused tokens to the model's ``vocab_size`` embeddings (llama.cpp wants one token per row)."""
+    import json
+
+    spec = json.loads(tokenizer.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise UserError("export to GGUF needs a byte-level BPE tokenizer (GPT-2 style), as Llama-family runs have")
+    tokens = [""] * max(vocab_size, tokenizer.get_vocab_size())
+    types = [_UNUSED] * len(tokens)
+    for token, i in model["vocab"].items():
+        tokens[i], types[i] = token, _NORMAL
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = _CONTROL if added.get("special") else _USER_DEFINED
+    for i, t in enumerate(tokens):
+        if not t:
+            tokens[i] = f"<|unused_{i}|>"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, types, merges
+
+
+def export_gguf(run_dir: str | Path, out_file: str | Path, dtype: str = "f16") -> dict:
+    """Write a Llama-family run as one GGUF file (written to a temp file, then renamed): llama.cpp's
+    tensor names and query/key row order (Qwen2-style runs with q/k/v biases as ``qwen2``, which
+    is not permuted), the config, the byte-level BPE tokenizer and the Jinja chat template in the
+    metadata — what :func:`import_gguf` and ``transformers`` read back."""
+    import gguf
+
+    from lmforge.chat import end_token_id, load_chat_template
+    from lmforge.fsutil import atomic_path
+    from lmforge.runs import load_run
+
+    if dtype not in GGUF_TYPES:
+        raise UserError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {dtype!r}")
+    run = load_run(run_dir, device="cpu")
+    c = run.model.config
+    if run.config.arch != "llama" or getattr(c, "num_labels", 0):
+        raise UserError(f"export to GGUF takes a Llama-family decoder run; {run_dir} is {run.config.arch}"
+                        + (" with a classification head" if getattr(c, "num_labels", 0) else ""))
+    if run.config.finetune.lora.r:
+        raise UserError(f"{run_dir} holds LoRA adapters: merge them first (lmforge merge-lora)")
+    if c.rope_scaling and c.rope_scaling.get("rope_type") != "linear":
+        raise UserError(f"RoPE scaling {c.rope_scaling.get('rope_type')!r} has no GGUF form here (linear only)")
+    arch = "qwen2" if c.qkv_bias else "llama"
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+    tokens, types, merges = gguf_vocabulary(run.tokenizer, c.vocab_size)
+    template = load_chat_template(run_dir)
+    names = {v: k for k, v in _BLOCK.items()}
+    top = {v: k for k, v in _TOP.items()}
+    out_file = Path(out_file)
+    with atomic_path(out_file) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_name(Path(run_dir).resolve().name)
+        w.add_context_length(c.block_size)
+        w.add_embedding_length(c.n_embd)
+        w.add_block_count(c.n_layer)
+        w.add_feed_forward_length(c.n_inner)
+        w.add_head_count(c.n_head)
+        w.add_head_count_kv(c.n_kv_head)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_rope_dimension_count(c.head_dim)
+        w.add_rope_freq_base(c.rope_theta)
+        if c.rope_scaling:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        w.add_vocab_size(len(tokens))
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "default")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        eos = (run.tokenizer.token_to_id(template["eos_token"]) if template.get("eos_token")
+               else end_token_id(template, run.tokenizer))
+        bos = run.tokenizer.token_to_id(template["bos_token"]) if template.get("bos_token") else None
+        bos = eos if bos is None else bos  # GPT-2 style: one end-of-text token (and readers want both ids)
+        if bos is not None:
+            w.add_bos_token_id(bos)
+        if eos is not None:
+            w.add_eos_token_id(eos)
+        w.add_add_bos_token(False)
+        if "jinja" in template:
+            w.add_chat_template(template["jinja"])
+        state = run.model.state_dict_for_save()
+        written = {}
+        for name, t in state.items():
+            parts = name.split(".")
+            if parts[:2] == ["model", "layers"]:
+                gname = f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.{parts[-1]}"
+            else:
+                gname = f"{top['.'.join(parts[:-1])]}.{parts[-1]}"
+            t = t.detach().float()
+            if arch == "llama" and parts[-2] in ("q_proj", "k_proj"):
+                t = permute(t, c.n_head if parts[-2] == "q_proj" else c.n_kv_head)
+            data = t.contiguous().numpy()
+            kind = qtype if data.ndim == 2 else gguf.GGMLQuantizationType.F32
+            if kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+                kind = gguf.GGMLQuantizationType.F16  # Q8_0 packs rows in blocks of 32
+            w.add_tensor(gname, gguf.quants.quantize(data, kind),
+                         raw_dtype=kind if kind == gguf.GGMLQuantizationType.Q8_0 else None)
+            written[kind.name] = written.get(kind.name, 0) + 1
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return {"run": str(run_dir), "file": str(out_file), "architecture": arch, "type": dtype,
+            "size_mb": out_file.stat().st_size / 2**20, "tensors": written, "vocab_size": len(tokens),
+            "chat_template": "jinja" in template}
+
+
+TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "q8_0": 1e-1}  # the largest |logit diff| an export accepts, over the
+# logits' largest magnitude: fp32 is exact up to summation order; F16 and Q8_0 round every weight
+CHECK_TOKENS = 16
+
+
+def check_gguf(run, path: str | Path, dtype: str) -> dict:
+    """The GGUF file at ``path`` read back as :func:`import_gguf` reads it, against ``run``: max
+    |logit diff| on a prompt, relative to the logits' scale, and greedy decoding of
+    ``CHECK_TOKENS`` tokens (equal or not: F16 and Q8_0 may change a near tie)."""
+    from lmforge.generate import generate_ids
+    from lmforge.models.llama import Llama
+
+    reader = open_gguf(path)
+    arch, config = llama_config(reader, {t.name for t in reader.tensors})
+    back = Llama(config)
+    state = read_state(reader, arch, config)
+    back.load_saved_state({k: v for k, v in state.items() if not (config.tie_embeddings and k == "lm_head.weight")})
+    back.eval()
+    prompt = run.tokenizer.encode("The answer is", add_special_tokens=False).ids[:8] or [0]
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        ours, theirs = run.model(x)[0], back(x)[0]
+    diff, scale = float((ours - theirs).abs().max()), float(ours.abs().max())
+    greedy = [[int(t[0]) for t in generate_ids(m, x, CHECK_TOKENS, temperature=0.0)] for m in (run.model, back)]
+    return {"max_abs_diff": diff, "output_scale": scale, "tolerance": TOLERANCE[dtype],
+            "within_tolerance": diff <= TOLERANCE[dtype] * max(1.0, scale),
+            "greedy_tokens": CHECK_TOKENS, "greedy_tokens_equal": greedy[0] == greedy[1]}
