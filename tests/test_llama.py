@@ -392,3 +392,27 @@ def test_bad_gguf_inputs_are_one_error_line_and_leave_nothing(tmp_path):
         if message:
             assert message in r.stderr
         assert not out.exists()
+
+
+def test_quickstart_sft_tunes_on_the_faq_and_compares_held_out_paraphrases(tmp_path, data_dir, capsys):
+    """The worked example's path on a tiny Llama (SmolLM2 itself: bench/RESULTS.md): FAQ questions and
+    answers to train on, the paraphrased questions held out, LoRA, the loss before and after."""
+    base, out = tmp_path / "base", tmp_path / "qs"
+    assert cli_here(capsys, "train", "--data", data_dir, "--preset", "llama-debug", "--max-steps", "5",
+                    "--set", "model.block_size=512", "--out", base).returncode == 0
+    r = cli_here(capsys, "quickstart", "--task", "sft", "--init", base, "--max-seconds", "61", "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    train = [json.loads(line)["messages"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    val = [json.loads(line)["messages"] for line in (out / "data" / "val.jsonl").read_text().splitlines()]
+    assert (len(train), len(val)) == (s["train_conversations"], s["heldout_conversations"]) == (37, 44)
+    assert not {m[1]["content"] for m in val} & {m[1]["content"] for m in train}  # paraphrases never trained on
+    # The held-out answers are the FAQ's own: training on them lowers their loss on unseen questions.
+    assert s["heldout_loss_after"] < s["heldout_loss_before"] and s["steps"] > 1
+    from lmforge.runs import load_run
+
+    assert load_run(out / "run").config.finetune.lora.r == s["lora_r"] == 8
+    assert len(s["examples"]) == 3 and all(set(e) == {"question", "before", "after"} for e in s["examples"])
+    assert "held-out loss" in (out / "report.md").read_text()
+    r = cli_here(capsys, "quickstart", "--task", "sft", "--init", base, "--max-seconds", "30", "--out", out)
+    assert r.returncode == 2 and "--max-seconds must be more than" in r.stderr

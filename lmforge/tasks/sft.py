@@ -176,6 +176,20 @@ def assistant_loss(model, x: torch.Tensor, y: torch.Tensor, segments: torch.Tens
     return (total / count if count else math.nan), count
 
 
+def conversations_loss(run, conversations: list[list[dict]], batch_size: int = 8) -> dict:
+    """A decoder run on ``conversations``: the mean loss over their assistant tokens (what SFT
+    lowers), with the counts (``lmforge eval --task sft``)."""
+    from lmforge.chat import load_chat_template
+    from lmforge.device import autocast_for
+
+    encoded = encode_all(load_chat_template(run.path), run.tokenizer, conversations)
+    length = min(run.model.config.block_size, 1024)
+    x, y, segments, cut = pack(encoded, length)
+    loss, tokens = assistant_loss(run.model, x, y, segments, run.device, autocast_for(run.device, "auto"), batch_size)
+    return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 50 else None, "conversations": len(conversations),
+            "assistant_tokens": tokens, "cut_conversations": cut, "length": length}
+
+
 class SFTTask(FineTuneTask):
     name = "sft"
     ARCHS = ("gpt", "llama")  # the family of --init
