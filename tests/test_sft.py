@@ -227,7 +227,7 @@ def test_dpo_loss_is_the_papers_formula():
     assert abs(sequence_logp(logits, y).item() - torch.log_softmax(logits[0, 0], -1)[0].item()) < 1e-6
 
 
-def test_dpo_prefers_the_chosen_answers(base_run, tmp_path):
+def test_dpo_prefers_the_chosen_answers(base_run, tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS), encoding="utf-8")
     args = ["train", "--task", "dpo", "--init", str(base_run), "--data", str(path), "--max-steps", "8",
@@ -239,8 +239,14 @@ def test_dpo_prefers_the_chosen_answers(base_run, tmp_path):
     assert summary["train_pairs"] == 9 and summary["val_pairs"] == 3
     # the held-out pairs repeat training pairs here: the policy learns to prefer the chosen answers
     assert summary["val_reward_accuracy"] == 1.0 and summary["val_reward_margin"] > 0
-    # (--resume is not tested for dpo here: the loop's stop/resume equality is tested for sft above
-    # and for lm, classify and image runs; dpo adds reference scores recomputed from --init)
+    # Stopped halfway and resumed, it logs the uninterrupted run's losses: the frozen reference is
+    # the --init weights again, not the checkpoint's.
+    assert cli_here(capsys, *args, "--out", str(tmp_path / "part"), "--stop-at", "4").returncode == 0
+    r = cli_here(capsys, "train", "--out", str(tmp_path / "part"), "--resume", "--data", str(path))
+    assert r.returncode == 0, r.stderr
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for run in ("whole", "part")]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
 
 
 def test_a_pair_without_a_rejected_answer_is_one_error_line(base_run, tmp_path):
