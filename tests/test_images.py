@@ -332,3 +332,27 @@ def test_the_keras_benchmark_runs_the_same_network_on_the_same_data(tmp_path, mo
     assert r["lmforge"]["params"] == r["keras"]["params"] == 34826  # the same network
     assert r["speedup"] > 0 and r["lmforge"]["images_per_second"] > 0
     assert "lmforge / Keras" in format_result(r)
+
+
+def test_an_image_classifier_under_two_process_ddp_equals_one_process_with_double_accumulation(digits_mlp, tmp_path):
+    """torchrun with two processes trains what one process with two micro-batches per step trains,
+    augmentation included (drawn from (seed, step, micro-batch), whichever process holds it); dropout
+    off, since each process draws its own masks by design."""
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import torchrun
+    from tests.test_spine import step_losses
+
+    data, _ = digits_mlp
+    common = ["--task", "image-classify", "--data", str(data), "--model", "mlp", "--max-steps", "6",
+              "--set", "train.batch_size=32", "--set", "model.dropout=0.0", "--set", "train.log_interval=1", "--json"]
+    one = run_cli("train", *common, "--set", "train.grad_accum=2", "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun("train", *common, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads(two.stdout)["processes"] == 2
+    wa, wb = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert sorted(wa) == sorted(wb) and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    la, lb = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert [s for s, _ in la] == [s for s, _ in lb] == list(range(1, 7))
+    assert [x for _, x in lb] == pytest.approx([x for _, x in la], abs=1e-5)
