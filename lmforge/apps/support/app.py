@@ -3,9 +3,9 @@
 Customer side (the API key, when one is set, on every endpoint but ``/health``):
 ``GET /`` (the page; the key may come once as ``/?api_key=KEY``), ``POST /api/messages``
 ``{customer_id, text, conversation_id?, client_message_id?, stream?}`` (``stream``: server-sent
-events, a written answer's sentences while the decoder writes them, then the reply), ``GET /api/conversations/{id}?customer_id=&after=``
-(new messages since ``after``: how the page sees an agent's reply), ``GET /api/customers/{id}``
-(a returning customer's history).
+events, a written answer's sentences while the decoder writes them, then the reply),
+``GET /api/conversations/{id}?customer_id=&after=`` (new messages since ``after``: how the page
+sees an agent's reply), ``GET /api/customers/{id}`` (a returning customer's history).
 
 Agent side (always its own key, ``--agent-key`` or ``LMFORGE_AGENT_KEY``): ``GET /agent`` (the
 page; ``/agent?agent_key=KEY`` once), ``GET /api/agent/queue``, ``GET /api/agent/conversations/{id}``,
@@ -64,7 +64,8 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
     handoffs = Counter("lmforge_support_handoffs_total", "Conversations handed to a human, by reason", ["reason"],
                        registry=metrics.registry)
     confidence = Histogram("lmforge_support_answer_confidence", "Confidence of the answers given from the FAQ",
-                           registry=metrics.registry, buckets=(-0.5, 0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.3))  # reranked ones can be < 0
+                           registry=metrics.registry,  # reranked confidences can be below 0
+                           buckets=(-0.5, 0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.3))
     failures = Counter("lmforge_support_generation_failures_total", "Written answers that failed (the FAQ's answer "
                        "was given instead)", registry=metrics.registry)
     metrics.gauge("lmforge_support_queue_length", "Conversations waiting for or with a human",
