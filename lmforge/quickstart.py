@@ -349,7 +349,7 @@ SFT_RESERVE_SECONDS = 45.0  # evaluations and the answers before and after, once
 SFT_SYSTEM = "You are the support assistant of lmforge, a toolkit for training language models. Answer briefly."
 SFT_EXAMPLES = 3  # held-out questions answered before and after, side by side
 SFT_ANSWER_TOKENS = 60
-SFT_LR = 1e-3  # LoRA on SmolLM2, 16 steps in 10 CPU-minutes: held-out loss 4.41 -> 3.71 (2e-4: 4.23)
+SFT_LR = 1e-3  # LoRA on SmolLM2 within the default budget: bench/RESULTS.md §32
 
 
 def faq_conversations(support_data: Path) -> tuple[list, list, list[str]]:
