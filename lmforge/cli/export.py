@@ -1,4 +1,5 @@
-"""lmforge export: a run in a format other tools load (ONNX for onnxruntime, a Hugging Face directory)."""
+"""lmforge export: a run in a format other tools load (ONNX for onnxruntime, a Hugging Face directory,
+GGUF for llama.cpp, a container build context)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from lmforge.cli.common import print_json
 from lmforge.cli.options import flag
 from lmforge.errors import UserError
 
-HELP = "write a run as an ONNX graph (verified with onnxruntime), a Hugging Face directory or a container context"
+HELP = ("write a run as an ONNX graph (verified with onnxruntime), a Hugging Face directory, a GGUF file or a "
+        "container context")
 FORMATS = ("onnx", "hf", "container", "gguf")
 GREEDY_TOKENS = 16
 PARITY = 1e-4  # the largest |onnxruntime - PyTorch| of the fp32 graph an export accepts, relative to the
@@ -81,8 +83,9 @@ def export_onnx(o: Options, tmp: Path) -> dict:
 def run(o: Options) -> int:
     """Write RUN_DIR as an ONNX graph (model.onnx with the run's tokenizer and labels; checked
     against PyTorch with onnxruntime: outputs, greedy decoding for decoders, and the speed of
-    each, in export_report.json), as a Hugging Face directory, or as a container build context
-    (Dockerfile, pinned requirements, serve.sh, the source and the run)."""
+    each, in export_report.json), as a Hugging Face directory, as a GGUF file (read back and
+    checked), or as a container build context (Dockerfile, pinned requirements, serve.sh, the
+    source and the run)."""
     from lmforge.fsutil import atomic_dir
     from lmforge.runs import RunDir
 
