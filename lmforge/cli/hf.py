@@ -87,9 +87,11 @@ def run_export_gguf(o: GGUFExportOptions, directory=None) -> int:
     if directory is None and (out.exists() or out.suffix != ".gguf"):
         raise UserError(f"--out must be a new .gguf file ({out} {'exists' if out.exists() else 'is not one'})")
 
+    run = load_run(o.run_dir, device="cpu")
+
     def write(target: Path) -> dict:
-        info = export_gguf(o.run_dir, target, o.type)
-        info["check"] = check_gguf(load_run(o.run_dir, device="cpu"), target, o.type)
+        info = export_gguf(run, target, o.type)
+        info["check"] = check_gguf(run, target, o.type)
         if not info["check"]["within_tolerance"]:
             target.unlink()
             raise UserError(f"the GGUF file does not reproduce the model (max |logit diff| "

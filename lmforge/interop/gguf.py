@@ -240,8 +240,9 @@ def gguf_vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], l
     return tokens, types, merges
 
 
-def export_gguf(run_dir: str | Path, out_file: str | Path, dtype: str = "f16") -> dict:
-    """Write a Llama-family run as one GGUF file (written to a temp file, then renamed): llama.cpp's
+def export_gguf(run, out_file: str | Path, dtype: str = "f16") -> dict:
+    """Write a loaded Llama-family ``run`` (:func:`lmforge.runs.load_run`) as one GGUF file
+    (written to a temp file, then renamed): llama.cpp's
     tensor names and query/key row order (Qwen2-style runs with q/k/v biases as ``qwen2``, which
     is not permuted), the config, the byte-level BPE tokenizer and the Jinja chat template in the
     metadata — what :func:`import_gguf` and ``transformers`` read back."""
@@ -249,11 +250,10 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, dtype: str = "f16") -
 
     from lmforge.chat import end_token_id, load_chat_template
     from lmforge.fsutil import atomic_path
-    from lmforge.runs import load_run
 
     if dtype not in GGUF_TYPES:
         raise UserError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {dtype!r}")
-    run = load_run(run_dir, device="cpu")
+    run_dir = run.path
     c = run.model.config
     if run.config.arch != "llama" or getattr(c, "num_labels", 0):
         raise UserError(f"export to GGUF takes a Llama-family decoder run; {run_dir} is {run.config.arch}"
