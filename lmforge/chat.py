@@ -152,7 +152,7 @@ def chat_loop(run_dir: str | Path, temperature: float = 0.8, max_tokens: int = 2
     longer fits the model's context with room for ``max_tokens``. ``compile``: the decode step is
     compiled (at the first answer), as for ``lmforge generate --compile``.
     """
-    from lmforge.generate import stream_text
+    from lmforge.generate import SamplingParams, stream_text
     from lmforge.runs import load_run
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -196,9 +196,9 @@ def chat_loop(run_dir: str | Path, temperature: float = 0.8, max_tokens: int = 2
         ids = ids[-(context - 1):]
         stdout.write("assistant> " if interactive else "")
         pieces = []
-        gen = stream_text(run.model, run.tokenizer, "", max_tokens, temperature, None, top_p,
-                          None if seed is None else seed + turn, template.get("stop", []), eot, prompt_ids=ids,
-                          compile=compile)
+        gen = stream_text(run.model, run.tokenizer, "", SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=None if seed is None else seed + turn,
+            eos_id=eot, stop=tuple(template.get("stop", []))), prompt_ids=ids, compile=compile)
         for piece in gen:
             pieces.append(piece)
             stdout.write(piece)

@@ -378,13 +378,14 @@ def faq_conversations(support_data: Path) -> tuple[list, list, list[str]]:
 
 def answer_greedily(run, question: str, max_tokens: int = SFT_ANSWER_TOKENS) -> str:
     from lmforge.chat import end_token_id, load_chat_template, render_chat
-    from lmforge.generate import stream_text
+    from lmforge.generate import SamplingParams, stream_text
 
     template = load_chat_template(run.path)
     prompt = render_chat(template, [{"role": "system", "content": SFT_SYSTEM}, {"role": "user", "content": question}])
     ids = run.tokenizer.encode(prompt, add_special_tokens=False).ids
-    return "".join(stream_text(run.model, run.tokenizer, "", max_tokens, 0.0, None, None, None, template.get("stop", []),
-                               end_token_id(template, run.tokenizer), prompt_ids=ids)).strip()
+    return "".join(stream_text(run.model, run.tokenizer, "", SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, eos_id=end_token_id(template, run.tokenizer),
+        stop=tuple(template.get("stop", []))), prompt_ids=ids)).strip()
 
 
 def quickstart_sft(out: str | Path = "runs/quickstart-sft", max_seconds: float = SFT_DEFAULT_SECONDS,

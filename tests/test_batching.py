@@ -5,9 +5,8 @@ import threading
 
 import torch
 
-from lmforge.generate import generate_ids
+from lmforge.generate import ContinuousBatcher, SamplingParams, generate_ids
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.serve.batching import ContinuousBatcher
 
 
 def tiny_gpt(seed=0):
@@ -21,9 +20,14 @@ def tiny_gpt(seed=0):
 
 
 def alone(model, prompt, n, temperature=0.0, top_p=None, seed=None):
+    """The reference: no cache, the whole sequence through the model for every token."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     x = torch.tensor([prompt])
-    return [int(t[0]) for t in generate_ids(model, x, n, temperature, None, top_p, gen)]
+    return [int(t[0]) for t in generate_ids(model, x, n, temperature, None, top_p, gen, use_cache=False)]
+
+
+def submit(batcher, prompt, n, **params):
+    return batcher.submit(prompt, SamplingParams(max_tokens=n, **params))
 
 
 PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12], [40, 41], [3, 3, 3, 3], [90, 1, 2], [60], [11, 22, 33]]
@@ -32,8 +36,8 @@ PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12], [40, 41], [3, 3, 3, 3], [90, 1
 def test_concurrent_sequences_match_each_alone_greedy_and_seeded():
     model = tiny_gpt()
     batcher = ContinuousBatcher(model, max_batch=8)
-    greedy = [batcher.submit(p, 20, temperature=0.0) for p in PROMPTS]
-    sampled = [batcher.submit(p, 20, temperature=0.9, top_p=0.95, seed=100 + i) for i, p in enumerate(PROMPTS[:4])]
+    greedy = [submit(batcher, p, 20, temperature=0.0) for p in PROMPTS]
+    sampled = [submit(batcher, p, 20, temperature=0.9, top_p=0.95, seed=100 + i) for i, p in enumerate(PROMPTS[:4])]
     results = [list(it) for it in greedy + sampled]  # all 12 queued before any is read
     for p, got in zip(PROMPTS, results[:8]):
         assert got == alone(model, p, 20)
@@ -49,8 +53,8 @@ def test_compiled_batcher_samples_what_eager_decoding_does():
     model = tiny_gpt(2)
     batcher = ContinuousBatcher(model, max_batch=2, compile=True)
     assert all(hasattr(step.fn, "_torchdynamo_orig_callable") for step in batcher.steps.values())
-    greedy = [batcher.submit(p, 16, temperature=0.0) for p in PROMPTS[:2]]
-    sampled = [batcher.submit(p, 16, temperature=0.9, seed=7 + i) for i, p in enumerate(PROMPTS[2:4])]
+    greedy = [submit(batcher, p, 16, temperature=0.0) for p in PROMPTS[:2]]
+    sampled = [submit(batcher, p, 16, temperature=0.9, seed=7 + i) for i, p in enumerate(PROMPTS[2:4])]
     results = [list(it) for it in greedy + sampled]
     assert results[:2] == [alone(model, p, 16) for p in PROMPTS[:2]]
     assert results[2:] == [alone(model, p, 16, 0.9, seed=7 + i) for i, p in enumerate(PROMPTS[2:4])]
@@ -60,10 +64,10 @@ def test_compiled_batcher_samples_what_eager_decoding_does():
 def test_a_late_request_joins_the_running_batch():
     model = tiny_gpt(1)
     batcher = ContinuousBatcher(model, max_batch=4)
-    first = batcher.submit([1, 2], 50, temperature=0.0)
+    first = submit(batcher, [1, 2], 50, temperature=0.0)
     head = [next(first) for _ in range(5)]  # the first sequence is decoding
     steps_before = batcher.steps_run
-    second = list(batcher.submit([4, 5, 6], 10, temperature=0.0))
+    second = list(submit(batcher, [4, 5, 6], 10, temperature=0.0))
     rest = list(first)
     assert head + rest == alone(model, [1, 2], 50)
     assert second == alone(model, [4, 5, 6], 10)
@@ -74,21 +78,23 @@ def test_a_late_request_joins_the_running_batch():
 def test_stopping_early_frees_the_slot_and_eos_ends_a_sequence():
     model = tiny_gpt(2)
     batcher = ContinuousBatcher(model, max_batch=2)
-    it = batcher.submit([1], 60, temperature=0.0)
+    it = submit(batcher, [1], 60, temperature=0.0)
     next(it)
     it.close()  # the reader went away
-    out = list(batcher.submit([2], 5, temperature=0.0))
+    out = list(submit(batcher, [2], 5, temperature=0.0))
     assert len(out) == 5
     steps = batcher.steps_run
-    batcher.submit([4], 60, temperature=0.0).close()  # gone before reading anything (the server's echo)
-    assert len(list(batcher.submit([5], 5, temperature=0.0))) == 5
+    submit(batcher, [4], 60, temperature=0.0).close()  # gone before reading anything (the server's echo)
+    assert len(list(submit(batcher, [5], 5, temperature=0.0))) == 5
     assert batcher.steps_run - steps < 10  # the unread sequence did not decode its 60 tokens for nobody
     eos = alone(model, [3], 10)[3]
-    stopped = list(batcher.submit([3], 10, temperature=0.0, eos_id=eos))
+    stopped = list(submit(batcher, [3], 10, temperature=0.0, eos_id=eos))
     assert stopped[-1] == eos and len(stopped) <= 4
-    # The context ends a sequence: the prompt's 60 and 4 fed tokens fill the 64 positions, whose
-    # last logits give the 5th and final new token.
-    assert len(list(batcher.submit(list(range(60)), 50, temperature=0.0))) == 5
+    # A full context shifts: the prompt's 60 and 4 fed tokens fill the 64 positions, whose last
+    # logits give the 5th new token; from there the sequence goes on from its last 32 tokens.
+    shifted = list(submit(batcher, list(range(60)), 50, temperature=0.0))
+    assert len(shifted) == 50 and shifted[:5] == alone(model, list(range(60)), 5)
+    assert shifted[5:] == alone(model, (list(range(60)) + shifted[:5])[-32:], 45)
     threading.Event().wait(0.05)
     assert sorted(batcher.free) == [0, 1]
 
@@ -97,12 +103,12 @@ def test_scored_tokens_carry_the_models_log_probabilities_and_the_prompt_can_be_
     # What `logprobs` / `echo` in the server rest on: each token's log-probability under the model
     # (teacher-forced on the same ids, one forward pass), its top alternatives, and, before the
     # first token, the prompt's own tokens scored; max_new_tokens=0 scores the prompt only.
-    from lmforge.serve.batching import PromptScores, Scored
+    from lmforge.generate import PromptScores, Scored
 
     model = tiny_gpt(3)
     batcher = ContinuousBatcher(model, max_batch=4)
     prompt = [4, 8, 15, 16, 23]
-    items = list(batcher.submit(prompt, 6, temperature=0.8, seed=1, logprobs=3, prompt_logprobs=True))
+    items = list(submit(batcher, prompt, 6, temperature=0.8, seed=1, logprobs=3, prompt_logprobs=True))
     head, tokens = items[0], items[1:]
     assert isinstance(head, PromptScores) and all(isinstance(t, Scored) for t in tokens) and len(tokens) == 6
     assert [t.id for t in tokens] == alone(model, prompt, 6, 0.8, seed=1)  # scoring changes no sample
@@ -115,10 +121,10 @@ def test_scored_tokens_carry_the_models_log_probabilities_and_the_prompt_can_be_
         values, order = logp[j - 1].topk(3)
         assert [i for i, _ in s.top] == order.tolist()
         assert torch.allclose(torch.tensor([v for _, v in s.top]), values, atol=1e-4)
-    only = list(batcher.submit(prompt, 0, logprobs=0, prompt_logprobs=True))
+    only = list(submit(batcher, prompt, 0, logprobs=0, prompt_logprobs=True))
     assert len(only) == 1 and [s.logprob for s in only[0].tokens] == [s.logprob for s in head.tokens]
     assert all(s.top == [] for s in only[0].tokens)
-    assert list(batcher.submit(prompt, 4, temperature=0.0)) == alone(model, prompt, 4)  # plain ids as before
+    assert list(submit(batcher, prompt, 4, temperature=0.0)) == alone(model, prompt, 4)  # plain ids as before
     assert sorted(batcher.free) == list(range(4)) and not batcher.active
 
 
@@ -144,19 +150,19 @@ def test_penalties_and_logit_bias_change_the_logits_as_openais_do():
             ids.append(t)
         return ids[len(prompt):]
 
-    plain = list(batcher.submit(prompt, 20, temperature=0.0))
+    plain = list(submit(batcher, prompt, 20, temperature=0.0))
     assert plain == reference(20, 0.0, 0.0)
-    runs = [list(batcher.submit(prompt, 20, temperature=0.0, presence_penalty=pp, frequency_penalty=fp))
+    runs = [list(submit(batcher, prompt, 20, temperature=0.0, presence_penalty=pp, frequency_penalty=fp))
             for pp, fp in ((1.5, 0.0), (0.0, 0.7), (0.5, -0.5))]
     assert runs == [reference(20, 1.5, 0.0), reference(20, 0.0, 0.7), reference(20, 0.5, -0.5)]
     assert plain == [3] * 20 and runs[0] != runs[1] and plain not in runs[:2]  # each penalty changes the picks
-    scored = list(batcher.submit(prompt, 20, temperature=0.0, presence_penalty=1.5, logprobs=1))
+    scored = list(submit(batcher, prompt, 20, temperature=0.0, presence_penalty=1.5, logprobs=1))
     assert [s.id for s in scored] == runs[0]  # scores are the model's own; the penalised pick is kept
     # logit_bias: +100 forces a token, -100 bans one (here the greedy favourite), anything between shifts.
-    assert list(batcher.submit(prompt, 5, temperature=0.0, logit_bias={42: 100.0})) == [42] * 5
-    banned = list(batcher.submit(prompt, 20, temperature=0.0, logit_bias={3: -100.0}))
+    assert list(submit(batcher, prompt, 5, temperature=0.0, logit_bias={42: 100.0})) == [42] * 5
+    banned = list(submit(batcher, prompt, 20, temperature=0.0, logit_bias={3: -100.0}))
     assert 3 not in banned and banned == reference(20, 0.0, 0.0, {3: -100.0})
-    mixed = list(batcher.submit(prompt, 20, temperature=0.0, frequency_penalty=0.7, logit_bias={66: 1.0, 28: -2.0}))
+    mixed = list(submit(batcher, prompt, 20, temperature=0.0, frequency_penalty=0.7, logit_bias={66: 1.0, 28: -2.0}))
     assert mixed == reference(20, 0.0, 0.7, {66: 1.0, 28: -2.0})
 
 
@@ -165,12 +171,12 @@ def test_a_sequence_whose_sampling_fails_fails_alone():
 
     model = tiny_gpt()
     batcher = ContinuousBatcher(model, max_batch=4)
-    fine = [batcher.submit(p, 12, temperature=0.0) for p in PROMPTS[:3]]
-    broken = batcher.submit(PROMPTS[3], 12, temperature=0.0, logit_bias={10 ** 6: 1.0})  # no such token
+    fine = [submit(batcher, p, 12, temperature=0.0) for p in PROMPTS[:3]]
+    broken = submit(batcher, PROMPTS[3], 12, temperature=0.0, logit_bias={10 ** 6: 1.0})  # no such token
     with pytest.raises(IndexError):
         list(broken)
     assert [list(it) for it in fine] == [alone(model, p, 12) for p in PROMPTS[:3]]
     # Temperatures too small to divide by, and top_p near 0, sample the likeliest token.
-    assert list(batcher.submit(PROMPTS[0], 8, temperature=1e-40)) == alone(model, PROMPTS[0], 8)
-    assert list(batcher.submit(PROMPTS[1], 8, temperature=1.0, top_p=1e-46, seed=1)) == alone(model, PROMPTS[1], 8)
+    assert list(submit(batcher, PROMPTS[0], 8, temperature=1e-40)) == alone(model, PROMPTS[0], 8)
+    assert list(submit(batcher, PROMPTS[1], 8, temperature=1.0, top_p=1e-46, seed=1)) == alone(model, PROMPTS[1], 8)
     assert sorted(batcher.free) == list(range(4)) and not batcher.active

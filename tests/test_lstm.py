@@ -9,9 +9,8 @@ import torch
 
 from tests.conftest import run_cli
 from lmforge import config as cfgmod
-from lmforge.generate import generate_ids
 from lmforge.models.lstm import LSTM, LSTMConfig
-from lmforge.serve.batching import ContinuousBatcher
+from lmforge.generate import ContinuousBatcher, SamplingParams, generate_ids
 from lmforge.train.trainer import train
 
 
@@ -77,7 +76,7 @@ def test_the_batcher_decodes_lstms_as_each_sequence_alone():
         return [int(t[0]) for t in generate_ids(model, torch.tensor([prompt]), n, temperature=0.0)]
 
     batcher = ContinuousBatcher(model, max_batch=4)
-    results = [list(it) for it in [batcher.submit(p, 12, temperature=0.0) for p in prompts]]
+    results = [list(it) for it in [batcher.submit(p, SamplingParams(max_tokens=12, temperature=0.0)) for p in prompts]]
     assert results == [alone(p, 12) for p in prompts]
     assert batcher.max_rows_seen == 4 and len(set(map(tuple, results))) > 1
 

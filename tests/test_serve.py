@@ -228,7 +228,7 @@ def test_tokenizer_endpoints_and_model_retrieval(server, trained_run):
 
 
 def test_text_pieces_carry_the_tokens_that_start_in_them_and_a_final_end_of_text():
-    from lmforge.serve.batching import Scored
+    from lmforge.generate import Scored
     from lmforge.serve.logprobs import split_by_offset
 
     def pieces(*texts):

@@ -48,7 +48,7 @@ def sample_images(o: Options, loaded) -> int:
 def run(o: Options) -> int:
     """Stream a continuation of --prompt to stdout."""
     from lmforge.data.tokenizer import eot_id
-    from lmforge.generate import stream_text
+    from lmforge.generate import SamplingParams, stream_text
     from lmforge.runs import load_run
 
     if o.max_new_tokens <= 0:
@@ -70,8 +70,9 @@ def run(o: Options) -> int:
         raise UserError(f"{o.run_dir} is a {kind} run ({loaded.config.arch}), not a text generator: "
                         f"it is served by {verbs}")
     sys.stdout.write(o.prompt)
-    for piece in stream_text(loaded.model, loaded.tokenizer, o.prompt, o.max_new_tokens, o.temperature, o.top_k,
-                             o.top_p, o.seed, o.stop, eot_id(loaded.tokenizer), compile=o.compile):
+    for piece in stream_text(loaded.model, loaded.tokenizer, o.prompt, SamplingParams(
+            max_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
+            eos_id=eot_id(loaded.tokenizer), stop=tuple(o.stop or ())), compile=o.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

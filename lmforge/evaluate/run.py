@@ -14,7 +14,7 @@ from lmforge.errors import UserError
 from lmforge.evaluate.lm import DYNAMIC_LR, dynamic_evaluate_lm, evaluate_lm
 from lmforge.evaluate.report import plot_loss, write_report
 from lmforge.fsutil import write_json
-from lmforge.generate import stream_text
+from lmforge.generate import SamplingParams, stream_text
 from lmforge.runs import load_run
 from lmforge.device import autocast_for
 
@@ -76,8 +76,8 @@ def evaluate_run(run_dir, data_dir=None, batch_size: int = 8, max_tokens: int | 
     prompt_ids = ([run.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts] if prompts
                   else validation_prompts(val, samples, eot))
     for i, ids in enumerate(prompt_ids):
-        text = "".join(stream_text(run.model, run.tokenizer, "", max_new_tokens=sample_tokens, temperature=0.8,
-                                   top_k=200, seed=1000 + i, eot_id=eot, prompt_ids=ids))
+        text = "".join(stream_text(run.model, run.tokenizer, "", SamplingParams(
+            max_tokens=sample_tokens, temperature=0.8, top_k=200, seed=1000 + i, eos_id=eot), prompt_ids=ids))
         texts.append((prompts[i] if prompts else run.tokenizer.decode(ids), text))
     write_json(Path(run_dir) / "eval.json", metrics)
     plot_loss(run_dir)

@@ -7,7 +7,7 @@ harness can score text), and vLLM's ``/tokenizer_info``, ``/tokenize`` and ``/de
 Errors are OpenAI-style objects, never stack traces; a parameter this
 server cannot honour (``best_of``, tools, ...) is refused with a 400, not ignored.
 
-Generation runs in a :class:`~lmforge.serve.batching.ContinuousBatcher` thread: concurrent
+Generation runs in a :class:`~lmforge.generate.engine.ContinuousBatcher` thread: concurrent
 requests (and the ``n`` choices of one request) decode together, and a request that arrives
 mid-generation joins at the next step. The event loop only moves text between queues.
 """
@@ -33,8 +33,7 @@ from lmforge.chat import (NOT_CHAT_TRAINED, chat_trained, end_token_id, jinja_ch
                           render_chat)
 from lmforge.data.tokenizer import EOT
 from lmforge.errors import UserError
-from lmforge.generate import text_pieces
-from lmforge.serve.batching import ContinuousBatcher
+from lmforge.generate import ContinuousBatcher, SamplingParams, text_pieces
 from lmforge.serve.common import (APIError, Metrics, install_api_basics, key_matches, request_key, too_busy,
                                   unauthorized)
 from lmforge.serve.logprobs import (Piece, Placer, TokenText, chat_logprobs, completion_logprobs, placed_prompt,
@@ -282,10 +281,13 @@ class Engine:
         """
         end = self.eot if end is None else end
         # An empty prompt starts from the end-of-text token, as a new document would.
-        tokens = self.batcher.submit(ids or [self.eot or 0], max_tokens, req.temperature, req.top_p, seed,
-                                     end, logprobs, prompt_logprobs=echo is not None and logprobs is not None,
-                                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                     logit_bias=self.logit_bias(req))
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
+                                top_k=req.top_k if req.top_k and req.top_k > 0 else None, top_p=req.top_p,
+                                seed=seed, presence_penalty=req.presence_penalty,
+                                frequency_penalty=req.frequency_penalty, logit_bias=self.logit_bias(req),
+                                logprobs=logprobs, prompt_logprobs=echo is not None and logprobs is not None,
+                                eos_id=end)
+        tokens = self.batcher.submit(ids or [self.eot or 0], params)
         placed, start = [], 0
 
         def ids_of(scored_tokens):  # places each scored token as the text reader takes it

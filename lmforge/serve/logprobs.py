@@ -1,6 +1,6 @@
 """Log-probabilities in the OpenAI formats: which tokens a piece of text carries, and how to show them.
 
-The batcher scores tokens (:class:`~lmforge.serve.batching.Scored`); text reaches the client in
+The batcher scores tokens (:class:`~lmforge.generate.sampling.Scored`); text reaches the client in
 pieces that do not line up with tokens (a character can span two byte-level tokens, a stop string
 cuts a token, text is held back while it may start a stop string). Each scored token is therefore
 placed at the character offset where its text starts in the choice's whole text, and a piece
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Generator
 
 from lmforge.data.tokenizer import token_bytes
-from lmforge.serve.batching import PromptScores, Scored
+from lmforge.generate.sampling import PromptScores, Scored
 
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI: 5 for completions, 20 for chat)
 

@@ -481,15 +481,15 @@ class _Rephraser:
         """The decoder's answer to ``question`` from the FAQ ``entries``, as text pieces while it
         writes them (greedy, bounded); nothing when the prompt leaves no room. The caller closes it."""
         from lmforge.chat import end_token_id
-        from lmforge.generate import stream_text
+        from lmforge.generate import SamplingParams, stream_text
 
         ids = self.run.tokenizer.encode(self.prompt(question, entries), add_special_tokens=False).ids
         room = self.run.model.config.block_size - len(ids)
         if room < 16:
             return iter(())
-        return stream_text(self.run.model, self.run.tokenizer, "", min(120, room), 0.0, None, None, None,
-                           self.template.get("stop", []) + ECHOES, end_token_id(self.template, self.run.tokenizer),
-                           prompt_ids=ids)
+        return stream_text(self.run.model, self.run.tokenizer, "", SamplingParams(
+            max_tokens=min(120, room), temperature=0.0, eos_id=end_token_id(self.template, self.run.tokenizer),
+            stop=tuple(self.template.get("stop", []) + ECHOES)), prompt_ids=ids)
 
     def write(self, question: str, entries: list) -> str | None:
         """The decoder's whole answer as written, checked by nothing (None when the prompt leaves no
