@@ -180,3 +180,29 @@ def test_a_sequence_whose_sampling_fails_fails_alone():
     assert list(submit(batcher, PROMPTS[0], 8, temperature=1e-40)) == alone(model, PROMPTS[0], 8)
     assert list(submit(batcher, PROMPTS[1], 8, temperature=1.0, top_p=1e-46, seed=1)) == alone(model, PROMPTS[1], 8)
     assert sorted(batcher.free) == list(range(4)) and not batcher.active
+
+
+def test_concurrent_callers_of_the_shared_engine_decode_together_and_as_each_alone():
+    # The support server's conversations call stream_text from their own threads: they share the
+    # model's inline engine (no thread of its own; waiting readers run its rounds) and its steps.
+    from lmforge.generate import engine_for
+    from lmforge.generate.text import SHARED_ROWS
+
+    model = tiny_gpt(5)
+    engine = engine_for(model, SHARED_ROWS, 128)
+    assert engine.inline and engine_for(model, SHARED_ROWS, 128) is engine
+    readers = [submit(engine, PROMPTS[i], 30, **(dict(temperature=0.9, seed=i) if i % 2 else dict(temperature=0.0)))
+               for i in range(3)]  # queued together, then read (and driven) from three threads at once
+    results = {}
+
+    def call(i):
+        results[i] = list(readers[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results[0] == alone(model, PROMPTS[0], 30) and results[2] == alone(model, PROMPTS[2], 30)
+    assert results[1] == alone(model, PROMPTS[1], 30, 0.9, seed=1)
+    assert engine.max_rows_seen == 3 and engine.thread is None and not engine.active

@@ -268,6 +268,26 @@ def test_stop_strings_cut_the_logprobs_with_the_text(server):
     assert list(zip(cut.logprobs.tokens, cut.logprobs.text_offset)) == kept and len(kept) < len(lp.tokens)
 
 
+def test_the_server_samples_what_lmforge_generate_samples_with_the_same_settings(server, trained_run):
+    # One SamplingParams and one decoding engine behind both: the same seed, temperature, top_k
+    # (vLLM's extension in the request) and top_p give the same text.
+    base, name = server
+    prompt, settings = "the model reads", {"temperature": 1.3, "top_k": 7, "top_p": 0.95, "seed": 11}
+    served = client(base).completions.create(model=name, prompt=prompt, max_tokens=24, extra_body={"top_k": 7},
+                                             **{k: v for k, v in settings.items() if k != "top_k"}).choices[0]
+    cli = run_cli("generate", str(trained_run), "--prompt", prompt, "--max-new-tokens", "24",
+                  *[a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))])
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout == prompt + served.text + "\n" and served.text
+    other = client(base).completions.create(model=name, prompt=prompt, max_tokens=24, extra_body={"top_k": 1},
+                                            **{k: v for k, v in settings.items() if k != "top_k"}).choices[0]
+    greedy = client(base).completions.create(model=name, prompt=prompt, max_tokens=24, temperature=0).choices[0]
+    assert other.text == greedy.text  # top_k 1 is greedy at any temperature
+    r = httpx.post(base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": name, "prompt": "x", "top_k": -2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+
+
 def test_parameters_the_server_cannot_honour_are_refused_not_ignored(server):
     base, name = server
     h = {"Authorization": f"Bearer {KEY}"}
