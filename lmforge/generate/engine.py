@@ -2,9 +2,11 @@
 samples, the server, the support app, the parity checks) is decoded here.
 
 :class:`ContinuousBatcher` schedules many generations of one decoder together, and new ones join
-between steps. One thread owns the model while any sequence is in flight (it exits when there is
-none and the next submission starts it again). Each sequence holds a row ("slot") of one
-preallocated KV cache. Every iteration the thread (1) drops sequences whose reader went away,
+between steps. For the server, one thread owns the model while any sequence is in flight (it
+exits when there is none and the next submission starts it again); an inline batcher (the shared
+engines of :func:`engine_for`) has no thread: a reader with nothing to read runs the next round
+itself, one reader at a time. Each sequence holds a row ("slot") of one preallocated KV cache.
+Every round (1) drops sequences whose reader went away,
 (2) admits waiting sequences into free slots, prefilling their prompts together (one forward
 pass) into their rows and sampling each one's first token, and (3) runs one decode step over the
 occupied rows, each at its own position, and samples every row with that sequence's own
