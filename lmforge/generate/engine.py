@@ -148,7 +148,9 @@ class DecodeStep:
 
 @dataclass
 class _Sequence:
-    prompt: list[int]  # what is prefilled next: the prompt, or after a context shift its last half context
+    # The tokens in the row or going into it: the prompt, then each generated token; after a context
+    # shift the last half of them, prefilled again.
+    tokens: list[int]
     params: SamplingParams
     sampler: Sampler
     out: queue.Queue = field(default_factory=queue.Queue)  # tokens, then None (or an exception)
@@ -158,7 +160,6 @@ class _Sequence:
     pos: int = 0  # tokens in the cache = position of the next token fed
     last: int = 0  # the token to feed at the next step
     generated: int = 0
-    context: list[int] = field(default_factory=list)  # prompt + generated, kept for a context shift
 
 
 class _Reader:
@@ -173,6 +174,8 @@ class _Reader:
         return self
 
     def __next__(self):
+        if self.seq.cancelled:  # closed (or read to its end) before
+            raise StopIteration
         if self.batcher.inline:
             while self.seq.out.empty():
                 self.batcher.drive(self.seq)
@@ -251,7 +254,7 @@ class ContinuousBatcher:
             raise ValueError("the prompt must have at least one token")
         if len(prompt) > self.block:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context is {self.block}")
-        seq = _Sequence(list(prompt), params, Sampler(params, self.device, generator), context=list(prompt))
+        seq = _Sequence(list(prompt), params, Sampler(params, self.device, generator))
         with self.cond:
             self.waiting.append(seq)
             if self.thread is None and not self.inline:
@@ -327,12 +330,11 @@ class ContinuousBatcher:
         seq.generated += 1
         seq.last = token = token.id if isinstance(token, Scored) else token
         seq.sampler.seen(token)
-        seq.context.append(token)
+        seq.tokens.append(token)
         if seq.generated >= seq.params.max_tokens or token == seq.params.eos_id:
             self._finish(seq)
         elif seq.pos >= self.block:  # the row is full: go on from its last half context
-            seq.prompt = seq.context[-(self.block // 2):]
-            seq.context = list(seq.prompt)
+            seq.tokens = seq.tokens[-(self.block // 2):]
             seq.shifting = True
 
     def _finish(self, seq: _Sequence) -> None:
@@ -343,10 +345,10 @@ class ContinuousBatcher:
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """The prompts in one forward pass (right-padded to the longest), their caches (keys and
         values, or a recurrent state) copied into their slots, and each one's next token sampled."""
-        lengths = [len(s.prompt) for s in seqs]
+        lengths = [len(s.tokens) for s in seqs]
         x = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
         for i, s in enumerate(seqs):
-            x[i, :lengths[i]] = torch.tensor(s.prompt)
+            x[i, :lengths[i]] = torch.tensor(s.tokens)
         scratch = self.model.new_cache(len(seqs), max(lengths))
         logits, hidden = self.model.prefill(x.to(self.device), torch.tensor(lengths, device=self.device), scratch,
                                             return_hidden=True)
@@ -356,8 +358,8 @@ class ContinuousBatcher:
             seq.pos = lengths[i]
             if seq.params.prompt_logprobs and not seq.shifting:  # token j scored by the logits at j - 1
                 scored = score_rows(self.model.lm_head(hidden[i, :lengths[i] - 1]),
-                                    torch.tensor(seq.prompt[1:], dtype=torch.long), seq.params.logprobs or 0)
-                seq.out.put(PromptScores([Scored(seq.prompt[0], None, [])] + scored))
+                                    torch.tensor(seq.tokens[1:], dtype=torch.long), seq.params.logprobs or 0)
+                seq.out.put(PromptScores([Scored(seq.tokens[0], None, [])] + scored))
             seq.shifting = False
             if seq.params.max_tokens <= 0:
                 self._finish(seq)
