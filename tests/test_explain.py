@@ -182,9 +182,10 @@ def test_bad_inputs_get_one_line_and_leave_nothing_behind(keyword_classifier, ca
 def test_explain_endpoint_on_a_classifier(keyword_classifier):
     from fastapi.testclient import TestClient
 
-    from lmforge.serve.app import Engine, create_app
+    from lmforge.serve.app import create_app
+    from lmforge.serve.served import ServedRun
 
-    engine = Engine(keyword_classifier)
+    engine = ServedRun(keyword_classifier)
     http = TestClient(create_app(engine, api_key="k"))
     h = {"Authorization": "Bearer k"}
     r = http.post("/v1/explain", headers=h, json={"model": engine.name, "input": "please awful order today",

@@ -229,25 +229,16 @@ def test_tokenizer_endpoints_and_model_retrieval(server, trained_run):
 
 def test_text_pieces_carry_the_tokens_that_start_in_them_and_a_final_end_of_text():
     from lmforge.generate import Scored
-    from lmforge.serve.logprobs import split_by_offset
-
-    def pieces(*texts):
-        yield from texts
-        return {"finish_reason": "stop"}
+    from lmforge.serve.logprobs import Pieces
 
     a, b, c, eot = (Scored(i, -float(i), []) for i in (1, 2, 3, 9))
-    out = split_by_offset(pieces("ab", "c"), [(a, 10), (b, 11), (c, 12), (eot, 13)], start=10, eot_id=9)
-    got = []
-    while True:
-        try:
-            got.append(next(out))
-        except StopIteration as stop:
-            assert stop.value == {"finish_reason": "stop"}
-            break
+    pieces = Pieces([(a, 10), (b, 11), (c, 12), (eot, 13)], start=10, eot_id=9)
+    got = [pieces.piece("ab"), pieces.piece("c"), *pieces.last()]
     assert [(p.text, [s.id for s, _ in p.tokens]) for p in got] == [("ab", [1, 2]), ("c", [3]), ("", [9])]
     # A token past the text (after a stop string) is not carried; neither is anything after it.
-    cut = list(split_by_offset(pieces("ab"), [(a, 0), (b, 2), (eot, 2)], start=0, eot_id=9))
-    assert [(p.text, [s.id for s, _ in p.tokens]) for p in cut] == [("ab", [1])]
+    cut = Pieces([(a, 0), (b, 2), (eot, 2)], start=0, eot_id=9)
+    got = [cut.piece("ab"), *cut.last()]
+    assert [(p.text, [s.id for s, _ in p.tokens]) for p in got] == [("ab", [1])]
 
 
 def test_stop_strings_cut_the_logprobs_with_the_text(server):
@@ -421,7 +412,8 @@ def test_an_encoder_run_answers_400_saying_it_cannot_generate(tmp_path):
     from lmforge import config as cfgmod
     from lmforge.data.tokenizer import train_bpe
     from lmforge.models.bert import Bert, BertConfig
-    from lmforge.serve.app import Engine, create_app
+    from lmforge.serve.app import create_app
+    from lmforge.serve.served import ServedRun
     from lmforge.train.checkpoint import save_model
 
     run = tmp_path / "enc"
@@ -434,7 +426,7 @@ def test_an_encoder_run_answers_400_saying_it_cannot_generate(tmp_path):
     cfgmod.save(cfg, run / "config.yaml")
     tok.save(str(run / "tokenizer.json"))
     save_model(Bert(cfg.model), run / "model.safetensors")
-    app = create_app(Engine(run))
+    app = create_app(ServedRun(run))
     r = TestClient(app).post("/v1/completions", json={"model": "enc", "prompt": "hi"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_model"
     assert "encoder" in r.json()["error"]["message"]
@@ -532,11 +524,12 @@ def test_classify_endpoint_matches_predict_and_refuses_generation(tmp_path):
     from fastapi.testclient import TestClient
 
     from lmforge.runs import load_run
-    from lmforge.serve.app import Engine, create_app
+    from lmforge.serve.app import create_app
+    from lmforge.serve.served import ServedRun
     from lmforge.tasks.classify import predict_probs
 
     run = _tiny_encoder_run(tmp_path / "clf", num_labels=3)
-    http = TestClient(create_app(Engine(run)))
+    http = TestClient(create_app(ServedRun(run)))
     texts = ["refund my order", "where is my parcel please"]
     r = http.post("/v1/classify", json={"model": "clf", "input": texts})
     assert r.status_code == 200, r.text
@@ -774,3 +767,31 @@ def test_chat_page_explain_toggle_colours_the_message(server):
             assert len(styles) >= 3 and all(s.startswith("rgba(") for s in styles)
         finally:
             browser.close()
+
+
+def test_choices_decode_together_without_a_thread_each(trained_run):
+    """The batcher's thread puts tokens into the request's queue: n = 8 streamed choices add no
+    thread (before, each choice was read in a worker thread of its own), and decode as one batch."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import create_app
+    from lmforge.serve.served import ServedRun
+
+    served = ServedRun(trained_run, max_batch=8)
+    with TestClient(create_app(served)) as http:
+        body = {"model": "lmforge", "prompt": "the", "max_tokens": 4}
+        assert http.post("/v1/completions", json=body).status_code == 200  # the worker pool's thread exists now
+        before = threading.active_count()
+        with http.stream("POST", "/v1/completions", json={**body, "n": 8, "max_tokens": 60, "stream": True,
+                                                          "temperature": 1.0, "seed": 1}) as r:
+            assert r.status_code == 200
+            seen, during = set(), before
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    seen.add(json.loads(line[6:])["choices"][0]["index"])
+                    during = max(during, threading.active_count())
+        assert seen == set(range(8))
+        assert during <= before + 1  # the batcher's own thread at most
+        assert served.batcher.max_rows_seen == 8

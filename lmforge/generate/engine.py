@@ -153,7 +153,7 @@ class _Sequence:
     tokens: list[int]
     params: SamplingParams
     sampler: Sampler
-    out: queue.Queue = field(default_factory=queue.Queue)  # tokens, then None (or an exception)
+    out: queue.Queue = field(default_factory=queue.Queue)  # tokens, then None (or an exception); see submit
     cancelled: bool = False
     shifting: bool = False  # the row is full: prefill ``prompt`` again before the next step
     slot: int = -1
@@ -240,8 +240,8 @@ class ContinuousBatcher:
                     bar.update(1)
                 bar.close()
 
-    def submit(self, prompt: list[int], params: SamplingParams,
-               generator: torch.Generator | None = None) -> Iterator[int | Scored | PromptScores]:
+    def submit(self, prompt: list[int], params: SamplingParams, generator: torch.Generator | None = None,
+               out=None) -> Iterator[int | Scored | PromptScores]:
         """Queue one generation; iterate the result for its new tokens as they are sampled.
 
         Generation ends after ``params.max_tokens`` (0: only the prompt is read, for its scores) or
@@ -249,12 +249,21 @@ class ContinuousBatcher:
         and frees its slot. With ``params.logprobs`` tokens come as :class:`Scored`;
         ``params.prompt_logprobs`` first yields a :class:`PromptScores`. ``generator`` replaces the
         one ``params.seed`` would make (rows of one fixed batch may share one).
+
+        ``out`` (an object with ``put(item)``, called from the batcher's thread) receives the items
+        instead: each token, then None at the end or the exception that failed the sequence. An
+        event loop's queue behind it needs no thread per reader. The returned iterator then only
+        cancels (``close()``); it is not to be read.
         """
         if not prompt:
             raise ValueError("the prompt must have at least one token")
         if len(prompt) > self.block:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context is {self.block}")
+        if out is not None and self.inline:
+            raise ValueError("an inline batcher is driven by its readers: it cannot deliver to `out`")
         seq = _Sequence(list(prompt), params, Sampler(params, self.device, generator))
+        if out is not None:
+            seq.out = out
         with self.cond:
             self.waiting.append(seq)
             if self.thread is None and not self.inline:

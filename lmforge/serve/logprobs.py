@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
-from typing import Generator
 
 from lmforge.data.tokenizer import token_bytes
 from lmforge.generate.sampling import PromptScores, Scored
@@ -63,30 +62,29 @@ def placed_prompt(scores: PromptScores, text: TokenText) -> list[tuple[Scored, i
     return [placer.place(s) for s in scores.tokens]
 
 
-def split_by_offset(pieces: Generator[str, None, dict], placed: list[tuple[Scored, int]],
-                    start: int, eot_id: int | None = None) -> Generator[Piece, None, dict]:
-    """Attach to each text piece (the text from character ``start`` on) the placed tokens that start
-    in it; ``placed`` may grow while the pieces are read (it is filled as tokens are consumed).
-    An end-of-text token that ended the text comes last, in a piece of its own with no text (it was
-    sampled: a harness that asks for one token after a prompt expects its entry).
-    Returns what ``pieces`` returns; closing this closes ``pieces``."""
-    end, sent = start, 0
-    try:
-        while True:
-            try:
-                text = next(pieces)
-            except StopIteration as stop:
-                if sent < len(placed) and placed[sent][0].id == eot_id:
-                    yield Piece("", placed[sent:sent + 1])
-                return stop.value
-            end += len(text)
-            upto = sent
-            while upto < len(placed) and placed[upto][1] < end:
-                upto += 1
-            yield Piece(text, placed[sent:upto])
-            sent = upto
-    finally:
-        pieces.close()
+class Pieces:
+    """Text pieces of one choice (its text from character ``start`` on) with the placed tokens that
+    start in each; ``placed`` may grow between calls (it is filled as tokens arrive)."""
+
+    def __init__(self, placed: list[tuple[Scored, int]], start: int = 0, eot_id: int | None = None):
+        self.placed, self.eot_id = placed, eot_id
+        self.end, self.sent = start, 0  # characters so far; placed tokens already carried
+
+    def piece(self, text: str) -> Piece:
+        self.end += len(text)
+        upto = self.sent
+        while upto < len(self.placed) and self.placed[upto][1] < self.end:
+            upto += 1
+        tokens, self.sent = self.placed[self.sent:upto], upto
+        return Piece(text, tokens)
+
+    def last(self) -> list[Piece]:
+        """After the text: an end-of-text token that ended it, in a piece of its own with no text
+        (it was sampled: a harness that asks for one token after a prompt expects its entry)."""
+        if self.sent < len(self.placed) and self.placed[self.sent][0].id == self.eot_id:
+            self.sent += 1
+            return [Piece("", self.placed[self.sent - 1:self.sent])]
+        return []
 
 
 def completion_logprobs(tokens: list[tuple[Scored, int]], text: TokenText) -> dict:
