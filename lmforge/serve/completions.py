@@ -53,15 +53,14 @@ class Choice:
     """One choice: its sequence in the batcher and the text pipeline its tokens go through.
 
     ``echo`` (the prompt's text) comes first, as its own piece, scored too when ``logprobs`` is set
-    (the batcher then sends the prompt's scores first). Ends at the token ``end``.
+    (the batcher then sends the prompt's scores first).
     """
 
-    def __init__(self, served: ServedRun, ids: list[int], params: SamplingParams, stop: list[str],
-                 echo: str | None, out: _ToLoop):
+    def __init__(self, served: ServedRun, ids: list[int], params: SamplingParams, echo: str | None, out: _ToLoop):
         self.served, self.echo, self.scored = served, echo, params.logprobs is not None
         self.empty_prompt = not ids
         start = len(echo) if echo is not None else 0
-        self.text = TextStream(served.run.tokenizer, stop, params.eos_id)
+        self.text = TextStream(served.run.tokenizer, list(params.stop), params.eos_id)
         self.placed: list[tuple[Scored, int]] = []
         self.placer = Placer(served.token_text, start)
         self.pieces = Pieces(self.placed, start, params.eos_id)
@@ -216,13 +215,14 @@ class Completions:
         if self.live + k > self.max_live:
             raise too_busy(f"{self.live} sequences are being generated (at most {self.max_live}); retry shortly")
 
-    def params(self, req: SamplingRequest, max_tokens: int, seed: int | None, logprobs: int | None, echo: bool,
-               end: int | None) -> SamplingParams:
+    def params(self, req: SamplingRequest, max_tokens: int, seed: int | None, stop: list[str],
+               logprobs: int | None, echo: bool, end: int | None) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
                               top_k=req.top_k if req.top_k and req.top_k > 0 else None, top_p=req.top_p,
                               seed=seed, presence_penalty=req.presence_penalty,
                               frequency_penalty=req.frequency_penalty, logit_bias=self.logit_bias(req),
-                              logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, eos_id=end)
+                              logprobs=logprobs, prompt_logprobs=echo and logprobs is not None, eos_id=end,
+                              stop=tuple(stop))
 
     # ---------------------------------------------------------------------- the choices' stream
     async def pieces(self, req: SamplingRequest, specs: list[tuple[list[int], int, str | None]], stop: list[str],
@@ -236,8 +236,8 @@ class Completions:
             for ids, limit, echo in specs:
                 for j in range(req.n):
                     seed = None if req.seed is None else req.seed + j
-                    params = self.params(req, limit, seed, logprobs, echo is not None, end)
-                    choices.append(Choice(self.served, ids, params, stop, echo, _ToLoop(loop, queue, len(choices))))
+                    params = self.params(req, limit, seed, stop, logprobs, echo is not None, end)
+                    choices.append(Choice(self.served, ids, params, echo, _ToLoop(loop, queue, len(choices))))
                     self.live += 1
             for k, c in enumerate(choices):
                 for p in c.opening():
