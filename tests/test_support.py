@@ -644,6 +644,13 @@ def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, tiny_decoder,
     assert (message["text"], message["faq_ids"]) == ((written, [e.id for e in given]) if written else
                                                      (given[0].answer, [given[0].id]))
     assert message["faq_ids"][0] == "install"
+    # Conversations write at once (rows of the decoder's one shared engine), each as it would alone.
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = assistant.generator.write("How do I install lmforge?", given)
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda _: assistant.generator.write("How do I install lmforge?", given), range(3)))
+    assert together == [alone] * 3
     # A decoder that fails, or one too slow for a waiting customer, gives way to the FAQ's own answer.
     assistant.generator.seconds = 0.0
     assert assistant.generator.rephrase("How do I install lmforge?", given) == ""
@@ -656,7 +663,7 @@ def test_generate_rephrases_the_faq_answer_with_a_decoder(app_dir, tiny_decoder,
     assert (message["text"], message["faq_ids"]) == (given[0].answer, [given[0].id])
 
     # support eval --generate: the written replies' faithfulness to the entries they cite.
-    from lmforge.apps.support.assistant import grounded, released, sources_of, supported
+    from lmforge.apps.support.writer import grounded, released, sources_of, supported
 
     questions = tmp_path / "q.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in [
@@ -688,7 +695,8 @@ def test_a_written_answer_streams_sentence_by_sentence_as_far_as_it_is_grounded(
     from fastapi.testclient import TestClient
 
     from lmforge.apps.support.app import create_app
-    from lmforge.apps.support.assistant import Assistant, complete_sentences, grounded, sources_of
+    from lmforge.apps.support.assistant import Assistant
+    from lmforge.apps.support.writer import complete_sentences, grounded, sources_of
 
     assert complete_sentences("Run `make test.` now. 1. Clone") == ["Run `make test.` now. "]
     assert complete_sentences("Clone it.\n- run `make test`\n") == ["Clone it.\n", "- run `make test`\n"]
@@ -728,7 +736,7 @@ def test_a_written_answer_streams_sentence_by_sentence_as_far_as_it_is_grounded(
 
 
 def test_a_generated_answer_must_say_only_what_the_faq_says():
-    from lmforge.apps.support.assistant import grounded
+    from lmforge.apps.support.writer import grounded
 
     faq = ["How do I install lmforge? Clone the repository and run `make test` or `make quickstart`."]
     assert grounded("Clone the repository, then run `make quickstart`.", faq)

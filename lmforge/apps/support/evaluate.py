@@ -148,7 +148,7 @@ def generation_figures(generator, questions, entries, final: np.ndarray, targets
     """How faithful a decoder's written replies are on the covered questions the app answers
     (confidence at or above ``threshold``), beside the verbatim baseline (the best entry's own
     answer, supported by that entry by construction). See ``FAITHFULNESS``."""
-    from lmforge.apps.support.assistant import GROUNDING_ENTRIES, grounded, released, sources_of, supported
+    from lmforge.apps.support.writer import GROUNDING_ENTRIES, grounded, released, sources_of, supported
     from lmforge.progress import status
 
     answered = [i for i in range(len(questions)) if targets[i].any() and final[i].max() >= threshold]
