@@ -191,7 +191,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
     from lmforge.models.lora import apply_lora
 
     model = build_model(cfg.arch, cfg.model)
-    apply_lora(model, cfg.finetune.lora)  # a LoRA run's weights hold its adapters beside the frozen base
+    apply_lora(model, cfg.finetune.lora)  # a LoRA run's weights: adapters, laid over its base's
     if cfg.compress.quantize:  # int8 layers (lmforge compress) run on the CPU's int8 kernels
         from lmforge.compress.quantize import load_int8_state, quantize_int8
 
@@ -203,7 +203,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
         quantize_int8(model, cfg.compress.float_layers)
         load_into(model, load_model_state(rd.model), rd.model, load=lambda s: load_int8_state(model, s))
     else:
-        load_into(model, load_model_state(rd.model), rd.model)
+        from lmforge.train.adapters import full_state, weights_metadata
+
+        load_into(model, full_state(model, load_model_state(rd.model), weights_metadata(rd.model), rd.path), rd.model)
     model.to(dev).eval()
     tokenizer = load_tokenizer(rd.tokenizer) if rd.tokenizer.is_file() or cfg.task.name not in ("image-classify", "gan") else None
     return Run(rd.path, cfg, model, tokenizer, dev, rd.label_names())

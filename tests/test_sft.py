@@ -174,6 +174,14 @@ def test_lora_fine_tuning_resumes_exactly_and_merges(base_run, chat_file, tmp_pa
     losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
                if "loss" in json.loads(line)] for run in (whole, part)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
+    # The run stores its adapters alone, naming its base (PEFT's way), and loads laid over that base.
+    from lmforge.train.adapters import ADAPTER_FORMAT, weights_metadata
+    from lmforge.train.checkpoint import load_model_state
+
+    stored = load_model_state(whole / "model.safetensors")
+    assert stored and all(".lora_" in k for k in stored)
+    assert sum(v.numel() for v in stored.values()) == summary["trainable_params"]
+    assert weights_metadata(whole / "model.safetensors")["format"] == ADAPTER_FORMAT
     # only the adapters moved
     base, tuned = load_run(base_run, device="cpu").model, load_run(whole, device="cpu").model
     assert torch.equal(tuned.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
@@ -196,6 +204,17 @@ def test_lora_fine_tuning_resumes_exactly_and_merges(base_run, chat_file, tmp_pa
         torch.testing.assert_close(hf(x).logits, load_run(base_run, device="cpu").model(x)[0], rtol=1e-5, atol=1e-5)
         adapted = peft.PeftModel.from_pretrained(hf, tmp_path / "hf" / "lora").eval()
         torch.testing.assert_close(adapted(x).logits, tuned(x)[0], rtol=1e-5, atol=1e-5)
+    # A base that is gone, or retrained since, is named in one error line; the merged run needs none.
+    moved = base_run.with_name(base_run.name + "-moved")
+    base_run.rename(moved)
+    try:
+        r = run_cli("eval", str(whole), "--task", "sft", "--data", str(chat_file), "--json")
+        assert r.returncode == 2 and "gone" in r.stderr and str(base_run) in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert run_cli("eval", str(tmp_path / "merged"), "--task", "sft", "--data", str(chat_file),
+                       "--json").returncode == 0
+    finally:
+        moved.rename(base_run)
 
 
 def test_a_lora_target_that_does_not_exist_is_one_error_line(base_run, chat_file, tmp_path):
@@ -256,3 +275,22 @@ def test_a_pair_without_a_rejected_answer_is_one_error_line(base_run, tmp_path):
                 "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and f"{path}:2" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_base_fingerprint_sees_a_changed_or_replaced_base(tmp_path):
+    """A LoRA run checks its base before laying adapters over it: retrained weights of the same
+    shape (a changed tail, or a changed head) change the fingerprint; a copy elsewhere does not."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lmforge.train.adapters import fingerprint
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file({"a": torch.zeros(1 << 20), "b": torch.zeros(8)}, str(hf / "model.safetensors"))
+    before = fingerprint(hf)
+    shutil.copytree(hf, tmp_path / "copy")
+    assert fingerprint(tmp_path / "copy") == before
+    save_file({"a": torch.zeros(1 << 20), "b": torch.ones(8)}, str(hf / "model.safetensors"))
+    assert fingerprint(hf) != before

@@ -31,6 +31,7 @@ from lmforge.errors import UserError
 from lmforge.fsutil import atomic_path
 
 from lmforge.runs import RunDir
+from lmforge.train.adapters import full_state, weights_metadata
 
 MODEL_FILE, STATE_TENSORS, STATE_JSON = RunDir.MODEL, RunDir.STATE_TENSORS, RunDir.STATE_JSON
 LAST = "model."  # prefix of the last weights inside trainer_state.safetensors
@@ -98,14 +99,16 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, model, optimizer, state: dict, model_state: dict | None = None,
-                    optimizer_state: dict | None = None, model_file: str | Path | None = None) -> None:
+                    optimizer_state: dict | None = None, model_file: str | Path | None = None,
+                    model_metadata: dict[str, str] | None = None) -> None:
     """Save model, optimizer, RNG and ``state`` (must hold ``step``) into ``run_dir``, atomically.
 
     ``model_state`` / ``optimizer_state`` replace ``model.state_dict_for_save()`` and
     ``optimizer.state_dict()`` when they were gathered elsewhere (sharded training). With
     ``state["model_step"]`` other than ``state["step"]``, the weights go into the trainer state and
     ``model.safetensors`` keeps the kept best weights — or becomes ``model_file`` (the best weights
-    file, moved in as part of the same checkpoint)."""
+    file, moved in as part of the same checkpoint). ``model_metadata`` goes into the weights file's
+    metadata (an adapter file names its base: :mod:`lmforge.train.adapters`)."""
     run_dir = Path(run_dir)
     step = str(state["step"])
     weights = model_state if model_state is not None else model.state_dict_for_save()
@@ -123,7 +126,8 @@ def save_checkpoint(run_dir: str | Path, model, optimizer, state: dict, model_st
     staging.mkdir()
     save_file(tensors, str(staging / STATE_TENSORS), metadata={"step": step})
     if not separate:
-        save_file(weights, str(staging / MODEL_FILE), metadata={"step": step, "format": "lmforge"})
+        save_file(weights, str(staging / MODEL_FILE), metadata={"step": step, "format": "lmforge",
+                                                                **(model_metadata or {})})
     elif model_file is not None:
         try:  # a second name for the same bytes; a copy where links are not allowed
             os.link(model_file, staging / MODEL_FILE)
@@ -207,10 +211,13 @@ def load_checkpoint(run_dir: str | Path, model, optimizer) -> dict:
     if found[STATE_TENSORS] != step or found[MODEL_FILE] not in (step, model_step):
         raise UserError(f"checkpoint in {run_dir} is torn (files from different steps: {found})")
     tensors = read_tensors(run_dir / STATE_TENSORS)
+    stored = weights_metadata(run_dir / MODEL_FILE)  # the last weights are stored the same way
     if model_step != step:  # the kept best weights are in model.safetensors; the last ones here
-        load_into(model, {k[len(LAST):]: v for k, v in tensors.items() if k.startswith(LAST)}, run_dir / STATE_TENSORS)
+        last = {k[len(LAST):]: v for k, v in tensors.items() if k.startswith(LAST)}
+        load_into(model, full_state(model, last, stored, run_dir), run_dir / STATE_TENSORS)
     else:
-        load_into(model, load_model_state(run_dir / MODEL_FILE), run_dir / MODEL_FILE)
+        load_into(model, full_state(model, load_model_state(run_dir / MODEL_FILE), stored, run_dir),
+                  run_dir / MODEL_FILE)
     opt_state: dict[int, dict] = {}
     for key, t in tensors.items():
         if key.startswith("optim."):

@@ -29,6 +29,7 @@ from lmforge.progress import progress, status
 from lmforge.runs import RunDir
 from lmforge.tasks import TASKS
 from lmforge.models.lora import apply_lora
+from lmforge.train.adapters import AdapterStore, full_state, weights_metadata
 from lmforge.train.checkpoint import (load_checkpoint, load_model_state, recover_checkpoint, save_checkpoint,
                                      save_model)
 from lmforge.train.distributed import (World, accumulating, gather_state, is_sharded, load_optimizer_state, setup,
@@ -270,6 +271,7 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
     say = status if world.main else (lambda message: None)
     log = MetricsLog(run.path, t.tensorboard, enabled=world.main)
     log.truncate(state["step"])  # on --resume: the steps after the checkpoint are logged again
+    store = AdapterStore.of(cfg)  # a LoRA run with a base saves its adapters alone
     if world.main:
         cfgmod.save(cfg, run.config)
     say(f"model: {params:,} parameters on {device}" + (f" x {world.size} processes" if world.active else "")
@@ -289,15 +291,19 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
     seen = f"{unit}_seen"
 
     def gathered_weights() -> dict | None:
-        return gather_state(model, optimizer)[0] if is_sharded(model) else None  # all processes call
+        full = gather_state(model, optimizer)[0] if is_sharded(model) else None  # all processes call
+        return store.state(model, full) if store is not None else full
 
     def checkpoint(model_step: int | None = None, model_file: Path | None = None) -> None:
         state["step"], state["model_step"] = step, step if model_step is None else model_step
         state["best"] = tracker.state()
         state["train_seconds"] = round(seconds_before + time.perf_counter() - session_t0, 3)
-        gathered = gather_state(model, optimizer) if is_sharded(model) else (None, None)  # all processes
+        weights, optimizer_state = gather_state(model, optimizer) if is_sharded(model) else (None, None)  # all
+        if store is not None:
+            weights = store.state(model, weights)
         if world.main:
-            save_checkpoint(run.path, model, optimizer, state, *gathered, model_file=model_file)
+            save_checkpoint(run.path, model, optimizer, state, weights, optimizer_state, model_file=model_file,
+                            model_metadata=store.metadata if store is not None else None)
         world.barrier()
 
     def evaluate() -> dict:
@@ -314,7 +320,8 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
         if improved and tracker.keep_best:
             weights = gathered_weights()
             if world.main:
-                save_model(model, run / run.BEST, metadata={"step": str(step), "format": "lmforge"}, state=weights)
+                save_model(model, run / run.BEST, state=weights, metadata={
+                    "step": str(step), "format": "lmforge", **(store.metadata if store is not None else {})})
         return stop_early
 
     last_val, last_eval_step = {}, None
@@ -442,7 +449,8 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
         checkpoint(model_step=best, model_file=run / run.BEST)
         if world.main:
             if not is_sharded(model):  # the final reports (process 0) are on the best weights
-                model.load_saved_state(load_model_state(run.model))
+                model.load_saved_state(full_state(model, load_model_state(run.model), weights_metadata(run.model),
+                                                  run.path))
     else:
         checkpoint()
         if finished and world.main and (run / run.BEST).is_file():
