@@ -384,7 +384,7 @@ def test_bad_gguf_inputs_are_one_error_line_and_leave_nothing(tmp_path):
     garbage.write_bytes(b"not a gguf file at all" * 10)
     cases = [(tmp_path / "missing.gguf", "no such GGUF file"), (garbage, "not a readable GGUF file"),
              (_gguf(tmp_path / "gpt2.gguf", arch="gpt2"), "architecture 'gpt2' is not supported"),
-             (_gguf(tmp_path / "spm.gguf", tokenizer="llama"), None)]
+             (_gguf(tmp_path / "wordpiece.gguf", tokenizer="bert"), "tokenizer model 'bert' is not supported")]
     for path, message in cases:
         out = tmp_path / f"out-{path.stem}"
         r = run_cli("import-gguf", str(path), "--out", str(out))
@@ -417,3 +417,117 @@ def test_quickstart_sft_tunes_on_the_faq_and_compares_held_out_paraphrases(tmp_p
     assert "held-out loss" in (out / "report.md").read_text()
     r = cli_here(capsys, "quickstart", "--task", "sft", "--init", base, "--max-seconds", "30", "--out", out)
     assert r.returncode == 2 and "--max-seconds must be more than" in r.stderr
+
+
+SPM_PIECES = ["\u2581", "t", "h", "e", "c", "a", "l", "o", "w", "r", "d", "n", "i", "s", "\u2581h", "el", "lo", "ell",
+              "ello", "\u2581hello", "\u2581t", "he", "\u2581the", "\u2581c", "at", "\u2581cat", "\u2581w", "or", "ld",
+              "orld", "\u2581world", "in", "\u2581in", "\u2581s", "\u2581a", "er"]  # best score first
+
+
+def _spm_gguf(path: Path) -> Path:
+    """A tiny random Llama whose tokenizer is SentencePiece (Llama 2 / Mistral style): unknown,
+    begin and end tokens, 256 byte-fallback tokens, scored pieces, two chat control tokens."""
+    import gguf
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES + ["<|im_start|>",
+                                                                                          "<|im_end|>"]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES) + [3, 3]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))] + [0.0, 0.0]
+    n_embd, n_head, n_kv, ffn, vocab = 32, 4, 2, 48, len(tokens)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.2).numpy()
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(1)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    kv = n_embd // n_head * n_kv
+    for name, shape in [("token_embd.weight", (vocab, n_embd)), ("output_norm.weight", (n_embd,)),
+                        ("output.weight", (vocab, n_embd)), ("blk.0.attn_norm.weight", (n_embd,)),
+                        ("blk.0.ffn_norm.weight", (n_embd,)), ("blk.0.attn_q.weight", (n_embd, n_embd)),
+                        ("blk.0.attn_k.weight", (kv, n_embd)), ("blk.0.attn_v.weight", (kv, n_embd)),
+                        ("blk.0.attn_output.weight", (n_embd, n_embd)), ("blk.0.ffn_gate.weight", (ffn, n_embd)),
+                        ("blk.0.ffn_up.weight", (ffn, n_embd)), ("blk.0.ffn_down.weight", (n_embd, ffn))]:
+        w.add_tensor(name, rand(*shape) + (1.0 if "norm" in name else 0.0))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_sentencepiece_gguf_imports_with_the_tokens_and_logits_transformers_reads(tmp_path, capsys, monkeypatch):
+    """Llama 2 / Mistral / TinyLlama GGUFs carry a SentencePiece vocabulary (scores, byte fallback)
+    instead of byte-level BPE merges: the imported tokenizer gives transformers' ids and text for
+    words, unknown characters (bytes), spaces and control tokens, and the model its logits."""
+    from lmforge.data.tokenizer import token_bytes
+    from lmforge.runs import load_run
+
+    path = _spm_gguf(tmp_path / "spm.gguf")
+    r = cli_here(capsys, "import-gguf", path, "--out", tmp_path / "run", "--json")
+    assert r.returncode == 0, r.stderr
+    run = load_run(tmp_path / "run", device="cpu")
+    ref_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    texts = ["the cat", "hello world", "Hello  World!", "in the  cat\n\tsat", "na\u00efve \u65e5\u672c \U0001f642",
+             "<|im_start|>hello<|im_end|>", " leading space", "ends with space "]
+    for text in texts:
+        ids = run.tokenizer.encode(text, add_special_tokens=False).ids
+        assert ids == ref_tok.encode(text, add_special_tokens=False), text
+        assert run.tokenizer.decode(ids, skip_special_tokens=False) == ref_tok.decode(ids), text
+    ids = run.tokenizer.encode("hello world the cat", add_special_tokens=False).ids
+    assert [run.tokenizer.id_to_token(i) for i in ids] == ["\u2581hello", "\u2581world", "\u2581the", "\u2581cat"]
+    raw = token_bytes(run.tokenizer)  # what bits-per-byte and log-probability offsets count
+    assert raw[run.tokenizer.token_to_id("\u2581hello")] == b" hello" and raw[3 + 0x0A] == b"\n" and raw[1] == b""
+    x = torch.tensor([ref_tok.encode("the cat in the world", add_special_tokens=False)])
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(x)[0], ref(x).logits, rtol=1e-4, atol=1e-4)
+    # Streamed text is the decoded continuation, piece by piece. (A random model's byte tokens make
+    # invalid UTF-8, which a stream cannot decode as the whole does: sampled from the pieces here.)
+    from lmforge.generate import SamplingParams, engine_for, stream_text
+
+    pieces = {run.tokenizer.token_to_id(t) for t in SPM_PIECES}
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=3,
+                            logit_bias={i: -100.0 for i in range(run.model.config.vocab_size) if i not in pieces})
+    text = list(stream_text(run.model, run.tokenizer, "the cat", params))
+    prompt = run.tokenizer.encode("the cat", add_special_tokens=False).ids
+    continued = list(engine_for(run.model, 1, 64).submit(prompt, params))  # the same draws, as ids
+    assert "".join(text) == ref_tok.decode(continued) and len(text) > 1 and all(i in pieces for i in continued)
+    # export-gguf writes it back as SentencePiece (scores that agree with the merges): transformers
+    # and import-gguf read the same tokens and logits from it.
+    out = tmp_path / "back"
+    out.mkdir()
+    r = cli_here(capsys, "export-gguf", tmp_path / "run", "--out", out / "m.gguf", "--type", "f32", "--json")
+    assert r.returncode == 0, r.stderr
+    back_tok = transformers.AutoTokenizer.from_pretrained(out, gguf_file="m.gguf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert cli_here(capsys, "import-gguf", out / "m.gguf", "--out", tmp_path / "run2").returncode == 0
+    again = load_run(tmp_path / "run2", device="cpu").tokenizer
+    for text in texts:
+        ids = ref_tok.encode(text, add_special_tokens=False)
+        assert back_tok.encode(text, add_special_tokens=False) == ids == again.encode(text, add_special_tokens=False).ids
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)
+    # Its scores alone (what llama.cpp merges by) tokenize as its merges do.
+    from lmforge.interop import gguf as ours
+
+    field = ours.field
+    monkeypatch.setattr(ours, "field", lambda reader, key, default=None:
+                        default if key == "tokenizer.ggml.merges" else field(reader, key, default))
+    by_scores = ours.read_tokenizer(ours.open_gguf(out / "m.gguf"), "llama")
+    for text in texts:
+        assert by_scores.encode(text, add_special_tokens=False).ids == ref_tok.encode(text, add_special_tokens=False)

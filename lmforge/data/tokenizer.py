@@ -6,6 +6,8 @@ bytes, so there is no unknown token. ``<|endoftext|>`` separates documents, as i
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -136,8 +138,15 @@ def _byte_decoder() -> dict[str, int]:
 def token_bytes(tok: Tokenizer) -> list[bytes]:
     """The exact bytes each token id stands for (empty for special tokens), for bits-per-byte."""
     specials = {tok.token_to_id(s) for s in SPECIAL_TOKENS}
-    table = _byte_decoder()
     out = [b""] * tok.get_vocab_size()
+    if json.loads(tok.to_str())["model"].get("byte_fallback"):  # SentencePiece: "▁" is a space, <0x0A> a byte
+        specials |= {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        for token, i in tok.get_vocab().items():
+            if i not in specials:
+                byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)
+                out[i] = bytes([int(byte.group(1), 16)]) if byte else token.replace("\u2581", " ").encode()
+        return out
+    table = _byte_decoder()
     for token, i in tok.get_vocab().items():
         if i not in specials:
             out[i] = bytes(table[c] for c in token)

@@ -4,8 +4,9 @@ The ``gguf`` package reads the file and dequantizes each tensor to float32 (Q4_0
 K-quants, F16, BF16, F32: whatever its ``quants.dequantize`` knows). Tensor names map to the HF
 names our Llama family uses; llama.cpp's converter stores the query and key rows of a Llama
 interleaved for its RoPE kernel, which :func:`unpermute` undoes (Qwen2 files are not permuted).
-The tokenizer (byte-level BPE: vocabulary, merges, control tokens) and the Jinja chat template
-come from the file's metadata, built as ``transformers`` builds them from the same file.
+The tokenizer (byte-level BPE, or SentencePiece BPE with byte fallback; control tokens) and the
+Jinja chat template come from the file's metadata, built as ``transformers`` builds them from the
+same file.
 """
 
 from __future__ import annotations
@@ -121,17 +122,34 @@ def read_state(reader, arch: str, config: LlamaConfig, progress=None) -> dict[st
 
 
 def read_tokenizer(reader, arch: str):
-    """The byte-level BPE tokenizer in the file's metadata, with its control tokens as special tokens."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    """The file's tokenizer, built as ``transformers`` builds it from the same metadata: byte-level
+    BPE (``gpt2``: vocabulary and merges) or SentencePiece BPE (``llama``: vocabulary and scores,
+    with byte fallback), its control tokens as special tokens."""
+    from tokenizers import AddedToken
 
     kind = field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UserError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE, 'gpt2', only)")
+    if kind not in ("gpt2", "llama"):
+        raise UserError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' or "
+                        "SentencePiece 'llama')")
     tokens = field(reader, "tokenizer.ggml.tokens")
-    merges = field(reader, "tokenizer.ggml.merges")
-    if not tokens or not merges:
-        raise UserError("the GGUF file has no tokenizer vocabulary or merges")
+    if not tokens:
+        raise UserError("the GGUF file has no tokenizer vocabulary")
+    tok = _byte_level_bpe(reader, arch, tokens) if kind == "gpt2" else _sentencepiece_bpe(reader, tokens)
     types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, kind in zip(tokens, types) if kind == _CONTROL])
+    user = [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
+def _byte_level_bpe(reader, arch: str, tokens: list[str]):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    merges = field(reader, "tokenizer.ggml.merges")
+    if not merges:
+        raise UserError("the GGUF file's byte-level BPE tokenizer has no merges")
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges],
                                fuse_unk=False))
     if arch == "qwen2":
@@ -141,11 +159,39 @@ def read_tokenizer(reader, arch: str):
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind in zip(tokens, types) if kind == _CONTROL])
-    user = [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
-    if user:
-        tok.add_tokens(user)
+    return tok
+
+
+def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges of a SentencePiece vocabulary, which stores scores instead: every split of a
+    piece into two pieces, the best-scored pieces first (as ``transformers`` derives them)."""
+    score = dict(zip(tokens, scores))
+    merges = []
+    for piece, s in score.items():
+        pairs = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in score and piece[i:] in score]
+        pairs.sort(key=lambda lr: (score[lr[0]], score[lr[1]]), reverse=True)
+        merges.extend((s, lr) for lr in pairs)
+    merges.sort(key=lambda m: m[0], reverse=True)  # stable: ties keep the order above
+    return [lr for _, lr in merges]
+
+
+def _sentencepiece_bpe(reader, tokens: list[str]):
+    """Llama/Mistral-style SentencePiece: spaces become "▁" (and one is put before the text unless
+    ``tokenizer.ggml.add_space_prefix`` is false), unknown characters fall back to byte tokens
+    (``<0x0A>``), and decoding drops the space put before the text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    merges = field(reader, "tokenizer.ggml.merges")
+    merges = [tuple(m.split(" ", 1)) for m in merges] if merges else \
+        spm_merges(tokens, field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens))
+    unk = field(reader, "tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=True, byte_fallback=True,
+                               unk_token=tokens[int(unk)] if unk is not None else None))
+    prefix = field(reader, "tokenizer.ggml.add_space_prefix", True)
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else [])
+                                          + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return tok
 
 
@@ -208,7 +254,7 @@ def import_gguf(path: str | Path, run_dir: str | Path) -> dict:
 
 # ------------------------------------------------------------------------------------ export
 GGUF_TYPES = ("f32", "f16", "q8_0")  # what export writes: 2-D weights in this type, norms and biases in F32
-_NORMAL, _UNUSED = 1, 5  # llama.cpp token types (besides _CONTROL and _USER_DEFINED)
+_NORMAL, _UNKNOWN, _UNUSED, _BYTE = 1, 2, 5, 6  # llama.cpp token types (besides _CONTROL, _USER_DEFINED)
 
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -217,27 +263,43 @@ def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens in id order, their llama.cpp types, merges) of a byte-level BPE tokenizer, padded with
-    unused tokens to the model's ``vocab_size`` embeddings (llama.cpp wants one token per row)."""
+def gguf_vocabulary(tokenizer, vocab_size: int) -> dict:
+    """The GGUF ``tokenizer.ggml.*`` fields of a byte-level BPE (``gpt2``) or SentencePiece BPE
+    (``llama``) tokenizer: tokens in id order padded with unused tokens to the model's
+    ``vocab_size`` embeddings (llama.cpp wants one token per row), their llama.cpp types, the
+    merges, and for SentencePiece the scores (llama.cpp merges by them: each piece scored by the
+    rank of the merge that makes it, so both orders agree)."""
     import json
+    import re
 
     spec = json.loads(tokenizer.to_str())
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise UserError("export to GGUF needs a byte-level BPE tokenizer (GPT-2 style), as Llama-family runs have")
+    spm = model.get("type") == "BPE" and model.get("byte_fallback")
+    if model.get("type") != "BPE" or not (spm or "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))):
+        raise UserError("export to GGUF needs a byte-level BPE (GPT-2 style) or SentencePiece BPE tokenizer, "
+                        "as Llama-family runs have")
     tokens = [""] * max(vocab_size, tokenizer.get_vocab_size())
     types = [_UNUSED] * len(tokens)
     for token, i in model["vocab"].items():
-        tokens[i], types[i] = token, _NORMAL
+        tokens[i], types[i] = token, _BYTE if spm and re.fullmatch(r"<0x[0-9A-F]{2}>", token) else _NORMAL
     for added in spec.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
         types[added["id"]] = _CONTROL if added.get("special") else _USER_DEFINED
+    if spm and model.get("unk_token") in model["vocab"]:
+        types[model["vocab"][model["unk_token"]]] = _UNKNOWN
     for i, t in enumerate(tokens):
         if not t:
             tokens[i] = f"<|unused_{i}|>"
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return tokens, types, merges
+    out = {"model": "llama" if spm else "gpt2", "tokens": tokens, "types": types, "merges": merges}
+    if spm:
+        rank = {}
+        for k, m in enumerate(merges):
+            rank.setdefault(m.replace(" ", "", 1), k)
+        out["scores"] = [-float(rank.get(t, len(merges))) for t in tokens]
+        out["add_space_prefix"] = "Prepend" in json.dumps(spec.get("normalizer"))
+        out["unk_token_id"] = model["vocab"].get(model.get("unk_token"))
+    return out
 
 
 def export_gguf(run, out_file: str | Path, dtype: str = "f16") -> dict:
@@ -265,7 +327,8 @@ def export_gguf(run, out_file: str | Path, dtype: str = "f16") -> dict:
     arch = "qwen2" if c.qkv_bias else "llama"
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
-    tokens, types, merges = gguf_vocabulary(run.tokenizer, c.vocab_size)
+    vocabulary = gguf_vocabulary(run.tokenizer, c.vocab_size)
+    tokens = vocabulary["tokens"]
     template = load_chat_template(run_dir)
     names = {v: k for k, v in _BLOCK.items()}
     top = {v: k for k, v in _TOP.items()}
@@ -290,11 +353,16 @@ def export_gguf(run, out_file: str | Path, dtype: str = "f16") -> dict:
         w.add_vocab_size(len(tokens))
         w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_model(vocabulary["model"])
         w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "default")
         w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
+        w.add_token_types(vocabulary["types"])
+        w.add_token_merges(vocabulary["merges"])
+        if vocabulary["model"] == "llama":
+            w.add_token_scores(vocabulary["scores"])
+            w.add_add_space_prefix(vocabulary["add_space_prefix"])
+            if vocabulary["unk_token_id"] is not None:
+                w.add_unk_token_id(vocabulary["unk_token_id"])
         eos = (run.tokenizer.token_to_id(template["eos_token"]) if template.get("eos_token")
                else end_token_id(template, run.tokenizer))
         bos = run.tokenizer.token_to_id(template["bos_token"]) if template.get("bos_token") else None
