@@ -204,6 +204,19 @@ def test_lora_fine_tuning_resumes_exactly_and_merges(base_run, chat_file, tmp_pa
         torch.testing.assert_close(hf(x).logits, load_run(base_run, device="cpu").model(x)[0], rtol=1e-5, atol=1e-5)
         adapted = peft.PeftModel.from_pretrained(hf, tmp_path / "hf" / "lora").eval()
         torch.testing.assert_close(adapted(x).logits, tuned(x)[0], rtol=1e-5, atol=1e-5)
+    # And back: PEFT's adapter directory over its Hugging Face base is a LoRA run again, the same model.
+    r = run_cli("import-hf", str(tmp_path / "hf" / "lora"), "--base", str(tmp_path / "hf"), "--out",
+                str(tmp_path / "from-peft"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["adapter_params"] == summary["trainable_params"]
+    with torch.no_grad():
+        torch.testing.assert_close(load_run(tmp_path / "from-peft", device="cpu").model(x)[0], tuned(x)[0],
+                                   rtol=1e-5, atol=1e-5)
+    r = run_cli("import-hf", str(tmp_path / "hf" / "lora"), "--base", str(base_run), "--out",
+                str(tmp_path / "over-run"))
+    assert r.returncode == 0, r.stderr  # the same base as a run directory fits too
+    r = run_cli("import-hf", str(tmp_path / "hf"), "--base", str(base_run), "--out", str(tmp_path / "bad2"))
+    assert r.returncode == 2 and "not a PEFT adapter directory" in r.stderr and not (tmp_path / "bad2").exists()
     # A base that is gone, or retrained since, is named in one error line; the merged run needs none.
     moved = base_run.with_name(base_run.name + "-moved")
     base_run.rename(moved)

@@ -12,8 +12,11 @@ from lmforge.cli.options import flag
 @dataclass
 class ImportOptions:
     hf_dir: str = flag(positional=True, help="config.json + model.safetensors (or pytorch_model.bin) + "
-                       "tokenizer.json (or vocab.json + merges.txt, or vocab.txt)")
+                       "tokenizer.json (or vocab.json + merges.txt, or vocab.txt); or, with --base, a PEFT "
+                       "LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
     out: str = flag(None, required=True, help="run directory to write")
+    base: str = flag(None, help="the run or Hugging Face directory a PEFT adapter was trained on: the "
+                     "result is a LoRA run over it")
     json: bool = flag(False)
 
 
@@ -42,8 +45,12 @@ class GGUFExportOptions:
 
 def run_import(o: ImportOptions) -> int:
     """Turn a Hugging Face GPT-2 or BERT directory (config.json, weights, tokenizer) into a run directory."""
-    from lmforge.interop.hf_dir import import_hf
+    from lmforge.interop.hf_dir import import_hf, import_peft
 
+    if o.base is not None:
+        return emit(o.json, import_peft(o.hf_dir, o.base, o.out), lambda info: (
+            f"imported the LoRA adapters {o.hf_dir} -> {info['run_dir']}: r={info['lora_r']} on "
+            f"{', '.join(info['targets'])}, {info['adapter_params']:,} params, over {info['base']}"))
     return emit(o.json, import_hf(o.hf_dir, o.out), lambda info: (
         f"imported {o.hf_dir} -> {info['run_dir']}: {info['model_type']}, {info['params']:,} params, "
         f"{info['n_layer']} layers x {info['n_embd']}, context {info['block_size']}, "

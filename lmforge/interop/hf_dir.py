@@ -244,3 +244,76 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> dict:
     if adapter is not None:
         out["peft_adapter"] = str(out_dir / PEFT_ADAPTER_DIR)
     return out
+
+
+PEFT_ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def import_peft(adapter_dir: str | Path, base: str | Path, run_dir: str | Path) -> dict:
+    """Turn a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
+    into a LoRA run over ``base`` (the run or Hugging Face directory it was trained on): the
+    adapters alone, laid over the base wherever the run loads (:mod:`lmforge.train.adapters`)."""
+    from safetensors.torch import load_file
+
+    from lmforge import config as cfgmod
+    from lmforge.chat import load_chat_template, save_chat_template
+    from lmforge.fsutil import atomic_dir
+    from lmforge.models import build_model
+    from lmforge.models.lora import LoRAConfig, apply_lora
+    from lmforge.runs import RunDir
+    from lmforge.tasks import TASKS
+    from lmforge.tasks.finetune import base_model
+    from lmforge.train.adapters import AdapterStore
+    from lmforge.train.checkpoint import MODEL_FILE, save_model
+
+    adapter_dir, base, run_dir = Path(adapter_dir), Path(base), Path(run_dir)
+    try:
+        settings = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{adapter_dir}: not a PEFT adapter directory (adapter_config.json: {e})") from None
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"output directory {run_dir} is not empty")
+    refused = {"peft_type": settings.get("peft_type") != "LORA", "bias": settings.get("bias", "none") != "none",
+               "use_dora": bool(settings.get("use_dora")), "use_rslora": bool(settings.get("use_rslora")),
+               "modules_to_save": bool(settings.get("modules_to_save")),
+               "target_modules": not isinstance(settings.get("target_modules"), list),
+               "task_type": settings.get("task_type") not in (None, "CAUSAL_LM")}
+    if any(refused.values()):
+        bad = ", ".join(f"{k}={settings.get(k)!r}" for k, v in refused.items() if v)
+        raise UserError(f"{adapter_dir}: only plain LoRA adapters of a causal LM (a list of target modules, no "
+                        f"bias, DoRA, rsLoRA or saved modules) are imported; this one has {bad}")
+    lora = LoRAConfig(r=int(settings["r"]), alpha=float(settings.get("lora_alpha", 8)),
+                      dropout=float(settings.get("lora_dropout", 0.0)), targets=list(settings["target_modules"]))
+    arch, model_config = base_model(base)
+    with torch.device("meta"):
+        model = build_model(arch, model_config)
+        apply_lora(model, lora)
+    if not model.can_generate:
+        raise UserError(f"--base {base} is not a decoder: PEFT causal-LM adapters go on GPT or Llama runs")
+    prefix = "base_model.model."
+    path = adapter_dir / PEFT_ADAPTER_FILE
+    if not path.is_file():
+        raise UserError(f"{adapter_dir}: no {PEFT_ADAPTER_FILE}")
+    stored = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in load_file(str(path)).items()}
+    wanted = {k: v.shape for k, v in model.state_dict().items() if ".lora_" in k}
+    if stored.keys() != wanted.keys() or any(stored[k].shape != wanted[k] for k in wanted):
+        missing, extra = sorted(wanted.keys() - stored.keys()), sorted(stored.keys() - wanted.keys())
+        raise UserError(f"{adapter_dir}: the adapters do not fit --base {base} (missing {missing[:3]}, unexpected "
+                        f"{extra[:3]}{', or other shapes' if not missing and not extra else ''})")
+    if RunDir(base).is_run():
+        from lmforge.data.tokenizer import load_tokenizer
+
+        tokenizer, template = load_tokenizer(RunDir(base).tokenizer), load_chat_template(base)
+    else:
+        tokenizer, template = read_hf_tokenizer(base), hf_chat_template(base)
+    store = AdapterStore(base)
+    task = TASKS["lm"].Options(init=store.base)
+    with atomic_dir(run_dir) as tmp:
+        cfgmod.save(cfgmod.RunConfig(task=task, model=model_config, arch=arch,
+                                     finetune=cfgmod.FinetuneConfig(lora=lora)), tmp / "config.yaml")
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        save_model(None, tmp / MODEL_FILE, state={k: v.contiguous() for k, v in stored.items()},
+                   metadata={**store.metadata, "imported_from": str(adapter_dir)})
+        save_chat_template(tmp, template)
+    return {"run_dir": str(run_dir), "base": store.base, "arch": arch, "lora_r": lora.r,
+            "targets": lora.targets, "adapter_params": sum(v.numel() for v in stored.values())}
