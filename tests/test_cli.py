@@ -6,7 +6,7 @@ import sys
 from lmforge.cli import VERBS, build_parser
 
 EXPECTED_VERBS = ["prepare", "train", "eval", "predict", "generate", "embed", "explain", "compress", "export", "federate", "serve", "chat",
-                  "quickstart", "import-hf", "export-hf", "import-gguf", "export-gguf", "merge-lora", "bench", "support"]
+                  "quickstart", "import-hf", "export-hf", "import-gguf", "export-gguf", "merge-lora", "bench", "support", "keys"]
 
 
 def test_verbs_are_pinned():

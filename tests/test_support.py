@@ -376,13 +376,14 @@ def test_bad_requests_get_clear_4xx_and_keys_are_separate(api):
     for after in (10 ** 30, -1):  # past SQLite's integers: a 400, not a 500
         assert api.get("/api/agent/conversations/x", headers=A, params={"after": after}).status_code == 400
     assert api.get("/api/conversations/x", headers=C, params={"customer_id": "someone-else"}).status_code == 403
-    assert api.get("/api/agent/queue", headers=C).status_code == 401  # the customer key is not the agent key
+    assert api.get("/api/agent/queue", headers=C).status_code == 403  # a customer key lacks the agent's role
     assert api.get("/api/agent/queue").status_code == 401
     assert api.post("/api/messages", json={"customer_id": "x", "text": "hi"}).status_code == 401
     assert api.get("/health").status_code == 200
     assert api.get("/", params={"api_key": API_KEY}).status_code == 200 and api.get("/").status_code == 401
     assert api.get("/agent", params={"agent_key": AGENT_KEY}).status_code == 200
-    metrics = api.get("/metrics", headers=C).text
+    assert api.get("/metrics", headers=C).status_code == 403  # operating the app is the admins' (agents')
+    metrics = api.get("/metrics", headers=A).text
     assert "lmforge_support_handoffs_total" in metrics and "lmforge_support_queue_length" in metrics
 
 

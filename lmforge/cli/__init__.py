@@ -38,6 +38,7 @@ VERBS = {
     "merge-lora": "lmforge.cli.lora",
     "bench": "lmforge.cli.bench",
     "support": "lmforge.cli.support",
+    "keys": "lmforge.cli.keys",
 }
 
 

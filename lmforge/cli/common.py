@@ -80,3 +80,39 @@ def check_port(port: int, host: str | None = None) -> None:
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror} (another server is using the port? "
                             f"choose another with --port)") from None
+
+
+@dataclass
+class AccessOptions:
+    """The flags both servers share: keys with roles, the audit log, TLS."""
+
+    keys: str | None = flag(metavar="FILE", group="access", help="API keys with roles and limits (stored hashed; "
+                            "write with `lmforge keys add`)")
+    audit_log: str | None = flag(metavar="FILE", group="access", help="append one JSON line per request (key, "
+                                 "endpoint, status, tokens, latency)")
+    audit_text: bool = flag(False, group="access", help="also log each request's text, masked")
+    ssl_certfile: str | None = flag(metavar="PEM", group="access", help="serve HTTPS with this certificate")
+    ssl_keyfile: str | None = flag(metavar="PEM", group="access", help="the certificate's private key")
+
+
+def access_settings(o: AccessOptions) -> dict:
+    """``keys``, ``audit_log``, ``audit_text`` and ``ssl`` for a server, checked: a bad keys file,
+    a certificate without its key (or missing), an audit log that cannot be opened: one line."""
+    from lmforge.serve.access import read_keys
+
+    if (o.ssl_certfile is None) != (o.ssl_keyfile is None):
+        raise UserError("give --ssl-certfile and --ssl-keyfile together")
+    for f in (o.ssl_certfile, o.ssl_keyfile):
+        if f is not None and not Path(f).is_file():
+            raise UserError(f"no such file: {f}")
+    if o.audit_text and not o.audit_log:
+        raise UserError("--audit-text needs --audit-log FILE")
+    if o.audit_log is not None:
+        try:
+            with open(o.audit_log, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise UserError(f"--audit-log {o.audit_log}: {e.strerror}") from None
+    ssl = {"ssl_certfile": o.ssl_certfile, "ssl_keyfile": o.ssl_keyfile} if o.ssl_certfile else None
+    return {"keys": read_keys(o.keys) if o.keys else None, "audit_log": o.audit_log, "audit_text": o.audit_text,
+            "ssl": ssl}

@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from lmforge.cli.common import DECODE_COMPILE_HELP, check_port
+from lmforge.cli.common import DECODE_COMPILE_HELP, AccessOptions, access_settings, check_port
 from lmforge.cli.options import flag
 from lmforge.errors import UserError
 
@@ -14,7 +14,7 @@ HELP = "OpenAI-compatible HTTP API over a run directory"
 
 
 @dataclass
-class Options:
+class Options(AccessOptions):
     run_dir: str = flag(positional=True)
     host: str = flag("127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     port: int = flag(8000)
@@ -36,12 +36,14 @@ def run(o: Options) -> int:
 
     key = o.api_key or os.environ.get("LMFORGE_API_KEY") or None
     check_port(o.port, o.host)
+    access = access_settings(o)
     if o.max_tokens_cap <= 0:
         raise UserError("--max-tokens-cap must be positive")
     if o.max_concurrency <= 0 or o.max_batch <= 0 or (o.max_context is not None and o.max_context < 2):
         raise UserError("--max-concurrency and --max-batch must be positive, --max-context at least 2")
-    print(f"lmforge serve: {o.run_dir} on http://{o.host}:{o.port}/ (chat page; API under /v1) "
-          f"({'API key required' if key else 'no API key'})", file=sys.stderr, flush=True)
+    scheme = "https" if access["ssl"] else "http"
+    print(f"lmforge serve: {o.run_dir} on {scheme}://{o.host}:{o.port}/ (chat page; API under /v1) "
+          f"({'API key required' if key or access['keys'] else 'no API key'})", file=sys.stderr, flush=True)
     serve(o.run_dir, o.host, o.port, key, o.max_tokens_cap, o.max_concurrency, o.max_batch, o.compile, o.max_context,
-          o.allowed_host)
+          o.allowed_host, **access)
     return 0

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.cli.common import check_port, print_json
+from lmforge.cli.common import AccessOptions, access_settings, check_port, print_json
 from lmforge.cli.options import flag
 from lmforge.errors import UserError
 
@@ -73,7 +73,7 @@ class EvalOptions:
 
 
 @dataclass
-class ServeOptions:
+class ServeOptions(AccessOptions):
     app_dir: str = flag(positional=True)
     host: str = flag("127.0.0.1")
     port: int = flag(8100)
@@ -233,8 +233,10 @@ def run_serve(o: ServeOptions) -> int:
         raise UserError(f"not a support app directory (no support.sqlite): {o.app_dir}")
     key = o.api_key or os.environ.get("LMFORGE_API_KEY") or None
     agent_key = o.agent_key or os.environ.get("LMFORGE_AGENT_KEY") or None
-    print(f"lmforge support: {o.app_dir} on http://{o.host}:{o.port}/ (agents: /agent)", file=sys.stderr, flush=True)
-    serve(o.app_dir, o.host, o.port, key, agent_key, o.generate, o.max_concurrency, o.allowed_host)
+    access = access_settings(o)
+    print(f"lmforge support: {o.app_dir} on {'https' if access['ssl'] else 'http'}://{o.host}:{o.port}/ "
+          "(agents: /agent)", file=sys.stderr, flush=True)
+    serve(o.app_dir, o.host, o.port, key, agent_key, o.generate, o.max_concurrency, o.allowed_host, **access)
     return 0
 
 

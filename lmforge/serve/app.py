@@ -25,7 +25,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from lmforge.chat import NOT_CHAT_TRAINED, jinja_chat_template
 from lmforge.data.tokenizer import EOT
-from lmforge.serve.common import APIError, Metrics, install_api_basics, key_matches, request_key, unauthorized
+from lmforge.serve.access import Access, Key, digest
+from lmforge.serve.common import APIError, Metrics, install_api_basics
 from lmforge.serve.completions import Completions
 from lmforge.serve.encoders import Encoders
 from lmforge.serve.protocol import DetokenizeRequest, TokenizeRequest
@@ -35,7 +36,11 @@ CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 
 
 def create_app(served: ServedRun, api_key: str | None = None, max_concurrency: int = 16,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
+               allowed_hosts: list[str] | None = None, keys: list[Key] | None = None,
+               audit_log: str | Path | None = None, audit_text: bool = False) -> FastAPI:
+    """The app over ``served``. ``api_key`` (admin) and ``keys`` (:mod:`lmforge.serve.access`):
+    without either every endpoint is open; with them every endpoint but ``/health`` needs a key,
+    and ``/metrics`` an admin key."""
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
     metrics = Metrics()
     if served.batcher is not None:
@@ -46,15 +51,18 @@ def create_app(served: ServedRun, api_key: str | None = None, max_concurrency: i
         metrics.gauge("lmforge_sequences_running", "Sequences holding a batch slot", lambda: len(b.active))
         metrics.gauge("lmforge_sequences_waiting", "Sequences waiting for a batch slot", lambda: len(b.waiting))
 
+    keys = list(keys or []) + ([Key("api-key", "admin", digest(api_key))] if api_key else [])
+    access = Access(keys, audit_log, audit_text)
+
     def check_auth(request: Request) -> JSONResponse | None:
-        if not api_key or request.url.path == "/health":
+        path = request.url.path
+        if path == "/health":
             return None
         # The chat page may take the key in its address once: /?api_key=KEY.
-        page = request.url.path == "/" and request.method == "GET"
-        return None if key_matches(request_key(request, "api_key" if page else None), api_key) else \
-            unauthorized("invalid or missing API key")
+        page = path == "/" and request.method == "GET"
+        return access.check(request, admin=path == "/metrics", page_param="api_key" if page else None, open_=not keys)
 
-    install_api_basics(app, metrics, check_auth, max_concurrency, allowed_hosts=allowed_hosts)
+    install_api_basics(app, metrics, check_auth, max_concurrency, allowed_hosts=allowed_hosts, access=access)
 
     @app.get("/health")
     async def health():
@@ -120,7 +128,10 @@ def create_app(served: ServedRun, api_key: str | None = None, max_concurrency: i
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_tokens_cap: int = 1024, max_concurrency: int = 16, max_batch: int = 16,
-          compile: bool = False, max_context: int | None = None, allowed_hosts: list[str] | None = None) -> None:
+          compile: bool = False, max_context: int | None = None, allowed_hosts: list[str] | None = None,
+          keys: list[Key] | None = None, audit_log: str | None = None, audit_text: bool = False,
+          ssl: dict | None = None) -> None:
+    """Serve ``run_dir`` until stopped; ``ssl`` ({"ssl_certfile", "ssl_keyfile"}) makes it HTTPS."""
     import uvicorn
 
     from lmforge.serve.common import allowed_hosts_for
@@ -130,5 +141,6 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_ke
         from lmforge.progress import status
 
         status(f"warning: {served.name} {NOT_CHAT_TRAINED} (/v1/completions is unaffected)")
-    uvicorn.run(create_app(served, api_key, max_concurrency, allowed_hosts_for(host, allowed_hosts)), host=host,
-                port=port, log_level="warning")
+    app = create_app(served, api_key, max_concurrency, allowed_hosts_for(host, allowed_hosts), keys, audit_log,
+                     audit_text)
+    uvicorn.run(app, host=host, port=port, log_level="warning", **(ssl or {}))

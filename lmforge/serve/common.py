@@ -7,7 +7,6 @@ trace. Requests past ``max_concurrency`` in flight are answered 429 (not queued)
 
 from __future__ import annotations
 
-import hmac
 import time
 from typing import Callable
 
@@ -50,10 +49,6 @@ def request_key(request: Request, query_param: str | None = None) -> str:
     return auth[7:] if auth.startswith("Bearer ") else ""
 
 
-def key_matches(given: str, key: str) -> bool:
-    return hmac.compare_digest(given.encode(), key.encode())
-
-
 class Metrics:
     """Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
 
@@ -69,6 +64,17 @@ class Metrics:
         self.prompt_tokens = Counter(f"{prefix}_prompt_tokens_total", "Prompt tokens processed", registry=self.registry)
         self.generated_tokens = Counter(f"{prefix}_generated_tokens_total", "Tokens generated", registry=self.registry)
         self.in_flight = Gauge(f"{prefix}_requests_in_flight", "Requests being served", registry=self.registry)
+
+    def count_tokens(self, prompt: int = 0, generated: int = 0) -> None:
+        """Tokens read and written for the request being served (also its key's and its audit line's)."""
+        from lmforge.serve.access import request_usage
+
+        self.prompt_tokens.inc(prompt)
+        self.generated_tokens.inc(generated)
+        usage = request_usage.get()
+        if usage is not None:
+            usage["prompt_tokens"] += prompt
+            usage["completion_tokens"] += generated
 
     def gauge(self, name: str, help_: str, read: Callable[[], float]) -> None:
         """A gauge read from ``read()`` whenever /metrics is scraped."""
@@ -135,6 +141,7 @@ class BodyLimit:
             if not message.get("more_body"):
                 break
         replayed = False
+        scope["lmforge.body"] = b"".join(chunks)  # for the audit log's text
 
         async def replay():
             nonlocal replayed
@@ -147,11 +154,13 @@ class BodyLimit:
 
 def install_api_basics(app: FastAPI, metrics: Metrics, check_auth: Callable[[Request], JSONResponse | None],
                        max_concurrency: int, max_body: int = MAX_BODY_BYTES,
-                       allowed_hosts: list[str] | None = None) -> None:
+                       allowed_hosts: list[str] | None = None, access=None) -> None:
     """Error handlers, the host / auth / size / concurrency guard, and request metrics for ``app``.
 
-    ``check_auth(request)`` returns None to let a request through, or the response refusing it.
-    ``allowed_hosts`` (see :func:`allowed_hosts_for`): other ``Host`` headers are refused (400).
+    ``check_auth(request)`` returns None to let a request through (the key it presented in
+    ``request.state.key``), or the response refusing it. ``allowed_hosts`` (see
+    :func:`allowed_hosts_for`): other ``Host`` headers are refused (400). ``access``
+    (:class:`~lmforge.serve.access.Access`): the keys' rate limits and the audit log.
     """
     app.add_middleware(BodyLimit, max_body=max_body)  # innermost: behind the guard and the metrics
 
@@ -182,6 +191,11 @@ def install_api_basics(app: FastAPI, metrics: Metrics, check_auth: Callable[[Req
         refused = check_auth(request)
         if refused is not None:
             return refused
+        key = getattr(request.state, "key", None)
+        over = access.over_limit(key) if access is not None and key is not None else None
+        if over is not None:
+            return JSONResponse(error_body(over + "; retry shortly", "rate_limit_error", code="rate_limit_exceeded"),
+                                status_code=429, headers=RETRY_AFTER)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body:
             return JSONResponse(error_body(f"request body over {max_body} bytes", "invalid_request_error"),
@@ -213,21 +227,37 @@ def install_api_basics(app: FastAPI, metrics: Metrics, check_auth: Callable[[Req
     # Added last, so outermost: refused requests (401, 413, 429) are counted too.
     @app.middleware("http")
     async def _measure(request: Request, call_next):
+        from lmforge.serve.access import request_usage
+
         endpoint, t0 = endpoint_of(request), time.perf_counter()
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        request_usage.set(usage)  # the endpoints' tasks and threads see this one dict
         metrics.in_flight.inc()
         try:
             response = await call_next(request)
         except BaseException:
             metrics.in_flight.dec()
             metrics.requests.labels(endpoint, "500").inc()
+            audit(request, endpoint, 500, t0, usage)
             raise
 
         def finish():
             metrics.in_flight.dec()
             metrics.requests.labels(endpoint, str(response.status_code)).inc()
             metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            audit(request, endpoint, response.status_code, t0, usage)
         response.body_iterator = _after(response.body_iterator, finish)
         return response
+
+    def audit(request: Request, endpoint: str, status: int, t0: float, usage: dict) -> None:
+        if access is None:
+            return
+        key = getattr(request.state, "key", None)
+        access.record(key, usage["prompt_tokens"] + usage["completion_tokens"])
+        access.audit({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "key": key.name if key else None, "role": key.role if key else None,
+                      "method": request.method, "endpoint": endpoint, "status": status, **usage,
+                      "latency_ms": round((time.perf_counter() - t0) * 1000, 1)}, request.scope.get("lmforge.body"))
 
     @app.get("/metrics")
     async def _prometheus():
@@ -242,10 +272,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], env: dict | None = None, timeout: float = 120.0, command: list[str] | None = None):
+def start_server(args: list[str], env: dict | None = None, timeout: float = 120.0, command: list[str] | None = None,
+                 verify: str | None = None):
     """``python -m lmforge ARGS --port P`` (or ``COMMAND ARGS --port P``) on a free port (a server
     command: ``serve``, ``support serve``, a container's entry); returns ``(process, base_url)``
-    once ``/health`` answers 200, polled with a deadline. The caller terminates the process."""
+    once ``/health`` answers 200, polled with a deadline. The caller terminates the process.
+    ``verify`` (a CA or self-signed certificate file): the server speaks HTTPS."""
     import os
     import subprocess
     import sys
@@ -256,11 +288,11 @@ def start_server(args: list[str], env: dict | None = None, timeout: float = 120.
     proc = subprocess.Popen([*(command or [sys.executable, "-m", "lmforge"]), *args, "--port", str(port)],
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    base = f"http://127.0.0.1:{port}"
+    base = f"{'https' if verify else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
+            if httpx.get(base + "/health", timeout=1, verify=verify or True).status_code == 200:
                 return proc, base
         except httpx.HTTPError:
             pass

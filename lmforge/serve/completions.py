@@ -253,8 +253,7 @@ class Completions:
                 if c.done:
                     running -= 1
                     self.live -= 1
-                    self.metrics.prompt_tokens.inc(len(specs[k // req.n][0]))
-                    self.metrics.generated_tokens.inc(c.text.sampled)
+                    self.metrics.count_tokens(len(specs[k // req.n][0]), c.text.sampled)
                     yield k, Finished(c.text.result)
         finally:
             for c in choices:

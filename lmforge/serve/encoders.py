@@ -36,7 +36,7 @@ class Encoders:
         s = self.served
         s.require("encoder", req.model, "embeddings")
         vectors, tokens = await asyncio.to_thread(self.embed, req)
-        self.metrics.prompt_tokens.inc(tokens)
+        self.metrics.count_tokens(tokens)
 
         def encode(v):
             return base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" \
@@ -49,7 +49,7 @@ class Encoders:
         s = self.served
         s.require("classifier", req.model, "classification")
         probs, tokens = await asyncio.to_thread(self.probabilities, req)
-        self.metrics.prompt_tokens.inc(tokens)
+        self.metrics.count_tokens(tokens)
         return {"object": "list", "model": s.name,
                 "data": [{"index": k, "label": s.labels[int(p.argmax())],
                           "probabilities": {name: float(x) for name, x in zip(s.labels, p)}}

@@ -26,7 +26,8 @@ from pydantic import BaseModel
 
 from lmforge.apps.support.assistant import Assistant, Forbidden
 from lmforge.apps.support.store import NotFound
-from lmforge.serve.common import Metrics, install_api_basics, key_matches, request_key, unauthorized
+from lmforge.serve.access import Access, Key, digest
+from lmforge.serve.common import Metrics, install_api_basics
 
 STATIC = Path(__file__).parent / "static"
 
@@ -53,7 +54,11 @@ AFTER = Query(0, ge=0, le=2**63 - 1)  # a message id: what SQLite's integers hol
 
 
 def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None, max_concurrency: int = 32,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
+               allowed_hosts: list[str] | None = None, keys: list[Key] | None = None,
+               audit_log: str | Path | None = None, audit_text: bool = False) -> FastAPI:
+    """The support app. The agent pages need an admin key (``agent_key``, or an admin of ``keys``);
+    the customer endpoints a key (``api_key``, or any of ``keys``) when there is one; ``/metrics``
+    then an admin key."""
     if not agent_key:
         raise ValueError("the agent pages need a key")
     app = FastAPI(title="lmforge support", docs_url=None, redoc_url=None)
@@ -86,21 +91,21 @@ def create_app(assistant: Assistant, agent_key: str, api_key: str | None = None,
             failures.inc()
     assistant.on_event = on_event
 
+    customer_keys = list(keys or []) + ([Key("api-key", "user", digest(api_key))] if api_key else [])
+    access = Access(customer_keys + [Key("agent-key", "admin", digest(agent_key))], audit_log, audit_text)
+
     def check_auth(request: Request) -> JSONResponse | None:
         path = request.url.path
         if path == "/health":
             return None
         if path == "/agent" or path.startswith("/api/agent/"):
             page = path == "/agent" and request.method == "GET"
-            return None if key_matches(request_key(request, "agent_key" if page else None), agent_key) else \
-                unauthorized("invalid or missing agent key")
-        if not api_key:
-            return None
+            return access.check(request, admin=True, page_param="agent_key" if page else None, what="agent key")
         page = path == "/" and request.method == "GET"
-        return None if key_matches(request_key(request, "api_key" if page else None), api_key) else \
-            unauthorized("invalid or missing API key")
+        return access.check(request, admin=path == "/metrics" and bool(customer_keys),
+                            page_param="api_key" if page else None, open_=not customer_keys)
 
-    install_api_basics(app, metrics, check_auth, max_concurrency, allowed_hosts=allowed_hosts)
+    install_api_basics(app, metrics, check_auth, max_concurrency, allowed_hosts=allowed_hosts, access=access)
 
     @app.exception_handler(Forbidden)
     async def _forbidden(request, exc: Forbidden):
@@ -228,7 +233,9 @@ def sse(obj: dict) -> str:
 
 
 def serve(app_dir, host: str = "127.0.0.1", port: int = 8100, api_key: str | None = None, agent_key: str | None = None,
-          generate_run=None, max_concurrency: int = 32, allowed_hosts: list[str] | None = None) -> None:
+          generate_run=None, max_concurrency: int = 32, allowed_hosts: list[str] | None = None,
+          keys: list[Key] | None = None, audit_log: str | None = None, audit_text: bool = False,
+          ssl: dict | None = None) -> None:
     import secrets
     import sys
 
@@ -240,5 +247,6 @@ def serve(app_dir, host: str = "127.0.0.1", port: int = 8100, api_key: str | Non
     assistant = Assistant(app_dir, generate_run)
     from lmforge.serve.common import allowed_hosts_for
 
-    uvicorn.run(create_app(assistant, agent_key, api_key, max_concurrency, allowed_hosts_for(host, allowed_hosts)),
-                host=host, port=port, log_level="warning")
+    app = create_app(assistant, agent_key, api_key, max_concurrency, allowed_hosts_for(host, allowed_hosts), keys,
+                     audit_log, audit_text)
+    uvicorn.run(app, host=host, port=port, log_level="warning", **(ssl or {}))
