@@ -29,7 +29,7 @@ from lmforge.progress import progress, status
 from lmforge.runs import RunDir
 from lmforge.tasks import TASKS
 from lmforge.models.lora import apply_lora
-from lmforge.train.adapters import AdapterStore, full_state, weights_metadata
+from lmforge.train.adapters import AdapterStore
 from lmforge.train.checkpoint import (load_checkpoint, load_model_state, recover_checkpoint, save_checkpoint,
                                      save_model)
 from lmforge.train.distributed import (World, accumulating, gather_state, is_sharded, load_optimizer_state, setup,
@@ -449,8 +449,9 @@ def _loop(cfg, task, model, optimizer, state, run: RunDir, device, stop_at, worl
         checkpoint(model_step=best, model_file=run / run.BEST)
         if world.main:
             if not is_sharded(model):  # the final reports (process 0) are on the best weights
-                model.load_saved_state(full_state(model, load_model_state(run.model), weights_metadata(run.model),
-                                                  run.path))
+                # Laid over the model's own state: a LoRA run's file holds only what the frozen base
+                # in memory lacks (a whole model's file replaces every tensor).
+                model.load_saved_state({**model.state_dict_for_save(), **load_model_state(run.model)})
     else:
         checkpoint()
         if finished and world.main and (run / run.BEST).is_file():
