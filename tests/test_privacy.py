@@ -1,7 +1,9 @@
 """Privacy: personal data scrubbed from corpora by ``prepare --scrub-pii`` (one masking module with
 the support app) — planted PII comes out with none left, ordinary numbers, dates, versions and
-code stay as they were, the counts per kind are reported, bad input is one error line — and the
-exposure of planted secrets (``eval --canaries``) higher for a model trained on them."""
+code stay as they were, the counts per kind are reported, bad input is one error line. The
+exposure of planted secrets (``eval --canaries``) is higher for a model trained on them, and lower
+again when it is trained with differential privacy (DP-SGD through Opacus, for classifiers and
+decoders alike)."""
 
 import json
 
@@ -102,6 +104,9 @@ def test_a_canary_in_the_training_data_is_exposed_and_one_that_is_not_is_not(tmp
         prepare([str(corpus)], tmp_path / f"data_{name}", vocab_size=400, val_fraction=0.2, seed=0)
         train(cfgmod.build_config("debug", overrides=["train.max_steps=60"]), tmp_path / f"data_{name}",
               tmp_path / name)
+    # The same training on the planted data with differential privacy.
+    train(cfgmod.build_config("debug", overrides=["train.max_steps=60", "train.dp.epsilon=8"]),
+          tmp_path / "data_planted", tmp_path / "private")
     r = run_cli("eval", str(tmp_path / "planted"), "--canaries", str(canaries), "--candidates", "200", "--json")
     assert r.returncode == 0, r.stderr
     exposed = json.loads(r.stdout)["canaries"][0]
@@ -109,6 +114,9 @@ def test_a_canary_in_the_training_data_is_exposed_and_one_that_is_not_is_not(tmp
     clean = exposure(run.model, run.tokenizer, read_canaries(canaries), 200)["canaries"][0]
     assert exposed["candidates"] == clean["candidates"] == 200
     assert exposed["exposure"] > clean["exposure"] + 2 and exposed["exposure"] > 4  # of at most log2(201) = 7.65
+    private = exposure(load_run(tmp_path / "private", device="cpu").model, run.tokenizer, read_canaries(canaries),
+                       200)["canaries"][0]
+    assert private["exposure"] < exposed["exposure"] - 2
     (tmp_path / "bad.txt").write_text("no secret in braces here\n", encoding="utf-8")
     r = run_cli("eval", str(tmp_path / "clean"), "--canaries", str(tmp_path / "bad.txt"))
     assert r.returncode == 2 and "{secret}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -226,6 +234,74 @@ def test_dp_clips_each_example_and_refuses_what_it_cannot_guarantee(tmp_path, di
     with pytest.raises(UserError, match="BatchNorm"):
         train(bn, digits_dir, tmp_path / "bn")
     assert not (tmp_path / "x").exists() and not (tmp_path / "bn").exists()
-    r = run_cli("train", "--data", str(data_dir), "--out", str(tmp_path / "lm"), "--preset", "debug",
-                "--set", "train.dp.epsilon=3")
-    assert r.returncode == 2 and "train.dp" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for args in (["--task", "gan", "--data", str(digits_dir)],  # two models in turn: refused
+                 ["--preset", "debug", "--data", str(data_dir), "--set", "train.activation_checkpointing=true"]):
+        r = run_cli("train", "--out", str(tmp_path / "refused"), "--set", "train.dp.epsilon=3",
+                    "--set", "train.max_steps=2", *args)
+        assert r.returncode == 2 and "train.dp" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "refused").exists()
+
+
+def test_per_example_gradients_of_decoders_next_token_loss_are_each_windows_own():
+    """Through GPT (learned positions), Llama (RMSNorm, lmforge's own grad sampler), the LSTM (its
+    layers swapped for DPLSTM) and a LoRA-adapted GPT (the adapters alone): Opacus's per-example
+    gradient of the mean next-token loss is the gradient of each window's own mean loss."""
+    import torch
+
+    from lmforge.models.gpt import GPT, GPTConfig
+    from lmforge.models.llama import Llama, LlamaConfig
+    from lmforge.models.lora import LoRAConfig, apply_lora
+    from lmforge.models.lstm import LSTM, LSTMConfig
+    from lmforge.train.privacy import DPConfig, PrivateTraining, per_example_ready
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=40, block_size=12, n_layer=2, n_embd=16, dropout=0.0)
+    lora = GPT(GPTConfig(**shape, n_head=2))
+    apply_lora(lora, LoRAConfig(r=2))
+    models = {"gpt": GPT(GPTConfig(**shape, n_head=2)), "lora": lora,
+              "llama": Llama(LlamaConfig(**shape, n_head=2, n_kv_head=1)), "lstm": LSTM(LSTMConfig(**shape, n_hidden=20))}
+    x, y = torch.randint(0, 40, (4, 12)), torch.randint(0, 40, (4, 12))
+    for name, model in models.items():
+        per_example_ready(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        alone = [torch.cat([g.flatten() for g in torch.autograd.grad(model(x[i:i + 1], y[i:i + 1])[1], params)])
+                 for i in range(4)]
+        PrivateTraining(model, torch.optim.SGD(params, lr=0.1), DPConfig(epsilon=3), sample_rate=0.1,
+                        planned_steps=10, expected_batch=4)
+        model(x, y)[1].backward()
+        got = torch.cat([p.grad_sample.flatten(1) for p in params], 1)
+        want = torch.stack(alone)
+        assert ((got - want).norm(dim=1) / want.norm(dim=1)).max() < 1e-5, name
+    plain = LSTM(LSTMConfig(**shape, n_hidden=20))
+    assert set(models["lstm"].state_dict_for_save()) == set(plain.state_dict_for_save())  # checkpoints as ever
+    plain.load_saved_state(models["lstm"].state_dict_for_save())
+    models["lstm"].load_saved_state(plain.state_dict_for_save())
+
+
+def test_dp_next_token_training_samples_windows_and_resumes_exactly(tmp_path, data_dir):
+    """An LSTM language model trained with train.dp: Poisson batches of the training file's whole
+    windows, an exact --resume, the saved weights an ordinary LSTM's (eval and generate use them)."""
+    from lmforge import config as cfgmod
+    from lmforge.data.tokens import TokenFile, load_meta
+    from lmforge.train.trainer import train
+
+    def config():
+        return cfgmod.build_config("lstm-debug", overrides=["train.max_steps=8", "train.eval_interval=4",
+                                                            "train.log_interval=1", "train.batch_size=8",
+                                                            "train.dp.epsilon=3"])
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    summary = train(config(), data_dir, whole)
+    train(config(), data_dir, part, stop_at=4)
+    train(cfgmod.load(part / "config.yaml"), run_dir=part, resume=True)
+
+    def rows(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+    assert rows(whole) == rows(part) and len(rows(whole)) == 8
+    windows = (len(TokenFile(data_dir / "train.bin", load_meta(data_dir)["dtype"])) - 1) // config().model.block_size
+    assert summary["dp_sample_rate"] == pytest.approx(8 / windows)
+    assert summary["dp_epsilon"] == pytest.approx(3, abs=0.05)
+    r = run_cli("generate", str(whole), "--prompt", "The", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("eval", str(whole), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["val_bpb"] > 0, r.stderr

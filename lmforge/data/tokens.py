@@ -66,9 +66,15 @@ class TokenFile:
         """
         self.check_context(T)
         rng = np.random.default_rng([seed, stream, step, micro])
-        starts = rng.integers(0, len(self.data) - T - 1, size=batch_size)
-        window = np.stack([self.data[s:s + T + 1] for s in starts]).astype(np.int64)
-        w = torch.from_numpy(window)
+        return self._rows(rng.integers(0, len(self.data) - T - 1, size=batch_size), T)
+
+    def windows(self, indices: torch.Tensor, T: int):
+        """The non-overlapping windows ``indices`` (window i: inputs ``[i*T, i*T+T)``, targets one
+        token on): (inputs, targets), (len(indices), T) each, int64."""
+        return self._rows(indices.numpy() * T, T)
+
+    def _rows(self, starts, T: int):
+        w = torch.from_numpy(np.stack([self.data[s:s + T + 1] for s in starts]).astype(np.int64))
         return w[:, :-1], w[:, 1:]
 
     def sequential_batches(self, batch_size: int, T: int, max_tokens: int | None = None,

@@ -172,7 +172,9 @@ class GPT(Decoder):
 
     def _trunk(self, idx, pos, cache=None, mask=None) -> torch.Tensor:
         """Embeddings, blocks and the final norm: hidden states (B, T, C)."""
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        # Per-example gradients (train.dp) need the position embedding's input batched, as the token one's.
+        rows = pos.expand(idx.size(0), -1) if pos.dim() == 1 and torch.is_grad_enabled() else pos
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(rows))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each block's input; recompute its activations in the backward pass.

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from lmforge import config as cfgmod
-from lmforge.errors import UserError
 from lmforge.tasks.base import Task
 
 
@@ -73,11 +72,9 @@ class EpochTask(Task):
     def batch_indices(self, step: int, micro: int) -> torch.Tensor:
         """The training examples of micro-batch ``micro`` of step ``step``."""
         if self.sample_rate is not None:
-            rng = np.random.default_rng([self.cfg.train.seed, 13, step, micro])
-            b = np.flatnonzero(rng.random(self.n_train) < self.sample_rate)
-            if not len(b):  # about exp(-batch_size): never at the batch sizes DP is trained with
-                raise UserError(f"train.dp: the Poisson batch of step {step} is empty; raise train.batch_size")
-            return torch.from_numpy(b)
+            from lmforge.train.privacy import poisson_batch
+
+            return poisson_batch(self.cfg.train.seed, step, micro, self.n_train, self.sample_rate)
         epoch, i = divmod(step * self.micro_per_step + micro, self.batches_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, self._epoch_batches(epoch)

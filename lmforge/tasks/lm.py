@@ -75,7 +75,9 @@ class TokenTask(Task):
 
     def to(self, device):
         super().to(device)
-        self.loss_chunk = cfgmod.loss_chunk_for(self.cfg.train.loss_chunk, device.type)
+        # train.dp: the head must run as a module on (B, T, C) for Opacus to see each example's part.
+        private = self.cfg.train.dp.epsilon is not None
+        self.loss_chunk = 0 if private else cfgmod.loss_chunk_for(self.cfg.train.loss_chunk, device.type)
 
     def units_per_step(self, cfg, world) -> int:
         t = cfg.train
@@ -118,6 +120,9 @@ class LMTask(TokenTask):
     ARCHS = ("gpt", "llama", "lstm")
     Options = LMOptions
     base_model = staticmethod(base_model)  # with --init, the model's family and shape are the run's
+    # With train.dp, DP-SGD's examples are the training file's non-overlapping windows, each in a
+    # step's batch with probability batch_size / N (train/privacy.py).
+    supports_dp = True
 
     def __init__(self, cfg, run=None):
         if not MODELS[cfg.arch].model.can_generate:
@@ -132,6 +137,14 @@ class LMTask(TokenTask):
             if tokenizer.get_vocab() != data_vocab:
                 raise UserError(f"{self.data_dir} was tokenized with another tokenizer than {cfg.task.init}'s; "
                                 f"prepare it with `lmforge prepare --tokenizer {cfg.task.init} ...`")
+        self.sample_rate = None
+        if cfg.train.dp.epsilon is not None:
+            self.n_train, self.B = (len(self.train) - 1) // self.window, cfg.train.batch_size
+            if self.n_train < 2 * self.B:
+                raise UserError(f"train.dp samples whole windows: {self.data_dir} holds {self.n_train} windows of "
+                                f"{self.window} tokens, too few for batches of {self.B}; use more data, a smaller "
+                                "train.batch_size or task.seq_len")
+            self.sample_rate = self.B / self.n_train
 
     def resolve(self, cfg, world):
         cfg = super().resolve(cfg, world)
@@ -149,6 +162,14 @@ class LMTask(TokenTask):
 
         super().write_files(run, model)
         save_chat_template(run.path, load_chat_template(self.cfg.task.init) if self.cfg.task.init else None)
+
+    def batch(self, step, micro):
+        if self.sample_rate is None:
+            return super().batch(step, micro)
+        from lmforge.train.privacy import poisson_batch
+
+        return self.train.windows(poisson_batch(self.cfg.train.seed, step, micro, self.n_train, self.sample_rate),
+                                  self.window)
 
     def loss_and_metrics(self, call, model, batch):
         x, y = batch

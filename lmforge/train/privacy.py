@@ -1,16 +1,21 @@
 """Differentially private training (DP-SGD, Abadi et al. 2016) through Opacus, for the tasks that
 sample examples and whose models Opacus handles (``Task.supports_dp``: image and text
-classification, the text ones from BERT, GPT or Llama runs): per-example gradients clipped to ``max_grad_norm``,
-Gaussian noise added to their sum, batches drawn by Poisson sampling (each training example in
-with probability ``batch_size / N`` at every step, from (seed, step): ``--resume`` stays exact),
-and the privacy spent tracked by Opacus's RDP accountant.
+classification, the text ones from BERT, GPT or Llama runs; next-token training of GPT, Llama and
+LSTM decoders, LoRA included): per-example gradients clipped to ``max_grad_norm``, Gaussian noise
+added to their sum, batches drawn by Poisson sampling (each training example in with probability
+``batch_size / N`` at every step, from (seed, step): ``--resume`` stays exact), and the privacy
+spent tracked by Opacus's RDP accountant.
+
+An example is what a task samples: an image, a labelled text, or for next-token training one of
+the training file's non-overlapping windows of ``task.seq_len`` tokens. The guarantee is per
+example: a secret repeated in k windows is protected at group level only (about k times epsilon).
 
 ``train.dp.epsilon`` is the target: the noise multiplier is the smallest that keeps the planned
 schedule (``train.max_steps``, or the epochs a time budget is capped at) within (epsilon, delta).
 The epsilon actually spent after the steps taken is logged at every evaluation (``dp_epsilon``)
 and put in the run's summary; stopping early spends less. What Opacus cannot give per-example
-gradients for (BatchNorm, which mixes examples; nn.LSTM) is refused, never trained without the
-guarantee.
+gradients for (BatchNorm, which mixes examples) is refused, never trained without the guarantee;
+``nn.LSTM`` layers become Opacus's ``DPLSTM`` (the same parameters, cell by cell) for training.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmforge.errors import UserError
@@ -46,11 +52,21 @@ def check_config(dp: DPConfig) -> None:
         raise UserError(f"train.dp.rounds must be at least 1, got {dp.rounds}")
 
 
+def poisson_batch(seed: int, step: int, micro: int, n: int, sample_rate: float) -> torch.Tensor:
+    """The examples (of ``n``) in the Poisson batch of (step, micro-batch): each with probability
+    ``sample_rate``, from (seed, step, micro) alone."""
+    rng = np.random.default_rng([seed, 13, step, micro])
+    b = np.flatnonzero(rng.random(n) < sample_rate)
+    if not len(b):  # about exp(-batch_size): never at the batch sizes DP is trained with
+        raise UserError(f"train.dp: the Poisson batch of step {step} is empty; raise train.batch_size")
+    return torch.from_numpy(b)
+
+
 def check_run(cfg, task, world, use_compile: bool) -> None:
     """Refuse what DP-SGD cannot be done with here (one line each, before anything is written)."""
     t = cfg.train
     if not getattr(task, "supports_dp", False):
-        raise UserError(f"train.dp trains classify and image-classify runs for now; the {cfg.task.name} task "
+        raise UserError(f"train.dp trains classify, image-classify and lm runs for now; the {cfg.task.name} task "
                         "cannot be trained with its guarantee yet")
     if getattr(cfg.task, "oversample", False):
         raise UserError("train.dp draws Poisson batches; task.oversample cannot be used with it")
@@ -62,6 +78,59 @@ def check_run(cfg, task, world, use_compile: bool) -> None:
         raise UserError("train.dp works with adamw, adam or sgd, not muon")
     if t.fsdp or use_compile:
         raise UserError("train.dp cannot run with train.fsdp or train.compile (Opacus hooks every layer)")
+    if t.activation_checkpointing:
+        raise UserError("train.dp cannot run with train.activation_checkpointing (a recomputed forward would "
+                        "be recorded twice by Opacus's hooks)")
+
+
+def per_example_ready(model: torch.nn.Module) -> None:
+    """Make ``model`` one Opacus can give per-example gradients for, in place and before its
+    optimizer is built: each ``nn.LSTM`` becomes a ``DPLSTM`` with the same weights (and the same
+    parameter names, so checkpoints are unchanged)."""
+    from opacus.layers import DPLSTM
+
+    for path, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.LSTM:
+                dp = DPLSTM(child.input_size, child.hidden_size, num_layers=child.num_layers, bias=child.bias,
+                            batch_first=child.batch_first, dropout=child.dropout,
+                            bidirectional=child.bidirectional).to(child.weight_ih_l0.device)
+                dp.load_state_dict(child.state_dict())
+                setattr(parent, name, dp)
+                _only_lstm_names(dp, f"{path}.{name}." if path else f"{name}.")
+
+
+def _only_lstm_names(layer, prefix: str) -> None:
+    """A nested ``DPLSTM``'s state holds its inner copies of each weight (``l0.ih.weight``) beside
+    the ``nn.LSTM`` names (Opacus drops them only when it is the top module): save and load the
+    ``nn.LSTM`` names alone."""
+    inner = {prefix + old for old in layer.old_to_new}
+
+    def drop(module, state, state_prefix, local_metadata):
+        for key in inner & set(state):
+            del state[key]
+
+    def forgive(module, incompatible):
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in inner]
+
+    layer._state_dict_hooks.clear()  # Opacus's returns a filtered copy, which a parent's state never sees
+    layer._register_state_dict_hook(drop)
+    layer.register_load_state_dict_post_hook(forgive)
+
+
+def _register_grad_samplers() -> None:
+    """Per-example gradients of lmforge's own layers that have no Opacus grad sampler (without
+    one, Opacus falls back to vmap, ~50x slower here)."""
+    from opacus import GradSampleModule
+
+    from lmforge.models.llama import RMSNorm
+
+    def rms_norm(layer, activations, backprops):
+        x = activations[0].float()
+        h = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer.eps)).to(activations[0].dtype)
+        return {layer.weight: torch.einsum("n...d,n...d->nd", backprops, h)} if layer.weight.requires_grad else {}
+
+    GradSampleModule.GRAD_SAMPLERS.setdefault(RMSNorm, rms_norm)
 
 
 def check_model(model: torch.nn.Module) -> None:
@@ -100,6 +169,7 @@ class PrivateTraining:
         from opacus.accountants.utils import get_noise_multiplier
         from opacus.optimizers import DPOptimizer
 
+        _register_grad_samplers()
         check_model(model)
         self.dp, self.sample_rate, self.planned_steps = dp, sample_rate, planned_steps
         # Opacus's hooks on the first layer fire without input gradients (images need none): expected.

@@ -189,6 +189,10 @@ def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device, start=
     torch.manual_seed(t.seed)
     model = task.build_model(cfg)
     adapters = apply_lora(model, cfg.finetune.lora)  # {} without LoRA; on --resume, before the checkpoint loads
+    if t.dp.epsilon is not None:
+        from lmforge.train.privacy import per_example_ready
+
+        per_example_ready(model)  # layers swapped before the optimizer holds their parameters
     if start is not None:
         from lmforge.train.checkpoint import load_into
 
@@ -216,7 +220,8 @@ def _train(cfg, task, run: RunDir, resume, stop_at, world: World, device, start=
         check_run(cfg, task, world, use_compile=bool(t.compile))
         planned = t.max_steps or task.step_cap
         if planned is None:
-            raise UserError("train.dp needs a planned number of steps (train.max_steps, or task.epochs with a time budget)")
+            raise UserError("train.dp plans its noise for a number of steps: set train.max_steps (or, for the tasks "
+                            "trained in epochs, task.epochs beside the time budget)")
         planned *= t.dp.rounds
         private = PrivateTraining(model, optimizer, t.dp, task.sample_rate, planned, task.B)
         optimizer = private.optimizer
