@@ -12,24 +12,26 @@ HELP = "federated training on Flower: clients train on their own part of the dat
 
 @dataclass
 class Options:
-    data: list[str] = flag(required=True, nargs="+", help="a `prepare --kind images` directory to partition, or "
-                           "one per client with --partition by-file")
+    data: list[str] = flag(required=True, nargs="+", help="a `prepare --kind images` directory (--task lm: a "
+                           "`prepare` token directory) to partition, or one per client with --partition by-file")
     out: str = flag(required=True, help="the run directory of the global model (new or empty)")
-    task: str = flag("image-classify", choices=["image-classify"], help="the task every client trains")
+    task: str = flag("image-classify", choices=["image-classify", "lm"], help="the task every client trains")
     clients: int | None = flag(help="number of clients the data is split into (by-file: one per --data)")
     rounds: int = flag(3, help="federated rounds: the server sends the global model, every client trains on it, "
                        "the server averages their weights (by examples)")
     local_epochs: int = flag(1, help="epochs each client trains on its own data per round")
     partition: str = flag("iid", metavar="iid|dirichlet:ALPHA|by-file", help="how the examples are dealt out: iid "
-                          "(shuffled, equal parts), dirichlet:ALPHA (label skew, smaller ALPHA: fewer classes per "
-                          "client) or by-file (each --data directory is one client's)")
+                          "(shuffled, equal parts; --task lm: the text's windows), dirichlet:ALPHA (label skew, "
+                          "smaller ALPHA: fewer classes per client) or by-file (each --data directory is one "
+                          "client's)")
     strategy: str = flag("fedavg", choices=["fedavg", "fedprox"], help="Flower's FedAvg, or FedProx (a proximal "
                          "term mu/2 ||w - w_global||^2 in every client's loss)")
     mu: float = flag(0.01, help="FedProx's proximal weight")
     min_clients: int | None = flag(help="clients that must be connected for a round to start (default: all); a "
                                    "client that fails mid-round is left out of that round's average")
-    model: str | None = flag(help="model family (cnn, mlp; default: the preset's)")
-    preset: str | None = flag(help="keras-mnist, keras-cifar, cnn-small, resnet-small, mlp")
+    model: str | None = flag(help="model family (cnn, mlp; --task lm: gpt, llama, lstm; default: the preset's)")
+    preset: str | None = flag(help="keras-mnist, keras-cifar, cnn-small, resnet-small, mlp; --task lm: debug, nano, "
+                              "llama-debug, lstm-debug, ...")
     config: str | None = flag(help="YAML file with task:, model: and train: sections (each client's training)")
     set: list[str] | None = flag(append=True, metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4 or "
                                  "train.dp.epsilon=8 (DP-SGD on every client, the budget over all rounds)")
@@ -58,8 +60,9 @@ def run(o: Options) -> int:
         print_json(s)
         return 0
     print(f"federated {s['run_dir']}: {s['arch']} over {s['clients']} clients ({s['partition']}), {s['rounds']} "
-          f"rounds of {s['strategy']}; global validation accuracy {s['val_accuracy']:.4f} "
-          f"(best {s['best_val_accuracy']:.4f} at round {s['best_round']})"
+          f"rounds of {s['strategy']}; global validation "
+          + (f"accuracy {s['val_accuracy']:.4f} (best {s['best_val_accuracy']:.4f}" if s["val_accuracy"] is not None
+             else f"loss {s['val_loss']:.4f} (best {s['best_val_loss']:.4f}") + f" at round {s['best_round']})"
           + (f", test accuracy {s['test']['accuracy']:.4f}" if s.get("test") else "")
           + (f"; dp epsilon {s['dp_epsilon']:.2f} (delta {s['dp_delta']})" if s.get("dp_epsilon") is not None else ""))
     for r, reasons in s["failed_rounds"].items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -43,13 +44,25 @@ def weights_of(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict_for_save().items()}
 
 
+def training_examples(data: str) -> int:
+    """A client's training images, or tokens: the weight of its update."""
+    from lmforge.data.tokens import read_meta
+
+    split = read_meta(data)["splits"]["train"]
+    return int(split["images"] if "images" in split else split["tokens"])
+
+
 def local_config(cfg, data: str, epochs: int, rounds: int, seed: int):
-    """The config of one client's round: its data, ``epochs`` local epochs, no validation (the
-    server evaluates), nothing kept but the last weights; ``train.dp``'s budget spread over every
-    round."""
+    """The config of one client's round: its data, ``epochs`` local epochs (for ``lm``: as many
+    steps as cover its windows that often), no validation (the server evaluates), nothing kept but
+    the last weights; ``train.dp``'s budget spread over every round."""
     t = cfg.train
-    return cfgmod.replace(cfg, data={"path": data, "val": None, "test": None}, task={"epochs": epochs},
-                          train={"max_steps": None, "max_seconds": None, "eval_interval": 0, "early_stop": None,
+    steps, task = None, {"epochs": epochs}
+    if not hasattr(cfg.task, "epochs"):  # next-token training: windows of the context
+        window = getattr(cfg.task, "seq_len", None) or cfg.model.block_size
+        steps, task = max(1, math.ceil(epochs * ((training_examples(data) - 1) // window) / t.batch_size)), {}
+    return cfgmod.replace(cfg, data={"path": data, "val": None, "test": None}, task=task,
+                          train={"max_steps": steps, "max_seconds": None, "eval_interval": 0, "early_stop": None,
                                  "keep_best": False, "patience": 0, "checkpoint_interval": 0, "seed": seed,
                                  "tensorboard": False, "dp": dataclasses.replace(t.dp, rounds=rounds)})
 
@@ -89,9 +102,7 @@ def train_round(cfg, data: str, start: dict[str, torch.Tensor], epochs: int, rou
         weights = load_model_state(work / "run" / "model.safetensors")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from lmforge.data.images import ImageData
-
-    metrics = {"num-examples": int(ImageData.open(data).meta["splits"]["train"]["images"]),
+    metrics = {"num-examples": training_examples(data),
                "train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": int(summary["steps"])}
     if "dp_noise_multiplier" in summary:  # this client's privacy spent over every round so far
         metrics["dp_epsilon"] = epsilon_spent(summary["dp_noise_multiplier"], summary["dp_sample_rate"],

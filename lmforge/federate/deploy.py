@@ -6,7 +6,8 @@ At each site (its data never leaves it)::
 
     flower-supernode --insecure --superlink SERVER:9092 --node-config "data-path='/site/data'"
 
-where ``/site/data`` is that site's ``prepare --kind images`` directory. On the server's machine::
+where ``/site/data`` is that site's ``prepare --kind images`` directory (``--task lm``: its
+``prepare`` token directory). On the server's machine::
 
     flower-superlink --insecure
     lmforge federate --superlink 127.0.0.1:9093 --data HELD_OUT_DIR --clients N --out RUN_DIR ...

@@ -1,4 +1,5 @@
-"""Who holds which examples in a federated run: the pooled image data and its split into clients.
+"""Who holds which examples in a federated run: the pooled data and its split into clients —
+image data (:class:`Federation`) or token data for ``--task lm`` (:class:`TokenFederation`).
 
 ``iid``: a seeded shuffle cut into near-equal parts. ``dirichlet:ALPHA``: label skew as in Hsu et
 al. (2019) — for each class, the shares of the clients are drawn from Dirichlet(ALPHA) and the
@@ -9,16 +10,23 @@ iid); drawn again (seeded) until every client holds at least ``MIN_EXAMPLES``. `
 Each client's part is written as an ordinary ``prepare --kind images`` directory (training split
 only) that carries the federation's normalisation, so every client builds the same model and its
 training is the normal trainer's on ordinary data.
+
+Token data has no labels to skew: ``iid`` deals the training text's windows (``block_size`` tokens
+each, seeded) out to the clients, ``by-file`` takes each ``prepare`` directory (one tokenizer for
+all) as one site's; a client's part is an ordinary ``prepare`` directory whose ``train.bin`` holds
+its windows.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lmforge.data.images import SPLITS, ImageData
+from lmforge.data.tokens import TokenFile, load_meta
 from lmforge.errors import UserError
 from lmforge.fsutil import write_json
 
@@ -77,6 +85,10 @@ class Federation:
     def sizes(self) -> list[int]:
         return [len(c) for c in self.clients]
 
+    @property
+    def has_validation(self) -> bool:
+        return bool(len(self.splits["val"][1]))
+
     def class_counts(self) -> list[dict[str, int]]:
         y, names = self.splits["train"][1], self.meta["classes"]
         return [{names[k]: int(v) for k, v in enumerate(np.bincount(y[c], minlength=len(names))) if v}
@@ -112,24 +124,34 @@ class Federation:
         return path
 
 
-def federation(paths: list[str], clients: int | None, spec: str, seed: int) -> Federation:
-    """The federation over ``paths`` (``prepare --kind images`` directories) under ``spec``."""
-    scheme, alpha = parse_scheme(spec)
-    datas = [ImageData.open(p) for p in paths]
+def _check_sources(paths: list, clients: int | None, scheme: str, spec: str) -> None:
     if scheme != "by-file":
-        if len(datas) != 1:
+        if len(paths) != 1:
             raise UserError(f"--partition {spec} splits one --data directory; give several with --partition by-file")
         if clients is None or clients < 1:
             raise UserError(f"--clients must be a positive number, got {clients}")
+        return
+    if len(paths) < 2:
+        raise UserError("--partition by-file needs one --data directory per client (two or more)")
+    if clients is not None and clients != len(paths):
+        raise UserError(f"--partition by-file: {len(paths)} --data directories are {len(paths)} clients, "
+                        f"not --clients {clients}")
+
+
+def federation(paths: list[str], clients: int | None, spec: str, seed: int, task: str = "image-classify",
+               window: int = 0):
+    """The federation over ``paths`` under ``spec``: ``prepare --kind images`` directories, or for
+    ``task`` lm token directories cut into windows of ``window`` tokens."""
+    scheme, alpha = parse_scheme(spec)
+    if task == "lm":
+        return TokenFederation.of(paths, clients, scheme, spec, seed, window)
+    datas = [ImageData.open(p) for p in paths]
+    _check_sources(datas, clients, scheme, spec)
+    if scheme != "by-file":
         data = datas[0]
         splits = {s: tuple(np.asarray(a) for a in data.split(s)) for s in SPLITS}
         parts = split_clients(splits["train"][1], clients, scheme, alpha, seed)
         return Federation(dict(data.meta), splits, parts, str(Path(paths[0]).resolve()))
-    if len(datas) < 2:
-        raise UserError("--partition by-file needs one --data directory per client (two or more)")
-    if clients is not None and clients != len(datas):
-        raise UserError(f"--partition by-file: {len(datas)} --data directories are {len(datas)} clients, "
-                        f"not --clients {clients}")
     first = datas[0].meta
     for d in datas[1:]:
         if d.meta["shape"] != first["shape"] or d.meta["classes"] != first["classes"]:
@@ -154,3 +176,75 @@ def federation(paths: list[str], clients: int | None, spec: str, seed: int) -> F
                            "per_class": {n: int(v) for n, v in zip(first["classes"], np.bincount(
                                splits[s][1], minlength=len(first["classes"])))}} for s in SPLITS}}
     return Federation(meta, splits, parts, "")
+
+
+@dataclass
+class TokenFederation:
+    """The token data of a federated ``lm`` run: each client's training tokens (whole windows,
+    ``iid``; a site's whole file, ``by-file``) and the validation tokens the server evaluates on."""
+
+    meta: dict  # the first directory's (tokenizer, dtype, vocabulary)
+    tokenizer: Path  # its tokenizer.json
+    clients: list[np.ndarray]  # each client's training tokens
+    val: np.ndarray
+    source: str  # as Federation.source
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(c) for c in self.clients]
+
+    @property
+    def has_validation(self) -> bool:
+        return len(self.val) > 0
+
+    def class_counts(self) -> None:
+        return None  # no labels
+
+    def _write(self, path: Path, train: np.ndarray, what: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        dtype = np.dtype(self.meta["dtype"])
+        train.astype(dtype).tofile(path / "train.bin")
+        self.val.astype(dtype).tofile(path / "val.bin")
+        shutil.copyfile(self.tokenizer, path / "tokenizer.json")
+        splits = {"train": {"tokens": int(len(train))}, "val": {"tokens": int(len(self.val))}}
+        write_json(path / "meta.json", {**self.meta, "source": what, "tokens": int(len(train) + len(self.val)),
+                                        "splits": splits})
+        return path
+
+    def write_client(self, i: int, path: Path) -> Path:
+        """Client ``i``'s training tokens as a data directory (with the federation's validation
+        tokens, which the client does not evaluate on: its trainer needs a file to open)."""
+        return self._write(path, self.clients[i], f"client {i} of a federation over {self.source}")
+
+    def write_pooled(self, path: Path) -> Path:
+        return self._write(path, np.concatenate(self.clients), "pooled for a federation")
+
+    @classmethod
+    def of(cls, paths: list[str], clients: int | None, scheme: str, spec: str, seed: int,
+           window: int) -> "TokenFederation":
+        if scheme == "dirichlet":
+            raise UserError("--partition dirichlet skews labels; token data has none: use iid or by-file with --task lm")
+        _check_sources(paths, clients, scheme, spec)
+        metas = [load_meta(p) for p in paths]
+        tokenizers = [(Path(p) / "tokenizer.json").read_bytes() for p in paths]
+        trains = [np.asarray(TokenFile(Path(p) / "train.bin", m["dtype"]).data) for p, m in zip(paths, metas)]
+        vals = [np.asarray(TokenFile(Path(p) / "val.bin", m["dtype"]).data) for p, m in zip(paths, metas)]
+        for p, t in zip(paths[1:], tokenizers[1:]):
+            if t != tokenizers[0]:
+                raise UserError(f"--partition by-file: {p} was tokenized with another tokenizer than {paths[0]}; "
+                                f"prepare every site's data with `lmforge prepare --tokenizer {paths[0]} ...`")
+        least = MIN_EXAMPLES * (window + 1)
+        if scheme == "iid":
+            n = (len(trains[0]) - 1) // (window + 1)
+            if n < clients * MIN_EXAMPLES:
+                raise UserError(f"{paths[0]} holds {n} windows of {window + 1} tokens: too few to give {clients} "
+                                f"clients {MIN_EXAMPLES} each; lower --clients or model.block_size")
+            windows = trains[0][:n * (window + 1)].reshape(n, window + 1)
+            order = np.random.default_rng([seed, 29]).permutation(n)
+            parts = [windows[np.sort(part)].reshape(-1) for part in np.array_split(order, clients)]
+            return cls(metas[0], Path(paths[0]) / "tokenizer.json", parts, vals[0], str(Path(paths[0]).resolve()))
+        for p, t in zip(paths, trains):
+            if len(t) < least:
+                raise UserError(f"--partition by-file: {p} holds {len(t)} training tokens; every client needs at "
+                                f"least {least} ({MIN_EXAMPLES} windows of {window + 1})")
+        return cls(metas[0], Path(paths[0]) / "tokenizer.json", trains, np.concatenate(vals), "")

@@ -25,7 +25,7 @@ from lmforge.fsutil import atomic_dir, write_json
 from lmforge.progress import status
 from lmforge.runs import RunDir
 
-TASKS_FEDERATED = ("image-classify",)
+TASKS_FEDERATED = ("image-classify", "lm")
 STRATEGIES = ("fedavg", "fedprox")
 FEDERATED = "federated.json"
 
@@ -37,8 +37,11 @@ def _global_task(cfg, data_path: str):
     from lmforge.train.distributed import world_from_env
 
     cfg = cfgmod.replace(cfg, data={"path": data_path})
-    task = TASKS[cfg.task.name](cfg, None)
-    cfg = task.resolve(cfg, world_from_env())
+    # The length of the clients' local training is each client's own (apps.local_config); a token
+    # task wants one to be built, and this one is only evaluated.
+    steps = cfg.train.max_steps
+    task = TASKS[cfg.task.name](cfgmod.replace(cfg, train={"max_steps": steps or 1}), None)
+    cfg = cfgmod.replace(task.resolve(cfg, world_from_env()), train={"max_steps": steps})
     cfgmod.validate(cfg)
     task.cfg = cfg
     return task, cfg
@@ -100,8 +103,8 @@ class ServerSide:
         acc = row.get("val_accuracy")
         note = (f"; {len(failures)} client(s) failed, {row.get('clients', 0)} aggregated: {failures[0]}"
                 if failures else "")
-        status(f"round {server_round}/{self.plan['rounds']}: global validation accuracy "
-               + (f"{acc:.4f}" if acc is not None else "n/a") + f", loss {row.get('val_loss', float('nan')):.4f}"
+        status(f"round {server_round}/{self.plan['rounds']}: global validation "
+               + (f"accuracy {acc:.4f}, " if acc is not None else "") + f"loss {row.get('val_loss', float('nan')):.4f}"
                + (f", dp epsilon {row['dp_epsilon']:.2f}" if "dp_epsilon" in row else "") + note)
         return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -122,15 +125,18 @@ class ServerSide:
         extra = self.task.finish(self.run, self.model, self.ctx)
         plot_loss(self.run.path)
         failed = {r["round"]: r["failures"] for r in done if r.get("failures")}
-        best = max(done, key=lambda r: r.get("val_accuracy", float("-inf")))
+        best = (max(done, key=lambda r: r.get("val_accuracy", float("-inf"))) if "val_accuracy" in done[-1]
+                else min(done, key=lambda r: r.get("val_loss", float("inf"))))
         summary = {
             "run_dir": self.plan["final_out"], "task": cfg.task.name, "arch": cfg.arch,
             "clients": len(self.plan["clients"]) or self.plan["min_clients"], "rounds": len(done), "partition": self.plan["partition"],
             "strategy": self.plan["strategy"], "proximal_mu": self.plan["mu"] if self.plan["strategy"] == "fedprox"
             else None, "local_epochs": self.plan["local_epochs"], "min_clients": self.plan["min_clients"],
-            "client_examples": self.plan["sizes"], "client_classes": self.plan["class_counts"],
+            "client_examples": self.plan["sizes"], "client_unit": self.task.unit,
+            "client_classes": self.plan["class_counts"],
             "val_accuracy": done[-1].get("val_accuracy"), "val_loss": done[-1].get("val_loss"),
             "best_round": best["round"], "best_val_accuracy": best.get("val_accuracy"),
+            "best_val_loss": best.get("val_loss"),
             "failed_rounds": failed, "per_round": self.rounds, "examples_seen": self.examples,
             "params": self.model.num_params(), **{k: v for k, v in extra.items() if k in ("validation", "test")},
         }
@@ -203,10 +209,11 @@ def federate(req: FederateRequest) -> dict:
     out = Path(req.out)
     if req.superlink is not None:
         return _federate_deployed(req, cfg, out)
-    fed = federation(req.data, req.clients, req.partition, cfg.train.seed)
+    window = (getattr(cfg.task, "seq_len", None) or cfg.model.block_size) if req.task == "lm" else 0
+    fed = federation(req.data, req.clients, req.partition, cfg.train.seed, req.task, window)
     n = len(fed.clients)
     min_clients = _min_clients(req, n)
-    if not len(fed.splits["val"][1]):
+    if not fed.has_validation:
         raise UserError("the federation needs a validation split to evaluate the global model on; prepare the "
                         "data with --val-fraction above 0")
     with atomic_dir(out) as tmp:
@@ -217,12 +224,21 @@ def federate(req: FederateRequest) -> dict:
         else:
             eval_data = data_final = fed.source
         plan = _plan(req, cfg, tmp, out, clients, eval_data, data_final, min_clients, fed.sizes, fed.class_counts())
-        status(f"federation: {n} clients ({req.partition}; examples {fed.sizes}), {req.rounds} rounds of "
+        status(f"federation: {n} clients ({req.partition}; {'tokens' if req.task == 'lm' else 'examples'} "
+               f"{fed.sizes}), {req.rounds} rounds of "
                f"{req.local_epochs} local epoch(s), {req.strategy}" + (f" mu={req.mu}" if req.strategy == "fedprox"
                                                                        else ""))
         summary = simulate(plan, n)
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def held_out(data: str) -> int:
+    """Validation examples (images) or tokens in a data directory."""
+    from lmforge.data.tokens import read_meta
+
+    split = read_meta(data).get("splits", {}).get("val", {})
+    return int(split.get("images", split.get("tokens", 0)))
 
 
 def _min_clients(req: FederateRequest, n: int) -> int:
@@ -238,10 +254,12 @@ def _plan(req, cfg, tmp: Path, out: Path, clients: list[str], eval_data: str, da
     _, resolved = _global_task(cfg, eval_data)
     if resolved.train.dp.epsilon is not None:
         from lmforge.models import build_model
-        from lmforge.train.privacy import check_config, check_model
+        from lmforge.train.privacy import check_config, check_model, per_example_ready
 
         check_config(resolved.train.dp)
-        check_model(build_model(resolved.arch, resolved.model))
+        model = build_model(resolved.arch, resolved.model)
+        per_example_ready(model)
+        check_model(model)
     return {"config": cfgmod.to_dict(resolved), "out": str(tmp.resolve()), "final_out": str(out), "clients": clients,
             "eval_data": eval_data, "data_final": data_final, "rounds": req.rounds,
             "local_epochs": req.local_epochs, "strategy": req.strategy, "mu": req.mu,
@@ -252,14 +270,12 @@ def _plan(req, cfg, tmp: Path, out: Path, clients: list[str], eval_data: str, da
 def _federate_deployed(req: FederateRequest, cfg, out: Path) -> dict:
     """The deployment runtime: the clients are SuperNodes holding their own data (their
     ``data-path``); ``--data`` is the server's held-out data, evaluated after every round."""
-    from lmforge.data.images import ImageData
     from lmforge.federate.deploy import run_deployed
 
     if len(req.data) != 1 or req.partition != "iid" or req.clients is None or req.clients < 1:
         raise UserError("--superlink: the SuperNodes hold the data; give --clients N (the SuperNodes to wait for) "
                         "and one --data directory (the server's held-out evaluation data), no --partition")
-    data = ImageData.open(req.data[0])
-    if not len(data.split("val")[1]):
+    if not held_out(req.data[0]):
         raise UserError(f"{req.data[0]}: no validation split to evaluate the global model on")
     min_clients = _min_clients(req, req.clients)
     eval_data = str(Path(req.data[0]).resolve())
