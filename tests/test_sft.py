@@ -113,6 +113,45 @@ def test_sft_trains_resumes_exactly_and_evaluates(base_run, chat_file, tmp_path,
     assert chat_trained(whole) and not chat_trained(base_run)
 
 
+def test_dp_sft_takes_one_conversation_per_row_and_each_rows_gradient_is_its_own(base_run, chat_file, tmp_path,
+                                                                                 capsys):
+    """With train.dp the examples are conversations: one per row, Poisson-sampled, each row's loss
+    the mean over its own answer tokens, so Opacus's per-example gradient is that conversation's
+    alone (a longer neighbour does not shrink it). DPO, whose pair is two rows, is refused."""
+    from lmforge.runs import load_run
+    from lmforge.tasks.sft import per_row_loss
+    from lmforge.train.privacy import DPConfig, PrivateTraining
+
+    r = cli_here(capsys, "train", "--task", "sft", "--init", str(base_run), "--data", str(chat_file), "--max-steps",
+                 "3", "--set", "train.batch_size=4", "--set", "train.dp.epsilon=8", "--out", str(tmp_path / "dp"),
+                 "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["train_rows"] == summary["train_conversations"] == 11
+    assert summary["dp_sample_rate"] == pytest.approx(4 / 11) and 0 < summary["dp_epsilon"] <= 8
+
+    run = load_run(base_run, device="cpu")
+    encoded = [encode_conversation(DEFAULT_CHAT_TEMPLATE, run.tokenizer, read_conversations_from(c)) for c in CHATS[:4]]
+    x, y, _, _ = pack(encoded, 96, alone=True)
+    assert len(x) == 4
+    model = run.model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    alone = [torch.cat([g.flatten() for g in torch.autograd.grad(per_row_loss(model(x[i:i + 1])[0], y[i:i + 1]),
+                                                                   params)]) for i in range(4)]
+    PrivateTraining(model, torch.optim.SGD(params, lr=0.1), DPConfig(epsilon=3), sample_rate=0.1, planned_steps=10,
+                    expected_batch=4)
+    per_row_loss(model(x)[0], y).backward()
+    got, want = torch.cat([p.grad_sample.flatten(1) for p in params], 1), torch.stack(alone)
+    assert ((got - want).norm(dim=1) / want.norm(dim=1)).max() < 1e-4
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS), encoding="utf-8")
+    r = cli_here(capsys, "train", "--task", "dpo", "--init", str(base_run), "--data", str(pairs), "--max-steps", "2",
+                 "--set", "train.dp.epsilon=8", "--out", str(tmp_path / "dpo"))
+    assert r.returncode == 2 and "dpo" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "dpo").exists()
+
+
 BAD_ROWS = [({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, "needs a role"),
             ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
             ({"prompt": "x"}, "expected")]

@@ -84,6 +84,8 @@ class DPOTask(FineTuneTask):
     ARCHS = ("gpt", "llama")
     Options = DPOOptions
     DATA = "FILE.jsonl (preference pairs)"
+    # A pair is two rows of the batch (chosen, rejected): Opacus would clip each row, not each pair.
+    supports_dp = False
     METRICS = ("loss", "reward_accuracy", "reward_margin")
     DEFAULTS = {"train": dict(lr=5e-6, batch_size=4, max_steps=None, eval_interval=None, log_interval=1,
                               warmup_steps=10, early_stop="loss", keep_best=True)}

@@ -107,12 +107,13 @@ def encode_conversation(template: dict, tokenizer, messages: list[dict],
     return ids, trained
 
 
-def pack(conversations: list[tuple[list[int], list[bool]]], length: int):
+def pack(conversations: list[tuple[list[int], list[bool]]], length: int, alone: bool = False):
     """Conversations packed in order into rows of ``length`` positions: (x, y, segments), each
     (rows, length) int64. A conversation of n tokens fills n - 1 positions (its last token is only
     a target); ``y`` is the next token where that token is a target, else -1; ``segments``
     numbers the conversations (padding is a segment of its own). A conversation longer than a row
-    is cut (and left out if no answer token is left). Also returns how many were cut."""
+    is cut (and left out if no answer token is left). ``alone``: one conversation per row (padded).
+    Also returns how many were cut."""
     xs, ys, segs, cut = [], [], [], 0
     x, y, seg, n_seg = [], [], [], 0
 
@@ -126,7 +127,7 @@ def pack(conversations: list[tuple[list[int], list[bool]]], length: int):
             ids, trained, cut = ids[:length + 1], trained[:length + 1], cut + 1
         if not any(trained[1:]):  # cut before its first answer: nothing to learn from it
             continue
-        if len(x) + len(ids) - 1 > length:
+        if x and (alone or len(x) + len(ids) - 1 > length):
             flush()
             x, y, seg = [], [], []
         x += ids[:-1]
@@ -190,6 +191,13 @@ def conversations_loss(run, conversations: list[list[dict]], batch_size: int = 8
             "assistant_tokens": tokens, "cut_conversations": cut, "length": length}
 
 
+def per_row_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean over rows of each row's mean loss over its targets (``y`` >= 0): logits (B, T, V),
+    y (B, T). Each row's gradient is then its own (DP-SGD clips it), whatever the others hold."""
+    per_token = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")  # (B, T)
+    return (per_token.sum(1) / (y >= 0).sum(1).clamp(min=1)).mean()
+
+
 class SFTTask(FineTuneTask):
     name = "sft"
     ARCHS = ("gpt", "llama")  # the family of --init
@@ -202,6 +210,8 @@ class SFTTask(FineTuneTask):
                               warmup_steps=10, early_stop="loss", keep_best=True)}
 
     DATA = "FILE.jsonl (conversations)"
+    # With train.dp, DP-SGD's examples are the conversations: one per row, each row's loss the mean
+    # over its own assistant tokens (another row's length must not weigh its gradient).
 
     def __init__(self, cfg, run=None):
         from lmforge.chat import load_chat_template
@@ -221,7 +231,8 @@ class SFTTask(FineTuneTask):
         if not self.resume:
             cfg = self.absolute_paths(cfg, max_length=min(cfg.task.max_length, cfg.model.block_size))
         length = cfg.task.max_length
-        self.x, self.y, self.segments, self.cut = pack(self.train_enc, length)
+        self.private = cfg.train.dp.epsilon is not None
+        self.x, self.y, self.segments, self.cut = pack(self.train_enc, length, alone=self.private)
         if not len(self.x):
             raise UserError(f"{cfg.data.path}: no conversation has an assistant token within {length} tokens")
         self.val = pack(self.val_enc, length)[:3] if self.val_enc else None
@@ -236,7 +247,8 @@ class SFTTask(FineTuneTask):
 
     def to(self, device):
         super().to(device)
-        self.loss_chunk = cfgmod.loss_chunk_for(self.cfg.train.loss_chunk, device.type)
+        # train.dp: the head must run as a module on (B, T, C) for Opacus to see each example's part.
+        self.loss_chunk = 0 if self.private else cfgmod.loss_chunk_for(self.cfg.train.loss_chunk, device.type)
 
     def units_per_step(self, cfg, world) -> int:
         return self.B * cfg.task.max_length * cfg.train.grad_accum * world.size
@@ -250,6 +262,8 @@ class SFTTask(FineTuneTask):
 
     def loss(self, call, model, batch):
         x, y, segments = batch
+        if self.private:  # one conversation per row, right-padded: causal attention needs no segments
+            return per_row_loss(call(x)[0], y)
         _, loss = call(x, y, segments=segments, loss_chunk=self.loss_chunk)
         return loss
 

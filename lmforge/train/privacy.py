@@ -1,13 +1,14 @@
 """Differentially private training (DP-SGD, Abadi et al. 2016) through Opacus, for the tasks that
 sample examples and whose models Opacus handles (``Task.supports_dp``: image and text
 classification, the text ones from BERT, GPT or Llama runs; next-token training of GPT, Llama and
-LSTM decoders, LoRA included): per-example gradients clipped to ``max_grad_norm``, Gaussian noise
+LSTM decoders and instruction tuning, LoRA included): per-example gradients clipped to ``max_grad_norm``, Gaussian noise
 added to their sum, batches drawn by Poisson sampling (each training example in with probability
 ``batch_size / N`` at every step, from (seed, step): ``--resume`` stays exact), and the privacy
 spent tracked by Opacus's RDP accountant.
 
-An example is what a task samples: an image, a labelled text, or for next-token training one of
-the training file's non-overlapping windows of ``task.seq_len`` tokens. The guarantee is per
+An example is what a task samples: an image, a labelled text, a conversation (``sft``: one per
+row), or for next-token training one of the training file's non-overlapping windows of
+``task.seq_len`` tokens. The guarantee is per
 example: a secret repeated in k windows is protected at group level only (about k times epsilon).
 
 ``train.dp.epsilon`` is the target: the noise multiplier is the smallest that keeps the planned
@@ -66,8 +67,8 @@ def check_run(cfg, task, world, use_compile: bool) -> None:
     """Refuse what DP-SGD cannot be done with here (one line each, before anything is written)."""
     t = cfg.train
     if not getattr(task, "supports_dp", False):
-        raise UserError(f"train.dp trains classify, image-classify and lm runs for now; the {cfg.task.name} task "
-                        "cannot be trained with its guarantee yet")
+        raise UserError(f"train.dp trains classify, image-classify, lm and sft runs for now; the {cfg.task.name} "
+                        "task cannot be trained with its guarantee yet")
     if getattr(cfg.task, "oversample", False):
         raise UserError("train.dp draws Poisson batches; task.oversample cannot be used with it")
     if world.active:
