@@ -91,6 +91,8 @@ def test_bad_input_is_refused_before_flower_starts(capsys, digits_mlp, tmp_path)
         (["--clients", "3", "--min-clients", "4"], "--min-clients must be between 1 and the 3"),
         (["--clients", "400"], "cannot give 400 clients"),
         (["--clients", "2", "--preset", "resnet-small", "--set", "train.dp.epsilon=8"], "BatchNorm"),
+        (["--clients", "3", "--client-dp-epsilon", "0"], "--client-dp-epsilon must be positive"),
+        (["--clients", "3", "--client-dp-epsilon", "1", "--client-dp-clip", "-1"], "--client-dp-clip must be positive"),
     ]
     for args, message in cases:
         r = cli_here(capsys, "federate", "--data", data, "--out", out, "--preset", "cnn-small", *args) \
@@ -168,3 +170,40 @@ def test_a_language_model_federated_over_two_clients_learns_and_is_an_ordinary_r
     assert r.returncode == 0 and json.loads(r.stdout)["val_bpb"] > 0, r.stderr
     r = run_cli("generate", str(fed), "--prompt", "The", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
+
+
+def test_client_dp_mod_clips_each_update_and_noises_it_before_it_leaves():
+    """Flower's client mod chain with real messages: the reply's update (weights minus the round's
+    global weights) is clipped to the L2 norm asked for, then N(0, (z * clip)^2) is added to every
+    weight, seeded by (seed, round, client); counters pass; without the config, nothing changes."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from lmforge.federate.apps import client_dp_mod
+
+    start = {"w": torch.zeros(4000), "b": torch.ones(3), "count": torch.tensor([3])}
+
+    def message(**dp):
+        config = {"server-round": 2}
+        if dp:
+            config["client-dp"] = json.dumps({"seed": 0, **dp})
+        return Message(RecordDict({"arrays": ArrayRecord(start), "config": ConfigRecord(config)}), dst_node_id=1,
+                       message_type="train")
+
+    def train(msg, context):  # the client's training: +0.1 on every weight
+        new = {"w": torch.full((4000,), 0.1), "b": torch.full((3,), 1.1), "count": torch.tensor([4])}
+        return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord({"client": 1})}), reply_to=msg)
+
+    def reply(msg):
+        out = client_dp_mod(msg, None, train)
+        return out.content["arrays"].to_torch_state_dict(), out.content["metrics"]
+    norm = 0.1 * (4003 ** 0.5)
+    clipped, metrics = reply(message(clip=1.0, noise_multiplier=0.0))
+    update = torch.cat([clipped["w"] - start["w"], clipped["b"] - start["b"]])
+    assert update.norm().item() == pytest.approx(1.0, rel=1e-5) and metrics["update_norm"] == pytest.approx(norm)
+    assert torch.allclose(update, torch.full_like(update, 0.1 / norm)) and clipped["count"].item() == 4
+    noised, _ = reply(message(clip=0.5, noise_multiplier=2.0))
+    assert (noised["w"] - 0.1 * 0.5 / norm).std().item() == pytest.approx(1.0, rel=0.05)  # z * clip
+    again, _ = reply(message(clip=0.5, noise_multiplier=2.0))
+    assert torch.equal(noised["w"], again["w"])
+    plain, metrics = reply(message())
+    assert torch.equal(plain["w"], torch.full((4000,), 0.1)) and "update_norm" not in metrics

@@ -39,6 +39,13 @@ class Options:
                                  "running flower-superlink (e.g. 127.0.0.1:9093) whose SuperNodes hold the data "
                                  "(each started with --node-config \"data-path='DIR'\"); --data is then the "
                                  "server's held-out evaluation data and --clients the SuperNodes to wait for")
+    client_dp_epsilon: float | None = flag(help="client-side DP of the updates: each round every client clips its "
+                                           "whole update to --client-dp-clip and adds Gaussian noise before it "
+                                           "leaves; the noise is set so that all rounds spend this epsilon "
+                                           "(the privacy unit: a client's whole data)")
+    client_dp_delta: float = flag(1e-5, help="--client-dp-epsilon's delta")
+    client_dp_clip: float = flag(1.0, help="L2 norm each client's update is clipped to (the log shows the updates' "
+                                 "median norm before clipping)")
     seed: int = flag(1337, help="seed of the partition, the initial model and every client's batches")
     json: bool = flag(False)
 
@@ -54,7 +61,8 @@ def run(o: Options) -> int:
     req = FederateRequest(data=o.data, out=o.out, clients=o.clients, rounds=o.rounds, partition=o.partition,
                           strategy=o.strategy, mu=o.mu, local_epochs=o.local_epochs, min_clients=o.min_clients,
                           task=o.task, model=o.model, preset=o.preset, config=o.config, set=o.set, seed=o.seed,
-                          superlink=o.superlink)
+                          superlink=o.superlink, client_dp_epsilon=o.client_dp_epsilon,
+                          client_dp_delta=o.client_dp_delta, client_dp_clip=o.client_dp_clip)
     s = federate(req)
     if o.json:
         print_json(s)
@@ -64,7 +72,9 @@ def run(o: Options) -> int:
           + (f"accuracy {s['val_accuracy']:.4f} (best {s['best_val_accuracy']:.4f}" if s["val_accuracy"] is not None
              else f"loss {s['val_loss']:.4f} (best {s['best_val_loss']:.4f}") + f" at round {s['best_round']})"
           + (f", test accuracy {s['test']['accuracy']:.4f}" if s.get("test") else "")
-          + (f"; dp epsilon {s['dp_epsilon']:.2f} (delta {s['dp_delta']})" if s.get("dp_epsilon") is not None else ""))
+          + (f"; dp epsilon {s['dp_epsilon']:.2f} (delta {s['dp_delta']})" if s.get("dp_epsilon") is not None else "")
+          + (f"; client-level dp epsilon {s['client_dp']['epsilon']:.2f} (delta {s['client_dp']['delta']})"
+             if s.get("client_dp") else ""))
     for r, reasons in s["failed_rounds"].items():
         print(f"round {r}: {len(reasons)} client(s) failed and were left out of the average: {reasons[0]}")
     return 0

@@ -12,6 +12,15 @@ the simulation; FedProx adds ``proximal-mu``). A node finds its data by ``partit
 simulation sets it) or ``data-path`` in its node config (``flower-supernode --node-config``). The
 reply holds ``arrays`` and ``metrics`` (``num-examples``, the weight of its update; ``train_loss``;
 with ``train.dp``, ``dp_epsilon`` spent so far by that client over every round).
+
+Client-side DP of the updates (``--client-dp-epsilon``): the server's config adds ``client-dp``
+(JSON: ``clip``, ``noise_multiplier``, ``seed``); :func:`client_dp_mod`, a Flower client mod,
+clips the client's whole update (its weights minus the round's global weights) to ``clip`` in L2
+norm and adds Gaussian noise of standard deviation ``noise_multiplier * clip`` to every weight
+before the reply leaves the client, and reports the update's norm before clipping
+(``update_norm``). The privacy unit is then the client's whole data, each round a Gaussian
+mechanism on it; Opacus's RDP accountant composes the rounds (sampling rate 1: every client
+takes part in every round).
 """
 
 from __future__ import annotations
@@ -38,6 +47,44 @@ from lmforge.progress import status
 # Fault injection for the tolerance test and for drills: "CLIENT:ROUND" makes that client's
 # training fail in that round, as a site that goes down mid-round would.
 FAIL_ENV = "LMFORGE_FEDERATE_FAIL"
+
+
+def privatize_update(start: dict[str, torch.Tensor], new: dict[str, torch.Tensor], clip: float,
+                     noise_multiplier: float, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], float]:
+    """``new`` weights whose update from ``start`` is clipped to L2 norm ``clip`` (over all
+    floating-point tensors together) and noised, N(0, (noise_multiplier * clip)^2) per weight;
+    integer tensors (counters) pass as they are. Returns (the weights, the update's norm before
+    clipping)."""
+    floats = [k for k, v in new.items() if v.is_floating_point()]
+    delta = {k: new[k].double() - start[k].double() for k in floats}
+    norm = float(torch.sqrt(sum((d * d).sum() for d in delta.values()))) if floats else 0.0
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    out = dict(new)
+    for k in floats:
+        noise = torch.randn(delta[k].shape, generator=gen, dtype=torch.float64) * (noise_multiplier * clip)
+        out[k] = (start[k].double() + delta[k] * scale + noise).to(new[k].dtype)
+    return out, norm
+
+
+def client_dp_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower client mod: with the server's ``client-dp`` config, the reply's update is clipped
+    and noised (:func:`privatize_update`) before it leaves the client."""
+    config = msg.content["config"]
+    if "client-dp" not in config:
+        return call_next(msg, context)
+    spec = json.loads(str(config["client-dp"]))
+    start = msg.content["arrays"].to_torch_state_dict()
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    metrics = reply.content["metrics"]
+    gen = torch.Generator().manual_seed(int(spec["seed"]) + 7919 * int(config["server-round"])
+                                        + 104729 * int(metrics["client"]))
+    weights, norm = privatize_update(start, reply.content["arrays"].to_torch_state_dict(), float(spec["clip"]),
+                                     float(spec["noise_multiplier"]), gen)
+    reply.content["arrays"] = ArrayRecord({k: weights[k] for k in start})
+    metrics["update_norm"] = norm
+    return reply
 
 
 def weights_of(model) -> dict[str, torch.Tensor]:
@@ -110,7 +157,7 @@ def train_round(cfg, data: str, start: dict[str, torch.Tensor], epochs: int, rou
     return weights, metrics
 
 
-client_app = ClientApp()
+client_app = ClientApp(mods=[client_dp_mod])
 
 
 @client_app.train()
@@ -137,6 +184,8 @@ def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecor
     out = {weight_key: total, "clients": len(rows)}
     for key in ("train_loss", "steps"):
         out[key] = sum(float(m[key]) * float(m[weight_key]) for m in rows) / total
+    if all("update_norm" in m for m in rows):
+        out["update_norm"] = float(np.median([float(m["update_norm"]) for m in rows]))
     if all("dp_epsilon" in m for m in rows):
         out["dp_epsilon"] = max(float(m["dp_epsilon"]) for m in rows)
     return MetricRecord(out)
@@ -174,6 +223,8 @@ def run_server(plan: dict, grid: Grid) -> dict:
     strategy = strategy_for(plan["strategy"], plan["mu"], plan["min_clients"])
     config = ConfigRecord({"lmforge-config": json.dumps(plan["config"]), "local-epochs": plan["local_epochs"],
                            "rounds": plan["rounds"], "client-data": json.dumps(plan["clients"])})
+    if plan.get("client_dp"):
+        config["client-dp"] = json.dumps(plan["client_dp"])
     t0 = time.perf_counter()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:

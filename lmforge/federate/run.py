@@ -95,6 +95,13 @@ class ServerSide:
                 row["loss"] = float(metrics["train_loss"])
                 if "dp_epsilon" in metrics:
                     row["dp_epsilon"] = float(metrics["dp_epsilon"])
+                if "update_norm" in metrics:  # the median client's, before clipping
+                    row["update_norm"] = float(metrics["update_norm"])
+            dp = self.plan.get("client_dp")
+            if dp:
+                from lmforge.train.privacy import epsilon_spent
+
+                row["client_dp_epsilon"] = epsilon_spent(dp["noise_multiplier"], 1.0, server_round, dp["delta"])
                 self.log.write({"step": server_round, "examples": self.examples, "loss": row["loss"]})
         row.update({k: v for k, v in val.items() if isinstance(v, (int, float))})
         self.log.write({"step": server_round, "examples": self.examples,
@@ -105,7 +112,9 @@ class ServerSide:
                 if failures else "")
         status(f"round {server_round}/{self.plan['rounds']}: global validation "
                + (f"accuracy {acc:.4f}, " if acc is not None else "") + f"loss {row.get('val_loss', float('nan')):.4f}"
-               + (f", dp epsilon {row['dp_epsilon']:.2f}" if "dp_epsilon" in row else "") + note)
+               + (f", dp epsilon {row['dp_epsilon']:.2f}" if "dp_epsilon" in row else "")
+               + (f", client-level epsilon {row['client_dp_epsilon']:.2f} (update norm {row['update_norm']:.3g}, "
+                  f"clipped to {self.plan['client_dp']['clip']:g})" if "client_dp_epsilon" in row else "") + note)
         return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def finish(self, weights: dict) -> dict:
@@ -144,6 +153,10 @@ class ServerSide:
             summary.update(dp_epsilon=done[-1].get("dp_epsilon"), dp_delta=cfg.train.dp.delta,
                            dp_target_epsilon=cfg.train.dp.epsilon, dp_max_grad_norm=cfg.train.dp.max_grad_norm,
                            dp_scope="per client: DP-SGD on its own examples, the target spread over every round")
+        if self.plan.get("client_dp"):
+            summary["client_dp"] = {**self.plan["client_dp"], "epsilon": done[-1].get("client_dp_epsilon"),
+                                    "scope": "per client: each round's whole update clipped and noised on the "
+                                             "client, the rounds composed by Opacus's RDP accountant"}
         write_json(self.run / FEDERATED, summary)
         write_json(self.run / self.run.SUMMARY, summary)
         return summary
@@ -170,6 +183,11 @@ class FederateRequest:
     seed: int = 1337
     timeout: float = 3600.0
     superlink: str | None = None  # a SuperLink's Control API (deployment runtime); None: the simulation
+    # Client-side DP of each round's update (apps.client_dp_mod): the target epsilon over every
+    # round, its delta, the L2 norm each update is clipped to.
+    client_dp_epsilon: float | None = None
+    client_dp_delta: float = 1e-5
+    client_dp_clip: float = 1.0
 
 
 def check(req: FederateRequest, cfg) -> None:
@@ -186,6 +204,13 @@ def check(req: FederateRequest, cfg) -> None:
     if req.strategy == "fedprox" and cfg.train.dp.epsilon is not None:
         raise UserError("--strategy fedprox with train.dp: the proximal term would escape DP-SGD's per-example "
                         "clipping; use --strategy fedavg")
+    if req.client_dp_epsilon is not None:
+        if not req.client_dp_epsilon > 0:
+            raise UserError(f"--client-dp-epsilon must be positive, got {req.client_dp_epsilon}")
+        if not 0 < req.client_dp_delta < 1:
+            raise UserError(f"--client-dp-delta must be in (0, 1), got {req.client_dp_delta}")
+        if not req.client_dp_clip > 0:
+            raise UserError(f"--client-dp-clip must be positive, got {req.client_dp_clip}")
     if cfg.train.dp.epsilon is not None and cfg.train.grad_accum != 1:
         raise UserError("train.dp samples one Poisson batch per step: train.grad_accum must be 1")
     out = Path(req.out)
@@ -260,7 +285,16 @@ def _plan(req, cfg, tmp: Path, out: Path, clients: list[str], eval_data: str, da
         model = build_model(resolved.arch, resolved.model)
         per_example_ready(model)
         check_model(model)
+    client_dp = None
+    if req.client_dp_epsilon is not None:  # every client in every round: sampling rate 1
+        from opacus.accountants.utils import get_noise_multiplier
+
+        z = float(get_noise_multiplier(target_epsilon=req.client_dp_epsilon, target_delta=req.client_dp_delta,
+                                       sample_rate=1.0, steps=req.rounds))
+        client_dp = {"clip": req.client_dp_clip, "noise_multiplier": z, "delta": req.client_dp_delta,
+                     "target_epsilon": req.client_dp_epsilon, "seed": resolved.train.seed}
     return {"config": cfgmod.to_dict(resolved), "out": str(tmp.resolve()), "final_out": str(out), "clients": clients,
+            "client_dp": client_dp,
             "eval_data": eval_data, "data_final": data_final, "rounds": req.rounds,
             "local_epochs": req.local_epochs, "strategy": req.strategy, "mu": req.mu,
             "min_clients": min_clients, "partition": req.partition, "sizes": sizes,
