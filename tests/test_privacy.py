@@ -72,6 +72,44 @@ def test_prepare_scrubs_planted_pii_and_counts_it(tmp_path):
     assert "## Personal data masked" in report and f"| card | {want['card']} |" in report
 
 
+def test_a_labelled_file_gets_a_masked_copy_in_its_own_format(tmp_path, capsys):
+    """``prepare --kind labeled``: classify's .csv/.jsonl data with every planted value masked in
+    whatever text field it is, the labels and the ordinary numbers as they were, the source kept;
+    the copy trains as the original would (same columns, same rows)."""
+    from lmforge.data.labeled import read_examples, read_rows
+    from tests.conftest import cli_here
+
+    rows = [{"text": f"contact {value} please. {ORDINARY[i % len(ORDINARY)]}", "label": ["billing", "shipping"][i % 2],
+             "note": f"agent saw {PLANTED[(i + 1) % len(PLANTED)][0]}"} for i, (value, _) in enumerate(PLANTED)]
+    patterns = tmp_path / "patterns.txt"
+    patterns.write_text("EMPLOYEE=EMP-\\d{6}\n", encoding="utf-8")
+    csv_in = tmp_path / "tickets.csv"
+    csv_in.write_text("text,label,note\n" + "".join(f'"{r["text"]}",{r["label"]},"{r["note"]}"\n' for r in rows),
+                      encoding="utf-8")
+    jsonl_in = tmp_path / "tickets.jsonl"
+    jsonl_in.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    for source in (csv_in, jsonl_in):
+        before = source.read_bytes()
+        out = tmp_path / f"clean{source.suffix}"
+        r = cli_here(capsys, "prepare", "--kind", "labeled", "--input", source, "--out", out, "--scrub-pii", "all",
+                     "--pii-patterns", patterns, "--json")
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout)
+        assert sum(result["masked"].values()) == 2 * len(PLANTED), result  # each planted value twice
+        text = out.read_text(encoding="utf-8")
+        for value, _ in PLANTED:
+            assert value not in text, value
+        for ordinary in ORDINARY:
+            assert ordinary in text, ordinary
+        clean, original = read_examples(out), read_examples(source)
+        assert clean.labels == original.labels and read_rows(out)[0] == read_rows(source)[0]
+        assert source.read_bytes() == before
+        r = cli_here(capsys, "prepare", "--kind", "labeled", "--input", source, "--out", source, "--scrub-pii", "all")
+        assert r.returncode == 2 and "exists" in r.stderr
+    r = cli_here(capsys, "prepare", "--kind", "labeled", "--input", csv_in, "--out", tmp_path / "x.csv")
+    assert r.returncode == 2 and "--scrub-pii" in r.stderr and not (tmp_path / "x.csv").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--scrub-pii", "email,passport"], "unknown kind"),
     (["--pii-patterns", "MISSING"], "not found"),

@@ -20,7 +20,9 @@ class Options:
                             "embedded corpus; images: a folder of class folders, a folder of MNIST IDX files, a "
                             ".csv of pixels, an .npz, or 'digits' / 'mnist5k' (embedded)")
     out: str = flag(None, required=True, help="data directory to write")
-    kind: str = flag("text", choices=["text", "images"], help="what the input holds")
+    kind: str = flag("text", choices=["text", "images", "labeled"], help="what the input holds: a corpus, "
+                     "labelled images, or a labelled .csv/.jsonl file (classify's data: --out is then a masked "
+                     "copy of it, with --scrub-pii)")
     overwrite: bool = flag(False, help="replace an existing data directory that prepare wrote")
     vocab_size: int = flag(4096)
     tokenizer: str = flag("bpe", help="bpe: train a byte-level BPE (decoders); wordpiece: train WordPiece with [CLS] "
@@ -41,7 +43,7 @@ class Options:
     image_size: str | None = flag(group=IMAGES, metavar="HxW", help="resize every image to this size (needed when "
                                   "their sizes differ)")
     label_column: str = flag("label", group=IMAGES, help="CSV label column (headerless CSV: first, last or a "
-                             "column number)")
+                             "column number; --kind labeled: the column left unmasked)")
     json: bool = flag(False, help="print meta.json as JSON")
 
 
@@ -51,6 +53,8 @@ def run(o: Options) -> int:
         if o.scrub_pii or o.pii_patterns:
             raise UserError("--scrub-pii and --pii-patterns apply to text (images carry no text to scrub)")
         return run_images(o)
+    if o.kind == "labeled":
+        return run_labeled(o)
     from lmforge.data.pii import parse_kinds
     from lmforge.data.prepare import prepare
 
@@ -68,6 +72,25 @@ def run(o: Options) -> int:
               f"train {s['train']['tokens']:,} / val {s['val']['tokens']:,} tokens; "
               f"{len(meta['skipped'])} skipped; vocabulary {meta['vocab_size']:,}"
               + (f"; personal data masked: {sum(meta['pii']['masked'].values()):,}" if meta["pii"] else ""))
+    return 0
+
+
+def run_labeled(o: Options) -> int:
+    """A masked copy of a labelled file: every text field but the label scrubbed."""
+    from lmforge.data.pii import Scrubber, parse_kinds, read_patterns, scrub_labeled
+
+    if not (o.scrub_pii or o.pii_patterns):
+        raise UserError("--kind labeled writes a masked copy of the file: give --scrub-pii (and/or --pii-patterns)")
+    if len(o.input) != 1:
+        raise UserError("--kind labeled takes one --input file (.csv or .jsonl)")
+    scrubber = Scrubber(parse_kinds(o.scrub_pii, "--scrub-pii") if o.scrub_pii else [],
+                        read_patterns(o.pii_patterns) if o.pii_patterns else None)
+    result = scrub_labeled(o.input[0], o.out, scrubber, o.label_column, o.overwrite)
+    if o.json:
+        print_json(result)
+    else:
+        masked = ", ".join(f"{k} {v:,}" for k, v in result["masked"].items()) or "nothing found"
+        print(f"wrote {o.out}: {result['rows']:,} rows, personal data masked: {masked}")
     return 0
 
 

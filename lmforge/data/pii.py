@@ -158,3 +158,38 @@ def _is_ipv6(s: str) -> bool:
 def mask(text: str, kinds=KINDS) -> str:
     """``text`` with each enabled kind of personal data replaced by its placeholder."""
     return Scrubber(kinds)(text)
+
+
+def scrub_labeled(path: str | Path, out: str | Path, scrubber: Scrubber, label_column: str = "label",
+                  overwrite: bool = False) -> dict:
+    """A copy of a labelled ``.csv``/``.jsonl`` file (``classify``'s data) at ``out``, in the same
+    format, with personal data masked in every string field but ``label_column`` (labels are
+    categories, not text). Written atomically; the source is never replaced. Returns the counts."""
+    import csv
+    import io
+    import json
+
+    from lmforge.data.labeled import read_rows
+    from lmforge.fsutil import write_text
+
+    path, out = Path(path), Path(out)
+    if out.suffix.lower() != path.suffix.lower():
+        raise UserError(f"--out {out}: the copy keeps {path.name}'s format; give a {path.suffix} path")
+    if out.exists() and (out.resolve() == path.resolve() or not overwrite):
+        raise UserError(f"--out {out} exists; choose another path" + ("" if out.resolve() == path.resolve()
+                                                                     else " or pass --overwrite"))
+    columns, rows = read_rows(path)
+    masked = [{k: scrubber(v) if isinstance(v, str) and k != label_column else v for k, v in row.items()}
+              for row in rows]
+    if path.suffix.lower() == ".csv":
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(masked)
+        text = buf.getvalue()
+    else:
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in masked)
+    write_text(out, text)
+    return {"input": str(path), "out": str(out), "rows": len(rows), "columns": columns,
+            "label_column": label_column if label_column in columns else None,
+            "masked": dict(sorted(scrubber.counts.items()))}
