@@ -286,6 +286,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         tp = next(a for a in args if a is not type(None))
+        if typing.get_origin(tp) in (list, dict):  # Optional[list[X]]: as a list
+            return _coerce(value, tp, key)
     if tp is bool:
         if isinstance(value, bool):
             return value

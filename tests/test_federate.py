@@ -1,7 +1,8 @@
 """Federated training on Flower: the partitions, FedProx's proximal term against its gradient, a
 simulation of 3 clients on a non-IID split of digits against centralized training on the same
 passes over the data (one client failing mid-round, tolerated and reported), bad input
-refused before Flower starts, and a language model federated over the windows of a text. (Flower's deployment runtime: tests/test_federate_deploy.py,
+refused before Flower starts, and the client mod that clips and noises each update. (Text and
+language models: tests/test_federate_text.py.) (Flower's deployment runtime: tests/test_federate_deploy.py,
 its own file so that the two slow end-to-end runs go to different test workers.)"""
 
 import json
@@ -135,41 +136,6 @@ def test_noniid_simulation_tolerates_a_failed_client_and_nears_centralized(digit
     assert [e["step"] for e in evals] == [0, 1, 2, 3, 4, 5]
     assert (fed / "plots" / "curves.png").is_file() and not (fed / ".clients").exists()
 
-
-def test_token_partitions_deal_whole_windows_once_and_refuse_what_has_no_labels(data_dir, tmp_path):
-    from lmforge.data.tokens import TokenFile, load_meta
-
-    train = np.asarray(TokenFile(data_dir / "train.bin", load_meta(data_dir)["dtype"]).data)
-    fed = federation([str(data_dir)], 3, "iid", 0, task="lm", window=31)
-    windows = np.concatenate(fed.clients).reshape(-1, 32)
-    n = (len(train) - 1) // 32
-    assert len(windows) == n and abs(fed.sizes[0] - fed.sizes[2]) <= 32  # each window once, near-equal parts
-    whole = {tuple(w) for w in train[:n * 32].reshape(n, 32)}
-    assert {tuple(w) for w in windows} == whole
-    client = fed.write_client(1, tmp_path / "c1")
-    assert load_meta(client)["splits"]["train"]["tokens"] == fed.sizes[1]
-    assert np.array_equal(np.fromfile(client / "train.bin", dtype=load_meta(data_dir)["dtype"]), fed.clients[1])
-    with pytest.raises(UserError, match="token data has none"):
-        federation([str(data_dir)], 3, "dirichlet:0.5", 0, task="lm", window=31)
-    with pytest.raises(UserError, match="too few"):
-        federation([str(data_dir)], 400, "iid", 0, task="lm", window=31)
-
-
-def test_a_language_model_federated_over_two_clients_learns_and_is_an_ordinary_run(data_dir, tmp_path):
-    """Two clients, each with half the text's windows, two rounds of FedAvg of a debug GPT: the
-    global model's validation loss falls round by round, and eval and generate take the run."""
-    fed = tmp_path / "fed"
-    r = run_cli("federate", "--task", "lm", "--preset", "debug", "--data", str(data_dir), "--out", str(fed),
-                "--clients", "2", "--rounds", "2", "--set", "train.batch_size=8", "--json", timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads(r.stdout)
-    losses = [row["val_loss"] for row in s["per_round"]]
-    assert losses[0] > losses[1] > losses[2] and losses[0] - losses[2] > 1.0, losses
-    assert s["client_unit"] == "tokens" and s["val_accuracy"] is None and s["best_round"] == 2
-    r = run_cli("eval", str(fed), "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["val_bpb"] > 0, r.stderr
-    r = run_cli("generate", str(fed), "--prompt", "The", "--max-new-tokens", "4")
-    assert r.returncode == 0, r.stderr
 
 
 def test_client_dp_mod_clips_each_update_and_noises_it_before_it_leaves():

@@ -13,9 +13,13 @@ HELP = "federated training on Flower: clients train on their own part of the dat
 @dataclass
 class Options:
     data: list[str] = flag(required=True, nargs="+", help="a `prepare --kind images` directory (--task lm: a "
-                           "`prepare` token directory) to partition, or one per client with --partition by-file")
+                           "`prepare` token directory; --task classify: a labelled .csv/.jsonl file) to partition, "
+                           "or one per client with --partition by-file")
     out: str = flag(required=True, help="the run directory of the global model (new or empty)")
-    task: str = flag("image-classify", choices=["image-classify", "lm"], help="the task every client trains")
+    task: str = flag("image-classify", choices=["image-classify", "lm", "classify"], help="the task every client "
+                     "trains")
+    init: str | None = flag(metavar="RUN_OR_HF_DIR", help="--task classify: the model every client fine-tunes "
+                            "(default: the bundled all-MiniLM-L6-v2); --task lm: a decoder to continue training")
     clients: int | None = flag(help="number of clients the data is split into (by-file: one per --data)")
     rounds: int = flag(3, help="federated rounds: the server sends the global model, every client trains on it, "
                        "the server averages their weights (by examples)")
@@ -60,7 +64,8 @@ def run(o: Options) -> int:
 
     req = FederateRequest(data=o.data, out=o.out, clients=o.clients, rounds=o.rounds, partition=o.partition,
                           strategy=o.strategy, mu=o.mu, local_epochs=o.local_epochs, min_clients=o.min_clients,
-                          task=o.task, model=o.model, preset=o.preset, config=o.config, set=o.set, seed=o.seed,
+                          task=o.task, model=o.model, preset=o.preset, config=o.config,
+                          set=(o.set or []) + ([f"task.init={o.init}"] if o.init else []), seed=o.seed,
                           superlink=o.superlink, client_dp_epsilon=o.client_dp_epsilon,
                           client_dp_delta=o.client_dp_delta, client_dp_clip=o.client_dp_clip)
     s = federate(req)

@@ -92,9 +92,13 @@ def weights_of(model) -> dict[str, torch.Tensor]:
 
 
 def training_examples(data: str) -> int:
-    """A client's training images, or tokens: the weight of its update."""
+    """A client's training images, tokens, or rows of a labelled file: the weight of its update."""
     from lmforge.data.tokens import read_meta
 
+    if Path(data).is_file():
+        from lmforge.data.labeled import read_rows
+
+        return len(read_rows(data)[1])
     split = read_meta(data)["splits"]["train"]
     return int(split["images"] if "images" in split else split["tokens"])
 
@@ -105,6 +109,8 @@ def local_config(cfg, data: str, epochs: int, rounds: int, seed: int):
     the last weights; ``train.dp``'s budget spread over every round."""
     t = cfg.train
     steps, task = None, {"epochs": epochs}
+    if hasattr(cfg.task, "val_fraction"):  # a labelled file: every row is the client's to train on
+        task["val_fraction"] = 0.0
     if not hasattr(cfg.task, "epochs"):  # next-token training: windows of the context
         window = getattr(cfg.task, "seq_len", None) or cfg.model.block_size
         steps, task = max(1, math.ceil(epochs * ((training_examples(data) - 1) // window) / t.batch_size)), {}

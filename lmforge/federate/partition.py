@@ -11,6 +11,10 @@ Each client's part is written as an ordinary ``prepare --kind images`` directory
 only) that carries the federation's normalisation, so every client builds the same model and its
 training is the normal trainer's on ordinary data.
 
+A labelled text file (``--task classify``) is split as the classify task splits it (the
+stratified validation share, seed 0, is the server's), and its training rows are dealt out as
+images are; each client's part is a JSONL file of those rows.
+
 Token data has no labels to skew: ``iid`` deals the training text's windows (``block_size`` tokens
 each, seeded) out to the clients, ``by-file`` takes each ``prepare`` directory (one tokenizer for
 all) as one site's; a client's part is an ordinary ``prepare`` directory whose ``train.bin`` holds
@@ -139,12 +143,15 @@ def _check_sources(paths: list, clients: int | None, scheme: str, spec: str) -> 
 
 
 def federation(paths: list[str], clients: int | None, spec: str, seed: int, task: str = "image-classify",
-               window: int = 0):
-    """The federation over ``paths`` under ``spec``: ``prepare --kind images`` directories, or for
-    ``task`` lm token directories cut into windows of ``window`` tokens."""
+               window: int = 0, options=None):
+    """The federation over ``paths`` under ``spec``: ``prepare --kind images`` directories; for
+    ``task`` lm token directories cut into windows of ``window`` tokens; for classify one
+    labelled file (``options``: the classify task's, for its columns and validation share)."""
     scheme, alpha = parse_scheme(spec)
     if task == "lm":
         return TokenFederation.of(paths, clients, scheme, spec, seed, window)
+    if task == "classify":
+        return TextFederation.of(paths, clients, scheme, alpha, spec, seed, options)
     datas = [ImageData.open(p) for p in paths]
     _check_sources(datas, clients, scheme, spec)
     if scheme != "by-file":
@@ -248,3 +255,60 @@ class TokenFederation:
                 raise UserError(f"--partition by-file: {p} holds {len(t)} training tokens; every client needs at "
                                 f"least {least} ({MIN_EXAMPLES} windows of {window + 1})")
         return cls(metas[0], Path(paths[0]) / "tokenizer.json", trains, np.concatenate(vals), "")
+
+
+@dataclass
+class TextFederation:
+    """The labelled texts of a federated ``classify`` run: the training rows (texts, label ids),
+    each client's indices into them, and the class names every client's head is built for."""
+
+    train: object  # Examples
+    y: np.ndarray
+    names: list[str]
+    clients: list[np.ndarray]
+    has_validation: bool
+    source: str
+    columns: tuple[str, str]  # (text, label)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(c) for c in self.clients]
+
+    def class_counts(self) -> list[dict[str, int]]:
+        return [{self.names[k]: int(v) for k, v in enumerate(np.bincount(self.y[c], minlength=len(self.names))) if v}
+                for c in self.clients]
+
+    def write_client(self, i: int, path: Path) -> Path:
+        """Client ``i``'s training rows as a JSONL file (``path/train.jsonl``)."""
+        import json
+
+        from lmforge.fsutil import write_text
+
+        text, label = self.columns
+        path.mkdir(parents=True, exist_ok=True)
+        rows = [{text: self.train.texts[j], label: self.train.labels[j]} for j in self.clients[i]]
+        write_text(path / "train.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return path / "train.jsonl"
+
+    @classmethod
+    def of(cls, paths: list[str], clients: int | None, scheme: str, alpha: float | None, spec: str, seed: int,
+           options) -> "TextFederation":
+        from lmforge.data.labeled import label_names, read_examples, stratified_split
+
+        if scheme == "by-file":
+            raise UserError("--task classify federates one labelled file (iid or dirichlet:ALPHA); sites that each "
+                            "hold their own file join through --superlink (their data-path)")
+        _check_sources(paths, clients, scheme, spec)
+        ex = read_examples(paths[0], options.text_column, options.label_column)
+        train, val = ex, None
+        if options.val_fraction > 0:
+            train, val = stratified_split(ex, options.val_fraction, seed=0)  # as the classify task splits it
+        names = list(options.labels) if options.labels else label_names(train.labels)
+        index = {n: k for k, n in enumerate(names)}
+        unknown = sorted(set(train.labels) - set(index))
+        if unknown:
+            raise UserError(f"{paths[0]}: labels not in task.labels: {', '.join(unknown[:10])}")
+        y = np.array([index[label] for label in train.labels])
+        parts = split_clients(y, clients, scheme, alpha, seed)
+        return cls(train, y, names, parts, val is not None and len(val) > 0, str(Path(paths[0]).resolve()),
+                   (options.text_column, options.label_column))

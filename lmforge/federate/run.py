@@ -25,7 +25,7 @@ from lmforge.fsutil import atomic_dir, write_json
 from lmforge.progress import status
 from lmforge.runs import RunDir
 
-TASKS_FEDERATED = ("image-classify", "lm")
+TASKS_FEDERATED = ("image-classify", "lm", "classify")
 STRATEGIES = ("fedavg", "fedprox")
 FEDERATED = "federated.json"
 
@@ -235,7 +235,9 @@ def federate(req: FederateRequest) -> dict:
     if req.superlink is not None:
         return _federate_deployed(req, cfg, out)
     window = (getattr(cfg.task, "seq_len", None) or cfg.model.block_size) if req.task == "lm" else 0
-    fed = federation(req.data, req.clients, req.partition, cfg.train.seed, req.task, window)
+    fed = federation(req.data, req.clients, req.partition, cfg.train.seed, req.task, window, cfg.task)
+    if req.task == "classify":  # every client's head has the federation's classes, in one order
+        cfg = cfgmod.replace(cfg, task={"labels": fed.names})
     n = len(fed.clients)
     min_clients = _min_clients(req, n)
     if not fed.has_validation:
@@ -256,6 +258,17 @@ def federate(req: FederateRequest) -> dict:
         summary = simulate(plan, n)
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _file_labels(path: str, options) -> list[str]:
+    """The class names of a labelled file (the server's, on the deployment runtime: every
+    SuperNode's head is built for them); it must hold a validation share."""
+    from lmforge.data.labeled import label_names, read_examples, stratified_split
+
+    if not options.val_fraction > 0:
+        raise UserError("the server evaluates the global model on --data's validation share: task.val_fraction > 0")
+    ex = read_examples(path, options.text_column, options.label_column)
+    return list(options.labels) if options.labels else label_names(stratified_split(ex, options.val_fraction, 0)[0].labels)
 
 
 def held_out(data: str) -> int:
@@ -309,7 +322,9 @@ def _federate_deployed(req: FederateRequest, cfg, out: Path) -> dict:
     if len(req.data) != 1 or req.partition != "iid" or req.clients is None or req.clients < 1:
         raise UserError("--superlink: the SuperNodes hold the data; give --clients N (the SuperNodes to wait for) "
                         "and one --data directory (the server's held-out evaluation data), no --partition")
-    if not held_out(req.data[0]):
+    if req.task == "classify":
+        cfg = cfgmod.replace(cfg, task={"labels": _file_labels(req.data[0], cfg.task)})
+    elif not held_out(req.data[0]):
         raise UserError(f"{req.data[0]}: no validation split to evaluate the global model on")
     min_clients = _min_clients(req, req.clients)
     eval_data = str(Path(req.data[0]).resolve())

@@ -55,6 +55,9 @@ class ClassifyOptions:
     # The target puts 1 - label_smoothing on the true class and spreads the rest evenly over all
     # classes (F.cross_entropy's label_smoothing).
     label_smoothing: float = 0.0
+    # The class names in the head's order; None: the training data's (sorted). A federation gives
+    # every client its own, so that a client missing a class still builds the same head.
+    labels: list[str] | None = None
 
 
 def with_head(base: torch.nn.Module, config, seed: int) -> torch.nn.Module:
@@ -175,7 +178,10 @@ class ClassifyTask(FineTuneTask):
         if not self.resume and o.init == self.default_init():
             status(f"no --init given: fine-tuning the bundled all-MiniLM-L6-v2 encoder ({o.init})")
         train_ex, val_ex = split_examples(cfg)
-        self.names = label_names(train_ex.labels)
+        self.names = list(o.labels) if o.labels else label_names(train_ex.labels)
+        unknown = sorted(set(train_ex.labels) - set(self.names))
+        if unknown:
+            raise UserError(f"{d.path}: labels not in task.labels: {', '.join(unknown[:10])}")
         if len(self.names) < 2:
             raise UserError(f"{d.path}: only one class ({self.names[0]!r}); a classifier needs at least two")
         test_ex = read_examples(d.test, o.text_column, o.label_column) if d.test is not None else None
