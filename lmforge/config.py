@@ -127,6 +127,7 @@ class CompressConfig:
     quantize: str | None = None
     float_layers: list[str] = field(default_factory=list)  # int8: layers kept float (their int8 error was too high)
     prune: float = 0.0
+    prune_heads: float = 0.0  # the fraction of attention heads removed (the model config holds how many are left)
     source: str | None = None
 
 

@@ -135,6 +135,47 @@ def test_image_families_lose_their_dead_channels_exactly(family):
         torch.testing.assert_close(pruned.classify(x), model.classify(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_head, n_kv_head, left", [(4, 2, 2), (4, 4, 2), (6, 2, 2)])  # 6/2: 1 of 3 per group
+def test_pruned_heads_are_the_model_with_those_heads_silenced(n_head, n_kv_head, left):
+    """--prune-heads rebuilds the projections with fewer heads: its output equals the original's
+    with the removed heads' o_proj columns zeroed — grouped-query attention keeping each query
+    on its own key/value head, and whole heads (queries, keys, values) where each has its own."""
+    from lmforge.compress.prune import prune_heads
+    from lmforge.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=50, block_size=16, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=24,
+                              head_dim=8, qkv_bias=True)).eval()
+    x = torch.randint(0, 50, (2, 10))
+    pruned, info = prune_heads(model, 0.5, lambda m: m(x))
+    assert pruned.config.n_head == left and info["params"][1] < info["params"][0]
+    silenced = Llama(model.config).eval()
+    silenced.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for full, small in zip(silenced.attention_layers(), pruned.attention_layers()):
+            w, kept = full.o_proj.weight.view(24, n_head, 8), small.o_proj.weight.view(24, -1, 8)
+            for h in range(n_head):
+                if not any(torch.equal(w[:, h], kept[:, j]) for j in range(kept.size(1))):
+                    w[:, h] = 0
+    with torch.no_grad():
+        assert torch.allclose(pruned(x)[0], silenced(x)[0], atol=1e-6)
+    weights_only, _ = prune_heads(model, 0.5)  # without calibration data: from the weights
+    assert weights_only.config.n_head == left
+
+
+def test_compress_prune_heads_of_a_llama_run_then_generate(capsys, tmp_path, data_dir):
+    lm, small = tmp_path / "lm", tmp_path / "small"
+    assert cli_here(capsys, "train", "--data", data_dir, "--out", lm, "--preset", "llama-debug",
+                    "--max-steps", "10").returncode == 0
+    r = cli_here(capsys, "compress", lm, "--out", small, "--prune-heads", "0.5", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["prune_heads"]["widths"] == [[4, 4], [2, 2]] and res["verdict"]["metric"] == "val_bpb"
+    assert "attention heads per block 4 -> 2" in (small / "compress_report.md").read_text()
+    r = cli_here(capsys, "generate", small, "--prompt", "def ", "--max-new-tokens", "4", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
 def test_compress_a_decoder_prune_recover_quantize_then_eval_and_generate(capsys, tmp_path, data_dir):
     lm, small = tmp_path / "lm", tmp_path / "small"
     assert cli_here(capsys, "train", "--data", data_dir, "--out", lm, "--preset", "debug", "--max-steps", "20").returncode == 0
@@ -182,7 +223,8 @@ def test_bad_inputs_get_one_line_and_leave_nothing_behind(keyword_classifier, ca
     (busy / "notes.txt").write_text("keep")
     cases = [
         (["compress", keyword_classifier, "--out", tmp_path / "a", "--prune", "1.0"], "in (0, 1)"),
-        (["compress", keyword_classifier, "--out", tmp_path / "b"], "give --quantize int8 and/or --prune"),
+        (["compress", keyword_classifier, "--out", tmp_path / "b"], "give --quantize int8, --prune"),
+        (["compress", keyword_classifier, "--out", tmp_path / "f", "--prune-heads", "0.5"], "Llama-family"),
         (["compress", keyword_classifier, "--out", busy, "--quantize", "int8"], "is not empty"),
         (["compress", keyword_classifier, "--out", tmp_path / "c", "--prune", "0.5", "--recover-seconds", "5"],
          "--recover-seconds fine-tunes a pruned language-model run"),

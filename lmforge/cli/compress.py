@@ -29,6 +29,9 @@ class Options:
                                 "output channel, run by PyTorch's dynamic int8 kernels (CPU)")
     prune: float | None = flag(metavar="FRACTION", help="remove this fraction of every block's MLP neurons "
                                "(gpt, llama, bert), rebuilding the layers at the smaller width")
+    prune_heads: float | None = flag(metavar="FRACTION", help="remove this fraction of every block's attention "
+                                     "heads (llama; with grouped-query attention, of each group's query heads), "
+                                     "rebuilding the projections at the smaller width")
     recover_seconds: float | None = flag(help="after pruning a language-model run: fine-tune it this many seconds "
                                          "on its own training data")
     data: str | None = flag(help="decoders: a prepared data directory (its val.bin) for the quality figures "
@@ -93,6 +96,17 @@ def _compress(o: Options, src, model, cfg, w, tmp: Path, recover_data: str | Non
         before, after = info["widths"]
         steps["what"].append(f"pruned {o.prune:.0%} of the {w.units_name} (widths {report.widths_text(before)} -> "
                              f"{report.widths_text(after)})")
+        steps["prune"] = info
+    if o.prune_heads is not None:
+        status(f"pruning {o.prune_heads:.0%} of the attention heads of {o.run_dir}")
+        with torch.inference_mode():
+            model, heads = prunemod.prune_heads(model, o.prune_heads, w.calibrate)
+        cfg = dataclasses.replace(cfgmod.replace(cfg, compress={"prune_heads": o.prune_heads}), model=model.config)
+        steps["what"].append(f"pruned {o.prune_heads:.0%} of the attention heads ({heads['widths'][0][0]} -> "
+                             f"{heads['widths'][1][0]} per block)")
+        steps["prune_heads"] = heads
+    if steps["prune"] or steps.get("prune_heads"):
+        info = steps["prune"] or steps["prune_heads"]
         if recover_data is not None:
             staged = tmp.parent / f".{tmp.name}.pruned"
             staged.mkdir()
@@ -105,7 +119,6 @@ def _compress(o: Options, src, model, cfg, w, tmp: Path, recover_data: str | Non
             saved = RunDir(tmp).load_config()
             cfg = dataclasses.replace(cfg, train=saved.train, task=dataclasses.replace(saved.task, init=None))
             steps["what"].append(f"recovered by {o.recover_seconds:g} s of fine-tuning")
-        steps["prune"] = info
     if o.quantize:
         errors = int8_errors(model, w.calibrate) if w.calibrate is not None else {}
         keep = sorted(n for n, e in errors.items() if e > o.int8_max_error)
@@ -141,14 +154,14 @@ def run(o: Options) -> int:
     src = RunDir(o.run_dir)
     src.require()
     cfg = src.load_config()
-    if not o.quantize and o.prune is None:
-        raise UserError("give --quantize int8 and/or --prune FRACTION")
+    if not o.quantize and o.prune is None and o.prune_heads is None:
+        raise UserError("give --quantize int8, --prune FRACTION and/or --prune-heads FRACTION")
     if cfg.compress.quantize:
         raise UserError(f"{o.run_dir} is already quantised ({cfg.compress.quantize}); compress its source run "
                         f"{cfg.compress.source or ''}".rstrip())
     if cfg.finetune.lora.r:
         raise UserError(f"{o.run_dir} holds LoRA adapters: merge them first (lmforge merge-lora)")
-    if o.recover_seconds is not None and (o.prune is None or cfg.task.name != "lm"):
+    if o.recover_seconds is not None and ((o.prune is None and o.prune_heads is None) or cfg.task.name != "lm"):
         raise UserError("--recover-seconds fine-tunes a pruned language-model run (--task lm) on its training data")
     if o.recover_seconds is not None and not o.recover_seconds > 0:
         raise UserError(f"--recover-seconds must be positive, got {o.recover_seconds}")
@@ -170,6 +183,12 @@ def run(o: Options) -> int:
                             f"{o.run_dir} is a {cfg.arch} run")
         for width in widths:
             prunemod.kept_width(width, o.prune)
+    if o.prune_heads is not None:
+        if not hasattr(model, "attention_layers"):
+            raise UserError(f"--prune-heads removes attention heads of Llama-family decoders; {o.run_dir} is a "
+                            f"{cfg.arch} run")
+        attn = model.attention_layers()[0]
+        prunemod.kept_heads(attn.n_head, attn.n_kv_head, o.prune_heads)
     recover_data = None
     if o.recover_seconds is not None:
         recover_data = o.data or src.data_path()
@@ -187,7 +206,8 @@ def run(o: Options) -> int:
         what = "; ".join(steps["what"])
         result = {"source": str(o.run_dir), "out": str(out), "what": what[:1].upper() + what[1:],
                   "date": datetime.date.today().isoformat(), "device": f"{cpu_name()}, {threads} threads",
-                  "kind": w.kind, **figures, "prune": steps["prune"], "int8": steps["int8"],
+                  "kind": w.kind, **figures, "prune": steps["prune"], "prune_heads": steps.get("prune_heads"),
+                  "int8": steps["int8"],
                   "verdict": report.verdict(figures["original"], figures["compressed"], w, o.tolerance)}
         (tmp / RunDir.COMPRESS_REPORT).write_text(report.markdown(result), encoding="utf-8")
         write_json(tmp / RunDir.COMPRESS_REPORT_JSON, result)

@@ -267,10 +267,12 @@ def markdown(result: dict) -> str:
         lines += [f"int8: {q['layers'] - len(q['kept_float'])} of {q['layers']} Linear layers int8; "
                   f"{len(q['kept_float'])} kept float, their output error on validation inputs above "
                   f"{q['max_error']:g} (the largest: {worst}).", ""]
-    if result.get("prune"):
-        p = result["prune"]
+    for key, what in (("prune", "widths"), ("prune_heads", "attention heads per block")):
+        p = result.get(key)
+        if not p:
+            continue
         before, after = p["widths"]
-        lines += [f"Pruning: widths {widths_text(before)} -> {widths_text(after)} "
+        lines += [f"Pruning: {what} {widths_text(before)} -> {widths_text(after)} "
                   f"(importance from {p['importance']}); parameters {p['params'][0]:,} -> {p['params'][1]:,}."]
         if p.get("recovery"):
             r = p["recovery"]

@@ -207,6 +207,12 @@ class Llama(Decoder):
         rebuilds the model with ``n_inner`` that many."""
         return [([b.mlp.gate_proj, b.mlp.up_proj], b.mlp.down_proj) for b in self.model.layers]
 
+    def attention_layers(self) -> list["Attention"]:
+        """Per block, its attention (``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``n_head``,
+        ``n_kv_head``, ``head_dim``): structured pruning of heads keeps the same number in each and
+        rebuilds the model with ``n_head``/``n_kv_head`` that many (``head_dim`` unchanged)."""
+        return [b.self_attn for b in self.model.layers]
+
     def embeddings(self) -> list[nn.Module]:
         """The modules below the first block (the lowest layer for layer-wise learning rates)."""
         return [self.model.embed_tokens]
