@@ -205,12 +205,10 @@ def check(req: FederateRequest, cfg) -> None:
         raise UserError("--strategy fedprox with train.dp: the proximal term would escape DP-SGD's per-example "
                         "clipping; use --strategy fedavg")
     if req.client_dp_epsilon is not None:
-        if not req.client_dp_epsilon > 0:
-            raise UserError(f"--client-dp-epsilon must be positive, got {req.client_dp_epsilon}")
-        if not 0 < req.client_dp_delta < 1:
-            raise UserError(f"--client-dp-delta must be in (0, 1), got {req.client_dp_delta}")
-        if not req.client_dp_clip > 0:
-            raise UserError(f"--client-dp-clip must be positive, got {req.client_dp_clip}")
+        from lmforge.train.privacy import check_budget
+
+        check_budget(req.client_dp_epsilon, req.client_dp_delta, req.client_dp_clip,
+                     ("--client-dp-epsilon", "--client-dp-delta", "--client-dp-clip"))
     if cfg.train.dp.epsilon is not None and cfg.train.grad_accum != 1:
         raise UserError("train.dp samples one Poisson batch per step: train.grad_accum must be 1")
     out = Path(req.out)
@@ -268,7 +266,9 @@ def _file_labels(path: str, options) -> list[str]:
     if not options.val_fraction > 0:
         raise UserError("the server evaluates the global model on --data's validation share: task.val_fraction > 0")
     ex = read_examples(path, options.text_column, options.label_column)
-    return list(options.labels) if options.labels else label_names(stratified_split(ex, options.val_fraction, 0)[0].labels)
+    if options.labels:
+        return list(options.labels)
+    return label_names(stratified_split(ex, options.val_fraction, 0)[0].labels)
 
 
 def held_out(data: str) -> int:

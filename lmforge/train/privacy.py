@@ -40,15 +40,19 @@ class DPConfig:
     rounds: int = 1
 
 
+def check_budget(epsilon: float, delta: float, clip: float, names: tuple[str, str, str]) -> None:
+    """A privacy budget and clipping norm that mean something; ``names``: how the user gave them."""
+    for value, name, ok, want in ((epsilon, names[0], epsilon > 0, "positive"), (delta, names[1], 0 < delta < 1,
+                                  "in (0, 1)"), (clip, names[2], clip > 0, "positive")):
+        if not ok:
+            raise UserError(f"{name} must be {want}, got {value}")
+
+
 def check_config(dp: DPConfig) -> None:
     if dp.epsilon is None:
         return
-    if not dp.epsilon > 0:
-        raise UserError(f"train.dp.epsilon must be positive, got {dp.epsilon}")
-    if not 0 < dp.delta < 1:
-        raise UserError(f"train.dp.delta must be in (0, 1), got {dp.delta}")
-    if not dp.max_grad_norm > 0:
-        raise UserError(f"train.dp.max_grad_norm must be positive, got {dp.max_grad_norm}")
+    check_budget(dp.epsilon, dp.delta, dp.max_grad_norm,
+                 ("train.dp.epsilon", "train.dp.delta", "train.dp.max_grad_norm"))
     if dp.rounds < 1:
         raise UserError(f"train.dp.rounds must be at least 1, got {dp.rounds}")
 
