@@ -227,7 +227,7 @@ def test_bad_inputs_get_one_line_and_leave_nothing_behind(keyword_classifier, ca
         (["compress", keyword_classifier, "--out", tmp_path / "f", "--prune-heads", "0.5"], "Llama-family"),
         (["compress", keyword_classifier, "--out", busy, "--quantize", "int8"], "is not empty"),
         (["compress", keyword_classifier, "--out", tmp_path / "c", "--prune", "0.5", "--recover-seconds", "5"],
-         "--recover-seconds fine-tunes a pruned language-model run"),
+         "--recover-seconds fine-tunes a pruned language-model run"),  # a text classifier: not yet
         (["compress", tmp_path / "nowhere", "--out", tmp_path / "d", "--quantize", "int8"], "not a run directory"),
         (["compress", keyword_classifier, "--out", tmp_path / "e", "--quantize", "int8", "--batch-size", "0"],
          "--batch-size must be in"),
@@ -264,6 +264,17 @@ def test_compress_an_image_classifier_pruned_and_int8(digits_mlp, capsys, tmp_pa
     r = cli_here(capsys, "eval", small, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["accuracy"] > 0.5
+    # Three quarters of the units gone, then a short fine-tune on the run's own images.
+    accuracy = {}
+    for name, extra in (("cut", []), ("recovered", ["--recover-seconds", "4"])):
+        r = cli_here(capsys, "compress", img, "--out", tmp_path / name, "--prune", "0.75", *extra, "--json")
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        accuracy[name] = res["compressed"]["quality"]["accuracy"]
+    assert res["prune"]["recovery"]["steps"] > 0 and res["prune"]["widths"][1] == [64, 32]
+    assert accuracy["recovered"] >= accuracy["cut"], accuracy
+    r = cli_here(capsys, "eval", tmp_path / "recovered", "--json")
+    assert r.returncode == 0 and 0 < json.loads(r.stdout)["accuracy"] <= 1, r.stderr  # an ordinary run
     resnet = tmp_path / "resnet"
     assert cli_here(capsys, "train", "--task", "image-classify", "--data", digits, "--out", resnet,
                     "--preset", "resnet-small", "--max-steps", "1").returncode == 0

@@ -32,8 +32,8 @@ class Options:
     prune_heads: float | None = flag(metavar="FRACTION", help="remove this fraction of every block's attention "
                                      "heads (llama; with grouped-query attention, of each group's query heads), "
                                      "rebuilding the projections at the smaller width")
-    recover_seconds: float | None = flag(help="after pruning a language-model run: fine-tune it this many seconds "
-                                         "on its own training data")
+    recover_seconds: float | None = flag(help="after pruning a language-model or image-classifier run: fine-tune "
+                                         "it this many seconds on its own training data")
     data: str | None = flag(help="decoders: a prepared data directory (its val.bin) for the quality figures "
                             "and the recovery (default: the run's own)")
     int8_max_error: float = flag(INT8_MAX_ERROR, help="int8: a Linear layer whose relative output error on the "
@@ -61,17 +61,26 @@ def _write_run(src, dst: Path, model, cfg, quantized: bool) -> None:
     cfgmod.save(cfg, dst / RunDir.CONFIG)
 
 
-def _recover(pruned_dir: Path, out: Path, data: str, seconds: float, original_cfg) -> dict:
-    """A short fine-tune of the pruned model (in ``pruned_dir``) on ``data`` into ``out``."""
+def _recover(pruned_dir: Path, out: Path, data: str, seconds: float, original_cfg, pruned_cfg) -> dict:
+    """A short fine-tune of the pruned model (in ``pruned_dir``) on ``data`` into ``out``: a
+    language model continued from it (``--init``), an image classifier trained from its weights
+    at its own settings (a third of its rate, no warm-up, the best validation weights kept)."""
     from lmforge import config as cfgmod
+    from lmforge.train.checkpoint import load_model_state
     from lmforge.train.trainer import train
 
     t, m = original_cfg.train, original_cfg.model
-    cfg = cfgmod.build_config(task="lm", values={
-        "task": {"init": str(pruned_dir), "seq_len": min(m.block_size, RECOVER_WINDOW)}, "data": {"path": data},
-        "train": {"max_seconds": seconds, "max_steps": None, "lr": min(t.lr * 0.3, RECOVER_LR),
-                  "batch_size": min(t.batch_size, RECOVER_BATCH), "warmup_steps": 0, "seed": t.seed}})
-    summary = train(cfg, run_dir=out)
+    if original_cfg.task.name == "lm":
+        cfg = cfgmod.build_config(task="lm", values={
+            "task": {"init": str(pruned_dir), "seq_len": min(m.block_size, RECOVER_WINDOW)}, "data": {"path": data},
+            "train": {"max_seconds": seconds, "max_steps": None, "lr": min(t.lr * 0.3, RECOVER_LR),
+                      "batch_size": min(t.batch_size, RECOVER_BATCH), "warmup_steps": 0, "seed": t.seed}})
+        summary = train(cfg, run_dir=out)
+    else:
+        cfg = cfgmod.replace(pruned_cfg, data={"path": data}, train={
+            "max_seconds": seconds, "max_steps": None, "lr": t.lr * 0.3, "warmup_steps": 0, "keep_best": True,
+            "eval_interval": None, "tensorboard": False})
+        summary = train(cfg, run_dir=out, start=load_model_state(pruned_dir / "model.safetensors"))
     return {"steps": summary.get("step") or summary.get("steps"), "seconds": seconds, "data": data}
 
 
@@ -112,12 +121,13 @@ def _compress(o: Options, src, model, cfg, w, tmp: Path, recover_data: str | Non
             staged.mkdir()
             try:
                 _write_run(src.path, staged, model, cfg, quantized=False)
-                info["recovery"] = _recover(staged, tmp, recover_data, o.recover_seconds, src.load_config())
+                info["recovery"] = _recover(staged, tmp, recover_data, o.recover_seconds, src.load_config(), cfg)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
             model = load_run(tmp, device="cpu").model
             saved = RunDir(tmp).load_config()
-            cfg = dataclasses.replace(cfg, train=saved.train, task=dataclasses.replace(saved.task, init=None))
+            task = dataclasses.replace(saved.task, init=None) if hasattr(saved.task, "init") else saved.task
+            cfg = dataclasses.replace(cfg, train=saved.train, task=task)
             steps["what"].append(f"recovered by {o.recover_seconds:g} s of fine-tuning")
     if o.quantize:
         errors = int8_errors(model, w.calibrate) if w.calibrate is not None else {}
@@ -161,8 +171,10 @@ def run(o: Options) -> int:
                         f"{cfg.compress.source or ''}".rstrip())
     if cfg.finetune.lora.r:
         raise UserError(f"{o.run_dir} holds LoRA adapters: merge them first (lmforge merge-lora)")
-    if o.recover_seconds is not None and ((o.prune is None and o.prune_heads is None) or cfg.task.name != "lm"):
-        raise UserError("--recover-seconds fine-tunes a pruned language-model run (--task lm) on its training data")
+    if o.recover_seconds is not None and ((o.prune is None and o.prune_heads is None)
+                                          or cfg.task.name not in ("lm", "image-classify")):
+        raise UserError("--recover-seconds fine-tunes a pruned language-model run (--task lm) or image classifier "
+                        "(--task image-classify) on its training data")
     if o.recover_seconds is not None and not o.recover_seconds > 0:
         raise UserError(f"--recover-seconds must be positive, got {o.recover_seconds}")
     if not 1 <= o.batch_size <= report.MAX_BATCH:
