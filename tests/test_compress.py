@@ -215,6 +215,14 @@ def test_compress_classifiers_int8_and_pruned(keyword_classifier, capsys, tmp_pa
     r = cli_here(capsys, "predict", small, "--text", "please awful order", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["predictions"][0]["label"] == "no"  # still reads the keyword
+    # Pruned harder, then fine-tuned from the pruned run on its own data: its trained head kept.
+    r = cli_here(capsys, "compress", keyword_classifier, "--out", tmp_path / "rec", "--prune", "0.5",
+                 "--recover-seconds", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["prune"]["recovery"]["steps"] > 0 and res["compressed"]["quality"]["accuracy"] > 0.8
+    r = cli_here(capsys, "predict", tmp_path / "rec", "--text", "please awful order", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["predictions"][0]["label"] == "no", r.stderr
 
 
 def test_bad_inputs_get_one_line_and_leave_nothing_behind(keyword_classifier, capsys, tmp_path):
@@ -226,8 +234,8 @@ def test_bad_inputs_get_one_line_and_leave_nothing_behind(keyword_classifier, ca
         (["compress", keyword_classifier, "--out", tmp_path / "b"], "give --quantize int8, --prune"),
         (["compress", keyword_classifier, "--out", tmp_path / "f", "--prune-heads", "0.5"], "Llama-family"),
         (["compress", keyword_classifier, "--out", busy, "--quantize", "int8"], "is not empty"),
-        (["compress", keyword_classifier, "--out", tmp_path / "c", "--prune", "0.5", "--recover-seconds", "5"],
-         "--recover-seconds fine-tunes a pruned language-model run"),  # a text classifier: not yet
+        (["compress", keyword_classifier, "--out", tmp_path / "c", "--quantize", "int8", "--recover-seconds", "5"],
+         "--recover-seconds fine-tunes a pruned"),  # nothing pruned: nothing to recover
         (["compress", tmp_path / "nowhere", "--out", tmp_path / "d", "--quantize", "int8"], "not a run directory"),
         (["compress", keyword_classifier, "--out", tmp_path / "e", "--quantize", "int8", "--batch-size", "0"],
          "--batch-size must be in"),

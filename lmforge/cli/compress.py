@@ -32,8 +32,8 @@ class Options:
     prune_heads: float | None = flag(metavar="FRACTION", help="remove this fraction of every block's attention "
                                      "heads (llama; with grouped-query attention, of each group's query heads), "
                                      "rebuilding the projections at the smaller width")
-    recover_seconds: float | None = flag(help="after pruning a language-model or image-classifier run: fine-tune "
-                                         "it this many seconds on its own training data")
+    recover_seconds: float | None = flag(help="after pruning a language-model or classifier run: fine-tune it this "
+                                         "many seconds on its own training data")
     data: str | None = flag(help="decoders: a prepared data directory (its val.bin) for the quality figures "
                             "and the recovery (default: the run's own)")
     int8_max_error: float = flag(INT8_MAX_ERROR, help="int8: a Linear layer whose relative output error on the "
@@ -63,8 +63,8 @@ def _write_run(src, dst: Path, model, cfg, quantized: bool) -> None:
 
 def _recover(pruned_dir: Path, out: Path, data: str, seconds: float, original_cfg, pruned_cfg) -> dict:
     """A short fine-tune of the pruned model (in ``pruned_dir``) on ``data`` into ``out``: a
-    language model continued from it (``--init``), an image classifier trained from its weights
-    at its own settings (a third of its rate, no warm-up, the best validation weights kept)."""
+    language model continued from it (``--init``), a classifier trained from its weights at its
+    own settings (a third of its rate, no warm-up, the best validation weights kept)."""
     from lmforge import config as cfgmod
     from lmforge.train.checkpoint import load_model_state
     from lmforge.train.trainer import train
@@ -76,8 +76,9 @@ def _recover(pruned_dir: Path, out: Path, data: str, seconds: float, original_cf
             "train": {"max_seconds": seconds, "max_steps": None, "lr": min(t.lr * 0.3, RECOVER_LR),
                       "batch_size": min(t.batch_size, RECOVER_BATCH), "warmup_steps": 0, "seed": t.seed}})
         summary = train(cfg, run_dir=out)
-    else:
-        cfg = cfgmod.replace(pruned_cfg, data={"path": data}, train={
+    else:  # a classifier: its head kept (a text one starts from the pruned run itself, --init)
+        task = {"init": str(pruned_dir)} if hasattr(pruned_cfg.task, "init") else {}
+        cfg = cfgmod.replace(pruned_cfg, data={"path": data}, task=task, train={
             "max_seconds": seconds, "max_steps": None, "lr": t.lr * 0.3, "warmup_steps": 0, "keep_best": True,
             "eval_interval": None, "tensorboard": False})
         summary = train(cfg, run_dir=out, start=load_model_state(pruned_dir / "model.safetensors"))
@@ -172,9 +173,9 @@ def run(o: Options) -> int:
     if cfg.finetune.lora.r:
         raise UserError(f"{o.run_dir} holds LoRA adapters: merge them first (lmforge merge-lora)")
     if o.recover_seconds is not None and ((o.prune is None and o.prune_heads is None)
-                                          or cfg.task.name not in ("lm", "image-classify")):
-        raise UserError("--recover-seconds fine-tunes a pruned language-model run (--task lm) or image classifier "
-                        "(--task image-classify) on its training data")
+                                          or cfg.task.name not in ("lm", "image-classify", "classify")):
+        raise UserError("--recover-seconds fine-tunes a pruned language-model run or classifier (--task lm, "
+                        "image-classify, classify) on its training data")
     if o.recover_seconds is not None and not o.recover_seconds > 0:
         raise UserError(f"--recover-seconds must be positive, got {o.recover_seconds}")
     if not 1 <= o.batch_size <= report.MAX_BATCH:
