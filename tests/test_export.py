@@ -23,6 +23,11 @@ def test_text_classifier_onnx_answers_as_pytorch_does(keyword_classifier, capsys
     fp32, int8 = res["checks"]
     assert fp32["max_abs_diff"] < 1e-4 and int8["max_abs_diff"] < 0.2 and int8["size_mb"] < fp32["size_mb"]
     assert fp32["onnxruntime_ms"] > 0 and fp32["pytorch_ms"] > 0
+    # Each graph's quality on the run's validation texts, beside PyTorch's: fp32 the same figures,
+    # int8 measured (its accuracy is what the export report now says, not only its parity).
+    assert fp32["quality"]["accuracy"] == pytest.approx(res["pytorch_quality"]["accuracy"], abs=0.01)
+    assert set(int8["quality"]) == {"accuracy", "macro_f1", "n"}
+    assert abs(int8["quality"]["accuracy"] - res["pytorch_quality"]["accuracy"]) <= 0.1
     assert {"model.onnx", "model.int8.onnx", "tokenizer.json", "labels.json", "export_report.json"} <= \
         {p.name for p in out.iterdir()}
     # What a user of the graph does: tokenize with the shipped tokenizer, run onnxruntime, read labels.
@@ -73,6 +78,7 @@ def test_image_classifier_onnx_and_bad_inputs(keyword_classifier, digits_mlp, ca
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["kind"] == "image-classifier" and res["inputs"] == ["pixels"] and res["checks"][0]["max_abs_diff"] < 1e-4
+    assert res["checks"][0]["quality"]["accuracy"] == pytest.approx(res["pytorch_quality"]["accuracy"], abs=0.01)
 
     busy = tmp_path / "busy"
     busy.mkdir()

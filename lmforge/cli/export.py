@@ -34,8 +34,9 @@ class Options:
     json: bool = flag(False)
 
 
-def _check(run, path: Path, kind: str) -> dict:
-    """Parity, greedy decoding and speed of the graph at ``path`` against PyTorch."""
+def _check(run, path: Path, kind: str, workload=None) -> dict:
+    """Parity, greedy decoding and speed of the graph at ``path`` against PyTorch; for a
+    classifier with validation data (``workload``), the graph's accuracy and macro F1 on it."""
     from lmforge.generate import generate_ids
     from lmforge.interop import onnx as ox
 
@@ -44,6 +45,8 @@ def _check(run, path: Path, kind: str) -> dict:
     sess = ox.session(path)
     diff, scale = ox.max_difference(run, sess, kind)
     out = {"file": path.name, "size_mb": path.stat().st_size / 2**20, "max_abs_diff": diff, "output_scale": scale}
+    if workload is not None:
+        out["quality"] = workload.quality(ox.SessionClassifier(sess, run.model))
     if kind == "decoder":
         prompt = run.tokenizer.encode("The", add_special_tokens=False).ids[:4] or [0]
         ours = [int(t[0]) for t in generate_ids(run.model, torch.tensor([prompt]), GREEDY_TOKENS, temperature=0.0)]
@@ -52,6 +55,19 @@ def _check(run, path: Path, kind: str) -> dict:
         out["greedy_tokens"] = GREEDY_TOKENS
     out |= ox.speed(run, sess, kind)
     return out
+
+
+def _quality_workload(run, kind: str):
+    """The classifier's validation evaluation (``compress.report``'s), or None where there is
+    none to run: a decoder (parity and greedy decoding say it), a run trained without validation."""
+    from lmforge.compress import report
+
+    if kind == "decoder":
+        return None
+    try:
+        return report.workload_for(run, None)
+    except UserError:
+        return None
 
 
 def export_onnx(o: Options, tmp: Path) -> dict:
@@ -67,11 +83,14 @@ def export_onnx(o: Options, tmp: Path) -> dict:
     for name in (RunDir.TOKENIZER, RunDir.LABELS, RunDir.CHAT_TEMPLATE, RunDir.CONFIG):
         if (run.path / name).is_file():
             shutil.copy2(run.path / name, tmp / name)
+    workload = _quality_workload(run, kind)
     result = {"run": str(o.run_dir), "format": "onnx", "out": str(o.out), **graph,
-              "checks": [_check(run, tmp / "model.onnx", kind)]}
+              "checks": [_check(run, tmp / "model.onnx", kind, workload)]}
+    if workload is not None:
+        result["pytorch_quality"] = workload.quality(run.model)
     if o.quantize:
         ox.quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
-        result["checks"].append(_check(run, tmp / "model.int8.onnx", kind))
+        result["checks"].append(_check(run, tmp / "model.int8.onnx", kind, workload))
     fp32 = result["checks"][0]
     if fp32["max_abs_diff"] > PARITY * max(1.0, fp32["output_scale"]) or not fp32.get("greedy_tokens_equal", True):
         raise UserError(f"the ONNX graph does not reproduce the model (max |diff| {fp32['max_abs_diff']:.2e}, "
@@ -129,7 +148,9 @@ def run(o: Options) -> int:
     for c in result["checks"]:
         greedy = (f", greedy {c['greedy_tokens']} tokens {'identical' if c['greedy_tokens_equal'] else 'DIFFER'}"
                   if "greedy_tokens" in c else "")
+        quality = (f"; validation accuracy {c['quality']['accuracy']:.4f} (PyTorch "
+                   f"{result['pytorch_quality']['accuracy']:.4f})" if "quality" in c else "")
         print(f"{c['file']}: {c['size_mb']:.2f} MiB, max |onnxruntime - PyTorch| {c['max_abs_diff']:.2e}{greedy}; "
               f"batch 1: onnxruntime {c['onnxruntime_ms']:.2f} ms, PyTorch {c['pytorch_ms']:.2f} ms "
-              f"({c['speedup']:.2f}x)")
+              f"({c['speedup']:.2f}x){quality}")
     return 0

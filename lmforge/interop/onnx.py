@@ -159,6 +159,22 @@ def _torch_outputs(run, kind: str, inputs: dict[str, torch.Tensor]) -> list[np.n
     return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
 
+class SessionClassifier:
+    """An onnxruntime session of an exported classifier with the ``classify`` a PyTorch classifier
+    has, so that the task's own evaluation (``compress.report``'s workloads) measures the graph."""
+
+    def __init__(self, sess, model):
+        self.sess, self.config = sess, model.config
+        self.names = [i.name for i in sess.get_inputs()]
+
+    def eval(self):
+        return self
+
+    def classify(self, *inputs) -> torch.Tensor:
+        feeds = {name: t.cpu().numpy() for name, t in zip(self.names, inputs)}
+        return torch.from_numpy(self.sess.run(None, feeds)[0])
+
+
 def max_difference(run, sess, kind: str) -> tuple[float, float]:
     """The largest |onnxruntime - PyTorch| over every output, on inputs of another batch and
     length than the export's (the dynamic axes at work), and the largest |PyTorch output|."""
