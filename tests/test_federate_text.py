@@ -52,6 +52,9 @@ def test_a_language_model_federated_over_two_clients_learns_and_is_an_ordinary_r
     losses = [row["val_loss"] for row in s["per_round"]]
     assert losses[0] > losses[1] > losses[2] and losses[0] - losses[2] > 1.0, losses
     assert s["client_unit"] == "tokens" and s["val_accuracy"] is None and s["best_round"] == 2
+    log = [json.loads(line) for line in (fed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]  # the clients' training loss, each round
+    assert [r["step"] for r in log if "val_loss" in r] == [0, 1, 2]
     r = run_cli("eval", str(fed), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["val_bpb"] > 0, r.stderr
     r = run_cli("generate", str(fed), "--prompt", "The", "--max-new-tokens", "4")

@@ -97,15 +97,16 @@ class ServerSide:
                     row["dp_epsilon"] = float(metrics["dp_epsilon"])
                 if "update_norm" in metrics:  # the median client's, before clipping
                     row["update_norm"] = float(metrics["update_norm"])
+                self.log.write({"step": server_round, "examples": self.examples, "loss": row["loss"]})
             dp = self.plan.get("client_dp")
             if dp:
                 from lmforge.train.privacy import epsilon_spent
 
                 row["client_dp_epsilon"] = epsilon_spent(dp["noise_multiplier"], 1.0, server_round, dp["delta"])
-                self.log.write({"step": server_round, "examples": self.examples, "loss": row["loss"]})
         row.update({k: v for k, v in val.items() if isinstance(v, (int, float))})
         self.log.write({"step": server_round, "examples": self.examples,
-                        **{k: v for k, v in row.items() if k.startswith(("val_", "train_", "dp_"))}})
+                        **{k: v for k, v in row.items()
+                           if k.startswith(("val_", "train_", "dp_", "client_dp_")) or k == "update_norm"}})
         self.rounds.append(row)
         acc = row.get("val_accuracy")
         note = (f"; {len(failures)} client(s) failed, {row.get('clients', 0)} aggregated: {failures[0]}"
@@ -113,7 +114,8 @@ class ServerSide:
         status(f"round {server_round}/{self.plan['rounds']}: global validation "
                + (f"accuracy {acc:.4f}, " if acc is not None else "") + f"loss {row.get('val_loss', float('nan')):.4f}"
                + (f", dp epsilon {row['dp_epsilon']:.2f}" if "dp_epsilon" in row else "")
-               + (f", client-level epsilon {row['client_dp_epsilon']:.2f} (update norm {row['update_norm']:.3g}, "
+               + (f", client-level epsilon {row['client_dp_epsilon']:.2f} (update norm "
+                  f"{row.get('update_norm', float('nan')):.3g}, "
                   f"clipped to {self.plan['client_dp']['clip']:g})" if "client_dp_epsilon" in row else "") + note)
         return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
