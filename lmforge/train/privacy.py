@@ -1,15 +1,15 @@
 """Differentially private training (DP-SGD, Abadi et al. 2016) through Opacus, for the tasks that
 sample examples and whose models Opacus handles (``Task.supports_dp``: image and text
 classification, the text ones from BERT, GPT or Llama runs; next-token training of GPT, Llama and
-LSTM decoders and instruction tuning, LoRA included): per-example gradients clipped to ``max_grad_norm``, Gaussian noise
-added to their sum, batches drawn by Poisson sampling (each training example in with probability
-``batch_size / N`` at every step, from (seed, step): ``--resume`` stays exact), and the privacy
-spent tracked by Opacus's RDP accountant.
+LSTM decoders and instruction tuning, LoRA included): per-example gradients clipped to
+``max_grad_norm``, Gaussian noise added to their sum, batches drawn by Poisson sampling (each
+training example in with probability ``batch_size / N`` at every step, from (seed, step):
+``--resume`` stays exact), and the privacy spent tracked by Opacus's RDP accountant.
 
 An example is what a task samples: an image, a labelled text, a conversation (``sft``: one per
 row), or for next-token training one of the training file's non-overlapping windows of
-``task.seq_len`` tokens. The guarantee is per
-example: a secret repeated in k windows is protected at group level only (about k times epsilon).
+``task.seq_len`` tokens. The guarantee is per example: a secret repeated in k windows is
+protected at group level only (about k times epsilon).
 
 ``train.dp.epsilon`` is the target: the noise multiplier is the smallest that keeps the planned
 schedule (``train.max_steps``, or the epochs a time budget is capped at) within (epsilon, delta).
