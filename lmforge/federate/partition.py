@@ -230,7 +230,8 @@ class TokenFederation:
     def of(cls, paths: list[str], clients: int | None, scheme: str, spec: str, seed: int,
            window: int) -> "TokenFederation":
         if scheme == "dirichlet":
-            raise UserError("--partition dirichlet skews labels; token data has none: use iid or by-file with --task lm")
+            raise UserError("--partition dirichlet skews labels; token data has none: use iid or by-file "
+                            "with --task lm")
         _check_sources(paths, clients, scheme, spec)
         metas = [load_meta(p) for p in paths]
         tokenizers = [(Path(p) / "tokenizer.json").read_bytes() for p in paths]
