@@ -91,16 +91,21 @@ def weights_of(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict_for_save().items()}
 
 
-def training_examples(data: str) -> int:
-    """A client's training images, tokens, or rows of a labelled file: the weight of its update."""
+def split_size(data: str, split: str) -> int:
+    """Images or tokens in a split of a prepared data directory (0 when it has none)."""
     from lmforge.data.tokens import read_meta
 
+    counts = read_meta(data).get("splits", {}).get(split, {})
+    return int(counts.get("images", counts.get("tokens", 0)))
+
+
+def training_examples(data: str) -> int:
+    """A client's training images, tokens, or rows of a labelled file: the weight of its update."""
     if Path(data).is_file():
         from lmforge.data.labeled import read_rows
 
         return len(read_rows(data)[1])
-    split = read_meta(data)["splits"]["train"]
-    return int(split["images"] if "images" in split else split["tokens"])
+    return split_size(data, "train")
 
 
 def local_config(cfg, data: str, epochs: int, rounds: int, seed: int):

@@ -273,14 +273,6 @@ def _file_labels(path: str, options) -> list[str]:
     return label_names(stratified_split(ex, options.val_fraction, 0)[0].labels)
 
 
-def held_out(data: str) -> int:
-    """Validation examples (images) or tokens in a data directory."""
-    from lmforge.data.tokens import read_meta
-
-    split = read_meta(data).get("splits", {}).get("val", {})
-    return int(split.get("images", split.get("tokens", 0)))
-
-
 def _min_clients(req: FederateRequest, n: int) -> int:
     min_clients = n if req.min_clients is None else req.min_clients
     if not 1 <= min_clients <= n:
@@ -319,6 +311,7 @@ def _plan(req, cfg, tmp: Path, out: Path, clients: list[str], eval_data: str, da
 def _federate_deployed(req: FederateRequest, cfg, out: Path) -> dict:
     """The deployment runtime: the clients are SuperNodes holding their own data (their
     ``data-path``); ``--data`` is the server's held-out data, evaluated after every round."""
+    from lmforge.federate.apps import split_size
     from lmforge.federate.deploy import run_deployed
 
     if len(req.data) != 1 or req.partition != "iid" or req.clients is None or req.clients < 1:
@@ -326,7 +319,7 @@ def _federate_deployed(req: FederateRequest, cfg, out: Path) -> dict:
                         "and one --data directory (the server's held-out evaluation data), no --partition")
     if req.task == "classify":
         cfg = cfgmod.replace(cfg, task={"labels": _file_labels(req.data[0], cfg.task)})
-    elif not held_out(req.data[0]):
+    elif not split_size(req.data[0], "val"):
         raise UserError(f"{req.data[0]}: no validation split to evaluate the global model on")
     min_clients = _min_clients(req, req.clients)
     eval_data = str(Path(req.data[0]).resolve())

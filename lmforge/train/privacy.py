@@ -71,8 +71,11 @@ def check_run(cfg, task, world, use_compile: bool) -> None:
     """Refuse what DP-SGD cannot be done with here (one line each, before anything is written)."""
     t = cfg.train
     if not getattr(task, "supports_dp", False):
-        raise UserError(f"train.dp trains classify, image-classify, lm and sft runs for now; the {cfg.task.name} "
-                        "task cannot be trained with its guarantee yet")
+        from lmforge.tasks import TASKS
+
+        private = ", ".join(name for name, kind in TASKS.items() if kind.supports_dp)
+        raise UserError(f"train.dp trains {private} runs for now; the {cfg.task.name} task cannot be trained "
+                        "with its guarantee yet")
     if getattr(cfg.task, "oversample", False):
         raise UserError("train.dp draws Poisson batches; task.oversample cannot be used with it")
     if world.active:
